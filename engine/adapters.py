@@ -1,0 +1,123 @@
+"""LoRA, DoRA and full fine-tuning through mlx-lm's tuner, saved in mlx-lm's adapter layout.
+
+An adapter directory holds ``adapters.safetensors`` (the trainable weights) and
+``adapter_config.json`` (``fine_tune_type``, ``num_layers``, ``lora_parameters``), so
+``mlx_lm.generate --adapter-path DIR`` and ``mlx_lm.fuse`` load it unchanged. Numbered
+checkpoints (``0000100_adapters.safetensors``) sit beside it, as mlx-lm writes them. Every file
+is written atomically: mlx-lm overwrites ``adapters.safetensors`` in place, and a crash then
+leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
+
+from .atomic import write_atomic, write_text_atomic
+from .config import LoRAConfig
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_NUMBERED = re.compile(r"^(\d{7})_adapters\.safetensors$")
+
+
+def lora_parameters(config: LoRAConfig) -> dict[str, Any]:
+    """The ``lora_parameters`` block of mlx-lm's adapter config."""
+    params: dict[str, Any] = {"rank": config.rank, "scale": config.scale, "dropout": config.dropout}
+    if config.keys:
+        params["keys"] = list(config.keys)
+    return params
+
+
+def adapter_config(config: LoRAConfig, model_path: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``adapter_config.json`` content mlx-lm's loader and fuse expect."""
+    out: dict[str, Any] = {
+        "fine_tune_type": config.fine_tune_type,
+        "num_layers": config.num_layers,
+        "lora_parameters": lora_parameters(config),
+        "model": model_path,
+    }
+    out.update(extra or {})
+    return out
+
+
+def apply_fine_tuning(model: nn.Module, config: LoRAConfig) -> None:
+    """Freeze the base model and make the chosen parameters trainable, in place."""
+    model.freeze()
+    if config.fine_tune_type == "full":
+        layers = model.layers if config.num_layers < 0 else model.layers[-config.num_layers :]  # type: ignore[attr-defined]
+        for layer in layers:
+            layer.unfreeze()
+        return
+    num_layers = len(model.layers) if config.num_layers < 0 else config.num_layers  # type: ignore[attr-defined]
+    linear_to_lora_layers(model, num_layers, lora_parameters(config), use_dora=config.fine_tune_type == "dora")
+
+
+def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The trainable parameters, flat, as saved in ``adapters.safetensors``."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))  # type: ignore[misc,union-attr,str-unpack]
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))  # type: ignore[misc,union-attr,str-unpack]
+    return int(trainable), int(total)
+
+
+def _save_safetensors_atomic(path: Path, weights: dict[str, mx.array]) -> None:
+    # mx.save_safetensors appends ".safetensors" unless the name already ends with it.
+    write_atomic(path, lambda temp: mx.save_safetensors(str(temp), weights))
+
+
+def save_adapters(
+    model: nn.Module, directory: str | Path, config_json: dict[str, Any], iteration: int | None = None
+) -> Path:
+    """Write the adapter (and a numbered copy when ``iteration`` is given); return the weights path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = trainable_weights(model)
+    mx.eval(weights)
+    write_text_atomic(directory / ADAPTER_CONFIG, json.dumps(config_json, indent=2))
+    if iteration is not None:
+        _save_safetensors_atomic(directory / f"{iteration:07d}_adapters.safetensors", weights)
+    target = directory / ADAPTER_WEIGHTS
+    _save_safetensors_atomic(target, weights)
+    return target
+
+
+def numbered_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of numbered adapter checkpoints, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        m = _NUMBERED.match(path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def prune_numbered(directory: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` numbered checkpoints (0 keeps all)."""
+    if keep_last <= 0:
+        return []
+    removed = []
+    for _iteration, path in numbered_checkpoints(directory)[:-keep_last]:
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Apply and load an adapter directory into ``model`` with mlx-lm's own loader."""
+    return _mlx_lm_load_adapters(model, str(directory))

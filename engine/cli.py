@@ -1,0 +1,325 @@
+"""The ``tunetop`` command line.
+
+Exit codes (also in README.md): 0 success; 1 internal failure (a bug: the engine log has the
+traceback); 2 bad input (config, data, model, arguments, unknown run); 3 the engine cannot be
+reached or refused a command; 130 interrupted by Ctrl-C (adapter saved first); 143 terminated
+by SIGTERM (adapter saved first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .blas import preload_optimized_blas
+from .config import ConfigError
+from .runs import RunError
+
+EXIT_UNREACHABLE = 3
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"tunetop: {message}", file=sys.stderr)
+    return code
+
+
+def _start_run(config_path: Path | None, cfg: Any, detach: bool) -> tuple[int, str]:
+    from . import config as config_module
+    from .runs import create_run
+
+    run = create_run()
+    config_module.save(cfg, run.config)
+    if detach:
+        from .daemon import EngineStartError, spawn_engine
+
+        try:
+            spawn_engine(run)
+        except EngineStartError as error:
+            print(f"tunetop: {error}", file=sys.stderr)
+            return error.code, run.id
+        return 0, run.id
+    return _run_engine(run.path, foreground=True), run.id
+
+
+def _run_engine(run_path: Path, foreground: bool) -> int:
+    """Run the engine for an existing run folder in this process."""
+    from . import config as config_module
+    from .console import ConsoleReporter
+    from .runs import RunDir
+    from .session import Engine
+
+    preload_optimized_blas(warn=True)
+    run = RunDir(run_path)
+    cfg = config_module.load(run.config)
+    reporter = ConsoleReporter(cfg.training.iterations) if foreground else ConsoleReporter(cfg.training.iterations, sys.stdout)
+    engine = Engine(cfg, run, echo=reporter)
+    try:
+        from .server import attach_server
+
+        engine.on_ready.append(attach_server)
+    except ImportError:  # pragma: no cover - server is part of the package
+        pass
+    if foreground:
+        print(f"run {run.id} in {run.path}", flush=True)
+    try:
+        return engine.run()
+    finally:
+        reporter.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import config as config_module
+
+    try:
+        cfg = config_module.load(args.config)
+        config_module.check_paths(cfg)
+    except ConfigError as error:
+        return _fail(str(error))
+    if not cfg.name:
+        cfg.name = Path(args.config).stem
+    code, run_id = _start_run(Path(args.config), cfg, args.detach)
+    if args.detach and code == 0:
+        print(run_id)
+    return code
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    """Internal: the detached engine's entry point (``tunetop _engine RUN_DIR``)."""
+    return _run_engine(Path(args.run_dir), foreground=False)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .config import starter_text
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        return _fail(f"{path} already exists; pass --force to overwrite it.")
+    path.write_text(starter_text(), encoding="utf-8")
+    print(f"wrote {path}; train it with `tunetop train {path}`")
+    return 0
+
+
+def demo_config() -> Any:
+    """The embedded default run: small model, learnable data, loss visibly falling within a minute."""
+    from .config import parse, starter_text
+
+    cfg = parse(starter_text())
+    cfg.name = "demo"
+    cfg.training.iterations = 300
+    cfg.training.steps_per_report = 5
+    return cfg
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import build_embedded
+
+    started = time.time()
+    folder = build_embedded()
+    if time.time() - started > 0.5:
+        print(f"built the embedded default model and data in {folder}")
+    cfg = demo_config()
+    if args.iterations:
+        cfg.training.iterations = args.iterations
+    headless = args.headless or not sys.stdout.isatty()
+    if headless:
+        code, _ = _start_run(None, cfg, detach=False)
+        return code
+    code, run_id = _start_run(None, cfg, detach=True)
+    from .runs import resolve
+
+    return _attach(resolve(run_id).id, theme=None)
+
+
+def _attach(spec: str | None, theme: str | None) -> int:
+    try:
+        from tui.app import run_app
+    except ImportError as error:
+        return _fail(f"the TUI cannot start: {error}")
+    return run_app(spec, theme=theme)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    return _attach(args.run, args.theme)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .runs import list_runs
+
+    rows = []
+    for run in list_runs():
+        status = run.status()
+        alive = run.is_alive()
+        state = status.get("state", "?")
+        if not alive and state in ("starting", "running", "paused", "stopping"):
+            state = "dead"
+        loss = status.get("loss")
+        rows.append(
+            (
+                run.id,
+                status.get("name", ""),
+                state,
+                f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
+                f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+                "yes" if alive else "no",
+                _age(time.time() - run.path.stat().st_mtime),
+            )
+        )
+    header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
+    if args.json:
+        for row in rows:
+            print(json.dumps(dict(zip([h.lower() for h in header], row, strict=True))))
+        return 0
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from .journal import JournalTail
+    from .runs import resolve
+
+    try:
+        run = resolve(args.run)
+    except RunError as error:
+        return _fail(str(error))
+    tail = JournalTail(run.journal, since=args.since)
+    out = sys.stdout
+    try:
+        while True:
+            for _seq, payload in tail.poll():
+                out.write(payload.decode("utf-8") + "\n")
+            out.flush()
+            if not args.follow:
+                return 0
+            if not run.is_alive():
+                for _seq, payload in tail.poll():
+                    out.write(payload.decode("utf-8") + "\n")
+                out.flush()
+                return 0
+            time.sleep(0.2)
+    except (BrokenPipeError, KeyboardInterrupt):
+        return 0
+
+
+def _parse_set_pairs(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"'{pair}' is not KEY=VALUE (for example learning_rate=1e-4)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from .client_sync import send_command
+    from .runs import resolve
+
+    try:
+        run = resolve(args.run)
+    except RunError as error:
+        return _fail(str(error))
+    command_args: dict[str, Any] = {}
+    if args.command == "set":
+        try:
+            command_args = _parse_set_pairs(args.pairs)
+        except ValueError as error:
+            return _fail(str(error))
+    if not run.is_alive():
+        return _fail(f"run {run.id} has no live engine; `tunetop ls` shows its state.", EXIT_UNREACHABLE)
+    try:
+        reply = send_command(run, args.command, command_args, timeout=args.timeout)
+    except TimeoutError as error:
+        return _fail(str(error), EXIT_UNREACHABLE)
+    if not reply.ok:
+        return _fail(f"{args.command} refused: {reply.error}", EXIT_UNREACHABLE)
+    print(json.dumps({"ok": True, **reply.result}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunetop", description="LoRA fine-tuning on MLX you can watch and steer.")
+    sub = parser.add_subparsers(dest="name")
+
+    p = sub.add_parser("train", help="start a run from a TOML config")
+    p.add_argument("config")
+    p.add_argument("--detach", action="store_true", help="run the engine in the background; print the run id")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("init", help="write a commented starter config")
+    p.add_argument("path")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("demo", help="train the embedded default model, with the TUI on a terminal")
+    p.add_argument("--headless", action="store_true", help="no TUI, print progress lines")
+    p.add_argument("--iterations", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("attach", help="open the TUI on a run")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--theme")
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("ls", help="list runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("events", help="print a run's events as JSON lines")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--since", type=int, default=0)
+    p.add_argument("--follow", action="store_true")
+    p.set_defaults(func=cmd_events)
+
+    for name in ("pause", "resume", "stop", "save", "evaluate", "status"):
+        p = sub.add_parser(name, help=f"{name} a running run")
+        p.add_argument("run", nargs="?")
+        p.add_argument("--timeout", type=float, default=30.0)
+        p.set_defaults(func=cmd_control, command=name)
+    p = sub.add_parser("set", help="change live fields: learning_rate, steps_per_report, steps_per_eval, save_every")
+    p.add_argument("run", nargs="?")
+    p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=cmd_control, command="set")
+
+    p = sub.add_parser("_engine", help=argparse.SUPPRESS)
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_engine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # `tunetop set KEY=VALUE` without a run: argparse would take KEY=VALUE as the run.
+    if len(argv) >= 2 and argv[0] == "set" and "=" in argv[1]:
+        argv = ["set", "", *argv[1:]]
+    args = parser.parse_args(argv)
+    if args.name is None:
+        return _attach(None, None)
+    try:
+        return int(args.func(args))
+    except ConfigError as error:
+        return _fail(str(error))
+    except RunError as error:
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

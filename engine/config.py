@@ -1,0 +1,405 @@
+"""The TOML run config: parse, validate into dataclasses, and write back.
+
+No mlx import here: the TUI validates configs on machines without MLX.
+
+A config has one table per concern (``model``, ``data``, ``lora``, ``training``,
+``optimizer``, ``schedule``, ``checkpoints``) plus an optional top-level ``name``.
+Keys and defaults follow mlx-swift-lm's ``LoRATrain.Parameters`` and
+``LoRAConfiguration`` in snake_case. Every error a user can make is reported as a
+:class:`ConfigError` whose message names the file, the line when it can be found, the
+key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+EMBEDDED = "@embedded"
+"""Model or data path that means: the small default model and dataset tunetop builds offline."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with a message a person can act on."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = field(default=EMBEDDED, metadata={"help": "Hugging Face id, local directory, or @embedded"})
+    revision: str = field(default="", metadata={"help": "Hub revision (branch, tag or commit); empty = default"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub"})
+
+
+@dataclass
+class DataConfig:
+    path: str = field(default=EMBEDDED, metadata={"help": "Directory with train/valid/test .jsonl or .txt"})
+    max_seq_length: int = field(default=2048, metadata={"help": "Longer sequences are truncated (warned once)"})
+    mask_prompt: bool = field(default=False, metadata={"help": "Train on completions only (prompt/chat data)"})
+
+
+@dataclass
+class LoRAConfig:
+    fine_tune_type: str = field(default="lora", metadata={"help": "lora, dora or full"})
+    num_layers: int = field(default=16, metadata={"help": "Blocks to adapt, counted from the last; -1 = all"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    scale: float = field(default=10.0, metadata={"help": "LoRA scale (alpha / rank in PEFT terms)"})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input"})
+    keys: list[str] = field(default_factory=list, metadata={"help": "Module keys to adapt; empty = all linear"})
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = field(default=4, metadata={"help": "Examples per step"})
+    iterations: int = field(default=1000, metadata={"help": "Optimizer steps"})
+    steps_per_report: int = field(default=10, metadata={"help": "Report training loss every N steps"})
+    steps_per_eval: int = field(default=100, metadata={"help": "Validate every N steps"})
+    validation_batches: int = field(default=10, metadata={"help": "Batches per validation; 0 = all"})
+    seed: int = field(default=0, metadata={"help": "Seeds the data order and mlx.random"})
+    grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory"})
+    grad_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = field(default="adam", metadata={"help": "adam, adamw, sgd or adafactor"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "adamw and sgd only"})
+    momentum: float = field(default=0.0, metadata={"help": "sgd only"})
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = field(default="constant", metadata={"help": "constant, linear or cosine"})
+    warmup: int = field(default=0, metadata={"help": "Linear warmup steps before the schedule"})
+    warmup_init: float = field(default=0.0, metadata={"help": "Learning rate at the start of warmup"})
+    end_learning_rate: float = field(default=0.0, metadata={"help": "Final rate of linear and cosine"})
+    decay_steps: int = field(default=0, metadata={"help": "Steps of decay after warmup; 0 = the rest of the run"})
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = field(default=100, metadata={"help": "Save adapter and checkpoint every N steps"})
+    adapter_path: str = field(default="adapters", metadata={"help": "Adapter directory, relative to the run"})
+    keep_last: int = field(default=3, metadata={"help": "Numbered checkpoints to keep; 0 = keep all"})
+
+
+@dataclass
+class RunConfig:
+    """A whole run config. ``source`` is the file it came from, for messages."""
+
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    source: str = field(default="", compare=False, metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain TOML-ready data (without ``source``)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        if not out["name"]:
+            out.pop("name")
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoRAConfig,
+    "training": TrainingConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "checkpoints": CheckpointConfig,
+}
+
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("lora", "fine_tune_type"): ("lora", "dora", "full"),
+    ("optimizer", "name"): ("adam", "adamw", "sgd", "adafactor"),
+    ("schedule", "name"): ("constant", "linear", "cosine"),
+}
+
+# (minimum, maximum) for numbers; None leaves that side open.
+RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("data", "max_seq_length"): (2, None),
+    ("lora", "num_layers"): (-1, None),
+    ("lora", "rank"): (1, None),
+    ("lora", "dropout"): (0.0, 0.999),
+    ("training", "batch_size"): (1, None),
+    ("training", "iterations"): (1, None),
+    ("training", "steps_per_report"): (1, None),
+    ("training", "steps_per_eval"): (1, None),
+    ("training", "validation_batches"): (0, None),
+    ("training", "seed"): (0, 2**32 - 1),
+    ("training", "grad_accumulation_steps"): (1, None),
+    ("optimizer", "learning_rate"): (0.0, None),
+    ("optimizer", "weight_decay"): (0.0, None),
+    ("optimizer", "momentum"): (0.0, 1.0),
+    ("schedule", "warmup"): (0, None),
+    ("schedule", "warmup_init"): (0.0, None),
+    ("schedule", "end_learning_rate"): (0.0, None),
+    ("schedule", "decay_steps"): (0, None),
+    ("checkpoints", "save_every"): (1, None),
+    ("checkpoints", "keep_last"): (0, None),
+}
+
+
+def _where(source: str, line: int | None) -> str:
+    if not source:
+        return "config"
+    return f"{source}:{line}" if line else source
+
+
+def _find_line(text: str, section: str | None, key: str | None) -> int | None:
+    """Best-effort line number of ``[section]`` or of ``key`` inside it, for messages."""
+    if not text:
+        return None
+    current: str | None = None
+    header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?$")
+    assignment = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = header.match(line)
+        if m:
+            current = m.group(1)
+            if key is None and current == section:
+                return number
+            continue
+        m = assignment.match(line)
+        if m and key is not None and m.group(1) == key and current == section:
+            return number
+    return None
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> Any:
+    """Check ``value`` against the dataclass field type; ints are accepted for floats."""
+    full = f"{section}.{key}"
+    if expected is bool:
+        ok = isinstance(value, bool)
+        want = "true or false"
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number"
+        if ok:
+            value = float(value)
+    elif expected is str:
+        ok = isinstance(value, str)
+        want = "a string"
+    else:  # list[str]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        want = "a list of strings"
+    if not ok:
+        raise ConfigError(
+            f"{where}: '{full}' must be {want}, got {_type_name(value)} ({value!r}). "
+            f"Fix the value of '{key}' in the [{section}] table."
+        )
+    choices = CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise ConfigError(
+            f"{where}: '{full}' must be one of {', '.join(choices)}, got {value!r}."
+            f"{_suggest(str(value), list(choices))}"
+        )
+    bounds = RANGES.get((section, key))
+    if bounds:
+        low, high = bounds
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = (
+                f"at least {low}"
+                if high is None
+                else f"at most {high}"
+                if low is None
+                else f"between {low} and {high}"
+            )
+            raise ConfigError(f"{where}: '{full}' must be {span}, got {value!r}.")
+    return value
+
+
+def parse(text: str, source: str = "") -> RunConfig:
+    """Validate TOML text into a :class:`RunConfig`; raise :class:`ConfigError` on any mistake."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(
+            f"{source or 'config'}: not valid TOML: {error}. Check the quoting and brackets on that line."
+        ) from None
+    return from_dict(raw, source=source, text=text)
+
+
+def from_dict(raw: dict[str, Any], source: str = "", text: str = "") -> RunConfig:
+    """Validate already-parsed TOML data (as from ``tomllib``) into a :class:`RunConfig`."""
+    config = RunConfig(source=source)
+    allowed_top = ["name", *SECTIONS]
+    for top, value in raw.items():
+        if top == "name":
+            if not isinstance(value, str):
+                raise ConfigError(
+                    f"{_where(source, _find_line(text, None, 'name'))}: 'name' must be a string, "
+                    f"got {_type_name(value)}."
+                )
+            config.name = value
+            continue
+        if top not in SECTIONS:
+            line = _find_line(text, top, None) or _find_line(text, None, top)
+            raise ConfigError(
+                f"{_where(source, line)}: unknown table or key '{top}'.{_suggest(top, allowed_top)} "
+                f"Valid top-level names are: {', '.join(allowed_top)}."
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{_where(source, _find_line(text, None, top))}: '{top}' must be a table "
+                f"(a [{top}] header followed by keys), got {_type_name(value)}."
+            )
+        cls = SECTIONS[top]
+        hints = get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        section_obj = getattr(config, top)
+        for key, item in value.items():
+            where = _where(source, _find_line(text, top, key))
+            if key not in names:
+                raise ConfigError(
+                    f"{where}: unknown key '{top}.{key}'.{_suggest(key, names)} "
+                    f"Valid keys in [{top}] are: {', '.join(names)}."
+                )
+            setattr(section_obj, key, _coerce(top, key, item, hints[key], where))
+    _check_consistency(config, text)
+    return config
+
+
+def _check_consistency(config: RunConfig, text: str) -> None:
+    source = config.source
+    if config.training.grad_accumulation_steps > 1 and config.training.batch_size < 1:
+        raise ConfigError(f"{_where(source, None)}: batch_size must be at least 1.")
+    if not config.model.path:
+        line = _find_line(text, "model", "path")
+        raise ConfigError(
+            f"{_where(source, line)}: 'model.path' is empty. Give a Hugging Face id, a local model "
+            f"directory, or {EMBEDDED!r} for the built-in small model."
+        )
+    if not config.data.path:
+        line = _find_line(text, "data", "path")
+        raise ConfigError(
+            f"{_where(source, line)}: 'data.path' is empty. Give a directory holding train and valid "
+            f"files, or {EMBEDDED!r} for the built-in dataset."
+        )
+
+
+def load(path: str | Path) -> RunConfig:
+    """Read and validate a config file. Relative data and model paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file. Create one with `tunetop init {path}`.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; a run config is TOML text.") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config: {error.strerror}.") from None
+    config = parse(text, source=str(path))
+    base = path.resolve().parent
+    for section in (config.model, config.data):
+        if section.path != EMBEDDED and not Path(section.path).is_absolute():
+            candidate = base / section.path
+            if candidate.exists():
+                section.path = str(candidate)
+    return config
+
+
+def check_paths(config: RunConfig) -> None:
+    """Fail early, naming the key, when a local data directory does not exist."""
+    if config.data.path != EMBEDDED and not Path(config.data.path).is_dir():
+        raise ConfigError(
+            f"{_where(config.source, None)}: 'data.path' = {config.data.path!r} is not a directory. "
+            "Point it at a folder holding train.jsonl (or train.txt) and valid.jsonl."
+        )
+
+
+def dumps(config: RunConfig) -> str:
+    """The config as TOML text (tomli-w)."""
+    return tomli_w.dumps(config.to_dict())
+
+
+def save(config: RunConfig, path: str | Path) -> None:
+    """Write the config as TOML."""
+    Path(path).write_text(dumps(config), encoding="utf-8")
+
+
+def starter_text() -> str:
+    """A commented starter config; as written it trains the embedded default offline."""
+    lines = [
+        "# tunetop run config. Every key is optional; the values shown are the defaults,",
+        "# except where a comment says the starter changed one so the embedded demo learns fast.",
+        "# Reference: README.md, 'Config reference'.",
+        "",
+        'name = "starter"',
+        "",
+    ]
+    starter_overrides: dict[tuple[str, str], Any] = {
+        ("training", "iterations"): 300,
+        ("training", "steps_per_eval"): 50,
+        ("training", "batch_size"): 8,
+        ("optimizer", "learning_rate"): 5e-4,
+        ("lora", "scale"): 20.0,
+        ("data", "mask_prompt"): True,
+    }
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+            value = starter_overrides.get((section, f.name), default)
+            rendered = tomli_w.dumps({f.name: value}).strip()
+            note = f.metadata.get("help", "")
+            if (section, f.name) in starter_overrides:
+                note += f" (default {default!r}; starter value for the embedded demo)"
+            lines.append(f"{rendered:<36} # {note}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+LIVE_FIELDS: dict[str, tuple[str, str]] = {
+    "learning_rate": ("optimizer", "learning_rate"),
+    "steps_per_report": ("training", "steps_per_report"),
+    "steps_per_eval": ("training", "steps_per_eval"),
+    "save_every": ("checkpoints", "save_every"),
+    "validation_batches": ("training", "validation_batches"),
+}
+"""Fields a running engine accepts through the ``set`` command, and where they live."""
+
+
+def coerce_live(key: str, value: Any) -> Any:
+    """Validate one live change (``set KEY=VALUE``) with the same rules as the file."""
+    if key not in LIVE_FIELDS:
+        raise ConfigError(
+            f"'{key}' cannot be changed while a run trains.{_suggest(key, list(LIVE_FIELDS))} "
+            f"Live-editable fields: {', '.join(LIVE_FIELDS)}."
+        )
+    section, name = LIVE_FIELDS[key]
+    expected = get_type_hints(SECTIONS[section])[name]
+    if isinstance(value, str):
+        try:
+            value = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}).") from None
+    return _coerce(section, name, value, expected, "set")

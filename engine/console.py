@@ -1,0 +1,88 @@
+"""Headless output of a training run: a progress line on a terminal, plain lines otherwise.
+
+In the spirit of mlx_lm.lora's output. Respects NO_COLOR. No mlx import here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, TextIO
+
+
+def _fmt_lr(value: float) -> str:
+    return f"{value:.3e}"
+
+
+def describe(event: dict[str, Any]) -> str | None:
+    """One human line for an event, or None for events not worth a line."""
+    kind = event.get("type")
+    if kind == "train":
+        return (
+            f"Iter {event['iteration']}: train loss {event['loss']:.3f}, lr {_fmt_lr(event['learning_rate'])}, "
+            f"it/s {event['iterations_per_second']:.2f}, tokens/s {event['tokens_per_second']:.0f}, "
+            f"trained tokens {event['trained_tokens']}, peak mem {event['peak_memory']:.3f} GB"
+        )
+    if kind == "validation":
+        return f"Iter {event['iteration']}: val loss {event['loss']:.3f}, val took {event['seconds']:.2f}s"
+    if kind == "save":
+        return f"Iter {event['iteration']}: saved {event.get('kind', 'adapter')} to {event['path']}"
+    if kind == "run_started":
+        return (
+            f"Run {event['run']} ({event.get('name', '')}): model {event['model']}, trainable parameters "
+            f"{event['trainable_parameters']:,} of {event['total_parameters']:,}"
+        )
+    if kind in ("log", "warning", "error"):
+        prefix = "" if kind == "log" else f"{kind}: "
+        return prefix + str(event.get("message", ""))
+    if kind == "state":
+        return f"state: {event['state']}"
+    if kind == "finished":
+        return f"finished ({event['reason']}) at iteration {event['iteration']}"
+    if kind == "config_changed":
+        return "changed: " + ", ".join(f"{k}={v}" for k, v in event.get("changes", {}).items())
+    return None
+
+
+class ConsoleReporter:
+    """Prints events; on a terminal keeps a live progress bar on the last line."""
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.total = total
+        self.tty = self.stream.isatty()
+        self.color = self.tty and "NO_COLOR" not in os.environ
+        self._bar_shown = False
+
+    def __call__(self, event: dict[str, Any], _payload: bytes = b"") -> None:
+        if event.get("type") == "heartbeat":
+            return
+        line = describe(event)
+        if line is None:
+            return
+        if self.tty:
+            self._clear_bar()
+            if self.color and event.get("type") in ("warning", "error"):
+                line = f"\x1b[33m{line}\x1b[0m"
+            self.stream.write(line + "\n")
+            if event.get("type") == "train":
+                self._draw_bar(int(event["iteration"]))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _clear_bar(self) -> None:
+        if self._bar_shown:
+            self.stream.write("\r\x1b[2K")
+            self._bar_shown = False
+
+    def _draw_bar(self, iteration: int) -> None:
+        width = 30
+        done = int(width * iteration / max(self.total, 1))
+        self.stream.write(f"[{'#' * done}{'.' * (width - done)}] {iteration}/{self.total}")
+        self._bar_shown = True
+
+    def close(self) -> None:
+        if self.tty:
+            self._clear_bar()
+            self.stream.flush()

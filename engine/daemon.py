@@ -1,0 +1,72 @@
+"""Start an engine in the background, detached from the terminal, and wait until it serves.
+
+The child runs ``python -m engine.cli _engine RUN_DIR`` in a new session (so closing the
+terminal or logging out does not reach it), with stdin from /dev/null and stdout/stderr
+appended to the run's engine.log. No mlx import here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .journal import read_events
+from .runs import RunDir, RunError
+
+
+class EngineStartError(RunError):
+    """The detached engine exited before it started training; ``code`` is its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _failure_message(run: RunDir) -> str:
+    try:
+        errors = [e["message"] for e in read_events(run.journal) if e.get("type") == "error"]
+    except Exception:
+        errors = []
+    if errors:
+        return errors[-1]
+    try:
+        return " | ".join(run.log.read_text(errors="replace").strip().splitlines()[-5:])
+    except FileNotFoundError:
+        return "no log was written"
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn_engine(run: RunDir, wait_seconds: float = 120.0) -> int:
+    """Start the engine for ``run``; return its pid once it trains (or after ``wait_seconds``).
+
+    Raises :class:`EngineStartError` with the engine's own error when it exits first (bad
+    data, a model that will not load), so ``tunetop train --detach`` can report it.
+    """
+    log = open(run.log, "ab")  # noqa: SIM115 (handed to the child)
+    env = dict(os.environ)
+    # The child must import this same engine package, installed or not.
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "_engine", str(run.path)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=str(run.path),
+        env=env,
+    )
+    log.close()
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code)
+        if run.status().get("state") in ("running", "paused", "stopping", "finished"):
+            return process.pid
+        time.sleep(0.05)
+    return process.pid

@@ -1,0 +1,285 @@
+"""Training data: files -> token sequences -> length-sorted, shape-bucketed batches.
+
+A data directory holds ``train``, ``valid`` and (optionally) ``test`` splits, each as ``.jsonl``
+or ``.txt``. JSONL rows are one of:
+
+* ``{"text": ...}``                      plain text
+* ``{"prompt": ..., "completion": ...}`` rendered with the chat template when the tokenizer has one
+* ``{"messages": [{"role", "content"}]}`` rendered with the tokenizer's chat template
+
+``.txt`` files hold one example per line, as in mlx-swift-lm. ``mask_prompt`` trains on the
+completion (or last message) only: each example carries the offset where its loss starts.
+
+Batching sorts examples by their true token length (mlx-lm 0.32 sorts by the number of dict
+keys, its issue #596), and pads every batch up to one of a few bucket widths, because each new
+padded shape costs a recompilation of the compiled step.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+BUCKET_WIDTHS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
+class DataError(ValueError):
+    """Bad or missing data, with file and line in the message."""
+
+
+class Tokenizer(Protocol):
+    """The part of a tokenizer the data layer uses (mlx-lm's TokenizerWrapper fits)."""
+
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example; the loss covers tokens from ``offset`` on."""
+
+    tokens: list[int]
+    offset: int = 0
+
+
+@dataclass
+class Dataset:
+    """A tokenized split. ``source`` names the file for messages."""
+
+    examples: list[Example]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "has_chat_template", False) or getattr(tokenizer, "chat_template", None))
+
+
+def _chat_tokens(tokenizer: Tokenizer, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    if isinstance(out, dict):  # transformers >= 5 may return a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def _with_eos(tokenizer: Tokenizer, tokens: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not tokens or tokens[-1] != eos):
+        tokens = [*tokens, eos]
+    return tokens
+
+
+def _row_to_example(
+    row: Any, tokenizer: Tokenizer, mask_prompt: bool, where: str
+) -> Example:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+    if "messages" in row:
+        messages = row["messages"]
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+        ):
+            raise DataError(
+                f"{where}: 'messages' must be a non-empty list of objects with 'role' and 'content'."
+            )
+        if not _has_chat_template(tokenizer):
+            raise DataError(
+                f"{where}: chat 'messages' need a tokenizer with a chat template, and this model's has none. "
+                "Use 'text' or 'prompt'/'completion' rows instead."
+            )
+        tokens = _chat_tokens(tokenizer, messages)
+        offset = len(_chat_tokens(tokenizer, messages[:-1], add_generation_prompt=True)) if mask_prompt else 0
+        return Example(tokens, offset)
+    if "prompt" in row or "completion" in row:
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise DataError(f"{where}: 'prompt' and 'completion' must both be strings.")
+        if _has_chat_template(tokenizer):
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            tokens = _chat_tokens(tokenizer, messages)
+            offset = len(_chat_tokens(tokenizer, messages[:1], add_generation_prompt=True))
+        else:
+            prompt_tokens = tokenizer.encode(prompt)
+            tokens = _with_eos(tokenizer, prompt_tokens + tokenizer.encode(completion))
+            offset = len(prompt_tokens)
+        return Example(tokens, offset if mask_prompt else 0)
+    if "text" in row:
+        if not isinstance(row["text"], str):
+            raise DataError(f"{where}: 'text' must be a string.")
+        if mask_prompt:
+            raise DataError(
+                f"{where}: mask_prompt needs prompt/completion or chat rows, but this row has 'text'. "
+                "Set data.mask_prompt = false or reformat the data."
+            )
+        return Example(_with_eos(tokenizer, tokenizer.encode(row["text"])))
+    raise DataError(
+        f"{where}: a row needs 'text', 'prompt' and 'completion', or 'messages'; found keys "
+        f"{', '.join(sorted(row)) or 'none'}."
+    )
+
+
+def _read_lines(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:4096]:
+        raise DataError(f"{path}: looks like a binary file, not text. Data files are UTF-8 .jsonl or .txt.")
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({error.reason}). Re-save the file as UTF-8.") from None
+
+
+def load_split(path: Path, tokenizer: Tokenizer, mask_prompt: bool = False) -> Dataset:
+    """Tokenize one split file (.jsonl or .txt); raise :class:`DataError` naming file:line on bad rows."""
+    lines = _read_lines(path)
+    examples: list[Example] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if path.suffix == ".txt":
+            if mask_prompt:
+                raise DataError(f"{path}: mask_prompt needs .jsonl prompt/completion or chat data, not .txt.")
+            examples.append(Example(_with_eos(tokenizer, tokenizer.encode(line))))
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}).") from None
+        examples.append(_row_to_example(row, tokenizer, mask_prompt, where))
+    if not examples:
+        raise DataError(f"{path}: the split is empty. Add at least one example per line.")
+    return Dataset(examples, str(path))
+
+
+def find_split(folder: Path, name: str) -> Path | None:
+    """``folder/name.jsonl`` or ``folder/name.txt``, whichever exists (jsonl first)."""
+    for suffix in (".jsonl", ".txt"):
+        candidate = folder / f"{name}{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def load_splits(
+    folder: Path, tokenizer: Tokenizer, mask_prompt: bool = False, required: tuple[str, ...] = ("train", "valid")
+) -> dict[str, Dataset]:
+    """Load every split present; the ``required`` ones must exist."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: data directory not found. Set data.path to a folder with train.jsonl.")
+    out: dict[str, Dataset] = {}
+    for name in SPLITS:
+        path = find_split(folder, name)
+        if path is None:
+            if name in required:
+                raise DataError(f"{folder}: no {name}.jsonl or {name}.txt. The {name} split is required.")
+            continue
+        out[name] = load_split(path, tokenizer, mask_prompt)
+    return out
+
+
+def bucket_width(length: int, max_seq_length: int) -> int:
+    """The padded row width for a batch whose longest example has ``length`` tokens."""
+    for width in BUCKET_WIDTHS:
+        if width >= length:
+            return min(width, max_seq_length)
+    return max_seq_length
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Padded tokens ``(B, W)`` and per-row ``(offset, length)``, as numpy arrays."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def real_tokens(self) -> int:
+        """Target tokens the loss covers (unpadded, unmasked)."""
+        offsets, lengths = self.lengths[:, 0], self.lengths[:, 1]
+        return int(np.maximum(lengths - np.maximum(offsets, 1), 0).sum())
+
+
+class BatchPlan:
+    """Length-sorted batches of one dataset and a seeded, resumable order over them.
+
+    Batch ``k`` of epoch ``e`` is a pure function of (dataset, batch size, seed, e, k), so a
+    resumed run can continue from any (epoch, index) position.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, max_seq_length: int, seed: int = 0, drop_last: bool = True
+    ) -> None:
+        if drop_last and len(dataset) < batch_size:
+            raise DataError(
+                f"{dataset.source}: has {len(dataset)} examples but batch_size is {batch_size}. "
+                "Lower training.batch_size or add examples."
+            )
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length
+        self.seed = seed
+        order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i].tokens))
+        # Training drops the ragged tail so every step sees a full batch; evaluation keeps it.
+        stop = len(order) - batch_size + 1 if drop_last else len(order)
+        self.batches = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+        self._warned_long = False
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of batch indices for one epoch."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))
+
+    def make_batch(self, members: list[int]) -> Batch:
+        """Pad the given examples to a bucket width; truncation to max_seq_length warns once."""
+        examples = [self.dataset.examples[i] for i in members]
+        longest = max(len(e.tokens) for e in examples)
+        if longest > self.max_seq_length and not self._warned_long:
+            self._warned_long = True
+            warnings.warn(
+                f"{self.dataset.source}: some sequences are longer than max_seq_length="
+                f"{self.max_seq_length} tokens (longest {longest}); they are truncated. "
+                "Raise data.max_seq_length or split long examples.",
+                stacklevel=2,
+            )
+        width = bucket_width(longest, self.max_seq_length)
+        tokens = np.zeros((len(examples), width), dtype=np.int32)
+        lengths = np.zeros((len(examples), 2), dtype=np.int32)
+        for row, example in enumerate(examples):
+            kept = example.tokens[:width]
+            tokens[row, : len(kept)] = kept
+            lengths[row] = (min(example.offset, len(kept)), len(kept))
+        return Batch(tokens, lengths)
+
+    def iterate(self, epoch: int = 0, index: int = 0, loop: bool = True) -> Iterator[tuple[int, int, Batch]]:
+        """Yield ``(epoch, index, batch)`` from the given position on, forever when ``loop``."""
+        while True:
+            order = self.epoch_order(epoch)
+            for k in range(index, len(order)):
+                yield epoch, k, self.make_batch(self.batches[order[k]])
+            if not loop:
+                return
+            epoch, index = epoch + 1, 0
+
+    def fixed_sample(self, limit: int = 0) -> Iterator[Batch]:
+        """``limit`` batches (0 = all), the same ones every time, so validation losses compare."""
+        order = self.epoch_order(0)
+        count = len(order) if limit <= 0 else min(limit, len(order))
+        for k in order[:count]:
+            yield self.make_batch(self.batches[k])

@@ -1,0 +1,183 @@
+"""The durable, append-only event journal of a run.
+
+One file, ``journal.ttj``: an 8-byte magic, then records framed as
+
+    u32 payload length | u32 CRC-32 of (seq bytes + payload) | u64 seq | payload (JSON event)
+
+all little-endian. Framing with a length and a checksum (as TensorBoard's event files do) lets
+a reader stop cleanly at a torn tail after a crash: a record whose length runs past the end of
+the file, or whose checksum fails, ends the journal, and the writer truncates it away on open.
+Plain framing over SQLite because it needs no schema, appends are one ``write``, and the
+server can send stored payloads to clients without decoding them.
+
+No mlx import here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+MAGIC = b"TTJOURN1"
+HEADER = struct.Struct("<IIQ")
+MAX_RECORD = 16 * 1024 * 1024
+JOURNAL_NAME = "journal.ttj"
+
+
+class JournalError(RuntimeError):
+    """A journal that cannot be opened or is not a journal."""
+
+
+def _checksum(seq: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(struct.pack("<Q", seq)))
+
+
+def frame(seq: int, payload: bytes) -> bytes:
+    """One framed record."""
+    return HEADER.pack(len(payload), _checksum(seq, payload), seq) + payload
+
+
+def scan(data: bytes | memoryview, start: int = len(MAGIC)) -> Iterator[tuple[int, int, bytes]]:
+    """Yield ``(offset, seq, payload)`` for every complete, intact record from ``start``."""
+    view = memoryview(data)
+    end = len(view)
+    offset = start
+    unpack = HEADER.unpack_from
+    size = HEADER.size
+    while offset + size <= end:
+        length, crc, seq = unpack(view, offset)
+        body_start = offset + size
+        body_end = body_start + length
+        if length > MAX_RECORD or body_end > end:
+            return
+        payload = bytes(view[body_start:body_end])
+        if _checksum(seq, payload) != crc:
+            return
+        yield offset, seq, payload
+        offset = body_end
+
+
+class JournalWriter:
+    """Appends events; the only writer of a journal (the run lock guarantees one).
+
+    ``append`` writes and flushes to the OS at once, so readers in other processes see the
+    record immediately; ``sync`` (fsync) is called by the owner at points that matter (saves,
+    state changes, a timer), since an fsync per event would cost the trainer.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.last_seq = 0
+        self._index: list[tuple[int, int]] = []  # sparse (seq, offset) pairs for seeking
+        self._file: BinaryIO
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._file = open(self.path, "r+b")  # noqa: SIM115 (kept open for the run's life)
+            data = self._file.read()
+            if not data.startswith(MAGIC):
+                self._file.close()
+                raise JournalError(f"{self.path}: not a tunetop journal (bad magic).")
+            good_end = len(MAGIC)
+            for count, (offset, seq, payload) in enumerate(scan(data)):
+                if count % 1024 == 0:
+                    self._index.append((seq, offset))
+                self.last_seq = seq
+                good_end = offset + HEADER.size + len(payload)
+            if good_end < len(data):
+                # A torn tail from a crash mid-append: cut it so new records follow intact ones.
+                self._file.truncate(good_end)
+            self._file.seek(good_end)
+            self._count = sum(1 for _ in scan(data[:good_end]))
+        else:
+            self._file = open(self.path, "wb")  # noqa: SIM115
+            self._file.write(MAGIC)
+            self._file.flush()
+            self._count = 0
+
+    def append(self, event: dict[str, Any], payload: bytes | None = None) -> bytes:
+        """Append one event (its ``seq`` must be ``last_seq + 1``); returns the payload written."""
+        seq = event["seq"]
+        if seq != self.last_seq + 1:
+            raise JournalError(f"journal seq gap: appending {seq} after {self.last_seq}")
+        if payload is None:
+            payload = json.dumps(event, separators=(",", ":")).encode("utf-8")
+        offset = self._file.tell()
+        if self._count % 1024 == 0:
+            self._index.append((seq, offset))
+        self._file.write(frame(seq, payload))
+        self._file.flush()
+        self._count += 1
+        self.last_seq = seq
+        return payload
+
+    def offset_before(self, seq: int) -> int:
+        """A file offset at or before the record with ``seq`` (for fast replay)."""
+        best = len(MAGIC)
+        for indexed_seq, offset in self._index:
+            if indexed_seq > seq:
+                break
+            best = offset
+        return best
+
+    def sync(self) -> None:
+        """Make everything appended so far durable."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.sync()
+            self._file.close()
+
+
+def read_payloads(path: str | Path, since: int = 0, start_offset: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(seq, payload)`` for records with seq > ``since``, stopping at a torn tail.
+
+    ``start_offset`` (from ``JournalWriter.offset_before``) skips the part of the file before it.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        if handle.read(len(MAGIC)) != MAGIC:
+            raise JournalError(f"{path}: not a tunetop journal (bad magic).")
+        handle.seek(max(start_offset or len(MAGIC), len(MAGIC)))
+        data = handle.read()
+    for _offset, seq, payload in scan(data, 0):
+        if seq > since:
+            yield seq, payload
+
+
+def read_events(path: str | Path, since: int = 0) -> Iterator[dict[str, Any]]:
+    """Decoded events with seq > ``since``."""
+    for _seq, payload in read_payloads(path, since):
+        yield json.loads(payload)
+
+
+class JournalTail:
+    """Follows a live journal from another process: call ``poll()`` for new records."""
+
+    def __init__(self, path: str | Path, since: int = 0) -> None:
+        self.path = Path(path)
+        self.since = since
+        self._offset = len(MAGIC)
+
+    def poll(self) -> list[tuple[int, bytes]]:
+        """Records appended since the last poll (complete ones only)."""
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        out: list[tuple[int, bytes]] = []
+        consumed = 0
+        for offset, seq, payload in scan(data, 0):
+            consumed = offset + HEADER.size + len(payload)
+            if seq > self.since:
+                out.append((seq, payload))
+                self.since = seq
+        self._offset += consumed
+        return out

@@ -1,0 +1,194 @@
+"""The one contract between the engine and its clients: events, commands, replies.
+
+No mlx import: the TUI imports this on machines without MLX. docs/PROTOCOL.md describes the
+same thing for people writing their own clients.
+
+Events are JSON objects with ``seq`` (gap-free from 1 within a run), ``ts`` (Unix seconds),
+``run`` (the run id) and ``type``, plus the fields of their type. Commands are JSON objects
+``{"v": PROTOCOL_VERSION, "id": ..., "cmd": ..., "args": {...}}``; each gets one reply
+``{"v", "id", "ok", "error", "result"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+# Event types and the fields each carries (beyond seq, ts, run, type).
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "run_started": ("config", "model", "trainable_parameters", "total_parameters", "iterations", "name"),
+    "train": (
+        "iteration",
+        "loss",
+        "learning_rate",
+        "iterations_per_second",
+        "tokens_per_second",
+        "trained_tokens",
+        "peak_memory",
+    ),
+    "validation": ("iteration", "loss", "seconds"),
+    "save": ("iteration", "path", "kind"),
+    "state": ("state",),
+    "log": ("message",),
+    "warning": ("message",),
+    "error": ("message",),
+    "heartbeat": ("iteration", "state"),
+    "config_changed": ("changes",),
+    "finished": ("reason", "iteration"),
+}
+
+RUN_STATES = ("starting", "running", "paused", "stopping", "finished", "failed")
+
+COMMANDS = ("pause", "resume", "stop", "save", "evaluate", "set", "replay", "hello", "status")
+"""Commands the engine accepts. ``replay`` and ``hello`` are answered by the server thread."""
+
+MAX_COMMAND_BYTES = 64 * 1024
+"""Larger command frames are refused without being parsed."""
+
+END_MARKER = b"END"
+"""Replay frames are [b"EVT", payload]...; the last is [b"END", last seq as ASCII]."""
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the text says what was wrong."""
+
+
+def make_event(run: str, seq: int, type_: str, ts: float | None = None, **fields: Any) -> dict[str, Any]:
+    """Build an event dict in field order: seq, ts, run, type, then the type's fields."""
+    if type_ not in EVENT_FIELDS:
+        raise ProtocolError(f"unknown event type {type_!r}")
+    event: dict[str, Any] = {"seq": seq, "ts": time.time() if ts is None else ts, "run": run, "type": type_}
+    event.update(fields)
+    return event
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON. NaN and infinities become null (JSON has no such numbers)."""
+    try:
+        return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except ValueError:
+        return json.dumps(_nan_to_none(message), separators=(",", ":")).encode("utf-8")
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    """Parse one JSON object; raise :class:`ProtocolError` if it is not one."""
+    try:
+        message = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError(f"not a JSON object: {error}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("not a JSON object")
+    return message
+
+
+@dataclass
+class Command:
+    """A request to the engine."""
+
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+    v: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return encode({"v": self.v, "id": self.id, "cmd": self.cmd, "args": self.args})
+
+
+def parse_command(payload: bytes) -> Command:
+    """Validate a command frame; errors explain what a well-formed one looks like."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise ProtocolError(f"command of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
+    message = decode(payload)
+    version = message.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported: this engine speaks version "
+            f"{PROTOCOL_VERSION}. Use a tunetop of the same version as the engine."
+        )
+    cmd = message.get("cmd")
+    if cmd not in COMMANDS:
+        raise ProtocolError(f"unknown command {cmd!r}; known commands: {', '.join(COMMANDS)}")
+    args = message.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError("'args' must be a JSON object")
+    command_id = message.get("id", "")
+    if not isinstance(command_id, str):
+        raise ProtocolError("'id' must be a string")
+    return Command(cmd=cmd, args=args, id=command_id)
+
+
+@dataclass
+class Reply:
+    """The engine's answer to one command."""
+
+    id: str
+    ok: bool
+    error: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return encode(
+            {"v": PROTOCOL_VERSION, "id": self.id, "ok": self.ok, "error": self.error, "result": self.result}
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Reply:
+        message = decode(payload)
+        return cls(
+            id=str(message.get("id", "")),
+            ok=bool(message.get("ok")),
+            error=str(message.get("error") or ""),
+            result=message.get("result") or {},
+        )
+
+
+class Sequencer:
+    """Orders a client's events by ``seq``, as the ZeroMQ guide's Clone pattern asks.
+
+    Feed it replayed and live events in any order; ``accept`` returns the events to apply now
+    (in order, none twice) and ``gap`` tells when something is missing, so the client asks for
+    a replay since ``last_seq``. A heartbeat carries the engine's last seq without being an
+    event of its own: one ahead of ``last_seq`` means live events were lost.
+    """
+
+    def __init__(self, last_seq: int = 0) -> None:
+        self.last_seq = last_seq
+        self.gap = False
+        self._pending: dict[int, dict[str, Any]] = {}
+
+    def accept(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        seq = event.get("seq")
+        if not isinstance(seq, int):
+            return []
+        if event.get("type") == "heartbeat":
+            if seq > self.last_seq and not self._pending:
+                self.gap = True
+            return []
+        if seq <= self.last_seq:
+            return []  # already applied (replay overlapping live)
+        self._pending[seq] = event
+        ready: list[dict[str, Any]] = []
+        while self.last_seq + 1 in self._pending:
+            self.last_seq += 1
+            ready.append(self._pending.pop(self.last_seq))
+        self.gap = bool(self._pending)
+        return ready
+
+    def clear_gap(self) -> None:
+        """Forget buffered events past a gap (a replay will bring them again)."""
+        self.gap = False
+        self._pending.clear()

@@ -1,0 +1,244 @@
+"""The engine's ZeroMQ side: PUB for live events, ROUTER for commands and replay.
+
+One thread owns both sockets (ZeroMQ sockets are not thread-safe). The training loop never
+touches them: it puts events and replies on a queue and picks commands off another, between
+steps. PUB drops live events for a slow subscriber instead of blocking; a client that lost
+some notices the gap in ``seq`` and asks for a replay, served from the journal.
+
+Frames on the ROUTER, client to engine: ``[command JSON]``. Engine to client: ``[b"REP",
+reply JSON]`` for commands; for ``replay``: ``[b"EVTS", events as JSON lines]``... then
+``[b"END", last seq]``. PUB frames: ``[b"evt", event JSON]`` (heartbeats included).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from .endpoints import Endpoints, endpoints_for
+from .journal import read_payloads
+from .protocol import (
+    END_MARKER,
+    PROTOCOL_VERSION,
+    Command,
+    ProtocolError,
+    Reply,
+    encode,
+    make_event,
+    parse_command,
+)
+
+if TYPE_CHECKING:
+    from .session import Engine
+
+HEARTBEAT_SECONDS = 2.0
+REPLAY_FRAME_BYTES = 1 << 20
+PUB_HIGH_WATER = 10_000
+ROUTER_HIGH_WATER = 100_000
+
+
+class Server:
+    """Serves one engine's events and commands until ``close()``."""
+
+    def __init__(self, engine: Engine, endpoints: Endpoints | None = None) -> None:
+        self.engine = engine
+        self.endpoints = endpoints or endpoints_for(engine.run_dir.id)
+        self.outbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.malformed = 0
+        self.published = 0
+        self._thread = threading.Thread(target=self._serve, name="tunetop-server", daemon=True)
+
+    # Called from the training thread -------------------------------------------------
+
+    def publish(self, _event: dict[str, Any], payload: bytes) -> None:
+        """EventLog subscriber: hand an already-journaled event to the socket thread."""
+        self.outbox.put(("evt", payload))
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    # The socket thread ---------------------------------------------------------------
+
+    def _bind(self, context: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+        for path in self.endpoints.paths:
+            # The run lock is held, so a socket file here is a dead engine's leftover.
+            path.unlink(missing_ok=True)
+        pub = context.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, PUB_HIGH_WATER)
+        pub.setsockopt(zmq.LINGER, 1000)  # let the last events (finished) reach subscribers
+        pub.bind(self.endpoints.events)
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.SNDHWM, ROUTER_HIGH_WATER)
+        router.setsockopt(zmq.RCVHWM, 10_000)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # oversized frames drop the peer, not us
+        router.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        router.bind(self.endpoints.commands)
+        for path in self.endpoints.paths:
+            path.chmod(0o600)
+        return pub, router
+
+    def _serve(self) -> None:
+        context: zmq.Context = zmq.Context.instance()
+        try:
+            pub, router = self._bind(context)
+        except BaseException as error:  # report bind failures to start()
+            self._error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        last_heartbeat = 0.0
+        try:
+            while not self._stop.is_set():
+                for socket, _ in poller.poll(20):
+                    if socket is router:
+                        self._drain_router(router)
+                self._drain_outbox(pub, router)
+                now = time.monotonic()
+                if now - last_heartbeat >= HEARTBEAT_SECONDS:
+                    last_heartbeat = now
+                    self._heartbeat(pub)
+            self._drain_outbox(pub, router)
+        finally:
+            pub.close(1000)
+            router.close(0)
+            for path in self.endpoints.paths:
+                path.unlink(missing_ok=True)
+
+    def _heartbeat(self, pub: zmq.Socket) -> None:
+        engine = self.engine
+        last_seq = engine.events.last_seq if engine.events else 0
+        iteration = engine.trainer.iteration if engine.trainer is not None else 0
+        event = make_event(engine.run_dir.id, last_seq, "heartbeat", iteration=iteration, state=engine.state)
+        pub.send_multipart([b"evt", encode(event)], zmq.NOBLOCK)
+
+    def _drain_outbox(self, pub: zmq.Socket, router: zmq.Socket) -> None:
+        while True:
+            try:
+                kind, item = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "evt":
+                try:
+                    pub.send_multipart([b"evt", item], zmq.NOBLOCK)
+                    self.published += 1
+                except zmq.Again:
+                    pass  # PUB never blocks; clients replay what they miss
+            else:
+                identity, reply = item
+                self._send(router, identity, [b"REP", reply.encode()])
+
+    def _send(self, router: zmq.Socket, identity: bytes, frames: list[bytes]) -> bool:
+        try:
+            router.send_multipart([identity, *frames], zmq.NOBLOCK)
+            return True
+        except (zmq.Again, zmq.ZMQError):
+            return False  # the peer is gone or hopelessly behind; it will ask again
+
+    def _drain_router(self, router: zmq.Socket) -> None:
+        for _ in range(1000):  # bounded, so a flood cannot starve live publishing
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, body = frames[0], frames[1:]
+            if len(body) != 1:
+                self._malformed(identity, router, "a command is exactly one frame of JSON", "")
+                continue
+            try:
+                command = parse_command(body[0])
+            except ProtocolError as error:
+                self._malformed(identity, router, str(error), _peek_id(body[0]))
+                continue
+            self._handle(identity, router, command)
+
+    def _malformed(self, identity: bytes, router: zmq.Socket, why: str, command_id: str) -> None:
+        self.malformed += 1
+        if self.malformed == 1 or self.malformed % 1000 == 0:
+            print(f"tunetop: refused malformed command ({self.malformed} so far): {why}", file=sys.stderr, flush=True)
+        self._send(router, identity, [b"REP", Reply(command_id, False, why).encode()])
+
+    def _handle(self, identity: bytes, router: zmq.Socket, command: Command) -> None:
+        engine = self.engine
+        if command.cmd == "hello":
+            result = {
+                "protocol": PROTOCOL_VERSION,
+                "run": engine.run_dir.id,
+                "last_seq": engine.events.last_seq if engine.events else 0,
+                "state": engine.state,
+            }
+            self._send(router, identity, [b"REP", Reply(command.id, True, result=result).encode()])
+        elif command.cmd == "replay":
+            self._replay(identity, router, command)
+        elif command.cmd == "status":
+            self._send(router, identity, [b"REP", Reply(command.id, True, result=engine.status_result()).encode()])
+        else:
+            def respond(reply: Reply, identity: bytes = identity) -> None:
+                self.outbox.put(("rep", (identity, reply)))
+
+            engine.submit(command, respond)
+
+    def _replay(self, identity: bytes, router: zmq.Socket, command: Command) -> None:
+        since = command.args.get("since", 0)
+        if not isinstance(since, int) or since < 0:
+            self._send(router, identity, [b"REP", Reply(command.id, False, "'since' must be a whole number >= 0").encode()])
+            return
+        engine = self.engine
+        assert engine.events is not None
+        journal = engine.events.journal
+        last = journal.last_seq  # events appended during the replay arrive live, with seq > END
+        chunk: list[bytes] = []
+        size = 0
+        for seq, payload in read_payloads(journal.path, since, journal.offset_before(since + 1)):
+            if seq > last:
+                break
+            chunk.append(payload)
+            size += len(payload) + 1
+            if size >= REPLAY_FRAME_BYTES:
+                if not self._send(router, identity, [b"EVTS", b"\n".join(chunk)]):
+                    return
+                chunk, size = [], 0
+        if chunk and not self._send(router, identity, [b"EVTS", b"\n".join(chunk)]):
+            return
+        self._send(router, identity, [END_MARKER, str(last).encode(), command.id.encode()])
+
+
+def _peek_id(body: bytes) -> str:
+    try:
+        value = json.loads(body).get("id", "")
+        return value if isinstance(value, str) else ""
+    except Exception:
+        return ""
+
+
+def attach_server(engine: Engine) -> Server:
+    """Start a server for ``engine`` (an ``Engine.on_ready`` hook) and subscribe it to the events."""
+    server = Server(engine)
+    server.start()
+    assert engine.events is not None
+    engine.events.subscribers.append(server.publish)
+    engine.on_close.append(lambda _engine: server.close())
+    engine.run_dir.endpoints_file.write_text(
+        json.dumps({"events": server.endpoints.events, "commands": server.endpoints.commands, "protocol": PROTOCOL_VERSION})
+    )
+    return server

@@ -1,0 +1,364 @@
+"""One engine process owning one run: set-up from the config, the loop, commands, shutdown.
+
+``Engine.run()`` loads the model, tokenizer and data named by the config, applies LoRA, and
+drives :func:`engine.trainer.run_loop`. Every progress event becomes a journaled protocol event.
+Commands arrive on a thread-safe queue (filled by the ZeroMQ server thread) and are applied
+between steps by the loop's control hook, so training never waits on a client.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import signal
+import threading
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as config_module
+from .config import EMBEDDED, ConfigError, RunConfig
+from .data import DataError
+from .events import EventLog
+from .journal import JournalWriter
+from .protocol import Command, Reply
+from .runs import RunDir, RunLock
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded; the message names it and says what to check."""
+
+
+@dataclass
+class PendingCommand:
+    """A command waiting for the loop, and how to answer it."""
+
+    command: Command
+    respond: Callable[[Reply], None]
+
+
+@dataclass
+class ControlState:
+    paused: bool = False
+    stop_reason: str = ""
+    exit_code: int = EXIT_OK
+    save_requested: list[PendingCommand] = field(default_factory=list)
+
+
+def load_model_and_tokenizer(cfg: RunConfig) -> tuple[Any, Any, str]:
+    """mlx-lm's loader on a Hugging Face id or a local folder; the embedded default is built first."""
+    from mlx_lm import load
+
+    from .demo import embedded_model_path
+
+    path = str(embedded_model_path()) if cfg.model.path == EMBEDDED else cfg.model.path
+    try:
+        model, tokenizer = load(  # type: ignore[misc]
+            path, revision=cfg.model.revision or None, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except Exception as error:  # mlx-lm / huggingface_hub raise many types; all mean "cannot load"
+        raise ModelError(
+            f"cannot load model '{cfg.model.path}' (model.path in {cfg.source or 'the config'}): "
+            f"{type(error).__name__}: {error}. A local path must be a folder with config.json and "
+            "*.safetensors; a Hugging Face id needs the network or a copy in the Hugging Face cache."
+        ) from None
+    return model, tokenizer, path
+
+
+class Engine:
+    """Runs one training run to its end, publishing events and taking commands."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir, echo: Callable[[dict[str, Any], bytes], None] | None = None):
+        self.cfg = cfg
+        self.run_dir = run
+        self.commands: queue.Queue[PendingCommand] = queue.Queue()
+        self.control = ControlState()
+        self.lock = RunLock(run)
+        self.events: EventLog | None = None
+        self.echo = echo
+        self.trainer: Any = None
+        self.state = ""
+        self._status: dict[str, Any] = {"name": cfg.name, "iterations": cfg.training.iterations}
+        self.on_ready: list[Callable[[Engine], Any]] = []
+        self.on_close: list[Callable[[Engine], Any]] = []
+
+    # -- events --------------------------------------------------------------------------
+
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        assert self.events is not None
+        event = self.events.emit(type_, **fields)
+        self._update_status(event)
+        return event
+
+    def _update_status(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        status = self._status
+        if kind == "train":
+            status.update(iteration=event["iteration"], loss=event["loss"])
+        elif kind == "validation":
+            status.update(val_loss=event["loss"])
+        elif kind == "state":
+            status.update(state=event["state"])
+        elif kind == "finished":
+            status.update(reason=event["reason"])
+        else:
+            return
+        status["updated"] = event["ts"]
+        status["seq"] = event["seq"]
+        self.run_dir.write_status(status)
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.emit("state", state=state)
+
+    # -- commands ------------------------------------------------------------------------
+
+    def submit(self, command: Command, respond: Callable[[Reply], None]) -> None:
+        """Queue a command for the loop (thread-safe)."""
+        self.commands.put(PendingCommand(command, respond))
+
+    def _apply(self, pending: PendingCommand) -> None:
+        command, respond = pending.command, pending.respond
+        trainer = self.trainer
+        name = command.cmd
+        try:
+            if name == "pause":
+                if self.control.paused:
+                    respond(Reply(command.id, True, result={"state": "paused", "note": "already paused"}))
+                    return
+                self.control.paused = True
+                self.set_state("paused")
+                respond(Reply(command.id, True, result={"state": "paused", "iteration": trainer.iteration}))
+            elif name == "resume":
+                was = self.control.paused
+                self.control.paused = False
+                self.set_state("running")
+                note = {} if was else {"note": "was not paused"}
+                respond(Reply(command.id, True, result={"state": "running", **note}))
+            elif name == "stop":
+                self.control.stop_reason = "stopped"
+                self.control.paused = False
+                self.set_state("stopping")
+                respond(Reply(command.id, True, result={"state": "stopping", "iteration": trainer.iteration}))
+            elif name == "save":
+                if trainer.iteration == 0:
+                    respond(Reply(command.id, False, "nothing to save yet: no step has run"))
+                    return
+                save = trainer.save()
+                self.emit("save", iteration=save.iteration, path=save.path, kind=save.kind)
+                respond(Reply(command.id, True, result={"iteration": save.iteration, "path": save.path}))
+            elif name == "evaluate":
+                validation = trainer.validate()
+                if validation is None:
+                    respond(Reply(command.id, False, "this run has no validation set"))
+                    return
+                self.emit("validation", iteration=validation.iteration, loss=validation.loss, seconds=validation.seconds)
+                respond(Reply(command.id, True, result={"iteration": validation.iteration, "loss": validation.loss}))
+            elif name == "set":
+                changes = self._apply_set(command.args)
+                respond(Reply(command.id, True, result={"changes": changes}))
+            elif name == "status":
+                respond(Reply(command.id, True, result=self.status_result()))
+            else:
+                respond(Reply(command.id, False, f"command {name!r} is not handled by the training loop"))
+        except ConfigError as error:
+            respond(Reply(command.id, False, str(error)))
+        except Exception as error:  # a command must never kill the run
+            self.emit("error", message=f"command {name} failed: {type(error).__name__}: {error}")
+            respond(Reply(command.id, False, f"{type(error).__name__}: {error}"))
+
+    def _apply_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        if not args:
+            raise ConfigError("set needs at least one KEY=VALUE; live fields: " + ", ".join(config_module.LIVE_FIELDS))
+        values = {key: config_module.coerce_live(key, value) for key, value in args.items()}  # all or nothing
+        p = self.trainer.parameters
+        for key, value in values.items():
+            section, name = config_module.LIVE_FIELDS[key]
+            setattr(getattr(self.cfg, section), name, value)
+            if key == "learning_rate":
+                # From now on a constant rate: the user took the wheel from the schedule.
+                self.trainer.schedule = lambda _step, rate=value: rate
+            elif key == "save_every":
+                p.save_every = value
+            else:
+                setattr(p, key, value)
+        self.emit("config_changed", changes=values)
+        return values
+
+    def status_result(self) -> dict[str, Any]:
+        trainer = self.trainer
+        return {
+            "state": self.state,
+            "iteration": trainer.iteration if trainer else 0,
+            "iterations": self.cfg.training.iterations,
+            "seq": self.events.last_seq if self.events else 0,
+        }
+
+    def _control(self, trainer: Any) -> Any:
+        """The loop's between-steps hook: apply commands, idle while paused."""
+        from .trainer import Disposition
+
+        while True:
+            try:
+                pending = self.commands.get(timeout=0.2 if self.control.paused else 0)
+            except queue.Empty:
+                pending = None
+            if pending is not None:
+                self._apply(pending)
+            if self.control.stop_reason:
+                return Disposition.STOP
+            if not self.control.paused and self.commands.empty():
+                return Disposition.MORE
+
+    # -- the run -------------------------------------------------------------------------
+
+    def request_stop(self, reason: str, exit_code: int) -> None:
+        """Ask the loop to save and stop at the next step boundary (signal-safe)."""
+        self.control.stop_reason = reason
+        self.control.exit_code = exit_code
+        self.control.paused = False
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            if self.control.stop_reason:  # a second Ctrl-C: leave now, the journal is already safe
+                raise KeyboardInterrupt
+            code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED
+            self.request_stop("interrupted" if signum == signal.SIGINT else "terminated", code)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def _progress(self, event: Any) -> Any:
+        from .trainer import Disposition, Save, Train, Validation
+
+        if isinstance(event, Train):
+            fields = dict(event.__dict__)
+            if not math.isfinite(fields["loss"]):
+                self.emit("warning", message=f"non-finite training loss at iteration {event.iteration}")
+            self.emit("train", **fields)
+        elif isinstance(event, Validation):
+            self.emit("validation", **event.__dict__)
+        elif isinstance(event, Save):
+            self.emit("save", **event.__dict__)
+        return Disposition.STOP if self.control.stop_reason else Disposition.MORE
+
+    def run(self) -> int:
+        """Train to the end; return the process exit code (see README, 'Exit codes')."""
+        self.lock.acquire()
+        try:
+            self.events = EventLog(self.run_dir.id, JournalWriter(self.run_dir.journal))
+            if self.echo is not None:
+                self.events.subscribers.append(self.echo)
+            for hook in self.on_ready:
+                hook(self)
+            self._install_signal_handlers()
+            try:
+                return self._run()
+            finally:
+                for hook in self.on_close:
+                    hook(self)
+                self.events.close()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> int:
+        self.set_state("starting")
+        try:
+            trainer, model_path, trainable, total = self._build()
+        except (ConfigError, DataError, ModelError) as error:
+            self.emit("error", message=str(error))
+            self.set_state("failed")
+            self.emit("finished", reason="bad_input", iteration=0)
+            return EXIT_BAD_INPUT
+        self.trainer = trainer
+        self.emit(
+            "run_started",
+            config=self.cfg.to_dict(),
+            model=model_path,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            iterations=self.cfg.training.iterations,
+            name=self.cfg.name,
+        )
+        self.set_state("running")
+        from .trainer import run_loop
+
+        previous_showwarning = warnings.showwarning
+        # Warnings from the data layer and mlx-lm become events the moment they happen.
+        def show_warning(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
+            self.emit("warning", message=str(message))
+
+        warnings.showwarning = show_warning
+        try:
+            result = run_loop(trainer, self._progress, self._control)
+        except Exception as error:
+            self.emit("error", message=f"training failed: {type(error).__name__}: {error}")
+            self.emit("log", message=traceback.format_exc())
+            self.set_state("failed")
+            self.emit("finished", reason="failed", iteration=trainer.iteration)
+            return EXIT_FAILED
+        finally:
+            warnings.showwarning = previous_showwarning
+        reason = self.control.stop_reason or result.reason
+        self.set_state("finished")
+        self.emit("finished", reason=reason, iteration=trainer.iteration)
+        # Commands that arrived after the last step still get an answer.
+        while not self.commands.empty():
+            pending = self.commands.get_nowait()
+            pending.respond(Reply(pending.command.id, False, "the run has finished"))
+        return self.control.exit_code
+
+    def _build(self) -> tuple[Any, str, int, int]:
+        return build_trainer(self.cfg, self.run_dir.path / self.cfg.checkpoints.adapter_path)
+
+
+def build_trainer(cfg: RunConfig, adapter_path: Path) -> tuple[Any, str, int, int]:
+    """Model, adapters, data, optimizer from a config: (trainer, model path, trainable, total)."""
+    import mlx.core as mx
+
+    from .adapters import adapter_config, apply_fine_tuning, count_parameters
+    from .data import load_splits
+    from .demo import embedded_data_path
+    from .optimizers import build_optimizer, build_schedule
+    from .trainer import Trainer, TrainingParameters
+
+    config_module.check_paths(cfg)
+    mx.random.seed(cfg.training.seed)
+    model, tokenizer, model_path = load_model_and_tokenizer(cfg)
+    data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
+    splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt)
+    apply_fine_tuning(model, cfg.lora)
+    trainable, total = count_parameters(model)
+    t = cfg.training
+    parameters = TrainingParameters(
+        batch_size=t.batch_size,
+        iterations=t.iterations,
+        steps_per_report=t.steps_per_report,
+        steps_per_eval=t.steps_per_eval,
+        validation_batches=t.validation_batches,
+        save_every=cfg.checkpoints.save_every,
+        adapter_path=adapter_path,
+        max_seq_length=cfg.data.max_seq_length,
+        grad_checkpoint=t.grad_checkpoint,
+        grad_accumulation_steps=t.grad_accumulation_steps,
+        seed=t.seed,
+        keep_last=cfg.checkpoints.keep_last,
+        adapter_config=adapter_config(cfg.lora, model_path),
+    )
+    optimizer = build_optimizer(cfg.optimizer)
+    schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
+    trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule)
+    return trainer, model_path, trainable, total

@@ -1,0 +1,99 @@
+"""The command line as a user meets it: exit codes, messages without tracebacks, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.journal import read_events
+from engine.runs import list_runs
+from tests.conftest import ROOT, tunetop, write_config
+
+
+def test_bad_config_exits_2_with_the_key_and_no_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text("[training]\nbatch_size = 4\nitterations = 10\n")
+    result = tunetop("train", str(config))
+    assert result.returncode == 2
+    assert f"{config}:3" in result.stderr and "Did you mean 'iterations'?" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list_runs() == []  # nothing was started
+
+
+def test_missing_config_exits_2(tmp_path: Path) -> None:
+    result = tunetop("train", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2 and "tunetop init" in result.stderr
+
+
+def test_bad_data_exits_2_naming_file_and_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (data / "valid.jsonl").write_text('{"text": "fine"}\n')
+    config = write_config(tmp_path / "run.toml", data={"path": str(data), "mask_prompt": False})
+    result = tunetop("train", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"{data / 'train.jsonl'}:2: invalid JSON" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_init_then_train_headless(tmp_path: Path) -> None:
+    config = tmp_path / "starter.toml"
+    assert tunetop("init", str(config)).returncode == 0
+    assert tunetop("init", str(config)).returncode == 2  # refuses to overwrite
+    text = config.read_text().replace("iterations = 300", "iterations = 12").replace("steps_per_report = 10", "steps_per_report = 4")
+    config.write_text(text)
+    result = tunetop("train", str(config), check=True)
+    assert "Iter 4: train loss" in result.stdout and "Iter 12: val loss" in result.stdout
+    (run,) = list_runs()
+    assert (run.adapters / "adapters.safetensors").exists()
+    assert json.loads((run.adapters / "adapter_config.json").read_text())["lora_parameters"]["rank"] == 8
+    assert run.status()["state"] == "finished"
+    ls = tunetop("ls", check=True).stdout.splitlines()
+    assert ls[0].split()[:3] == ["RUN", "NAME", "STATE"] and ls[1].startswith(run.id)
+    events = [json.loads(line) for line in tunetop("events", check=True).stdout.splitlines()]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "finished"
+
+
+def test_ctrl_c_saves_the_adapter_and_exits_130(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "run.toml", training={"iterations": 100_000, "steps_per_report": 1})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "train", str(config)],
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("Iter 3:"):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    (run,) = list_runs()
+    assert (run.adapters / "adapters.safetensors").exists()
+    events = list(read_events(run.journal))
+    assert events[-1]["type"] == "finished" and events[-1]["reason"] == "interrupted"
+    assert any(e["type"] == "save" for e in events)
+    assert "Traceback" not in err
+
+
+def test_detached_run_survives_and_reports(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "run.toml", training={"iterations": 30})
+    result = tunetop("train", str(config), "--detach", check=True)
+    run_id = result.stdout.strip()
+    (run,) = list_runs()
+    assert run.id == run_id
+    deadline = time.monotonic() + 120
+    while run.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run.status()["state"] == "finished"
+    assert tunetop("pause", run_id).returncode == 3  # no live engine any more
+    assert os.path.getsize(run.log) > 0

@@ -1,0 +1,117 @@
+"""Run config validation: every mistake names the file, line and key and says how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import config
+from engine.config import ConfigError
+
+
+def test_starter_config_validates_and_trains_the_embedded_default() -> None:
+    cfg = config.parse(config.starter_text(), "starter.toml")
+    assert cfg.model.path == config.EMBEDDED
+    assert cfg.data.path == config.EMBEDDED
+    assert cfg.training.iterations == 300
+
+
+def test_defaults_follow_lora_train_parameters() -> None:
+    cfg = config.parse("")
+    t = cfg.training
+    assert (t.batch_size, t.iterations, t.steps_per_report, t.steps_per_eval, t.validation_batches) == (4, 1000, 10, 100, 10)
+    assert cfg.checkpoints.save_every == 100
+    assert (cfg.lora.num_layers, cfg.lora.rank, cfg.lora.scale, cfg.lora.fine_tune_type) == (16, 8, 10.0, "lora")
+    assert cfg.data.max_seq_length == 2048
+
+
+def test_unknown_key_is_named_with_line_and_suggestion() -> None:
+    text = "[training]\nbatch_size = 2\nlearnig_rate = 1\n"
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, "run.toml")
+    message = str(info.value)
+    assert "run.toml:3" in message
+    assert "training.learnig_rate" in message
+    # learning_rate lives in [optimizer]; within [training] the closest is reported, and the list is given
+    assert "Valid keys in [training]" in message
+
+
+def test_unknown_key_suggests_closest_in_section() -> None:
+    with pytest.raises(ConfigError, match=r"Did you mean 'batch_size'\?"):
+        config.parse("[training]\nbatch_sise = 2\n", "run.toml")
+
+
+def test_unknown_table_is_suggested() -> None:
+    with pytest.raises(ConfigError, match=r"run.toml:1: unknown table or key 'trainig'. Did you mean 'training'\?"):
+        config.parse("[trainig]\nbatch_size = 2\n", "run.toml")
+
+
+def test_wrong_type_names_key_expected_and_got() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse('[training]\n\nbatch_size = "four"\n', "run.toml")
+    message = str(info.value)
+    assert "run.toml:3" in message and "training.batch_size" in message
+    assert "an integer" in message and "'four'" in message
+
+
+def test_bool_is_not_an_integer() -> None:
+    with pytest.raises(ConfigError, match="must be an integer"):
+        config.parse("[training]\niterations = true\n")
+
+
+def test_range_is_checked() -> None:
+    with pytest.raises(ConfigError, match="'lora.rank' must be at least 1, got 0"):
+        config.parse("[lora]\nrank = 0\n")
+    with pytest.raises(ConfigError, match="'lora.dropout' must be between"):
+        config.parse("[lora]\ndropout = 2.5\n")
+
+
+def test_choice_is_checked_with_suggestion() -> None:
+    with pytest.raises(ConfigError, match=r"one of adam, adamw, sgd, adafactor, got 'adamm'. Did you mean 'adam'\?"):
+        config.parse('[optimizer]\nname = "adamm"\n')
+
+
+def test_integers_are_accepted_for_floats() -> None:
+    cfg = config.parse("[optimizer]\nlearning_rate = 1\n")
+    assert cfg.optimizer.learning_rate == 1.0 and isinstance(cfg.optimizer.learning_rate, float)
+
+
+def test_invalid_toml_names_the_file() -> None:
+    with pytest.raises(ConfigError, match="run.toml: not valid TOML"):
+        config.parse("[training\n", "run.toml")
+
+
+def test_missing_file_says_how_to_create_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file. Create one with `tunetop init"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_missing_data_directory_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\npath = "nowhere"\n')
+    cfg = config.load(path)
+    with pytest.raises(ConfigError, match="'data.path' = 'nowhere' is not a directory"):
+        config.check_paths(cfg)
+
+
+def test_relative_data_path_resolves_against_the_config(tmp_path: Path) -> None:
+    (tmp_path / "mydata").mkdir()
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\npath = "mydata"\n')
+    assert config.load(path).data.path == str(tmp_path / "mydata")
+
+
+def test_round_trip_through_tomli_w() -> None:
+    cfg = config.parse('name = "x"\n[lora]\nkeys = ["self_attn.q_proj"]\n[schedule]\nname = "cosine"\nwarmup = 5\n')
+    again = config.parse(config.dumps(cfg))
+    assert again == cfg
+
+
+def test_live_fields_are_coerced_and_others_refused() -> None:
+    assert config.coerce_live("learning_rate", "1e-4") == pytest.approx(1e-4)
+    assert config.coerce_live("steps_per_eval", 50) == 50
+    with pytest.raises(ConfigError, match="must be at least 1"):
+        config.coerce_live("save_every", "0")
+    with pytest.raises(ConfigError, match="cannot be changed while a run trains.*Live-editable fields"):
+        config.coerce_live("batch_size", "8")

@@ -1,0 +1,197 @@
+"""The control plane with real processes and real sockets: a detached engine, clients that
+attach, detach, misbehave, and steer it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from engine.client_sync import replay, run_endpoints, send_command
+from engine.journal import read_events
+from engine.runs import RunDir, resolve
+from tests.conftest import tunetop, write_config
+from tui.client import RunClient
+
+
+def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def engine_run(tmp_path: Path) -> Iterator[RunDir]:
+    """A detached engine training (for a long time) on the embedded model."""
+    config = write_config(
+        tmp_path / "run.toml",
+        training={"iterations": 100_000, "steps_per_report": 2, "steps_per_eval": 10_000},
+        checkpoints={"save_every": 10_000},
+    )
+    result = tunetop("train", str(config), "--detach", check=True)
+    run = resolve(result.stdout.strip())
+    yield run
+    pid = run.engine_pid()
+    if run.is_alive() and pid:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not run.is_alive(), timeout=10)
+
+
+def iteration(run: RunDir) -> int:
+    return int(send_command(run, "status").result["iteration"])
+
+
+def assert_gap_free(events: list[dict[str, Any]], start: int = 1) -> None:
+    assert [e["seq"] for e in events] == list(range(start, start + len(events)))
+
+
+def test_attach_mid_run_sees_the_whole_history_then_live(engine_run: RunDir) -> None:
+    wait_for(lambda: iteration(engine_run) >= 10)
+    received: list[dict[str, Any]] = []
+
+    async def attach() -> RunClient:
+        client = RunClient(run_endpoints(engine_run), received.extend)
+        task = asyncio.create_task(client.run())
+        while client.status != "live":
+            await asyncio.sleep(0.05)
+        start = len(received)
+        while len(received) < start + 5:  # some live events after the history
+            await asyncio.sleep(0.05)
+        client.close()
+        await asyncio.wait_for(task, 10)
+        return client
+
+    client = asyncio.run(attach())
+    assert_gap_free(received)
+    assert received[0]["type"] == "state" and received[0]["state"] == "starting"
+    assert any(e["type"] == "run_started" for e in received)
+    assert client.replays == 1
+    journal = [e["seq"] for e in read_events(engine_run.journal)]
+    assert journal[: len(received)] == [e["seq"] for e in received]
+
+
+def test_detach_and_reattach_fifty_times(engine_run: RunDir) -> None:
+    endpoint = run_endpoints(engine_run).commands
+    last_end = 0
+    for _ in range(50):
+        events, end = replay(endpoint, since=0)
+        assert_gap_free(events)
+        assert events[-1]["seq"] == end >= last_end
+        last_end = end
+    assert iteration(engine_run) > 0
+
+
+def test_clients_killed_mid_replay_cost_nothing(engine_run: RunDir) -> None:
+    wait_for(lambda: iteration(engine_run) >= 4)
+    context = zmq.Context.instance()
+    endpoint = run_endpoints(engine_run).commands
+    for _ in range(20):
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(endpoint)
+        socket.send(b'{"v":1,"id":"r","cmd":"replay","args":{"since":0}}')
+        socket.close(0)  # gone before the replay is read
+    before = iteration(engine_run)
+    wait_for(lambda: iteration(engine_run) > before + 4)
+    events, end = replay(endpoint)
+    assert_gap_free(events)
+
+
+def test_ten_thousand_malformed_frames(engine_run: RunDir) -> None:
+    wait_for(lambda: iteration(engine_run) >= 2)
+    before = iteration(engine_run)
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(run_endpoints(engine_run).commands)
+    garbage = [
+        b"",
+        b"not json",
+        b"\xff\xfe\x00",
+        b"[1,2,3]",
+        b'{"v":1,"cmd":"launch_missiles"}',
+        b'{"v":999,"cmd":"pause"}',
+        b'{"v":1,"cmd":"set","args":"x"}',
+        b'{"v":1,"cmd":"replay","args":{"since":-5}}',
+        b"x" * 70_000,
+    ]
+    for i in range(10_000):
+        frame = garbage[i % len(garbage)]
+        if i % 7 == 0:
+            socket.send_multipart([frame, b"extra frame"])
+        else:
+            socket.send(frame)
+    replies = 0
+    while socket.poll(2000):
+        socket.recv_multipart()
+        replies += 1
+    socket.close(0)
+    assert replies > 9000  # every frame is answered (oversized ones may just be dropped)
+    assert engine_run.is_alive()
+    wait_for(lambda: iteration(engine_run) > before + 4)
+    events = list(read_events(engine_run.journal))
+    assert_gap_free(events)
+    assert all(e["type"] != "error" for e in events)
+
+
+def test_second_engine_on_the_same_run_is_refused(engine_run: RunDir) -> None:
+    result = tunetop("_engine", str(engine_run.path), timeout=60)
+    assert result.returncode == 2
+    assert "already has a live engine" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert engine_run.is_alive() and iteration(engine_run) >= 0
+
+
+def test_pause_holds_the_iteration_and_resume_moves_it_on(engine_run: RunDir) -> None:
+    wait_for(lambda: iteration(engine_run) >= 2)
+    reply = send_command(engine_run, "pause")
+    assert reply.ok and reply.result["state"] == "paused"
+    held = iteration(engine_run)
+    time.sleep(2.5)
+    assert iteration(engine_run) == held
+    # heartbeats go on while paused
+    socket = zmq.Context.instance().socket(zmq.SUB)
+    socket.setsockopt(zmq.SUBSCRIBE, b"")
+    socket.connect(run_endpoints(engine_run).events)
+    assert socket.poll(5000)
+    import json
+
+    beat = json.loads(socket.recv_multipart()[-1])
+    socket.close(0)
+    assert beat["type"] == "heartbeat" and beat["state"] == "paused"
+    assert send_command(engine_run, "resume").ok
+    wait_for(lambda: iteration(engine_run) > held + 2)
+
+
+def test_set_save_evaluate_and_stop(engine_run: RunDir) -> None:
+    from mlx_lm import load
+
+    wait_for(lambda: iteration(engine_run) >= 2)
+    reply = send_command(engine_run, "set", {"learning_rate": "1e-4", "steps_per_report": 3})
+    assert reply.ok, reply.error
+    refused = send_command(engine_run, "set", {"batch_size": 2})
+    assert not refused.ok and "Live-editable fields" in refused.error
+    assert send_command(engine_run, "save").ok
+    evaluated = send_command(engine_run, "evaluate")
+    assert evaluated.ok and evaluated.result["loss"] > 0
+    assert send_command(engine_run, "stop").ok
+    wait_for(lambda: not engine_run.is_alive(), timeout=60)
+    events = list(read_events(engine_run.journal))
+    assert_gap_free(events)
+    assert events[-1]["type"] == "finished" and events[-1]["reason"] == "stopped"
+    changed = [e for e in events if e["type"] == "config_changed"]
+    assert changed[0]["changes"] == {"learning_rate": 1e-4, "steps_per_report": 3}
+    later_train = [e for e in events if e["type"] == "train" and e["seq"] > changed[0]["seq"]]
+    assert later_train and all(e["learning_rate"] == pytest.approx(1e-4) for e in later_train)
+    model, _ = load(str(Path(os.environ["TUNETOP_CACHE"]) / "embedded-v1" / "model"), adapter_path=str(engine_run.adapters))
+    assert model is not None

@@ -1,0 +1,135 @@
+"""Real MLX training on the embedded model: the loss falls, adapters load in mlx-lm, STOP stops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from engine import config
+from engine.data import BatchPlan, Dataset, Example
+from engine.session import build_trainer
+from engine.trainer import Disposition, Save, Train, Validation, default_loss, evaluate, run_loop
+
+
+def make_cfg(**training: Any) -> config.RunConfig:
+    cfg = config.parse(config.starter_text())
+    cfg.lora.rank = 4
+    cfg.training.batch_size = 4
+    cfg.training.validation_batches = 0
+    for key, value in training.items():
+        setattr(cfg.training, key, value)
+    return cfg
+
+
+def test_loss_decreases(tmp_path: Path) -> None:
+    cfg = make_cfg(iterations=80, steps_per_report=10, steps_per_eval=80)
+    trainer, *_ = build_trainer(cfg, tmp_path / "adapters")
+    events: list[Any] = []
+    result = run_loop(trainer, events.append)
+    validations = [e.loss for e in events if isinstance(e, Validation)]
+    trains = [e for e in events if isinstance(e, Train)]
+    assert result.iteration == 80 and result.reason == "completed"
+    assert len(validations) == 2  # before the first step and at the end
+    assert validations[-1] < 0.5 * validations[0], validations
+    assert [t.iteration for t in trains] == list(range(10, 81, 10))
+    assert all(t.tokens_per_second > 0 and t.trained_tokens > 0 for t in trains)
+    assert trains[-1].trained_tokens == trainer.trained_tokens
+
+
+def test_adapter_round_trips_into_mlx_lm(tmp_path: Path) -> None:
+    from mlx_lm import load
+
+    cfg = make_cfg(iterations=15, steps_per_report=5, steps_per_eval=100)
+    trainer, model_path, *_ = build_trainer(cfg, tmp_path / "adapters")
+    events: list[Any] = []
+    run_loop(trainer, events.append)
+    saves = [e for e in events if isinstance(e, Save)]
+    assert saves and saves[-1].iteration == 15
+    assert (tmp_path / "adapters" / "adapter_config.json").exists()
+    assert (tmp_path / "adapters" / "0000015_adapters.safetensors").exists()
+
+    tokens = mx.array([[5, 17, 42, 99, 7, 3, 250, 11]])
+    trainer.model.eval()
+    ours = trainer.model(tokens)
+    theirs_model, _ = load(model_path, adapter_path=str(tmp_path / "adapters"))
+    theirs = theirs_model(tokens)
+    base_model, _ = load(model_path)
+    base = base_model(tokens)
+    assert np.allclose(np.array(ours), np.array(theirs), atol=1e-5)
+    assert not np.allclose(np.array(ours), np.array(base), atol=1e-3)  # the adapter changed something
+
+
+def test_stop_ends_the_run_after_the_report_that_returned_it(tmp_path: Path) -> None:
+    cfg = make_cfg(iterations=100, steps_per_report=5, steps_per_eval=1000)
+    trainer, *_ = build_trainer(cfg, tmp_path / "adapters")
+    seen: list[Any] = []
+
+    def progress(event: Any) -> Disposition:
+        seen.append(event)
+        if isinstance(event, Train) and event.iteration == 15:
+            return Disposition.STOP
+        return Disposition.MORE
+
+    result = run_loop(trainer, progress)
+    assert result.reason == "stopped" and result.iteration == 15 and trainer.iteration == 15
+    assert [type(e).__name__ for e in seen[-2:]] == ["Train", "Save"]  # only the final save after STOP
+    assert seen[-1].iteration == 15
+
+
+def test_default_loss_masks_prompt_and_padding() -> None:
+    mx.random.seed(0)
+    model = nn.Embedding(16, 16)  # a "model" whose logits are easy to reproduce
+
+    tokens = np.array([[1, 2, 3, 4, 5, 0, 0], [6, 7, 8, 9, 10, 11, 12]], dtype=np.int32)
+    lengths = np.array([[2, 5], [0, 7]], dtype=np.int32)  # row 0: prompt of 2, 5 real tokens
+    loss, count = default_loss(model, mx.array(tokens), mx.array(lengths))
+    logits = np.array(model(mx.array(tokens[:, :-1])))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picks = []
+    for row, (offset, length) in enumerate(lengths):
+        for t in range(tokens.shape[1] - 1):
+            if max(offset, 1) <= t + 1 < length:
+                picks.append(-logp[row, t, tokens[row, t + 1]])
+    assert int(count.item()) == len(picks) == 3 + 6
+    assert loss.item() == pytest.approx(float(np.mean(picks)), rel=1e-5)
+
+
+def test_evaluate_with_zero_batches_covers_every_example(tmp_path: Path) -> None:
+    mx.random.seed(0)
+    model = nn.Embedding(32, 32)
+    rng = np.random.default_rng(0)
+    examples = [Example([int(x) for x in rng.integers(1, 32, size=int(n))]) for n in rng.integers(3, 20, size=23)]
+    dataset = Dataset(examples, "synthetic")
+    value = evaluate(model, dataset, batch_size=5, batch_count=0)
+    total = sum(default_loss(model, mx.array([e.tokens]), mx.array([[0, len(e.tokens)]]))[0].item() * (len(e.tokens) - 1) for e in examples)
+    count = sum(len(e.tokens) - 1 for e in examples)
+    assert value == pytest.approx(total / count, rel=1e-5)
+    assert len(BatchPlan(dataset, 5, 2048, drop_last=False)) == 5  # 23 examples: 4 full batches + a tail of 3
+
+
+@pytest.mark.parametrize("kind", ["dora", "full"])
+def test_other_fine_tune_types_train_and_load(tmp_path: Path, kind: str) -> None:
+    from mlx_lm import load
+
+    cfg = make_cfg(iterations=4, steps_per_report=2, steps_per_eval=100)
+    cfg.lora.fine_tune_type = kind
+    cfg.lora.num_layers = 2
+    trainer, model_path, trainable, total = build_trainer(cfg, tmp_path / "adapters")
+    run_loop(trainer)
+    assert 0 < trainable < total
+    tokens = mx.array([[5, 17, 42, 99]])
+    trainer.model.eval()
+    theirs, _ = load(model_path, adapter_path=str(tmp_path / "adapters"))
+    assert np.allclose(np.array(trainer.model(tokens)), np.array(theirs(tokens)), atol=1e-5)
+
+
+def test_gradient_accumulation_counts_every_micro_batch(tmp_path: Path) -> None:
+    cfg = make_cfg(iterations=3, steps_per_report=1, steps_per_eval=100, grad_accumulation_steps=2)
+    trainer, *_ = build_trainer(cfg, tmp_path / "adapters")
+    run_loop(trainer)
+    assert trainer.iteration == 3 and trainer.position == 6  # two batches per optimizer step

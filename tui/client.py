@@ -1,0 +1,221 @@
+"""The asyncio client of a run's control plane, as the ZeroMQ guide's Clone pattern.
+
+Subscribe to live events first, then ask for a replay since the last seq held; apply history
+up to the END marker, then live events with seq > END. A gap in seq (or a heartbeat ahead of
+what we hold) triggers a bounded re-replay. Silence longer than ``dead_after`` seconds marks the
+engine unreachable; the client keeps what it has and reconnects with backoff, asking only for
+what it missed. No mlx import here: the TUI runs on machines without MLX.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from engine.endpoints import Endpoints
+from engine.protocol import END_MARKER, PROTOCOL_VERSION, Command, Reply, Sequencer
+
+EventHandler = Callable[[list[dict[str, Any]]], None]
+StatusHandler = Callable[[str, str], None]
+"""Called with (status, detail): connecting, live, replaying, disconnected, incompatible, closed."""
+
+
+class ClientError(RuntimeError):
+    """A command that could not be delivered or answered."""
+
+
+class RunClient:
+    """Keeps a local copy of a run's event history in step with its engine."""
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        on_events: EventHandler,
+        on_status: StatusHandler | None = None,
+        last_seq: int = 0,
+        dead_after: float = 6.0,
+        max_replays: int = 5,
+    ) -> None:
+        self.endpoints = endpoints
+        self.on_events = on_events
+        self.on_status = on_status or (lambda _s, _d: None)
+        self.sequencer = Sequencer(last_seq)
+        self.dead_after = dead_after
+        self.max_replays = max_replays
+        self.status = "connecting"
+        self.engine_state = ""
+        self._context = zmq.asyncio.Context.instance()
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._replay_done: asyncio.Future[int] | None = None
+        self._closed = False
+        self.replays = 0
+
+    @property
+    def last_seq(self) -> int:
+        return self.sequencer.last_seq
+
+    def _set_status(self, status: str, detail: str = "") -> None:
+        self.status = status
+        self.on_status(status, detail)
+
+    # -- public API ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay attached until ``close()``; reconnect with backoff when the engine goes quiet."""
+        backoff = 0.2
+        while not self._closed:
+            try:
+                await self._session()
+                backoff = 0.2
+            except _Incompatible as error:
+                self._set_status("incompatible", str(error))
+                return
+            except (zmq.ZMQError, TimeoutError, ClientError) as error:
+                self._set_status("disconnected", str(error) or type(error).__name__)
+            if self._closed:
+                break
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+        self._set_status("closed")
+
+    async def command(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 15.0) -> Reply:
+        """Send a command and wait for its reply."""
+        if self._dealer is None:
+            raise ClientError("not connected to the engine")
+        command_id = uuid.uuid4().hex[:12]
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[command_id] = future
+        try:
+            await self._dealer.send(Command(cmd, args or {}, id=command_id).encode())
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise ClientError(f"no reply to '{cmd}' within {timeout:.0f}s") from None
+        finally:
+            self._pending.pop(command_id, None)
+
+    def close(self) -> None:
+        self._closed = True
+
+    # -- one connection --------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        self._set_status("connecting")
+        sub = self._context.socket(zmq.SUB)
+        dealer = self._context.socket(zmq.DEALER)
+        for socket in (sub, dealer):
+            socket.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(self.endpoints.events)  # subscribe first: nothing published from now on is missed
+        dealer.connect(self.endpoints.commands)
+        self._dealer = dealer
+        reader = asyncio.create_task(self._read_dealer(dealer))
+        live: list[dict[str, Any]] = []
+        try:
+            hello = await self.command("hello", timeout=self.dead_after)
+            protocol = hello.result.get("protocol")
+            if protocol != PROTOCOL_VERSION:
+                raise _Incompatible(
+                    f"the engine speaks protocol {protocol}, this client {PROTOCOL_VERSION}: use the same tunetop version on both sides"
+                )
+            self.engine_state = str(hello.result.get("state", ""))
+            await self._replay(sub, live)
+            self._set_status("live")
+            await self._live(sub, dealer, live)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self._dealer = None
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ClientError("connection to the engine lost"))
+            sub.close(0)
+            dealer.close(0)
+
+    async def _read_dealer(self, dealer: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await dealer.recv_multipart()
+            kind = frames[0]
+            if kind == b"REP":
+                reply = Reply.decode(frames[1])
+                future = self._pending.get(reply.id)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+            elif kind == b"EVTS":
+                events = [json.loads(line) for line in frames[1].split(b"\n") if line]
+                self._apply(events)
+            elif kind == END_MARKER and self._replay_done is not None and not self._replay_done.done():
+                self._replay_done.set_result(int(frames[1]))
+
+    def _apply(self, events: list[dict[str, Any]]) -> None:
+        ready: list[dict[str, Any]] = []
+        for event in events:
+            ready.extend(self.sequencer.accept(event))
+        if ready:
+            for event in ready:
+                if event.get("type") == "state":
+                    self.engine_state = str(event.get("state", ""))
+            self.on_events(ready)
+
+    async def _replay(self, sub: zmq.asyncio.Socket, live: list[dict[str, Any]]) -> None:
+        """History since last_seq up to END; live events arriving meanwhile are buffered."""
+        assert self._dealer is not None
+        self._set_status("replaying", f"since {self.last_seq}")
+        self.replays += 1
+        self.sequencer.clear_gap()
+        self._replay_done = asyncio.get_running_loop().create_future()
+        await self._dealer.send(Command("replay", {"since": self.last_seq}, id="replay").encode())
+        buffer_task = asyncio.create_task(self._buffer_live(sub, live))
+        try:
+            await asyncio.wait_for(self._replay_done, timeout=max(self.dead_after, 30.0))
+        finally:
+            buffer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await buffer_task
+        self._apply(live)
+        live.clear()
+
+    async def _buffer_live(self, sub: zmq.asyncio.Socket, live: list[dict[str, Any]]) -> None:
+        while True:
+            frames = await sub.recv_multipart()
+            live.append(json.loads(frames[-1]))
+
+    async def _live(self, sub: zmq.asyncio.Socket, dealer: zmq.asyncio.Socket, live: list[dict[str, Any]]) -> None:
+        replays_here = 0
+        while not self._closed:
+            if not await sub.poll(int(self.dead_after * 1000)):
+                raise TimeoutError(f"no heartbeat from the engine for {self.dead_after:.0f}s")
+            batch = []
+            while True:  # drain what is queued: coalesce bursts into one handler call
+                try:
+                    frames = await sub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                batch.append(json.loads(frames[-1]))
+                if len(batch) >= 5000:
+                    break
+            for event in batch:
+                if event.get("type") == "heartbeat":
+                    self.engine_state = str(event.get("state", self.engine_state))
+            self._apply(batch)
+            if self.sequencer.gap:
+                replays_here += 1
+                if replays_here > self.max_replays:
+                    raise ClientError("events keep going missing; reconnecting")
+                await self._replay(sub, live)
+            else:
+                replays_here = 0
+
+
+class _Incompatible(Exception):
+    pass
