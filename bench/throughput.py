@@ -1,0 +1,167 @@
+"""Training throughput of tunetop's engine against mlx_lm.lora on the same model, data and batch.
+
+    python bench/throughput.py                          # embedded model and data, both trainers
+    python bench/throughput.py --model DIR --data DIR --batch-size 8 --iters 300 --num-layers 16
+    TUNETOP_BLAS=none python bench/throughput.py        # with the mlx wheel's reference BLAS
+
+Each trainer runs in its own process (clean peak-memory figures). Steady tokens/s leaves out the
+first report interval, which includes compiling the step. Tokens are real target tokens: mlx-lm
+counts one padding target per row as well, which is subtracted from its count here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import engine  # noqa: E402,F401  (first: loads OpenBLAS before mlx, unless TUNETOP_BLAS=none)
+
+
+def _steady(reports: list[dict[str, float]]) -> dict[str, float]:
+    """Sum tokens and seconds over every report interval but the first."""
+    rest = reports[1:] or reports
+    seconds = sum(r["seconds"] for r in rest)
+    tokens = sum(r["tokens"] for r in rest)
+    steps = sum(r["steps"] for r in rest)
+    first = reports[0]
+    return {
+        "tokens_per_second": tokens / seconds,
+        "iterations_per_second": steps / seconds,
+        "first_interval_seconds": first["seconds"],
+        "first_interval_tokens_per_second": first["tokens"] / first["seconds"],
+    }
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    import mlx.core as mx
+
+    from engine import config as config_module
+    from engine.session import build_trainer
+    from engine.trainer import Train, run_loop
+
+    cfg = config_module.RunConfig()
+    cfg.model.path, cfg.data.path = args.model, args.data
+    cfg.data.mask_prompt = args.mask_prompt
+    cfg.data.max_seq_length = args.max_seq_length
+    cfg.lora.num_layers, cfg.lora.rank, cfg.lora.scale = args.num_layers, args.rank, 20.0
+    t = cfg.training
+    t.batch_size, t.iterations, t.steps_per_report, t.steps_per_eval = args.batch_size, args.iters, args.report, 10**9
+    cfg.optimizer.learning_rate = 5e-4
+    cfg.checkpoints.save_every = 10**9
+    trainer, *_ = build_trainer(cfg, Path(args.scratch) / "ours")
+    trainer.valid_plan = None  # throughput only
+    reports: list[dict[str, float]] = []
+
+    def progress(event: Any) -> None:
+        if isinstance(event, Train):
+            seconds = args.report / event.iterations_per_second
+            reports.append({"seconds": seconds, "tokens": event.tokens_per_second * seconds, "steps": args.report})
+
+    start = time.perf_counter()
+    run_loop(trainer, progress)
+    wall = time.perf_counter() - start
+    return {
+        "trainer": "tunetop",
+        "wall_seconds": wall,
+        "steps_per_epoch": len(trainer.train_plan),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        **_steady(reports),
+    }
+
+
+def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
+    import mlx.core as mx
+    from mlx_lm import lora
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    from engine.config import EMBEDDED
+    from engine.demo import embedded_data_path, embedded_model_path
+
+    reports: list[dict[str, float]] = []
+    state = {"tokens": 0.0}
+
+    class Capture(TrainingCallback):
+        def on_train_loss_report(self, info: dict[str, Any]) -> None:
+            trained = float(info["trained_tokens"])
+            counted = trained - state["tokens"]
+            state["tokens"] = trained
+            seconds = args.report / info["iterations_per_second"]
+            real = counted - args.batch_size * args.report  # mlx-lm counts one padding target per row
+            reports.append({"seconds": seconds, "tokens": real, "steps": args.report})
+
+    lora.get_reporting_callbacks = lambda *a, **k: Capture()  # type: ignore[assignment]
+    model = str(embedded_model_path()) if args.model == EMBEDDED else args.model
+    data = str(embedded_data_path()) if args.data == EMBEDDED else args.data
+    namespace = lora.build_parser().parse_args(
+        [
+            "--model", model, "--train", "--data", data,
+            "--batch-size", str(args.batch_size), "--iters", str(args.iters),
+            "--num-layers", str(args.num_layers), "--steps-per-report", str(args.report),
+            "--steps-per-eval", str(10**9), "--save-every", str(10**9), "--val-batches", "1",
+            "--adapter-path", str(Path(args.scratch) / "mlx_lm"), "--learning-rate", "5e-4",
+            "--max-seq-length", str(args.max_seq_length),
+        ]
+        + (["--mask-prompt"] if args.mask_prompt else [])
+    )
+    values = vars(namespace)
+    for key, value in lora.CONFIG_DEFAULTS.items():
+        if values.get(key) is None:
+            values[key] = value
+    values["lora_parameters"] = {"rank": args.rank, "scale": 20.0, "dropout": 0.0}
+    start = time.perf_counter()
+    lora.run(namespace)
+    wall = time.perf_counter() - start
+    return {"trainer": "mlx_lm.lora", "wall_seconds": wall, "peak_memory_gb": mx.get_peak_memory() / 1e9, **_steady(reports)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="@embedded")
+    parser.add_argument("--data", default="@embedded")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--report", type=int, default=20)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--max-seq-length", type=int, default=2048)
+    parser.add_argument("--mask-prompt", action="store_true", default=True)
+    parser.add_argument("--which", choices=["both", "ours", "mlx_lm"], default="both")
+    parser.add_argument("--scratch", default="/tmp/tunetop-bench")
+    args = parser.parse_args()
+    if args.which == "ours":
+        print("RESULT " + json.dumps(run_ours(args)))
+        return
+    if args.which == "mlx_lm":
+        print("RESULT " + json.dumps(run_mlx_lm(args)))
+        return
+    rows = []
+    for which in ("ours", "mlx_lm"):
+        argv = [sys.executable, __file__, "--which", which] + [
+            a for a in sys.argv[1:] if not a.startswith("--which")
+        ]
+        out = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ))
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"{which} failed")
+        rows.append(json.loads(lines[-1][7:]))
+    print(f"batch {args.batch_size}, {args.iters} iterations, model {args.model}")
+    print(f"{'trainer':<12} {'steady tok/s':>12} {'it/s':>7} {'1st interval tok/s':>19} {'peak GB':>8} {'wall s':>7}")
+    for r in rows:
+        print(
+            f"{r['trainer']:<12} {r['tokens_per_second']:>12.0f} {r['iterations_per_second']:>7.2f} "
+            f"{r['first_interval_tokens_per_second']:>19.0f} {r['peak_memory_gb']:>8.3f} {r['wall_seconds']:>7.1f}"
+        )
+    print(f"ratio tunetop / mlx_lm.lora (steady tokens/s): {rows[0]['tokens_per_second'] / rows[1]['tokens_per_second']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
