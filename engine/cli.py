@@ -135,12 +135,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _attach(resolve(run_id).id, theme=None)
 
 
-def _attach(spec: str | None, theme: str | None) -> int:
+def _attach(spec: str | None, theme: str | None, runs_list: bool = False) -> int:
     try:
         from tui.app import run_app
     except ImportError as error:
         return _fail(f"the TUI cannot start: {error}")
-    return run_app(spec, theme=theme)
+    return run_app(spec, theme=theme, runs_list=runs_list)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["set", "", *argv[1:]]
     args = parser.parse_args(argv)
     if args.name is None:
-        return _attach(None, None)
+        return _attach(None, None, runs_list=True)
     try:
         return int(args.func(args))
     except ConfigError as error:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402,F401  (loads OpenBLAS before anything imports mlx)
+from engine.runs import RunDir, resolve  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,8 +42,39 @@ def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     os.chmod(sockets, 0o700)
     monkeypatch.setenv("TUNETOP_SOCKET_DIR", sockets)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
     yield home
     shutil.rmtree(sockets, ignore_errors=True)
+
+
+def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1) -> Any:
+    """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def engine_run(tmp_path: Path) -> Iterator[RunDir]:
+    """A detached engine training (for a long time) on the embedded model; killed afterwards."""
+    config = write_config(
+        tmp_path / "run.toml",
+        training={"iterations": 100_000, "steps_per_report": 2, "steps_per_eval": 10_000},
+        checkpoints={"save_every": 10_000},
+    )
+    result = tunetop("train", str(config), "--detach", check=True)
+    run = resolve(result.stdout.strip())
+    yield run
+    pid = run.engine_pid()
+    if run.is_alive() and pid:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not run.is_alive(), timeout=10)
 
 
 def write_config(path: Path, **sections: dict) -> Path:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,36 +14,9 @@ import zmq
 
 from engine.client_sync import replay, run_endpoints, send_command
 from engine.journal import read_events
-from engine.runs import RunDir, resolve
-from tests.conftest import tunetop, write_config
+from engine.runs import RunDir
+from tests.conftest import tunetop, wait_for
 from tui.client import RunClient
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
-
-
-@pytest.fixture
-def engine_run(tmp_path: Path) -> Iterator[RunDir]:
-    """A detached engine training (for a long time) on the embedded model."""
-    config = write_config(
-        tmp_path / "run.toml",
-        training={"iterations": 100_000, "steps_per_report": 2, "steps_per_eval": 10_000},
-        checkpoints={"save_every": 10_000},
-    )
-    result = tunetop("train", str(config), "--detach", check=True)
-    run = resolve(result.stdout.strip())
-    yield run
-    pid = run.engine_pid()
-    if run.is_alive() and pid:
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not run.is_alive(), timeout=10)
 
 
 def iteration(run: RunDir) -> int:

@@ -1,0 +1,94 @@
+"""End to end: the real `tunetop attach` in a real terminal (tmux) against a real detached engine."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.client_sync import send_command
+from engine.runs import RunDir
+from tests.conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/setup installs it)")
+
+
+class Tmux:
+    """One tmux server of our own (-L), so the test never touches a user's sessions."""
+
+    def __init__(self, name: str) -> None:
+        self.socket = f"tt-{os.getpid()}-{name}"
+        self.session = name
+
+    def run(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=False).stdout
+
+    def start(self, command: str) -> None:
+        env = " ".join(
+            f"{k}={v}"
+            for k, v in os.environ.items()
+            if k.startswith(("TUNETOP_", "XDG_")) or k in ("PYTHONPATH", "TZ", "HOME", "PATH")
+        )
+        # The shell stays after the TUI exits, so the test can read what was left on screen.
+        # COLUMNS and LINES (pytest may set them) would override the pane size in Textual.
+        script = f"cd {ROOT} && env -u COLUMNS -u LINES {env} TERM=xterm-256color {command}; echo TUI-EXITED-$?; sleep 60"
+        self.run("new-session", "-d", "-s", self.session, "-x", "160", "-y", "45", script)
+        self.run("resize-window", "-t", self.session, "-x", "160", "-y", "45")
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", self.session)
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", self.session, *keys)
+
+    def kill(self) -> None:
+        self.run("kill-server")
+
+
+def shown_iteration(screen: str) -> int:
+    match = re.search(r"iter ([\d,]+)/", screen)
+    return int(match.group(1).replace(",", "")) if match else -1
+
+
+def test_attach_watch_pause_detach_and_reattach(engine_run: RunDir) -> None:
+    attach = f"{sys.executable} -m engine.cli attach {engine_run.id}"
+    tmux = Tmux("first")
+    tmux.start(attach)
+    try:
+        first = wait_for(lambda: shown_iteration(tmux.screen()) > 0 and tmux.screen(), timeout=60)
+        start = shown_iteration(first)
+        wait_for(lambda: shown_iteration(tmux.screen()) > start, timeout=60)  # the number on screen goes up
+        tmux.keys("p")
+        wait_for(lambda: send_command(engine_run, "status").result["state"] == "paused", timeout=30)
+        wait_for(lambda: "PAUSED" in tmux.screen(), timeout=10)
+        held = shown_iteration(tmux.screen())
+        time.sleep(1.5)
+        assert shown_iteration(tmux.screen()) == held
+        tmux.keys("p")  # resume
+        wait_for(lambda: send_command(engine_run, "status").result["state"] == "running", timeout=30)
+        tmux.keys("q")
+        wait_for(lambda: "TUI-EXITED-0" in tmux.screen(), timeout=30)
+    finally:
+        tmux.kill()
+    # the engine goes on without the TUI
+    after = int(send_command(engine_run, "status").result["iteration"])
+    wait_for(lambda: int(send_command(engine_run, "status").result["iteration"]) > after, timeout=60)
+
+    # a second attach shows the whole history: the first validation (iteration 0) and the pause
+    second = Tmux("second")
+    second.start(attach)
+    try:
+        screen = wait_for(lambda: (s := second.screen()) and "state: paused" in s and "RUNNING" in s and s, timeout=60)
+        assert re.search(r"best val loss\s+\d+\.\d{4} @ 0", screen), screen  # the validation before step 1
+        assert re.search(r"│\s*0\s+\d+\.\d{4}", screen), screen  # ... and its row in the validation table
+        assert shown_iteration(screen) >= after
+        second.keys("q")
+        wait_for(lambda: "TUI-EXITED-0" in second.screen(), timeout=30)
+    finally:
+        second.kill()
+    assert engine_run.is_alive()

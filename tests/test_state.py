@@ -1,0 +1,98 @@
+"""RunState folds events into what the screen shows, without a terminal."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.recorded import T0, recorded_events
+from tui.state import RunState, downsample, ema, format_count, format_duration
+from tui.widgets.chart import Series, plot
+
+
+def folded() -> RunState:
+    state = RunState()
+    state.apply_all(recorded_events())
+    return state
+
+
+def test_fold_of_a_whole_run() -> None:
+    s = folded()
+    assert (s.name, s.model, s.iterations, s.iteration) == ("recorded", "/models/embedded-llama", 400, 400)
+    assert s.state == "finished" and s.finished_reason == "completed"
+    assert len(s.train_losses) == 40 and s.train_iterations[:2] == [10, 20]
+    assert [v.iteration for v in s.validations] == [0, 50, 100, 150, 200, 250, 300, 350, 400]
+    assert s.validations[0].change is None
+    assert s.validations[1].change == pytest.approx(s.validations[1].loss - 10.5)
+    assert [c.iteration for c in s.checkpoints] == [100, 200, 300, 400]
+    assert s.checkpoints[0].validation_loss == pytest.approx(s.validations[2].loss)
+    assert s.best_validation is s.validations[-1]
+    assert s.trained_tokens == 400 * 150 and s.peak_memory == 0.052
+    assert s.last_seq == len(recorded_events())
+    assert any(line.level == "warning" for line in s.logs)
+    assert s.progress == 1.0
+
+
+def test_elapsed_freezes_when_finished_and_eta_only_while_running() -> None:
+    s = folded()
+    assert s.elapsed(now=T0 + 10_000) == pytest.approx(1.0 + 400 * 0.05 + 0.2)
+    assert s.eta() is None
+    running = RunState()
+    running.apply_all(recorded_events()[:30])
+    assert running.state == "running"
+    assert running.eta() == pytest.approx((400 - running.iteration) / 20.0)
+
+
+def test_heartbeats_do_not_count_as_events() -> None:
+    s = RunState()
+    s.apply({"seq": 5, "ts": 1.0, "run": "r", "type": "heartbeat", "iteration": 3, "state": "paused"})
+    assert s.last_seq == 0 and s.events_applied == 0 and s.engine_state_from_heartbeat == "paused"
+
+
+def test_unknown_event_types_are_ignored() -> None:
+    s = RunState()
+    s.apply({"seq": 1, "ts": 1.0, "run": "r", "type": "from_the_future", "x": 1})
+    assert s.last_seq == 1 and s.state == "unknown"
+
+
+def test_failed_runs_read_as_failed() -> None:
+    s = RunState()
+    s.apply({"seq": 1, "ts": 1.0, "run": "r", "type": "state", "state": "running"})
+    s.apply({"seq": 2, "ts": 2.0, "run": "r", "type": "finished", "reason": "failed", "iteration": 3})
+    assert s.state == "failed"
+
+
+def test_ema_matches_tensorboard_debiasing() -> None:
+    assert ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])
+    values = ema([0.0, 10.0], 0.5)
+    assert values[0] == 0.0 and values[1] == pytest.approx((0.5 * 0 * 0.5 + 0.5 * 10) / (1 - 0.25))
+    assert ema([3.0, 4.0], 0.0) == [3.0, 4.0]
+    assert math.isnan(ema([1.0, math.nan, 2.0], 0.5)[1])
+
+
+def test_downsample_keeps_the_shape() -> None:
+    xs = list(range(1_000_000))
+    ys = [float(x % 100) for x in xs]
+    dx, dy = downsample(xs, ys, 200)
+    assert len(dx) == 200 and dx[0] == pytest.approx(2499.5)
+    assert all(abs(y - 49.5) < 1e-6 for y in dy)
+
+
+def test_formatting() -> None:
+    assert format_duration(None) == "-" and format_duration(59) == "59s"
+    assert format_duration(3725) == "1h02m" and format_duration(90000) == "1d01h"
+    assert format_count(12_345) == "12.3k" and format_count(None) == "-"
+
+
+def test_plot_draws_both_series_inside_the_box() -> None:
+    lines = plot([Series([0, 1, 2, 3], [4.0, 3.0, 2.0, 1.0], "red", "train"), Series([0, 3], [4.0, 1.0], "blue", "val")], 40, 10)
+    assert len(lines) == 10 and all(len(line.plain) <= 40 for line in lines)
+    body = "".join(line.plain for line in lines[:-1])
+    assert any(0x2800 < ord(ch) <= 0x28FF for ch in body)
+    assert lines[0].plain.strip().startswith("4.") and lines[-1].plain.strip().startswith("0")
+
+
+def test_plot_without_data_says_it_waits() -> None:
+    lines = plot([Series([], [], "red", "train")], 40, 6)
+    assert "waiting for the first report" in "".join(line.plain for line in lines)

@@ -1,0 +1,182 @@
+"""The real TUI driven by Textual's Pilot: every key and screen, on recorded and live runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from textual.widgets import DataTable, Input, TextArea
+
+from engine.client_sync import send_command
+from engine.journal import read_events
+from engine.runs import RunDir
+from tests.conftest import wait_for
+from tests.recorded import write_recorded_run
+from tui.app import TunetopApp
+from tui.screens.dashboard import DashboardScreen
+from tui.screens.editor import ConfigEditorScreen
+from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
+from tui.screens.runs import RunsScreen
+from tui.widgets.chart import LossChart
+from tui.widgets.panels import RunHeader
+
+SIZE = (160, 45)
+
+
+async def settle(pilot, predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Let the app run until ``predicate()`` holds."""
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("the screen never reached the expected state")
+
+
+async def test_recorded_run_opens_read_only_with_its_whole_history(isolated_state: Path) -> None:
+    run = write_recorded_run(isolated_state)
+    app = TunetopApp(run)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        assert isinstance(screen, DashboardScreen)
+        await settle(pilot, lambda: screen.query_one("#validation-table", DataTable).row_count == 9)
+        assert screen.query_one("#checkpoint-table", DataTable).row_count == 4
+        assert screen.query_one(RunHeader).read_only
+        assert screen.run_state.state == "finished"
+        await pilot.press("p")
+        await settle(pilot, lambda: "not live" in screen.last_reply)
+        chart = screen.query_one(LossChart)
+        smoothing = chart.smoothing
+        await pilot.press("m")
+        assert chart.smoothing != smoothing
+        await pilot.press("w")
+        assert chart.window == 100
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert app.screen is screen
+        await pilot.press("c")
+        assert isinstance(app.screen, ConfigEditorScreen)
+        await pilot.press("escape")
+        assert app.screen is screen
+        await pilot.press("q")
+    assert app.return_code in (0, None)
+
+
+async def test_keys_steer_a_live_engine(engine_run: RunDir) -> None:
+    app = TunetopApp(engine_run)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        assert isinstance(screen, DashboardScreen)
+        await settle(pilot, lambda: screen.run_state.iteration >= 4)
+        await pilot.press("p")
+        await settle(pilot, lambda: screen.run_state.state == "paused")
+        assert send_command(engine_run, "status").result["state"] == "paused"
+        assert "pause: ok" in screen.last_reply
+        await pilot.press("p")
+        await settle(pilot, lambda: screen.run_state.state == "running")
+        await pilot.press("s")
+        await settle(pilot, lambda: "save: ok" in screen.last_reply)
+        await settle(pilot, lambda: len(screen.run_state.checkpoints) >= 1)
+        await pilot.press("e")
+        await settle(pilot, lambda: "evaluate: ok" in screen.last_reply)
+        # set form: change the learning rate
+        await pilot.press("l")
+        assert isinstance(app.screen, SetScreen)
+        field = app.screen.query_one("#field-learning_rate", Input)
+        field.value = "2e-4"
+        await pilot.press("enter")
+        await settle(pilot, lambda: "set: ok" in screen.last_reply)
+        await settle(pilot, lambda: screen.run_state.learning_rate == 2e-4)
+        # a bad value is refused in the form, with the reason
+        await pilot.press("l")
+        app.screen.query_one("#field-save_every", Input).value = "0"
+        await pilot.press("enter")
+        assert isinstance(app.screen, SetScreen)
+        assert "must be at least 1" in str(app.screen.query_one("#set-error").render())
+        await pilot.press("escape")
+        # stop asks first; "n" cancels
+        await pilot.press("x")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert "cancelled" in screen.last_reply and engine_run.is_alive()
+        await pilot.press("x")
+        await pilot.press("y")
+        await settle(pilot, lambda: screen.run_state.state == "finished")
+        await pilot.press("q")
+    wait_for(lambda: not engine_run.is_alive(), timeout=30)
+    events = list(read_events(engine_run.journal))
+    assert events[-1]["type"] == "finished" and events[-1]["reason"] == "stopped"
+    assert any(e["type"] == "config_changed" and e["changes"] == {"learning_rate": 2e-4} for e in events)
+
+
+async def test_detach_leaves_the_engine_training(engine_run: RunDir) -> None:
+    app = TunetopApp(engine_run)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await settle(pilot, lambda: screen.run_state.iteration >= 2)
+        await pilot.press("ctrl+d")
+    before = int(send_command(engine_run, "status").result["iteration"])
+    wait_for(lambda: int(send_command(engine_run, "status").result["iteration"]) > before)
+
+
+async def test_runs_list_attach_back_and_delete(isolated_state: Path) -> None:
+    run = write_recorded_run(isolated_state)
+    app = TunetopApp(None)
+    async with app.run_test(size=SIZE) as pilot:
+        assert isinstance(app.screen, RunsScreen)
+        table = app.screen.query_one(DataTable)
+        await settle(pilot, lambda: table.row_count == 1)
+        assert run.id in str(table.get_row_at(0)[0])
+        await pilot.press("enter")
+        assert isinstance(app.screen, DashboardScreen)
+        await pilot.press("q")  # back to the list, not out of the app
+        assert isinstance(app.screen, RunsScreen)
+        await pilot.press("d")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await settle(pilot, lambda: table.row_count == 0)
+        assert not run.path.exists()
+        await pilot.press("q")
+
+
+async def test_config_editor_validates_as_you_type_and_saves(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('# my comment\n[training]\niterations = 10\n')
+    app = TunetopApp(None)
+    async with app.run_test(size=SIZE) as pilot:
+        app.push_screen(ConfigEditorScreen(path))
+        await pilot.pause()
+        editor = app.screen.query_one(TextArea)
+        editor.text = '# my comment\n[training]\niterations = 10\nbatch_sise = 2\n'
+        await pilot.pause()
+        message = str(app.screen.query_one("#validation").render())
+        assert "run.toml:4" in message and "Did you mean 'batch_size'?" in message
+        await pilot.press("ctrl+s")
+        assert "batch_sise" not in path.read_text()  # invalid text is not saved
+        editor.text = '# my comment\n[training]\niterations = 20\n'
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        assert path.read_text() == '# my comment\n[training]\niterations = 20\n'
+
+
+async def test_theme_choice_is_applied_and_remembered(isolated_state: Path, tmp_path: Path) -> None:
+    write_recorded_run(isolated_state)
+    app = TunetopApp(None, theme="light")
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.theme == "tunetop-light"
+        app.theme = "tunetop-high-contrast"
+        await pilot.pause()
+    settings = json.loads((tmp_path / "config" / "tunetop" / "tui.json").read_text())
+    assert settings["theme"] == "tunetop-high-contrast"
+    again = TunetopApp(None)
+    async with again.run_test(size=SIZE):
+        assert again.theme == "tunetop-high-contrast"
+
+
+async def test_palette_offers_the_run_commands(isolated_state: Path) -> None:
+    run = write_recorded_run(isolated_state)
+    app = TunetopApp(run)
+    async with app.run_test(size=SIZE):
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for title in ("Pause or resume", "Save checkpoint now", "Evaluate now", "Stop run", "Detach", "Theme"):
+            assert any(title in t for t in titles), title

@@ -1,0 +1,107 @@
+"""The Textual app: themes, the first screen (runs list or a run's dashboard), the palette."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from textual.app import App, SystemCommand
+from textual.screen import Screen
+
+from engine.runs import RunDir, RunError, resolve
+from tui.themes import DEFAULT_THEME, SHORT_NAMES, ThemeError, load_themes, remember_theme, remembered_theme
+
+
+class TunetopApp(App[int]):
+    """tunetop's terminal UI. ``run`` opens that run's dashboard; None opens the runs list."""
+
+    TITLE = "tunetop"
+    ENABLE_COMMAND_PALETTE = True
+
+    def __init__(self, run: RunDir | None = None, theme: str | None = None, remember: bool = True) -> None:
+        super().__init__()
+        self.initial_run = run
+        self.requested_theme = theme
+        self.remember = remember
+        self._themes_ready = False
+
+    def on_mount(self) -> None:
+        for theme in load_themes():
+            self.register_theme(theme)
+        wanted = self.requested_theme or remembered_theme() or DEFAULT_THEME
+        wanted = SHORT_NAMES.get(wanted, wanted)
+        self.theme = wanted if wanted in self.available_themes else DEFAULT_THEME
+        self._themes_ready = True
+        from tui.screens.dashboard import DashboardScreen
+        from tui.screens.runs import RunsScreen
+
+        if self.initial_run is None:
+            self.push_screen(RunsScreen())
+        else:
+            self.push_screen(DashboardScreen(self.initial_run))
+
+    def watch_theme(self, theme: str) -> None:
+        if self._themes_ready and self.remember:
+            remember_theme(theme)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        from tui.screens.dashboard import DashboardScreen
+
+        if isinstance(screen, DashboardScreen):
+            for title, help_text, action in (
+                ("Pause or resume", "Pause the run, or resume a paused one", screen.action_toggle_pause),
+                ("Save checkpoint now", "Write the adapter now", screen.action_save),
+                ("Evaluate now", "Run validation now", screen.action_evaluate),
+                ("Stop run", "Save, then end the run (asks first)", screen.action_stop),
+                ("Set learning rate and intervals", "Live changes, applied between steps", screen.action_set_form),
+                ("Cycle loss smoothing", "EMA 0 / 0.6 / 0.9 / 0.99", screen.action_smoothing),
+                ("Cycle chart window", "Whole run / last 100 / 1000 / 10000 iterations", screen.action_window),
+                ("Edit config", "Open the run's config in the editor", screen.action_edit_config),
+                ("Detach", "Leave the run training and close the TUI", screen.action_detach),
+            ):
+                yield SystemCommand(title, help_text, action)
+
+
+def start_detached_run(config_path: str | Path) -> str:
+    """Validate a config and start it as a detached engine; returns the run id."""
+    from engine import config as config_module
+    from engine.daemon import spawn_engine
+    from engine.runs import create_run
+
+    cfg = config_module.load(config_path)
+    config_module.check_paths(cfg)
+    if not cfg.name:
+        cfg.name = Path(config_path).stem
+    run = create_run()
+    config_module.save(cfg, run.config)
+    spawn_engine(run)
+    return run.id
+
+
+def run_app(spec: str | None, theme: str | None = None, runs_list: bool = False) -> int:
+    """Open the TUI (``tunetop attach`` and ``tunetop``); returns an exit code."""
+    run: RunDir | None = None
+    if not runs_list:
+        try:
+            run = resolve(spec)
+        except RunError as error:
+            if spec:
+                print(f"tunetop: {error}", file=sys.stderr)
+                return 2
+            run = None  # no runs yet: the runs list says so and offers to start one
+    if theme:
+        try:
+            names = {t.name for t in load_themes()} | set(SHORT_NAMES)
+        except ThemeError as error:
+            print(f"tunetop: {error}", file=sys.stderr)
+            return 2
+        if theme not in names:
+            print(f"tunetop: unknown theme '{theme}'; themes: {', '.join(sorted(names))}", file=sys.stderr)
+            return 2
+    os.environ.setdefault("TEXTUAL_FPS", "30")
+    app = TunetopApp(run, theme)
+    app.run()
+    return app.return_code or 0

@@ -1,0 +1,299 @@
+"""The dashboard of one run: header, loss chart, sparklines, throughput, tables, log, and keys.
+
+Events are folded into a :class:`RunState` as they arrive; the screen repaints from it on a
+timer (at most ``REFRESH_HZ`` times a second) and only when something changed, so a flood of
+events costs one repaint per tick, not one per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
+
+from engine.runs import RunDir
+from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
+from tui.source import EventSource, JournalSource, LiveSource
+from tui.state import RunState, format_duration
+from tui.widgets.chart import LossChart
+from tui.widgets.panels import RunHeader, ThroughputPanel
+
+REFRESH_HZ = 8
+SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
+WINDOW_STEPS = (0, 100, 1000, 10000)
+
+
+class DashboardScreen(Screen[None]):
+    """Watch and steer one run."""
+
+    DEFAULT_CSS = """
+    DashboardScreen #body { height: 1fr; }
+    DashboardScreen #left { width: 2fr; }
+    DashboardScreen #right { width: 1fr; min-width: 38; }
+    DashboardScreen .box { border: round $primary 50%; border-title-color: $text; }
+    DashboardScreen #chart-box { height: 1fr; }
+    DashboardScreen .spark-row { height: 4; }
+    DashboardScreen .spark-row > Vertical { width: 1fr; }
+    DashboardScreen Sparkline { height: 1; margin: 0 1; }
+    DashboardScreen .spark-label { height: 1; padding: 0 1; color: $text-muted; }
+    DashboardScreen #validations { height: 1fr; }
+    DashboardScreen #checkpoints { height: 1fr; }
+    DashboardScreen DataTable { height: 1fr; }
+    DashboardScreen #log { height: 8; }
+    DashboardScreen #reply { height: 1; padding: 0 1; background: $panel; }
+    """
+
+    BINDINGS = [
+        Binding("p", "toggle_pause", "Pause/Resume"),
+        Binding("s", "save", "Save"),
+        Binding("e", "evaluate", "Evaluate"),
+        Binding("x", "stop", "Stop"),
+        Binding("l", "set_form", "Set LR/intervals"),
+        Binding("m", "smoothing", "Smoothing"),
+        Binding("w", "window", "Window"),
+        Binding("c", "edit_config", "Config"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q,ctrl+d", "detach", "Detach"),
+    ]
+
+    def __init__(self, run: RunDir, live: bool | None = None) -> None:
+        super().__init__()
+        self.run_dir = run
+        self.live = run.is_alive() if live is None else live
+        self.run_state = RunState(run_id=run.id)
+        self._dirty = True
+        self._shown_validations = 0
+        self._shown_checkpoints = 0
+        self._shown_logs = 0
+        self.source: EventSource
+        if self.live:
+            self.source = LiveSource.for_run(run, self._on_events, self._on_status)
+        else:
+            self.source = JournalSource(run.journal, self._on_events, self._on_status)
+        self._source_task: asyncio.Task[None] | None = None
+        self.last_reply = ""
+
+    # -- layout --------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield RunHeader(self.run_state, id="header")
+        with Horizontal(id="body"):
+            with Vertical(id="left"):
+                chart_box = Vertical(id="chart-box", classes="box")
+                chart_box.border_title = "loss"
+                with chart_box:
+                    yield LossChart(self.run_state, id="chart")
+                with Horizontal(classes="spark-row"):
+                    with Vertical(classes="box"):
+                        yield Static("train loss", classes="spark-label", id="spark-loss-label")
+                        yield Sparkline([], id="spark-loss")
+                    with Vertical(classes="box"):
+                        yield Static("tokens/s", classes="spark-label", id="spark-tps-label")
+                        yield Sparkline([], id="spark-tps")
+            with Vertical(id="right"):
+                yield ThroughputPanel(self.run_state, id="throughput")
+                validations = Vertical(id="validations", classes="box")
+                validations.border_title = "validation"
+                with validations:
+                    yield DataTable(id="validation-table", cursor_type="row", zebra_stripes=True)
+                checkpoints = Vertical(id="checkpoints", classes="box")
+                checkpoints.border_title = "checkpoints"
+                with checkpoints:
+                    yield DataTable(id="checkpoint-table", cursor_type="row", zebra_stripes=True)
+        log = RichLog(id="log", classes="box", wrap=True, markup=False, max_lines=2000)
+        log.border_title = "log"
+        yield log
+        yield Static("", id="reply")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        # Fixed widths: the layout stays put as rows stream in.
+        validation_table = self.query_one("#validation-table", DataTable)
+        for label, width in (("iter", 7), ("loss", 8), ("change", 8), ("secs", 6), ("", 6)):
+            validation_table.add_column(label, width=width)
+        checkpoint_table = self.query_one("#checkpoint-table", DataTable)
+        for label, width in (("iter", 7), ("kind", 8), ("size", 8), ("val loss", 8), ("time", 8)):
+            checkpoint_table.add_column(label, width=width)
+        self.query_one(RunHeader).read_only = not self.live
+        self._source_task = asyncio.create_task(self.source.run())
+        self.set_interval(1 / REFRESH_HZ, self._tick)
+
+    def on_unmount(self) -> None:
+        self.source.close()
+        if self._source_task is not None:
+            self._source_task.cancel()
+
+    # -- events in -------------------------------------------------------------------------
+
+    def _on_events(self, events: list[dict[str, Any]]) -> None:
+        self.run_state.apply_all(events)
+        self._dirty = True
+
+    def _on_status(self, status: str, detail: str) -> None:
+        header = self.query_one(RunHeader)
+        header.connection = status
+        if status == "disconnected":
+            self.show_reply(f"connection lost ({detail}); keeping what we have and reconnecting…", error=True)
+        elif status == "incompatible":
+            self.show_reply(detail, error=True)
+        self._dirty = True
+
+    def _tick(self) -> None:
+        # The header's clock moves every tick; everything else only when events arrived.
+        self.query_one(RunHeader).refresh_from_state()
+        if self._dirty:
+            self.repaint()
+
+    def repaint(self) -> None:
+        """Bring every widget up to date with the run state now."""
+        self._dirty = False
+        s = self.run_state
+        self.query_one(ThroughputPanel).refresh_from_state()
+        self.query_one(LossChart).refresh()
+        self.query_one("#chart-box").border_title = self._chart_title()
+        self.query_one("#spark-loss", Sparkline).data = [x for x in s.train_losses[-200:] if math.isfinite(x)]
+        self.query_one("#spark-tps", Sparkline).data = s.tokens_per_second_history[-200:]
+        self._refresh_tables()
+        log = self.query_one("#log", RichLog)
+        new = min(s.log_total - self._shown_logs, len(s.logs))
+        for line in list(s.logs)[len(s.logs) - new :] if new > 0 else []:
+            stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
+            style = {"warning": "yellow", "error": "bold red"}.get(line.level, "")
+            log.write(Text(f"{stamp} {line.message}", style=style))
+        self._shown_logs = s.log_total
+
+    def _chart_title(self) -> str:
+        chart = self.query_one(LossChart)
+        theme = self.app.current_theme
+        window = "whole run" if chart.window == 0 else f"last {chart.window:,} iterations"
+        train, val = theme.accent or theme.primary, theme.warning or "yellow"
+        return f"loss · [{train}]━ train (EMA {chart.smoothing:g})[/] · [{val}]● validation[/] · {window}"
+
+    def _refresh_tables(self) -> None:
+        """Newest first, so the latest rows are always in view without scrolling."""
+        s = self.run_state
+        if len(s.validations) != self._shown_validations:
+            table = self.query_one("#validation-table", DataTable)
+            best = s.best_validation
+            table.clear()
+            for row in reversed(s.validations[-200:]):
+                change = "" if row.change is None else f"{row.change:+.4f}"
+                mark = "★best" if best is not None and row is best else ""
+                table.add_row(str(row.iteration), f"{row.loss:.4f}", change, f"{row.seconds:.2f}", mark)
+            self._shown_validations = len(s.validations)
+        if len(s.checkpoints) != self._shown_checkpoints:
+            checkpoints = self.query_one("#checkpoint-table", DataTable)
+            checkpoints.clear()
+            for saved in reversed(s.checkpoints[-200:]):
+                size = _file_size(saved.path)
+                val = f"{saved.validation_loss:.4f}" if saved.validation_loss is not None else "-"
+                stamp = time.strftime("%H:%M:%S", time.localtime(saved.ts))
+                checkpoints.add_row(str(saved.iteration), saved.kind, size, val, stamp)
+            self._shown_checkpoints = len(s.checkpoints)
+
+    # -- commands out ----------------------------------------------------------------------
+
+    def show_reply(self, text: str, error: bool = False) -> None:
+        self.last_reply = text
+        style = "bold red" if error else "green"
+        self.query_one("#reply", Static).update(Text(text, style=style))
+
+    @work(exclusive=False)
+    async def send(self, cmd: str, args: dict[str, Any] | None = None) -> None:
+        """Send a command and show its reply, ok or the error."""
+        self.show_reply(f"{cmd}: sent…")
+        reply = await self.source.command(cmd, args)
+        if reply.ok:
+            detail = ", ".join(f"{k}={v}" for k, v in reply.result.items() if k != "note")
+            note = reply.result.get("note")
+            self.show_reply(f"{cmd}: ok" + (f" ({detail})" if detail else "") + (f"; {note}" if note else ""))
+        else:
+            self.show_reply(f"{cmd}: {reply.error}", error=True)
+
+    def action_toggle_pause(self) -> None:
+        self.send("resume" if self.run_state.state == "paused" else "pause")
+
+    def action_save(self) -> None:
+        self.send("save")
+
+    def action_evaluate(self) -> None:
+        self.send("evaluate")
+
+    def action_stop(self) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.send("stop")
+            else:
+                self.show_reply("stop: cancelled")
+
+        self.app.push_screen(ConfirmScreen("Stop the run? It saves the adapter, then the engine exits."), answered)
+
+    def action_set_form(self) -> None:
+        config = self.run_state.config
+        current = {
+            "learning_rate": self.run_state.learning_rate,
+            "steps_per_report": config.get("training", {}).get("steps_per_report"),
+            "steps_per_eval": config.get("training", {}).get("steps_per_eval"),
+            "save_every": config.get("checkpoints", {}).get("save_every"),
+            "validation_batches": config.get("training", {}).get("validation_batches"),
+        }
+
+        def submitted(changes: dict[str, Any] | None) -> None:
+            if changes:
+                self.send("set", changes)
+
+        self.app.push_screen(SetScreen(current), submitted)
+
+    def action_smoothing(self) -> None:
+        chart = self.query_one(LossChart)
+        index = SMOOTHING_STEPS.index(chart.smoothing) if chart.smoothing in SMOOTHING_STEPS else 0
+        chart.smoothing = SMOOTHING_STEPS[(index + 1) % len(SMOOTHING_STEPS)]
+        self._dirty = True
+
+    def action_window(self) -> None:
+        chart = self.query_one(LossChart)
+        index = WINDOW_STEPS.index(chart.window) if chart.window in WINDOW_STEPS else 0
+        chart.window = WINDOW_STEPS[(index + 1) % len(WINDOW_STEPS)]
+        self._dirty = True
+
+    def action_edit_config(self) -> None:
+        from tui.screens.editor import ConfigEditorScreen
+
+        self.app.push_screen(ConfigEditorScreen(self.run_dir.config))
+
+    def action_help(self) -> None:
+        keys = [(b.key_display or b.key, b.description) for b in self.BINDINGS if isinstance(b, Binding)]
+        self.app.push_screen(HelpScreen(keys))
+
+    def action_detach(self) -> None:
+        """Leave; the run goes on. On the runs list, go back to it; otherwise quit."""
+        if len(self.app.screen_stack) > 2:
+            self.app.pop_screen()
+        else:
+            self.app.exit()
+
+    def elapsed_text(self) -> str:
+        return format_duration(self.run_state.elapsed(time.time()))
+
+
+def _file_size(path: str) -> str:
+    import os
+
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024  # type: ignore[assignment]
+    return "-"

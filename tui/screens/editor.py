@@ -1,0 +1,95 @@
+"""The config editor: a TOML TextArea validated as you type with the engine's own rules.
+
+Save (ctrl+s) writes the text as typed once it validates, so comments survive; ctrl+n starts a
+new detached run from the edited config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, Static, TextArea
+
+from engine import config as config_module
+from engine.config import ConfigError
+
+
+class ConfigEditorScreen(Screen[None]):
+    """Edit a run config or any TOML file."""
+
+    DEFAULT_CSS = """
+    ConfigEditorScreen #path { height: 1; background: $panel; padding: 0 1; }
+    ConfigEditorScreen TextArea { height: 1fr; }
+    ConfigEditorScreen #validation { height: auto; min-height: 1; padding: 0 1; }
+    ConfigEditorScreen #validation.invalid { color: $error; }
+    ConfigEditorScreen #validation.valid { color: $success; }
+    """
+
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save"),
+        Binding("ctrl+n", "start_run", "Start new run"),
+        Binding("escape", "close", "Close", priority=True),
+    ]
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.valid = False
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"config: {self.path}", id="path")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = config_module.starter_text()
+        editor = TextArea.code_editor(text, language="toml", id="editor")
+        yield editor
+        yield Static("", id="validation")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.validate_text()
+        self.query_one(TextArea).focus()
+
+    def on_text_area_changed(self, _event: TextArea.Changed) -> None:
+        self.validate_text()
+
+    def validate_text(self) -> None:
+        text = self.query_one(TextArea).text
+        label = self.query_one("#validation", Static)
+        try:
+            config_module.parse(text, source=str(self.path))
+        except ConfigError as error:
+            self.valid = False
+            label.set_classes("invalid")
+            label.update(str(error))
+            return
+        self.valid = True
+        label.set_classes("valid")
+        label.update("valid ✓  (ctrl+s saves, ctrl+n starts a new run from it)")
+
+    def action_save(self) -> bool:
+        if not self.valid:
+            self.notify("not saved: fix the error under the editor first", severity="error")
+            return False
+        self.path.write_text(self.query_one(TextArea).text, encoding="utf-8")
+        self.notify(f"saved {self.path}")
+        return True
+
+    def action_start_run(self) -> None:
+        if not self.action_save():
+            return
+        from tui.app import start_detached_run
+
+        try:
+            run_id = start_detached_run(self.path)
+        except Exception as error:  # shown to the user, never a traceback on screen
+            self.notify(f"could not start: {error}", severity="error", timeout=10)
+            return
+        self.notify(f"started run {run_id}")
+
+    def action_close(self) -> None:
+        self.app.pop_screen()

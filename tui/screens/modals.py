@@ -1,0 +1,160 @@
+"""Modal screens: key help, a yes/no confirmation, the live-settings form, a path prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Static
+
+from engine.config import LIVE_FIELDS, ConfigError, coerce_live
+
+MODAL_CSS = """
+ModalScreen { align: center middle; }
+ModalScreen > Vertical, ModalScreen > Grid {
+    width: 64; height: auto; padding: 1 2; border: thick $primary; background: $surface;
+}
+ModalScreen .title { text-style: bold; margin-bottom: 1; }
+ModalScreen .error { color: $error; height: auto; }
+ModalScreen Horizontal.buttons { height: auto; align-horizontal: right; margin-top: 1; }
+ModalScreen Button { margin-left: 1; }
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    """Every key of the screen below, with what it does."""
+
+    DEFAULT_CSS = MODAL_CSS
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
+
+    def __init__(self, bindings: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.keys = bindings
+
+    def compose(self) -> ComposeResult:
+        table = Table.grid(padding=(0, 3))
+        table.add_column(style="bold")
+        table.add_column()
+        for key, description in self.keys:
+            table.add_row(key, description)
+        table.add_row("ctrl+p", "command palette: every action by name, themes too")
+        with Vertical():
+            yield Label("Keys", classes="title")
+            yield Static(table)
+            yield Label("escape closes this help", classes="dim")
+
+    def action_dismiss(self, result: Any = None) -> None:  # type: ignore[override]
+        self.dismiss(None)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A question with Yes / No; `y` and `n` answer it too."""
+
+    DEFAULT_CSS = MODAL_CSS
+    BINDINGS = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n,escape", "answer(False)", "No"),
+    ]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question, classes="title")
+            with Horizontal(classes="buttons"):
+                yield Button("Yes (y)", id="yes", variant="error")
+                yield Button("No (n)", id="no", variant="primary")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, answer: bool) -> None:
+        self.dismiss(answer)
+
+
+class SetScreen(ModalScreen[dict[str, Any] | None]):
+    """A form for the live-editable fields; returns only the changed ones, validated."""
+
+    DEFAULT_CSS = MODAL_CSS + """
+    SetScreen Grid { grid-size: 2; grid-columns: 22 1fr; grid-rows: 3; grid-gutter: 0 1; height: auto; }
+    SetScreen Grid > Label { padding-top: 1; }
+    """
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, current: dict[str, Any]) -> None:
+        super().__init__()
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Change the running run (applied between steps)", classes="title")
+            with Grid():
+                for key in LIVE_FIELDS:
+                    value = self.current.get(key)
+                    yield Label(key)
+                    yield Input(value="" if value is None else str(value), id=f"field-{key}")
+            yield Static("", id="set-error", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Apply", id="apply", variant="primary")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#field-learning_rate", Input).focus()
+
+    def _changes(self) -> dict[str, Any]:
+        changes: dict[str, Any] = {}
+        for key in LIVE_FIELDS:
+            text = self.query_one(f"#field-{key}", Input).value.strip()
+            if not text or text == str(self.current.get(key)):
+                continue
+            changes[key] = coerce_live(key, text)
+        return changes
+
+    def _submit(self) -> None:
+        try:
+            changes = self._changes()
+        except ConfigError as error:
+            self.query_one("#set-error", Static).update(str(error))
+            return
+        self.dismiss(changes or None)
+
+    def on_input_submitted(self, _event: Input.Submitted) -> None:
+        self._submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "apply":
+            self._submit()
+        else:
+            self.dismiss(None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PromptScreen(ModalScreen[str | None]):
+    """Ask for one line of text (a config path, say)."""
+
+    DEFAULT_CSS = MODAL_CSS
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, question: str, value: str = "") -> None:
+        super().__init__()
+        self.question = question
+        self.value = value
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question, classes="title")
+            yield Input(value=self.value, id="prompt-input")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

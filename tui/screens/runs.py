@@ -1,0 +1,121 @@
+"""The runs list: every run with state, progress, last loss and age; enter attaches."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from engine.runs import RunDir, list_runs
+from tui.screens.modals import ConfirmScreen, PromptScreen
+from tui.state import format_duration
+
+
+def run_row(run: RunDir) -> tuple[str, ...]:
+    status = run.status()
+    alive = run.is_alive()
+    state = status.get("state", "?")
+    if not alive and state in ("starting", "running", "paused", "stopping"):
+        state = "dead"
+    loss = status.get("loss")
+    return (
+        run.id,
+        str(status.get("name", "")),
+        state,
+        f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
+        f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+        format_duration(time.time() - run.path.stat().st_mtime),
+    )
+
+
+class RunsScreen(Screen[None]):
+    """All runs; finished and failed ones stay until deleted."""
+
+    DEFAULT_CSS = """
+    RunsScreen #title { height: 1; background: $panel; padding: 0 1; text-style: bold; }
+    RunsScreen DataTable { height: 1fr; }
+    """
+
+    BINDINGS = [
+        Binding("enter", "open", "Attach / open"),
+        Binding("n", "new_run", "New run from config"),
+        Binding("d", "delete", "Delete run"),
+        Binding("r", "reload", "Refresh"),
+        Binding("q,ctrl+d", "quit", "Quit"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Static("tunetop — runs", id="title")
+        yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("run", "name", "state", "iter", "loss", "age")
+        self.action_reload()
+        self.set_interval(2.0, self.action_reload)
+        table.focus()
+
+    def action_reload(self) -> None:
+        table = self.query_one(DataTable)
+        cursor = table.cursor_row
+        table.clear()
+        for run in reversed(list_runs()):
+            table.add_row(*run_row(run), key=run.id)
+        if table.row_count:
+            table.move_cursor(row=min(cursor, table.row_count - 1))
+
+    def _selected(self) -> RunDir | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return next((r for r in list_runs() if r.id == key), None)
+
+    def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    def action_open(self) -> None:
+        run = self._selected()
+        if run is not None:
+            from tui.screens.dashboard import DashboardScreen
+
+            self.app.push_screen(DashboardScreen(run))
+
+    def action_new_run(self) -> None:
+        def chosen(path: str | None) -> None:
+            if not path:
+                return
+            from tui.app import start_detached_run
+
+            try:
+                run_id = start_detached_run(path)
+            except Exception as error:
+                self.notify(f"could not start: {error}", severity="error", timeout=10)
+                return
+            self.notify(f"started run {run_id}")
+            self.action_reload()
+
+        self.app.push_screen(PromptScreen("Config file for the new run:", "run.toml"), chosen)
+
+    def action_delete(self) -> None:
+        run = self._selected()
+        if run is None:
+            return
+        if run.is_alive():
+            self.notify("that run is still training: stop it first", severity="warning")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                shutil.rmtree(run.path, ignore_errors=True)
+                self.action_reload()
+
+        self.app.push_screen(ConfirmScreen(f"Delete run {run.id} and its files?"), answered)
+
+    def action_quit(self) -> None:
+        self.app.exit()

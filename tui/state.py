@@ -1,0 +1,243 @@
+"""RunState: everything the screen shows, as a pure fold of the run's events.
+
+No I/O, no Textual: ``apply(event)`` updates the state, and the widgets read it. Tested without
+a terminal (tests/test_state.py). Series keep every point; charts downsample when they draw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVE_STATES = frozenset({"starting", "running", "paused", "stopping"})
+
+
+@dataclass
+class ValidationRow:
+    iteration: int
+    loss: float
+    seconds: float
+    change: float | None  # vs. the previous validation; None for the first
+
+
+@dataclass
+class CheckpointRow:
+    iteration: int
+    path: str
+    kind: str
+    ts: float
+    validation_loss: float | None  # the latest validation at or before this save
+
+
+@dataclass
+class LogLine:
+    ts: float
+    level: str  # log, warning, error
+    message: str
+
+
+@dataclass
+class RunState:
+    """The client's view of one run, rebuilt from events alone."""
+
+    run_id: str = ""
+    name: str = ""
+    model: str = ""
+    state: str = "unknown"
+    iterations: int = 0
+    iteration: int = 0
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    started_ts: float | None = None
+    last_ts: float | None = None
+    finished_reason: str = ""
+    learning_rate: float | None = None
+    iterations_per_second: float | None = None
+    tokens_per_second: float | None = None
+    trained_tokens: int = 0
+    peak_memory: float | None = None
+    train_iterations: list[int] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    tokens_per_second_history: list[float] = field(default_factory=list)
+    validations: list[ValidationRow] = field(default_factory=list)
+    checkpoints: list[CheckpointRow] = field(default_factory=list)
+    logs: deque[LogLine] = field(default_factory=lambda: deque(maxlen=2000))
+    log_total: int = 0  # lines ever logged; the deque keeps only the last 2000
+    last_seq: int = 0
+    events_applied: int = 0
+    engine_state_from_heartbeat: str = ""
+
+    # -- folding -------------------------------------------------------------------------
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """Fold one event in. Unknown types are ignored (newer engines may send more)."""
+        kind = event.get("type")
+        ts = event.get("ts")
+        if isinstance(event.get("seq"), int) and kind != "heartbeat":
+            self.last_seq = max(self.last_seq, event["seq"])
+            self.events_applied += 1
+        if isinstance(ts, (int, float)) and kind != "heartbeat":
+            self.last_ts = float(ts)
+            if self.started_ts is None:
+                self.started_ts = float(ts)
+        self.run_id = self.run_id or str(event.get("run", ""))
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is not None:
+            handler(event)
+
+    def apply_all(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self.apply(event)
+
+    def _on_run_started(self, e: dict[str, Any]) -> None:
+        self.name = str(e.get("name") or self.name)
+        self.model = str(e.get("model", ""))
+        self.iterations = int(e.get("iterations") or 0)
+        self.trainable_parameters = int(e.get("trainable_parameters") or 0)
+        self.total_parameters = int(e.get("total_parameters") or 0)
+        self.config = e.get("config") or {}
+        self._note(e, f"run started: {self.model}, {self.trainable_parameters:,} trainable parameters")
+
+    def _on_train(self, e: dict[str, Any]) -> None:
+        self.iteration = int(e["iteration"])
+        loss = e.get("loss")
+        self.train_iterations.append(self.iteration)
+        self.train_losses.append(float(loss) if loss is not None else math.nan)
+        self.learning_rate = e.get("learning_rate")
+        self.iterations_per_second = e.get("iterations_per_second")
+        self.tokens_per_second = e.get("tokens_per_second")
+        self.tokens_per_second_history.append(float(e.get("tokens_per_second") or 0.0))
+        self.trained_tokens = int(e.get("trained_tokens") or 0)
+        self.peak_memory = e.get("peak_memory")
+
+    def _on_validation(self, e: dict[str, Any]) -> None:
+        loss = float(e["loss"]) if e.get("loss") is not None else math.nan
+        previous = self.validations[-1].loss if self.validations else None
+        change = loss - previous if previous is not None else None
+        self.validations.append(ValidationRow(int(e["iteration"]), loss, float(e.get("seconds") or 0.0), change))
+
+    def _on_save(self, e: dict[str, Any]) -> None:
+        iteration = int(e["iteration"])
+        validation = next((v.loss for v in reversed(self.validations) if v.iteration <= iteration), None)
+        self.checkpoints.append(
+            CheckpointRow(iteration, str(e.get("path", "")), str(e.get("kind", "adapter")), float(e.get("ts") or 0), validation)
+        )
+        self._note(e, f"saved {e.get('kind', 'adapter')} at iteration {iteration}: {e.get('path', '')}")
+
+    def _note(self, e: dict[str, Any], message: str, level: str = "log") -> None:
+        self.logs.append(LogLine(float(e.get("ts") or 0), level, message))
+        self.log_total += 1
+
+    def _on_state(self, e: dict[str, Any]) -> None:
+        self.state = str(e.get("state", self.state))
+        self._note(e, f"state: {self.state}")
+
+    def _on_finished(self, e: dict[str, Any]) -> None:
+        self.finished_reason = str(e.get("reason", ""))
+        self._note(e, f"finished ({self.finished_reason}) at iteration {e.get('iteration', self.iteration)}")
+        if self.state in ACTIVE_STATES or self.state == "unknown":
+            self.state = "failed" if self.finished_reason in ("failed", "bad_input") else "finished"
+
+    def _on_log(self, e: dict[str, Any]) -> None:
+        self._note(e, str(e.get("message", "")))
+
+    def _on_warning(self, e: dict[str, Any]) -> None:
+        self._note(e, str(e.get("message", "")), "warning")
+
+    def _on_error(self, e: dict[str, Any]) -> None:
+        self._note(e, str(e.get("message", "")), "error")
+
+    def _on_config_changed(self, e: dict[str, Any]) -> None:
+        changes = e.get("changes") or {}
+        self._note(e, "changed: " + ", ".join(f"{k} = {v}" for k, v in changes.items()))
+        if "learning_rate" in changes:
+            self.learning_rate = changes["learning_rate"]
+
+    def _on_heartbeat(self, e: dict[str, Any]) -> None:
+        self.engine_state_from_heartbeat = str(e.get("state", ""))
+
+    # -- derived values ------------------------------------------------------------------
+
+    @property
+    def progress(self) -> float:
+        """Fraction of iterations done, 0..1."""
+        return min(self.iteration / self.iterations, 1.0) if self.iterations else 0.0
+
+    def elapsed(self, now: float) -> float:
+        """Seconds since the first event; frozen at the last event once the run has ended."""
+        if self.started_ts is None:
+            return 0.0
+        end = self.last_ts if self.state not in ACTIVE_STATES and self.last_ts else now
+        return max(end - self.started_ts, 0.0)
+
+    def eta(self) -> float | None:
+        """Seconds left at the current speed, or None when unknown or not training."""
+        if self.state != "running" or not self.iterations_per_second or not self.iterations:
+            return None
+        return max(self.iterations - self.iteration, 0) / self.iterations_per_second
+
+    @property
+    def best_validation(self) -> ValidationRow | None:
+        finite = [v for v in self.validations if math.isfinite(v.loss)]
+        return min(finite, key=lambda v: v.loss) if finite else None
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: exponential moving average with debiasing; weight 0 = raw."""
+    if weight <= 0:
+        return list(values)
+    out: list[float] = []
+    last = 0.0
+    count = 0
+    for value in values:
+        if not math.isfinite(value):
+            out.append(value)
+            continue
+        count += 1
+        last = last * weight + (1 - weight) * value
+        out.append(last / (1 - weight**count))
+    return out
+
+
+def downsample(xs: list[int], ys: list[float], buckets: int) -> tuple[list[float], list[float]]:
+    """At most ``buckets`` points: the mean of each bucket of consecutive points."""
+    n = len(xs)
+    if n <= buckets or buckets <= 0:
+        return [float(x) for x in xs], list(ys)
+    out_x: list[float] = []
+    out_y: list[float] = []
+    for b in range(buckets):
+        lo, hi = b * n // buckets, (b + 1) * n // buckets
+        if hi <= lo:
+            continue
+        finite = [y for y in ys[lo:hi] if math.isfinite(y)]
+        out_x.append(sum(xs[lo:hi]) / (hi - lo))
+        out_y.append(sum(finite) / len(finite) if finite else math.nan)
+    return out_x, out_y
+
+
+def format_duration(seconds: float | None) -> str:
+    """1h02m, 3m05s, 12s; '-' for unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def format_count(value: float | None) -> str:
+    """12.3k, 4.5M; '-' for unknown."""
+    if value is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2f}"

@@ -1,0 +1,108 @@
+"""Small read-only panels of the dashboard: the run header and the throughput panel."""
+
+from __future__ import annotations
+
+import time
+
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from tui.state import RunState, format_count, format_duration
+
+STATE_STYLES = {
+    "running": "bold $success",
+    "paused": "bold $warning",
+    "stopping": "bold $warning",
+    "starting": "bold $secondary",
+    "finished": "bold $primary",
+    "failed": "bold $error",
+}
+
+
+def progress_bar(fraction: float, width: int) -> str:
+    """A bar of ``width`` cells with eighth-block resolution."""
+    width = max(width, 1)
+    eighths = round(max(0.0, min(fraction, 1.0)) * width * 8)
+    full, part = divmod(eighths, 8)
+    bar = "█" * full + (" ▏▎▍▌▋▊▉"[part] if part else "")
+    return bar.ljust(width, "·")
+
+
+class RunHeader(Static):
+    """Name, model, state, iteration of total with a bar, elapsed time, ETA, connection."""
+
+    DEFAULT_CSS = """
+    RunHeader { height: 2; background: $panel; padding: 0 1; }
+    """
+
+    def __init__(self, state: RunState, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.run_state = state
+        self.connection = "connecting"
+        self.read_only = False
+
+    def _style(self, name: str) -> str:
+        theme = self.app.current_theme
+        style = STATE_STYLES.get(name, "bold")
+        for key in ("success", "warning", "secondary", "primary", "error"):
+            style = style.replace(f"${key}", str(getattr(theme, key, None) or theme.primary))
+        return style
+
+    def refresh_from_state(self) -> None:
+        s = self.run_state
+        now = time.time()
+        top = Text()
+        top.append("tunetop ", style="bold")
+        top.append(s.name or s.run_id or "…", style="bold")
+        top.append(f" · {s.run_id} · ", style="dim")
+        model = s.model if len(s.model) < 48 else "…" + s.model[-47:]
+        top.append(model, style="italic")
+        top.append("  ")
+        top.append(f" {s.state.upper()} ", style=self._style(s.state) + " reverse")
+        if self.read_only:
+            top.append("  read-only (journal)", style="dim")
+        elif self.connection != "live":
+            top.append(f"  ⚠ {self.connection}", style=self._style("failed"))
+        bottom = Text()
+        width = max(self.size.width - 60, 10)
+        bottom.append(f"iter {s.iteration:,}/{s.iterations:,} ", style="bold")
+        bottom.append(progress_bar(s.progress, width), style=self._style("running"))
+        bottom.append(f" {s.progress * 100:5.1f}%", style="bold")
+        bottom.append(f"   elapsed {format_duration(s.elapsed(now))}")
+        bottom.append(f"   ETA {format_duration(s.eta())}")
+        self.update(Text("\n").join([top, bottom]))
+
+
+class ThroughputPanel(Static):
+    """Iterations/s, tokens/s, trained tokens, peak memory, learning rate, parameters."""
+
+    DEFAULT_CSS = """
+    ThroughputPanel { height: auto; padding: 0 1; border: round $primary 50%; border-title-color: $text; }
+    """
+
+    def __init__(self, state: RunState, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.run_state = state
+        self.border_title = "throughput"
+
+    def refresh_from_state(self) -> None:
+        s = self.run_state
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="dim")
+        table.add_column(justify="right", style="bold")
+        last_loss = s.train_losses[-1] if s.train_losses else None
+        best = s.best_validation
+        rows = [
+            ("train loss", f"{last_loss:.4f}" if last_loss is not None else "-"),
+            ("best val loss", f"{best.loss:.4f} @ {best.iteration}" if best else "-"),
+            ("iterations/s", f"{s.iterations_per_second:.2f}" if s.iterations_per_second else "-"),
+            ("tokens/s", format_count(s.tokens_per_second)),
+            ("trained tokens", format_count(s.trained_tokens)),
+            ("peak memory", f"{s.peak_memory:.3f} GB" if s.peak_memory is not None else "-"),
+            ("learning rate", f"{s.learning_rate:.2e}" if s.learning_rate is not None else "-"),
+            ("trainable", f"{format_count(s.trainable_parameters)} / {format_count(s.total_parameters)}"),
+        ]
+        for name, value in rows:
+            table.add_row(name, value)
+        self.update(table)
