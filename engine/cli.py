@@ -46,7 +46,7 @@ def _start_run(config_path: Path | None, cfg: Any, detach: bool) -> tuple[int, s
     return _run_engine(run.path, foreground=True), run.id
 
 
-def _run_engine(run_path: Path, foreground: bool) -> int:
+def _run_engine(run_path: Path, foreground: bool, resume: bool = False, resume_from: int | None = None) -> int:
     """Run the engine for an existing run folder in this process."""
     from . import config as config_module
     from .console import ConsoleReporter
@@ -57,7 +57,7 @@ def _run_engine(run_path: Path, foreground: bool) -> int:
     run = RunDir(run_path)
     cfg = config_module.load(run.config)
     reporter = ConsoleReporter(cfg.training.iterations) if foreground else ConsoleReporter(cfg.training.iterations, sys.stdout)
-    engine = Engine(cfg, run, echo=reporter)
+    engine = Engine(cfg, run, echo=reporter, resume=resume, resume_from=resume_from)
     try:
         from .server import attach_server
 
@@ -75,6 +75,12 @@ def _run_engine(run_path: Path, foreground: bool) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import config as config_module
 
+    if args.resume is not None:
+        return _resume(args)
+    if not args.config:
+        return _fail("train needs a CONFIG file (or --resume RUN to continue a run).")
+    if args.start_from is not None:
+        return _fail("--from goes with --resume RUN.")
     try:
         cfg = config_module.load(args.config)
         config_module.check_paths(cfg)
@@ -88,9 +94,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return code
 
 
+def _resume(args: argparse.Namespace) -> int:
+    """``tunetop train --resume RUN [--from ITERATION]``: continue a run in place."""
+    from .checkpoint import CheckpointError, find_checkpoint
+    from .runs import resolve
+
+    run = resolve(args.resume or None)
+    if run.is_alive():
+        return _fail(f"run {run.id} is still training (pid {run.engine_pid()}); nothing to resume.")
+    try:
+        find_checkpoint(run.checkpoints, args.start_from)
+    except CheckpointError as error:
+        return _fail(str(error))
+    if args.detach:
+        from .daemon import EngineStartError, spawn_engine
+
+        extra = ["--resume"] + ([] if args.start_from is None else ["--from", str(args.start_from)])
+        try:
+            spawn_engine(run, extra_args=extra)
+        except EngineStartError as error:
+            print(f"tunetop: {error}", file=sys.stderr)
+            return error.code
+        print(run.id)
+        return 0
+    return _run_engine(run.path, foreground=True, resume=True, resume_from=args.start_from)
+
+
 def cmd_engine(args: argparse.Namespace) -> int:
     """Internal: the detached engine's entry point (``tunetop _engine RUN_DIR``)."""
-    return _run_engine(Path(args.run_dir), foreground=False)
+    return _run_engine(Path(args.run_dir), foreground=False, resume=args.resume, resume_from=args.start_from)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -110,7 +142,7 @@ def demo_config() -> Any:
 
     cfg = parse(starter_text())
     cfg.name = "demo"
-    cfg.training.iterations = 300
+    cfg.training.iterations = 1000
     cfg.training.steps_per_report = 5
     return cfg
 
@@ -254,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunetop", description="LoRA fine-tuning on MLX you can watch and steer.")
     sub = parser.add_subparsers(dest="name")
 
-    p = sub.add_parser("train", help="start a run from a TOML config")
-    p.add_argument("config")
+    p = sub.add_parser("train", help="start a run from a TOML config, or continue one with --resume")
+    p.add_argument("config", nargs="?")
     p.add_argument("--detach", action="store_true", help="run the engine in the background; print the run id")
+    p.add_argument("--resume", metavar="RUN", nargs="?", const="", help="continue RUN (default: the latest) in place")
+    p.add_argument("--from", dest="start_from", type=int, metavar="ITERATION", help="the checkpoint to resume from")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("init", help="write a commented starter config")
@@ -297,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("_engine", help=argparse.SUPPRESS)
     p.add_argument("run_dir")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--from", dest="start_from", type=int)
     p.set_defaults(func=cmd_engine)
     return parser
 

@@ -13,7 +13,8 @@ from typing import Any
 import zmq
 
 from .endpoints import Endpoints, endpoints_for
-from .protocol import END_MARKER, Command, ProtocolError, Reply, decode
+from .journal import RecordStream
+from .protocol import END_MARKER, Command, ProtocolError, Reply, decode, loads
 from .runs import RunDir
 
 
@@ -56,6 +57,7 @@ def replay(endpoint: str, since: int = 0, timeout: float = 30.0) -> tuple[list[d
     """Every event with seq > ``since`` up to the engine's END marker, and that END seq."""
     socket = _dealer(endpoint)
     events: list[dict[str, Any]] = []
+    stream = RecordStream()
     try:
         socket.send(Command("replay", {"since": since}, id="replay").encode())
         while True:
@@ -63,8 +65,8 @@ def replay(endpoint: str, since: int = 0, timeout: float = 30.0) -> tuple[list[d
                 raise TimeoutError(f"replay from {endpoint} did not finish within {timeout:.0f}s")
             frames = socket.recv_multipart()
             kind = frames[0]
-            if kind == b"EVTS":
-                events.extend(json.loads(line) for line in frames[1].split(b"\n"))
+            if kind == b"JRNL":
+                events.extend(loads(payload) for seq, payload in stream.feed(frames[1]) if seq > since)
             elif kind == END_MARKER:
                 return events, int(frames[1])
             elif kind == b"REP":

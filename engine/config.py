@@ -64,6 +64,7 @@ class TrainingConfig:
     seed: int = field(default=0, metadata={"help": "Seeds the data order and mlx.random"})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory"})
     grad_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
+    on_nonfinite: str = field(default="pause", metadata={"help": "NaN/inf loss: pause, stop, or skip the batch"})
 
 
 @dataclass
@@ -127,6 +128,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("lora", "fine_tune_type"): ("lora", "dora", "full"),
     ("optimizer", "name"): ("adam", "adamw", "sgd", "adafactor"),
     ("schedule", "name"): ("constant", "linear", "cosine"),
+    ("training", "on_nonfinite"): ("pause", "stop", "skip"),
 }
 
 # (minimum, maximum) for numbers; None leaves that side open.

@@ -37,6 +37,10 @@ def describe(event: dict[str, Any]) -> str | None:
         return prefix + str(event.get("message", ""))
     if kind == "state":
         return f"state: {event['state']}"
+    if kind == "resumed":
+        return f"resumed at iteration {event['iteration']} from {event['checkpoint']}"
+    if kind == "nonfinite":
+        return None  # the warning that follows says it in words
     if kind == "finished":
         return f"finished ({event['reason']}) at iteration {event['iteration']}"
     if kind == "config_changed":

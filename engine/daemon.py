@@ -40,7 +40,7 @@ def _failure_message(run: RunDir) -> str:
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def spawn_engine(run: RunDir, wait_seconds: float = 120.0) -> int:
+def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str] | None = None) -> int:
     """Start the engine for ``run``; return its pid once it trains (or after ``wait_seconds``).
 
     Raises :class:`EngineStartError` with the engine's own error when it exits first (bad
@@ -52,7 +52,7 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0) -> int:
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "_engine", str(run.path)],
+        [sys.executable, "-m", "engine.cli", "_engine", str(run.path), *(extra_args or [])],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -66,7 +66,8 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0) -> int:
         code = process.poll()
         if code is not None:
             raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code)
-        if run.status().get("state") in ("running", "paused", "stopping", "finished"):
+        status = run.status()
+        if status.get("state") in ("running", "paused", "stopping", "finished") and status.get("pid") == process.pid:
             return process.pid
         time.sleep(0.05)
     return process.pid

@@ -49,5 +49,10 @@ class EventLog:
             subscriber(event, payload)
         return event
 
+    def snapshot(self) -> tuple[int, int]:
+        """(last seq, journal end offset), taken together: what a replay may send."""
+        with self._lock:
+            return self.journal.last_seq, self.journal.end_offset
+
     def close(self) -> None:
         self.journal.close()

@@ -49,16 +49,16 @@ def scan(data: bytes | memoryview, start: int = len(MAGIC)) -> Iterator[tuple[in
     offset = start
     unpack = HEADER.unpack_from
     size = HEADER.size
+    crc32 = zlib.crc32
     while offset + size <= end:
         length, crc, seq = unpack(view, offset)
-        body_start = offset + size
-        body_end = body_start + length
+        body_end = offset + size + length
         if length > MAX_RECORD or body_end > end:
             return
-        payload = bytes(view[body_start:body_end])
-        if _checksum(seq, payload) != crc:
+        # The seq field sits right before the payload, so one CRC call covers both.
+        if crc32(view[offset + 8 : body_end]) != crc:
             return
-        yield offset, seq, payload
+        yield offset, seq, bytes(view[offset + size : body_end])
         offset = body_end
 
 
@@ -92,11 +92,13 @@ class JournalWriter:
                 self._file.truncate(good_end)
             self._file.seek(good_end)
             self._count = sum(1 for _ in scan(data[:good_end]))
+            self.end_offset = good_end
         else:
             self._file = open(self.path, "wb")  # noqa: SIM115
             self._file.write(MAGIC)
             self._file.flush()
             self._count = 0
+            self.end_offset = len(MAGIC)
 
     def append(self, event: dict[str, Any], payload: bytes | None = None) -> bytes:
         """Append one event (its ``seq`` must be ``last_seq + 1``); returns the payload written."""
@@ -108,10 +110,12 @@ class JournalWriter:
         offset = self._file.tell()
         if self._count % 1024 == 0:
             self._index.append((seq, offset))
-        self._file.write(frame(seq, payload))
+        record = frame(seq, payload)
+        self._file.write(record)
         self._file.flush()
         self._count += 1
         self.last_seq = seq
+        self.end_offset = offset + len(record)
         return payload
 
     def offset_before(self, seq: int) -> int:
@@ -152,8 +156,10 @@ def read_payloads(path: str | Path, since: int = 0, start_offset: int | None = N
 
 def read_events(path: str | Path, since: int = 0) -> Iterator[dict[str, Any]]:
     """Decoded events with seq > ``since``."""
+    from .protocol import loads
+
     for _seq, payload in read_payloads(path, since):
-        yield json.loads(payload)
+        yield loads(payload)
 
 
 class JournalTail:
@@ -180,4 +186,35 @@ class JournalTail:
                 out.append((seq, payload))
                 self.since = seq
         self._offset += consumed
+        return out
+
+
+def read_range(path: str | Path, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Raw journal bytes from ``start`` to ``end`` in chunks (record boundaries not kept)."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        left = end - start
+        while left > 0:
+            data = handle.read(min(chunk, left))
+            if not data:
+                return
+            left -= len(data)
+            yield data
+
+
+class RecordStream:
+    """Reassembles records from raw journal bytes that arrive in arbitrary chunks (a replay)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Complete, intact ``(seq, payload)`` records in ``data`` plus what was left over."""
+        buffer = self._pending + data if self._pending else data
+        out: list[tuple[int, bytes]] = []
+        consumed = 0
+        for offset, seq, payload in scan(buffer, 0):
+            out.append((seq, payload))
+            consumed = offset + HEADER.size + len(payload)
+        self._pending = buffer[consumed:]
         return out

@@ -6,8 +6,8 @@ steps. PUB drops live events for a slow subscriber instead of blocking; a client
 some notices the gap in ``seq`` and asks for a replay, served from the journal.
 
 Frames on the ROUTER, client to engine: ``[command JSON]``. Engine to client: ``[b"REP",
-reply JSON]`` for commands; for ``replay``: ``[b"EVTS", events as JSON lines]``... then
-``[b"END", last seq]``. PUB frames: ``[b"evt", event JSON]`` (heartbeats included).
+reply JSON]`` for commands; for ``replay``: ``[b"JRNL", raw journal records]``... then
+``[b"END", last seq, command id]``. PUB frames: ``[b"evt", event JSON]`` (heartbeats included).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .endpoints import Endpoints, endpoints_for
-from .journal import read_payloads
+from .journal import read_range
 from .protocol import (
     END_MARKER,
     PROTOCOL_VERSION,
@@ -199,27 +199,23 @@ class Server:
             engine.submit(command, respond)
 
     def _replay(self, identity: bytes, router: zmq.Socket, command: Command) -> None:
+        """Send the journal's raw records after ``since`` up to now, then END with the last seq.
+
+        Raw byte ranges, not decoded events: the journal's framing is the wire format, so a
+        replay of a million events is a file read here and never blocks this thread for long.
+        Records from the sparse index point before ``since`` come along; the client skips them.
+        """
         since = command.args.get("since", 0)
         if not isinstance(since, int) or since < 0:
             self._send(router, identity, [b"REP", Reply(command.id, False, "'since' must be a whole number >= 0").encode()])
             return
-        engine = self.engine
-        assert engine.events is not None
-        journal = engine.events.journal
-        last = journal.last_seq  # events appended during the replay arrive live, with seq > END
-        chunk: list[bytes] = []
-        size = 0
-        for seq, payload in read_payloads(journal.path, since, journal.offset_before(since + 1)):
-            if seq > last:
-                break
-            chunk.append(payload)
-            size += len(payload) + 1
-            if size >= REPLAY_FRAME_BYTES:
-                if not self._send(router, identity, [b"EVTS", b"\n".join(chunk)]):
-                    return
-                chunk, size = [], 0
-        if chunk and not self._send(router, identity, [b"EVTS", b"\n".join(chunk)]):
-            return
+        events = self.engine.events
+        assert events is not None
+        last, end = events.snapshot()  # events appended during the replay arrive live, with seq > END
+        start = events.journal.offset_before(since + 1) if since < last else end
+        for data in read_range(events.journal.path, start, end, REPLAY_FRAME_BYTES):
+            if not self._send(router, identity, [b"JRNL", data]):
+                return
         self._send(router, identity, [END_MARKER, str(last).encode(), command.id.encode()])
 
 

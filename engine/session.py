@@ -9,6 +9,7 @@ between steps by the loop's control hook, so training never waits on a client.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import signal
 import threading
@@ -77,7 +78,16 @@ def load_model_and_tokenizer(cfg: RunConfig) -> tuple[Any, Any, str]:
 class Engine:
     """Runs one training run to its end, publishing events and taking commands."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir, echo: Callable[[dict[str, Any], bytes], None] | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run: RunDir,
+        echo: Callable[[dict[str, Any], bytes], None] | None = None,
+        resume: bool = False,
+        resume_from: int | None = None,
+    ):
+        self.resume = resume
+        self.resume_from = resume_from
         self.cfg = cfg
         self.run_dir = run
         self.commands: queue.Queue[PendingCommand] = queue.Queue()
@@ -87,7 +97,8 @@ class Engine:
         self.echo = echo
         self.trainer: Any = None
         self.state = ""
-        self._status: dict[str, Any] = {"name": cfg.name, "iterations": cfg.training.iterations}
+        # The pid tells a starter waiting on status.json that this engine, not an earlier one, wrote it.
+        self._status: dict[str, Any] = {"name": cfg.name, "iterations": cfg.training.iterations, "pid": os.getpid()}
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
 
@@ -154,9 +165,16 @@ class Engine:
                 if trainer.iteration == 0:
                     respond(Reply(command.id, False, "nothing to save yet: no step has run"))
                     return
-                save = trainer.save()
-                self.emit("save", iteration=save.iteration, path=save.path, kind=save.kind)
-                respond(Reply(command.id, True, result={"iteration": save.iteration, "path": save.path}))
+                from .checkpoint import CheckpointError
+
+                try:
+                    save = trainer.save()
+                except (OSError, CheckpointError) as error:
+                    self._save_failed(trainer.iteration, str(error))
+                    respond(Reply(command.id, False, f"save failed, run paused: {error}"))
+                    return
+                self.emit("save", **save.__dict__)
+                respond(Reply(command.id, True, result={"iteration": save.iteration, "path": save.path, "checkpoint": save.checkpoint}))
             elif name == "evaluate":
                 validation = trainer.validate()
                 if validation is None:
@@ -187,7 +205,7 @@ class Engine:
             setattr(getattr(self.cfg, section), name, value)
             if key == "learning_rate":
                 # From now on a constant rate: the user took the wheel from the schedule.
-                self.trainer.schedule = lambda _step, rate=value: rate
+                self.trainer.set_learning_rate(value)
             elif key == "save_every":
                 p.save_every = value
             else:
@@ -241,8 +259,32 @@ class Engine:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
 
+    def _save_failed(self, iteration: int, error: str) -> None:
+        self.emit("error", message=f"could not save at iteration {iteration}: {error}. The previous checkpoint "
+                  "is intact; the run is paused: free space or fix the folder, then resume.")
+        self.control.paused = True
+        self.set_state("paused")
+
     def _progress(self, event: Any) -> Any:
-        from .trainer import Disposition, Save, Train, Validation
+        from .trainer import Disposition, NonFinite, Save, SaveFailed, Train, Validation
+
+        if isinstance(event, NonFinite):
+            self.emit("nonfinite", **event.__dict__)
+            what = {"skipped": "the batch was skipped", "pause": "the run is paused", "stop": "the run stops"}
+            self.emit(
+                "warning",
+                message=f"loss is {event.loss} at iteration {event.iteration} (epoch {event.epoch}, batch "
+                f"{event.batch}): {what.get(event.action, event.action)}; the last good checkpoint is kept.",
+            )
+            if event.action == "pause":
+                self.control.paused = True
+                self.set_state("paused")
+            elif event.action == "stop":
+                self.control.stop_reason = "non_finite"
+            return Disposition.MORE
+        if isinstance(event, SaveFailed):
+            self._save_failed(event.iteration, event.error)
+            return Disposition.MORE
 
         if isinstance(event, Train):
             fields = dict(event.__dict__)
@@ -284,6 +326,22 @@ class Engine:
             self.emit("finished", reason="bad_input", iteration=0)
             return EXIT_BAD_INPUT
         self.trainer = trainer
+        trainer.journal_seq = lambda: self.events.last_seq if self.events else 0
+        if self.resume:
+            from .checkpoint import CheckpointError, find_checkpoint
+
+            try:
+                folder = find_checkpoint(self.run_dir.checkpoints, self.resume_from)
+                restored = trainer.restore(folder)
+            except CheckpointError as error:
+                self.emit("error", message=f"cannot resume: {error}")
+                self.set_state("failed")
+                self.emit("finished", reason="bad_input", iteration=0)
+                return EXIT_BAD_INPUT
+            if restored.config_hash and restored.config_hash != trainer.parameters.config_hash:
+                self.emit("warning", message="the run's config.toml changed since this checkpoint was saved; "
+                          "training goes on with the config as it is now, so the resume is not exact")
+            self.emit("resumed", iteration=restored.iteration, checkpoint=str(folder), from_seq=restored.seq)
         self.emit(
             "run_started",
             config=self.cfg.to_dict(),
@@ -322,10 +380,23 @@ class Engine:
         return self.control.exit_code
 
     def _build(self) -> tuple[Any, str, int, int]:
-        return build_trainer(self.cfg, self.run_dir.path / self.cfg.checkpoints.adapter_path)
+        from .checkpoint import config_hash
+
+        try:
+            text = self.run_dir.config.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = config_module.dumps(self.cfg)
+        return build_trainer(
+            self.cfg,
+            self.run_dir.path / self.cfg.checkpoints.adapter_path,
+            checkpoint_path=self.run_dir.checkpoints,
+            config_hash=config_hash(text),
+        )
 
 
-def build_trainer(cfg: RunConfig, adapter_path: Path) -> tuple[Any, str, int, int]:
+def build_trainer(
+    cfg: RunConfig, adapter_path: Path, checkpoint_path: Path | None = None, config_hash: str = ""
+) -> tuple[Any, str, int, int]:
     """Model, adapters, data, optimizer from a config: (trainer, model path, trainable, total)."""
     import mlx.core as mx
 
@@ -357,6 +428,9 @@ def build_trainer(cfg: RunConfig, adapter_path: Path) -> tuple[Any, str, int, in
         seed=t.seed,
         keep_last=cfg.checkpoints.keep_last,
         adapter_config=adapter_config(cfg.lora, model_path),
+        checkpoint_path=checkpoint_path,
+        on_nonfinite=t.on_nonfinite,
+        config_hash=config_hash,
     )
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)

@@ -25,9 +25,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .adapters import numbered_checkpoints, prune_numbered, save_adapters
+from .adapters import numbered_checkpoints, prune_numbered, save_adapters, trainable_weights
 from .data import Batch, BatchPlan, Dataset
 from .optimizers import Schedule
 
@@ -49,6 +49,9 @@ class TrainingParameters:
     seed: int = 0
     keep_last: int = 3
     adapter_config: dict[str, Any] = field(default_factory=dict)
+    checkpoint_path: Path | None = None  # full-state checkpoints for exact resume; None = adapters only
+    on_nonfinite: str = "pause"  # pause | stop | skip: what a NaN or infinite loss does
+    config_hash: str = ""
 
 
 class Disposition(enum.Enum):
@@ -87,9 +90,29 @@ class Save:
     iteration: int
     path: str
     kind: str = "adapter"
+    checkpoint: str = ""  # the full-state checkpoint folder written with it, if any
 
 
-Progress = Train | Validation | Save
+@dataclass
+class NonFinite:
+    """A NaN or infinite training loss; ``action`` is what the trainer did about it."""
+
+    iteration: int
+    loss: float
+    epoch: int
+    batch: int  # index of the batch within its epoch's order
+    action: str  # "skipped" (the update was undone) or the policy to apply: "pause", "stop"
+
+
+@dataclass
+class SaveFailed:
+    """A save that could not be written (disk full, read-only folder...); nothing was damaged."""
+
+    iteration: int
+    error: str
+
+
+Progress = Train | Validation | Save | NonFinite | SaveFailed
 ProgressCallback = Callable[[Progress], "Disposition | None"]
 LossFunction = Callable[[nn.Module, mx.array, mx.array], tuple[mx.array, mx.array]]
 
@@ -188,6 +211,10 @@ class Trainer:
         self.epoch = 0
         self.position = 0
         self.learning_rate = schedule(0)
+        self.learning_rate_override: float | None = None
+        self.last_validation_loss: float | None = None
+        self.last_nonfinite: NonFinite | None = None
+        self.journal_seq: Callable[[], int] = lambda: 0
         self._batches: Iterator[tuple[int, int, Batch]] | None = None
         self._accumulated: Any = None
         if parameters.grad_checkpoint:
@@ -224,10 +251,22 @@ class Trainer:
         self.epoch, self.position = epoch, index + 1
         return batch
 
+    def set_learning_rate(self, rate: float) -> None:
+        """From now on a constant rate (a live ``set``); kept in checkpoints."""
+        self.learning_rate_override = rate
+        self.schedule = lambda _step: rate
+
     def step(self) -> StepResult:
         """One optimizer step (of ``grad_accumulation_steps`` micro-batches)."""
         self.learning_rate = self.schedule(self.iteration)
         self.optimizer.learning_rate = mx.array(self.learning_rate, dtype=mx.float32)
+        # Randomness (dropout) of step k depends on (seed, k) alone, so a resumed run draws the
+        # same numbers as an uninterrupted one without saving the generator's state.
+        mx.random.seed((self.parameters.seed * 1_000_003 + self.iteration) % 2**32)
+        # MLX arrays are immutable: holding the current leaves costs nothing and lets a
+        # non-finite step be undone.
+        before_model = tree_flatten(self.model.trainable_parameters())
+        before_optimizer = tree_flatten(self.optimizer.state)
         accumulation = self.parameters.grad_accumulation_steps
         total_loss = 0.0
         total_tokens = 0
@@ -241,8 +280,20 @@ class Trainer:
             total_loss += value.item() * tokens
             total_tokens += tokens
         self.iteration += 1
+        loss = total_loss / max(total_tokens, 1)
+        self.last_nonfinite = None
+        if not math.isfinite(loss):
+            policy = self.parameters.on_nonfinite
+            if policy == "skip":
+                self.model.update(tree_unflatten(before_model))
+                _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer))
+                self._accumulated = None
+            self.last_nonfinite = NonFinite(
+                self.iteration, loss, self.epoch, self.position - 1, "skipped" if policy == "skip" else policy
+            )
+            return StepResult(loss, 0)
         self.trained_tokens += total_tokens
-        return StepResult(total_loss / max(total_tokens, 1), total_tokens)
+        return StepResult(loss, total_tokens)
 
     def validate(self) -> Validation | None:
         """Validation on ``validation_batches`` batches (0 = all); None without a validation set."""
@@ -250,14 +301,70 @@ class Trainer:
             return None
         start = time.perf_counter()
         value = evaluate(self.model, self.valid_plan, batch_count=self.parameters.validation_batches, loss=self.loss)
+        self.last_validation_loss = value
         return Validation(self.iteration, value, time.perf_counter() - start)
 
+    def weights_finite(self) -> bool:
+        return all(bool(mx.all(mx.isfinite(v)).item()) for v in trainable_weights(self.model).values())
+
     def save(self) -> Save:
-        """Write the adapter and a numbered copy; prune old numbered copies."""
-        directory = self.parameters.adapter_path
-        path = save_adapters(self.model, directory, self.parameters.adapter_config, iteration=self.iteration)
-        prune_numbered(directory, self.parameters.keep_last)
-        return Save(self.iteration, str(path))
+        """Write the adapter (mlx-lm layout, numbered copy beside it) and a full checkpoint.
+
+        Refuses (``CheckpointError``) when the weights hold NaN or infinity, so the last good
+        checkpoint is never replaced by a broken one.
+        """
+        from .checkpoint import CheckpointError
+
+        if not self.weights_finite():
+            raise CheckpointError(f"not saved at iteration {self.iteration}: the weights hold NaN or infinity")
+        try:
+            return self._save()
+        except RuntimeError as error:  # mlx reports a failed write (disk full...) as RuntimeError
+            raise CheckpointError(f"writing failed at iteration {self.iteration}: {error}") from None
+
+    def _save(self) -> Save:
+        from .checkpoint import TrainerState, prune, write_checkpoint
+
+        p = self.parameters
+        path = save_adapters(self.model, p.adapter_path, p.adapter_config, iteration=self.iteration)
+        prune_numbered(p.adapter_path, p.keep_last)
+        checkpoint = ""
+        if p.checkpoint_path is not None:
+            state = TrainerState(
+                iteration=self.iteration,
+                trained_tokens=self.trained_tokens,
+                epoch=self.epoch,
+                position=self.position,
+                learning_rate_override=self.learning_rate_override,
+                validation_loss=self.last_validation_loss,
+                seq=self.journal_seq(),
+                config_hash=p.config_hash,
+                saved_at=time.time(),
+            )
+            folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
+            prune(p.checkpoint_path, p.keep_last)
+            checkpoint = str(folder)
+        return Save(self.iteration, str(path), checkpoint=checkpoint)
+
+    def restore(self, folder: Path) -> Any:
+        """Continue from a full checkpoint: weights, optimizer, position, counters. Returns its state."""
+        from .checkpoint import read_checkpoint
+
+        state, weights, optimizer_state = read_checkpoint(folder)
+        self.model.load_weights(list(weights.items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(optimizer_state.items()))
+        self.optimizer.init(self.model.trainable_parameters())
+        self.iteration = state.iteration
+        self.trained_tokens = state.trained_tokens
+        self.epoch, self.position = state.epoch, state.position
+        self._batches = None
+        self._accumulated = None
+        self.last_validation_loss = state.validation_loss
+        if state.learning_rate_override is not None:
+            self.set_learning_rate(state.learning_rate_override)
+        self._step = self._compile_step()  # the compiled step captured the old optimizer state
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return state
 
     def numbered(self) -> list[tuple[int, Path]]:
         return numbered_checkpoints(self.parameters.adapter_path)
@@ -268,7 +375,7 @@ class TrainResult:
     """How a ``train`` call ended."""
 
     iteration: int
-    reason: str  # "completed", "stopped"
+    reason: str  # "completed", "stopped", "non_finite"
     last_train_loss: float = math.nan
     last_validation_loss: float = math.nan
 
@@ -304,6 +411,29 @@ class Meter:
         )
 
 
+def _assign_in_place(target: Any, source: Any) -> None:
+    """Copy leaves of ``source`` into the nested dicts/lists of ``target`` without replacing them
+    (the compiled step holds references to these containers)."""
+    items = target.items() if isinstance(target, dict) else enumerate(target)
+    for key, value in list(items):
+        new = source[key]
+        if isinstance(value, (dict, list)):
+            _assign_in_place(value, new)
+        else:
+            target[key] = new
+
+
+def _save(trainer: Trainer, progress: ProgressCallback | None) -> bool:
+    """Save, reporting a failure as an event instead of ending the run."""
+    from .checkpoint import CheckpointError
+
+    try:
+        event: Progress = trainer.save()
+    except (OSError, CheckpointError) as error:
+        event = SaveFailed(trainer.iteration, str(error))
+    return _emit(progress, event)
+
+
 def _emit(progress: ProgressCallback | None, event: Progress) -> bool:
     """Send one event; True when the callback asked to stop."""
     return progress is not None and progress(event) is Disposition.STOP
@@ -329,10 +459,20 @@ def run_loop(
             break
         start = time.perf_counter()
         step = trainer.step()
-        meter.add(step, time.perf_counter() - start)
         it = trainer.iteration
         result.iteration = it
         stop = False
+        if trainer.last_nonfinite is not None:
+            bad = trainer.last_nonfinite
+            stop = _emit(progress, bad)
+            if bad.action == "stop" or (bad.action == "pause" and control is None):
+                result.reason = "non_finite"
+                break
+            if stop:
+                result.reason = "stopped"
+                break
+            continue
+        meter.add(step, time.perf_counter() - start)
         # Intervals are read each step: a live `set` takes effect at once.
         if it % p.steps_per_report == 0 or it == p.iterations:
             report = meter.report(trainer)
@@ -345,12 +485,12 @@ def run_loop(
                 result.last_validation_loss = validation.loss
                 stop = _emit(progress, validation)
         if not stop and it % p.save_every == 0 and it != p.iterations:
-            stop = _emit(progress, trainer.save())
+            stop = _save(trainer, progress)
         if stop:
             result.reason = "stopped"
             break
     if trainer.iteration > 0:  # the adapter is saved however the run ended
-        _emit(progress, trainer.save())
+        _save(trainer, progress)
     return result
 
 

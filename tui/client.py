@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,8 @@ import zmq
 import zmq.asyncio
 
 from engine.endpoints import Endpoints
-from engine.protocol import END_MARKER, PROTOCOL_VERSION, Command, Reply, Sequencer
+from engine.journal import RecordStream
+from engine.protocol import END_MARKER, PROTOCOL_VERSION, Command, Reply, Sequencer, loads
 
 EventHandler = Callable[[list[dict[str, Any]]], None]
 StatusHandler = Callable[[str, str], None]
@@ -57,6 +57,7 @@ class RunClient:
         self._replay_done: asyncio.Future[int] | None = None
         self._closed = False
         self.replays = 0
+        self._stream = RecordStream()
 
     @property
     def last_seq(self) -> int:
@@ -151,9 +152,10 @@ class RunClient:
                 future = self._pending.get(reply.id)
                 if future is not None and not future.done():
                     future.set_result(reply)
-            elif kind == b"EVTS":
-                events = [json.loads(line) for line in frames[1].split(b"\n") if line]
-                self._apply(events)
+            elif kind == b"JRNL":
+                since = self.sequencer.last_seq
+                records = self._stream.feed(frames[1])
+                self._apply([loads(payload) for seq, payload in records if seq > since])
             elif kind == END_MARKER and self._replay_done is not None and not self._replay_done.done():
                 self._replay_done.set_result(int(frames[1]))
 
@@ -174,6 +176,7 @@ class RunClient:
         self.replays += 1
         self.sequencer.clear_gap()
         self._replay_done = asyncio.get_running_loop().create_future()
+        self._stream = RecordStream()
         await self._dealer.send(Command("replay", {"since": self.last_seq}, id="replay").encode())
         buffer_task = asyncio.create_task(self._buffer_live(sub, live))
         try:
@@ -188,7 +191,7 @@ class RunClient:
     async def _buffer_live(self, sub: zmq.asyncio.Socket, live: list[dict[str, Any]]) -> None:
         while True:
             frames = await sub.recv_multipart()
-            live.append(json.loads(frames[-1]))
+            live.append(loads(frames[-1]))
 
     async def _live(self, sub: zmq.asyncio.Socket, dealer: zmq.asyncio.Socket, live: list[dict[str, Any]]) -> None:
         replays_here = 0
@@ -201,7 +204,7 @@ class RunClient:
                     frames = await sub.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                batch.append(json.loads(frames[-1]))
+                batch.append(loads(frames[-1]))
                 if len(batch) >= 5000:
                     break
             for event in batch:

@@ -6,14 +6,13 @@ Both feed the same callbacks, so the screen does not care which one it has. No m
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from engine.client_sync import run_endpoints
 from engine.journal import read_payloads
-from engine.protocol import Reply
+from engine.protocol import Reply, loads
 from engine.runs import RunDir
 from tui.client import ClientError, RunClient
 
@@ -47,7 +46,7 @@ class JournalSource(EventSource):
     async def run(self) -> None:
         batch: list[dict[str, Any]] = []
         for _seq, payload in read_payloads(self.journal):
-            batch.append(json.loads(payload))
+            batch.append(loads(payload))
             if len(batch) >= 20_000:
                 self.on_events(batch)
                 batch = []

@@ -140,6 +140,13 @@ class DashboardScreen(Screen[None]):
 
     def _on_status(self, status: str, detail: str) -> None:
         header = self.query_one(RunHeader)
+        if status == "disconnected" and self.run_state.state in ("finished", "failed"):
+            # The engine exited after finishing: nothing to reconnect to; what we hold is complete.
+            self.source.close()
+            header.connection = "live"
+            header.read_only = True
+            self._dirty = True
+            return
         header.connection = status
         if status == "disconnected":
             self.show_reply(f"connection lost ({detail}); keeping what we have and reconnecting…", error=True)

@@ -1,0 +1,250 @@
+"""What the control plane costs, and how fast it moves events.
+
+    python bench/control_plane.py overhead [--iters 300] [--rounds 3]
+        trainer steps/s: bare loop vs. the engine with journal + server + 2 attached clients
+    python bench/control_plane.py events [--count 200000]
+        events/s through EventLog (journal append + PUB) with one subscriber counting them
+    python bench/control_plane.py replay [--count 1000000]
+        a journal of N events: raw read, replay over ZeroMQ to a client, and folding into RunState
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import engine  # noqa: E402,F401  (first: OpenBLAS before mlx)
+
+
+def _config(iters: int, report: int) -> Any:
+    from engine import config as config_module
+
+    cfg = config_module.parse(config_module.starter_text())
+    cfg.training.iterations = iters
+    cfg.training.steps_per_report = report
+    cfg.training.steps_per_eval = 10**9
+    cfg.checkpoints.save_every = 10**9
+    return cfg
+
+
+def bare_loop(iters: int, report: int, scratch: Path) -> float:
+    from engine.session import build_trainer
+    from engine.trainer import run_loop
+
+    trainer, *_ = build_trainer(_config(iters, report), scratch / "bare")
+    trainer.valid_plan = None
+    trainer.step()  # compile outside the timing, as in the engine run below
+    start = time.perf_counter()
+    run_loop(trainer, lambda _e: None)
+    return (iters - 1) / (time.perf_counter() - start)
+
+
+class _Subscriber(threading.Thread):
+    """A client that replays, then keeps receiving live events, as the TUI does."""
+
+    def __init__(self, endpoints: Any) -> None:
+        super().__init__(daemon=True)
+        self.endpoints = endpoints
+        self.received = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import zmq
+
+        from engine.client_sync import replay
+
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(self.endpoints.events)
+        events, _end = replay(self.endpoints.commands)
+        self.received += len(events)
+        while not self.stop.is_set():
+            if sub.poll(100):
+                sub.recv_multipart()
+                self.received += 1
+        sub.close(0)
+
+
+def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[float, int]:
+    from engine.client_sync import run_endpoints
+    from engine.runs import RunDir
+    from engine.server import attach_server
+    from engine.session import Engine
+
+    run = RunDir(scratch / f"run-{time.monotonic_ns()}")
+    run.path.mkdir(parents=True)
+    cfg = _config(iters, report)
+    owner = Engine(cfg, run)
+    owner.on_ready.append(attach_server)
+    subscribers: list[_Subscriber] = []
+    timing: dict[str, float] = {}
+    original_build = owner._build
+
+    def build_and_warm() -> Any:
+        built = original_build()
+        trainer = built[0]
+        trainer.valid_plan = None
+        trainer.parameters.iterations = iters
+        trainer.step()  # compile outside the timing
+        for _ in range(clients):
+            subscriber = _Subscriber(run_endpoints(run))
+            subscriber.start()
+            subscribers.append(subscriber)
+        time.sleep(0.5)
+        timing["start"] = time.perf_counter()
+        return built
+
+    owner._build = build_and_warm  # type: ignore[method-assign]
+    owner.run()
+    seconds = time.perf_counter() - timing["start"]
+    for subscriber in subscribers:
+        subscriber.stop.set()
+        subscriber.join()
+    return (iters - 1) / seconds, sum(s.received for s in subscribers)
+
+
+def overhead(args: argparse.Namespace) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="tt-bench-"))
+    for report in args.reports:
+        bare: list[float] = []
+        full: list[float] = []
+        received = 0
+        for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
+            bare.append(bare_loop(args.iters, report, scratch))
+            rate, received = engine_loop(args.iters, report, scratch, clients=args.clients)
+            full.append(rate)
+        b, f = statistics.median(bare), statistics.median(full)
+        print(
+            f"steps_per_report={report:<3} bare loop {b:7.2f} steps/s   engine+journal+server+{args.clients} clients "
+            f"{f:7.2f} steps/s   difference {100 * (b - f) / b:+.2f}%   (median of {args.rounds}; "
+            f"clients received {received} events in the last round)"
+        )
+
+
+def events(args: argparse.Namespace) -> None:
+    import zmq
+
+    from engine.events import EventLog
+    from engine.journal import JournalWriter
+    from engine.runs import RunDir
+    from engine.server import Server
+
+    scratch = Path(tempfile.mkdtemp(prefix="tt-bench-"))
+    run = RunDir(scratch / "events-run")
+    run.path.mkdir()
+
+    class FakeEngine:
+        run_dir = run
+        state = "running"
+        trainer = None
+        events: EventLog | None = None
+
+        def status_result(self) -> dict[str, Any]:
+            return {}
+
+    fake = FakeEngine()
+    fake.events = EventLog(run.id, JournalWriter(run.journal))
+    server = Server(fake)  # type: ignore[arg-type]
+    server.start()
+    fake.events.subscribers.append(server.publish)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.connect(server.endpoints.events)
+    time.sleep(0.3)
+    count = {"n": 0}
+
+    def drain() -> None:
+        while sub.poll(1000):
+            sub.recv_multipart()
+            count["n"] += 1
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    start = time.perf_counter()
+    for i in range(args.count):
+        fake.events.emit("train", iteration=i, loss=1.0, learning_rate=1e-4, iterations_per_second=1.0,
+                         tokens_per_second=1.0, trained_tokens=i, peak_memory=0.1)
+    emitted = time.perf_counter() - start
+    reader.join()
+    server.close()
+    print(f"emitted {args.count} events in {emitted:.2f}s: {args.count / emitted:,.0f} events/s "
+          f"(journaled + published); the subscriber received {count['n']:,} live (PUB drops beyond its high-water mark; "
+          "clients replay what they miss)")
+
+
+def replay_bench(args: argparse.Namespace) -> None:
+    from engine.client_sync import replay
+    from engine.events import EventLog
+    from engine.journal import JournalWriter, read_payloads
+    from engine.protocol import encode, make_event
+    from engine.runs import RunDir
+    from engine.server import Server
+    from tui.state import RunState
+
+    scratch = Path(tempfile.mkdtemp(prefix="tt-bench-"))
+    run = RunDir(scratch / "replay-run")
+    run.path.mkdir()
+    writer = JournalWriter(run.journal)
+    start = time.perf_counter()
+    for i in range(1, args.count + 1):
+        event = make_event(run.id, i, "train", ts=1.0 + i, iteration=i, loss=2.0 - i / args.count,
+                           learning_rate=1e-4, iterations_per_second=10.0, tokens_per_second=1000.0,
+                           trained_tokens=i * 100, peak_memory=0.5)
+        writer.append(event, encode(event))
+    writer.sync()
+    print(f"wrote {args.count:,} events ({run.journal.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f}s")
+
+    start = time.perf_counter()
+    n = sum(1 for _ in read_payloads(run.journal))
+    print(f"read back (framing + CRC check):       {time.perf_counter() - start:6.2f}s for {n:,} events")
+
+    class FakeEngine:
+        run_dir = run
+        state = "finished"
+        trainer = None
+        events = EventLog(run.id, writer)
+
+        def status_result(self) -> dict[str, Any]:
+            return {}
+
+    server = Server(FakeEngine())  # type: ignore[arg-type]
+    server.start()
+    start = time.perf_counter()
+    got, end = replay(server.endpoints.commands, since=0, timeout=120)
+    print(f"replay over ZeroMQ + JSON decode:      {time.perf_counter() - start:6.2f}s for {len(got):,} events (END={end})")
+    start = time.perf_counter()
+    state = RunState()
+    state.apply_all(got)
+    print(f"fold into the TUI's RunState:          {time.perf_counter() - start:6.2f}s (last iteration {state.iteration:,})")
+    server.close()
+    json.dumps({})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("overhead")
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--reports", type=int, nargs="+", default=[10, 1], help="steps_per_report values to try")
+    p.add_argument("--clients", type=int, default=2, help="subscriber threads attached (replay, then live)")
+    p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("events")
+    p.add_argument("--count", type=int, default=200_000)
+    p = sub.add_parser("replay")
+    p.add_argument("--count", type=int, default=1_000_000)
+    args = parser.parse_args()
+    {"overhead": overhead, "events": events, "replay": replay_bench}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""How fast the TUI shows a long history, and what an attached TUI costs when idle.
+
+    python bench/tui.py reattach [--count 1000000]
+        a finished run with N journaled train events: seconds from app start until the
+        dashboard shows the whole (downsampled) history
+    python bench/tui.py idle [--seconds 20]
+        CPU used by `tunetop attach` in tmux against a live, paused engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import engine  # noqa: E402,F401  (first: OpenBLAS before mlx)
+
+
+def reattach(args: argparse.Namespace) -> None:
+    from engine.journal import JournalWriter
+    from engine.protocol import encode, make_event
+    from engine.runs import RunDir
+    from tui.app import TunetopApp
+    from tui.screens.dashboard import DashboardScreen
+
+    home = Path(tempfile.mkdtemp(prefix="tt-bench-tui-"))
+    os.environ["TUNETOP_HOME"] = str(home)
+    os.environ["XDG_CONFIG_HOME"] = str(home / "config")
+    run = RunDir(home / "runs" / "20261129-000000-bench")
+    run.path.mkdir(parents=True)
+    writer = JournalWriter(run.journal)
+    started = make_event(run.id, 1, "run_started", ts=1.0, config={}, model="bench", trainable_parameters=1,
+                         total_parameters=2, iterations=args.count, name="bench")
+    writer.append(started, encode(started))
+    for i in range(2, args.count + 1):
+        event = make_event(run.id, i, "train", ts=1.0 + i, iteration=i, loss=2.0 - i / args.count,
+                           learning_rate=1e-4, iterations_per_second=10.0, tokens_per_second=1000.0,
+                           trained_tokens=i * 100, peak_memory=0.5)
+        writer.append(event, encode(event))
+    writer.close()
+
+    async def measure() -> float:
+        app = TunetopApp(run, remember=False)
+        start = time.perf_counter()
+        async with app.run_test(size=(160, 45)) as pilot:
+            screen = app.screen
+            assert isinstance(screen, DashboardScreen)
+            while screen.run_state.iteration < args.count:
+                await pilot.pause(0.01)
+            screen.repaint()
+            await pilot.pause()
+            return time.perf_counter() - start
+
+    seconds = asyncio.run(measure())
+    print(f"{args.count:,} journaled events: full history on screen after {seconds:.2f}s")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle(args: argparse.Namespace) -> None:
+    if shutil.which("tmux") is None:
+        raise SystemExit("tmux is needed (bash .ci/setup installs it)")
+    home = Path(tempfile.mkdtemp(prefix="tt-bench-idle-"))
+    env = dict(os.environ, TUNETOP_HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), PYTHONPATH=str(ROOT))
+    env.pop("COLUMNS", None)
+    env.pop("LINES", None)
+    cli = [sys.executable, "-m", "engine.cli"]
+    config = home / "run.toml"
+    subprocess.run([*cli, "init", str(config)], env=env, check=True, capture_output=True)
+    config.write_text(config.read_text().replace("iterations = 300", "iterations = 100000"))
+    run_id = subprocess.run([*cli, "train", str(config), "--detach"], env=env, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    time.sleep(3)
+    subprocess.run([*cli, "pause", run_id], env=env, check=True, capture_output=True)
+    sock = f"tt-bench-{os.getpid()}"
+    exports = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith(("TUNETOP_", "XDG_")) or k == "PYTHONPATH")
+    command = f"cd {ROOT} && exec env {exports} {' '.join(cli)} attach {run_id}"
+    subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-x", "160", "-y", "45", command], check=True)
+    try:
+        time.sleep(5)
+        pane_pid = int(subprocess.run(["tmux", "-L", sock, "display", "-p", "#{pane_pid}"], capture_output=True,
+                                      text=True, check=True).stdout.strip())
+        before = _cpu_seconds(pane_pid)
+        time.sleep(args.seconds)
+        used = _cpu_seconds(pane_pid) - before
+        print(f"attached TUI, paused engine: {used:.2f} CPU-seconds in {args.seconds}s = {100 * used / args.seconds:.1f}% of one core")
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], check=False)
+        subprocess.run([*cli, "stop", run_id], env=env, check=False, capture_output=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("reattach")
+    p.add_argument("--count", type=int, default=1_000_000)
+    p = sub.add_parser("idle")
+    p.add_argument("--seconds", type=int, default=20)
+    args = parser.parse_args()
+    {"reattach": reattach, "idle": idle}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Exact resume: a run killed with SIGKILL and resumed matches one that was never interrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
+from engine.client_sync import send_command
+from engine.journal import read_events
+from engine.runs import list_runs, resolve
+from tests.conftest import tunetop, wait_for, write_config
+
+N = 20
+
+
+def losses_after(events: list[dict], start_seq: int = 0) -> dict[int, float]:
+    return {e["iteration"]: e["loss"] for e in events if e["type"] == "train" and e["seq"] > start_seq}
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+    training = {"iterations": 2 * N, "steps_per_report": 1, "steps_per_eval": 10 * N, "batch_size": 4}
+    # dropout makes the random state matter too
+    config = write_config(tmp_path / "run.toml", training=training, lora={"dropout": 0.1}, checkpoints={"save_every": N, "keep_last": 0})
+
+    tunetop("train", str(config), check=True)
+    (straight,) = list_runs()
+    straight_losses = losses_after(list(read_events(straight.journal)))
+    assert sorted(straight_losses) == list(range(1, 2 * N + 1))
+
+    run_id = tunetop("train", str(config), "--detach", check=True).stdout.strip()
+    run = resolve(run_id)
+    wait_for(lambda: any(e["type"] == "save" and e["iteration"] == N for e in read_events(run.journal)), timeout=120)
+    send_command(run, "pause")  # somewhere past N; the kill then lands before 2N
+    os.kill(run.engine_pid() or 0, signal.SIGKILL)
+    wait_for(lambda: not run.is_alive(), timeout=10)
+    killed_at = max(e["iteration"] for e in read_events(run.journal) if e["type"] == "train")
+    assert N <= killed_at < 2 * N
+    assert latest_checkpoint(run.checkpoints).name == f"{N:07d}"
+
+    resumed = tunetop("train", "--resume", run_id, check=True)
+    assert f"resumed at iteration {N}" in resumed.stdout
+    events = list(read_events(run.journal))
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))  # one journal, gap-free
+    resume_seq = next(e["seq"] for e in events if e["type"] == "resumed")
+    again = losses_after(events, resume_seq)
+    assert sorted(again) == list(range(N + 1, 2 * N + 1))
+    for iteration in again:
+        assert again[iteration] == pytest.approx(straight_losses[iteration], abs=1e-5), iteration
+    a = mx.load(str(straight.adapters / "adapters.safetensors"))
+    b = mx.load(str(run.adapters / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.allclose(np.array(a[key]), np.array(b[key]), atol=1e-6), key
+    assert events[-1]["type"] == "finished" and events[-1]["iteration"] == 2 * N
+
+
+def test_resume_from_a_chosen_checkpoint_and_retention(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "run.toml",
+        training={"iterations": 30, "steps_per_report": 5, "steps_per_eval": 10},
+        checkpoints={"save_every": 5, "keep_last": 2},
+    )
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    kept = [int(p.name) for p in list_checkpoints(run.checkpoints)]
+    # the last two, plus the best by validation loss (which may be one of them)
+    assert kept[-2:] == [25, 30] and len(kept) <= 3
+    state, weights, optimizer = read_checkpoint(latest_checkpoint(run.checkpoints))
+    assert state.iteration == 30 and state.trained_tokens > 0 and weights and "step" in optimizer
+    missing = tunetop("train", "--resume", run.id, "--from", "7")
+    assert missing.returncode == 2 and "no checkpoint at iteration 7" in missing.stderr
+    assert "checkpoints at iterations: " in missing.stderr
+    first = kept[0]
+    result = tunetop("train", "--resume", run.id, "--from", str(first), check=True)
+    assert f"resumed at iteration {first}" in result.stdout
+    events = list(read_events(run.journal))
+    assert events[-1]["type"] == "finished" and events[-1]["iteration"] == 30
+
+
+def test_nonfinite_loss_pauses_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    # A learning rate of 1e30 blows the weights up within a few steps.
+    config = write_config(
+        tmp_path / "run.toml",
+        training={"iterations": 100_000, "steps_per_report": 1},
+        optimizer={"learning_rate": 1e30, "name": "sgd"},
+        checkpoints={"save_every": 1},
+    )
+    run = resolve(tunetop("train", str(config), "--detach", check=True).stdout.strip())
+    try:
+        wait_for(lambda: any(e["type"] == "nonfinite" for e in read_events(run.journal)), timeout=120)
+        wait_for(lambda: send_command(run, "status").result["state"] == "paused", timeout=30)
+        events = list(read_events(run.journal))
+        bad = next(e for e in events if e["type"] == "nonfinite")
+        assert bad["action"] == "pause" and "batch" in bad and "epoch" in bad
+        assert any(e["type"] == "warning" and f"iteration {bad['iteration']}" in e["message"] for e in events)
+        latest = latest_checkpoint(run.checkpoints)
+        if latest is not None:  # whatever was saved holds finite weights
+            _, weights, _ = read_checkpoint(latest)
+            assert all(bool(mx.all(mx.isfinite(w)).item()) for w in weights.values())
+        refused = send_command(run, "save")
+        assert not refused.ok and "NaN or infinity" in refused.error
+    finally:
+        if run.is_alive():
+            os.kill(run.engine_pid() or 0, signal.SIGKILL)
+
+
+def _detached(tmp_path: Path):  # type: ignore[no-untyped-def]
+    config = write_config(tmp_path / "run.toml", training={"iterations": 100_000, "steps_per_report": 2}, checkpoints={"save_every": 100_000})
+    run = resolve(tunetop("train", str(config), "--detach", check=True).stdout.strip())
+    wait_for(lambda: send_command(run, "status").result["iteration"] >= 3)
+    return run
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _assert_save_fails_and_pauses(run) -> None:  # type: ignore[no-untyped-def]
+    good = latest_checkpoint(run.checkpoints)
+    assert good is not None
+    before = _snapshot(good)
+    reply = send_command(run, "save")
+    assert not reply.ok and "paused" in reply.error, reply
+    assert send_command(run, "status").result["state"] == "paused"
+    assert run.is_alive()
+    assert _snapshot(good) == before  # the previous checkpoint is untouched
+    assert latest_checkpoint(run.checkpoints) == good
+    assert not list(run.checkpoints.glob(".tmp-*"))
+    errors = [e for e in read_events(run.journal) if e["type"] == "error"]
+    assert errors and "previous checkpoint is intact" in errors[-1]["message"]
+
+
+def test_a_read_only_checkpoint_folder_pauses_the_run(tmp_path: Path) -> None:
+    run = _detached(tmp_path)
+    immutable = os.geteuid() == 0  # root ignores permission bits; the immutable attribute stops it
+    try:
+        assert send_command(run, "save").ok
+        if immutable:
+            result = subprocess.run(["chattr", "+i", str(run.checkpoints)], capture_output=True, text=True)
+            if result.returncode != 0:
+                pytest.skip(f"chattr +i is not available here: {result.stderr.strip()}")
+        else:
+            run.checkpoints.chmod(0o500)
+        _assert_save_fails_and_pauses(run)
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(run.checkpoints)], check=False)
+        else:
+            run.checkpoints.chmod(0o755)
+        if run.is_alive():
+            os.kill(run.engine_pid() or 0, signal.SIGKILL)
+
+
+def test_a_full_disk_pauses_the_run(tmp_path: Path) -> None:
+    run = _detached(tmp_path)
+    run.checkpoints.mkdir(exist_ok=True)
+    # A real full disk: a small tmpfs over the checkpoints folder.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(run.checkpoints)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        os.kill(run.engine_pid() or 0, signal.SIGKILL)
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        assert send_command(run, "save").ok
+        used = sum(p.stat().st_size for p in run.checkpoints.rglob("*") if p.is_file())
+        # Shrink the disk to what is used plus a little: the next checkpoint cannot fit.
+        subprocess.run(["mount", "-o", f"remount,size={(used + 64 * 1024) // 1024}k", str(run.checkpoints)], check=True)
+        _assert_save_fails_and_pauses(run)
+        assert send_command(run, "resume").ok  # the run goes on after the user frees space
+    finally:
+        if run.is_alive():
+            os.kill(run.engine_pid() or 0, signal.SIGKILL)
+        wait_for(lambda: not run.is_alive(), timeout=10)
+        subprocess.run(["umount", str(run.checkpoints)], check=False)
