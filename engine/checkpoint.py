@@ -65,6 +65,14 @@ def checkpoint_name(iteration: int) -> str:
     return f"{iteration:07d}"
 
 
+def _fault_pause() -> None:
+    """Fault-injection tests set TUNETOP_FAULT_SLOW_CHECKPOINT (seconds) to widen the window in
+    which a SIGKILL lands mid-write; unset, this does nothing."""
+    delay = os.environ.get("TUNETOP_FAULT_SLOW_CHECKPOINT")
+    if delay:
+        time.sleep(float(delay))
+
+
 def _fsync_path(path: Path) -> None:
     with open(path, "rb") as handle:
         fsync_file(handle.fileno())
@@ -88,6 +96,7 @@ def write_checkpoint(
         (temp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         for name in (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE):
             _fsync_path(temp / name)
+            _fault_pause()
         fsync_dir(temp)
         if final.exists():  # a second save at the same iteration replaces the first
             trash = directory / f".tmp-old-{checkpoint_name(state.iteration)}-{os.getpid()}"

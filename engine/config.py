@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -204,9 +205,10 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
         want = "an integer"
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        want = "a number"
+        want = "a finite number"
         if ok:
             value = float(value)
+            ok = math.isfinite(value)
     elif expected is str:
         ok = isinstance(value, str)
         want = "a string"

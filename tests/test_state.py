@@ -44,6 +44,15 @@ def test_elapsed_freezes_when_finished_and_eta_only_while_running() -> None:
     assert running.eta() == pytest.approx((400 - running.iteration) / 20.0)
 
 
+def test_resume_rewinds_the_series_to_the_checkpoint() -> None:
+    s = folded()
+    s.apply({"seq": 999, "ts": T0 + 100, "run": "r", "type": "resumed", "iteration": 200, "checkpoint": "c", "from_seq": 1})
+    assert s.train_iterations[-1] == 200 and len(s.train_losses) == len(s.train_iterations) == 20
+    assert [v.iteration for v in s.validations][-1] == 200
+    assert s.iteration == 200 and s.finished_reason == ""
+    assert "resumed at iteration 200" in s.logs[-1].message
+
+
 def test_heartbeats_do_not_count_as_events() -> None:
     s = RunState()
     s.apply({"seq": 5, "ts": 1.0, "run": "r", "type": "heartbeat", "iteration": 3, "state": "paused"})

@@ -81,6 +81,16 @@ def start_detached_run(config_path: str | Path) -> str:
     return run.id
 
 
+def resume_detached_run(run: RunDir, iteration: int | None) -> None:
+    """``tunetop train --resume RUN [--from ITERATION] --detach`` from the TUI."""
+    from engine.checkpoint import find_checkpoint
+    from engine.daemon import spawn_engine
+
+    find_checkpoint(run.checkpoints, iteration)  # a clear error before anything starts
+    extra = ["--resume"] + ([] if iteration is None else ["--from", str(iteration)])
+    spawn_engine(run, extra_args=extra)
+
+
 def run_app(spec: str | None, theme: str | None = None, runs_list: bool = False) -> int:
     """Open the TUI (``tunetop attach`` and ``tunetop``); returns an exit code."""
     run: RunDir | None = None

@@ -156,6 +156,19 @@ class RunState:
         if "learning_rate" in changes:
             self.learning_rate = changes["learning_rate"]
 
+    def _on_resumed(self, e: dict[str, Any]) -> None:
+        """A resume from a checkpoint: what came after that checkpoint is no longer the run's history."""
+        iteration = int(e.get("iteration") or 0)
+        keep = next((i for i, x in enumerate(self.train_iterations) if x > iteration), len(self.train_iterations))
+        del self.train_iterations[keep:], self.train_losses[keep:], self.tokens_per_second_history[keep:]
+        self.validations = [v for v in self.validations if v.iteration <= iteration]
+        self.iteration = iteration
+        self.finished_reason = ""
+        self._note(e, f"resumed at iteration {iteration} from {e.get('checkpoint', '')}")
+
+    def _on_nonfinite(self, e: dict[str, Any]) -> None:
+        pass  # the warning event that follows carries the message
+
     def _on_heartbeat(self, e: dict[str, Any]) -> None:
         self.engine_state_from_heartbeat = str(e.get("state", ""))
 

@@ -31,6 +31,7 @@ class ConfigEditorScreen(Screen[None]):
     BINDINGS = [
         Binding("ctrl+s", "save", "Save"),
         Binding("ctrl+n", "start_run", "Start new run"),
+        Binding("ctrl+r", "resume_run", "Resume run from checkpoint"),
         Binding("escape", "close", "Close", priority=True),
     ]
 
@@ -90,6 +91,37 @@ class ConfigEditorScreen(Screen[None]):
             self.notify(f"could not start: {error}", severity="error", timeout=10)
             return
         self.notify(f"started run {run_id}")
+
+    def action_resume_run(self) -> None:
+        """Save, then resume the run this config belongs to from a chosen checkpoint."""
+        from engine.checkpoint import list_checkpoints
+        from engine.runs import RunDir
+        from tui.app import resume_detached_run
+        from tui.screens.modals import PromptScreen
+
+        run = RunDir(self.path.parent)
+        if self.path.name != "config.toml" or not run.journal.exists():
+            self.notify("this file is not a run's config; open it from a run's dashboard (c)", severity="warning")
+            return
+        if run.is_alive():
+            self.notify("the run is training; stop it first to resume from a checkpoint", severity="warning")
+            return
+        if not self.action_save():
+            return
+        have = ", ".join(p.name.lstrip("0") or "0" for p in list_checkpoints(run.checkpoints)) or "none"
+
+        def chosen(answer: str | None) -> None:
+            if answer is None:
+                return
+            try:
+                iteration = int(answer) if answer.strip() else None
+                resume_detached_run(run, iteration)
+            except Exception as error:
+                self.notify(f"could not resume: {error}", severity="error", timeout=10)
+                return
+            self.notify(f"resumed run {run.id}")
+
+        self.app.push_screen(PromptScreen(f"Resume from iteration (checkpoints: {have}; empty = latest):"), chosen)
 
     def action_close(self) -> None:
         self.app.pop_screen()

@@ -43,6 +43,7 @@ class RunsScreen(Screen[None]):
     BINDINGS = [
         Binding("enter", "open", "Attach / open"),
         Binding("n", "new_run", "New run from config"),
+        Binding("u", "resume_run", "Resume run"),
         Binding("d", "delete", "Delete run"),
         Binding("r", "reload", "Refresh"),
         Binding("q,ctrl+d", "quit", "Quit"),
@@ -101,6 +102,25 @@ class RunsScreen(Screen[None]):
             self.action_reload()
 
         self.app.push_screen(PromptScreen("Config file for the new run:", "run.toml"), chosen)
+
+    def action_resume_run(self) -> None:
+        """Continue a dead or finished run from its latest checkpoint, detached, and attach."""
+        run = self._selected()
+        if run is None:
+            return
+        if run.is_alive():
+            self.notify("that run is training already", severity="warning")
+            return
+        from tui.app import resume_detached_run
+
+        try:
+            resume_detached_run(run, None)
+        except Exception as error:
+            self.notify(f"could not resume: {error}", severity="error", timeout=10)
+            return
+        from tui.screens.dashboard import DashboardScreen
+
+        self.app.push_screen(DashboardScreen(run, live=True))
 
     def action_delete(self) -> None:
         run = self._selected()
