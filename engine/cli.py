@@ -169,10 +169,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _attach(spec: str | None, theme: str | None, runs_list: bool = False) -> int:
     try:
-        from tui.app import run_app
+        from tui.app import run_app, run_remote_app
+        from tui.remote import is_remote
     except ImportError as error:
         return _fail(f"the TUI cannot start: {error}")
+    if is_remote(spec):
+        return run_remote_app(str(spec), theme=theme)
     return run_app(spec, theme=theme, runs_list=runs_list)
+
+
+def cmd_remote_info(args: argparse.Namespace) -> int:
+    """Internal, run over ssh by a remote client: where a run's sockets are, as JSON."""
+    from .client_sync import run_endpoints
+    from .protocol import PROTOCOL_VERSION
+    from .runs import resolve
+
+    run = resolve(args.run or None)
+    endpoints = run_endpoints(run)
+    status = run.status()
+    events_path, commands_path = endpoints.paths
+    print(
+        json.dumps(
+            {
+                "protocol": PROTOCOL_VERSION,
+                "run": run.id,
+                "name": status.get("name", ""),
+                "state": status.get("state", ""),
+                "alive": run.is_alive(),
+                "events": str(events_path),
+                "commands": str(commands_path),
+            }
+        )
+    )
+    return 0
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -188,6 +217,15 @@ def _age(seconds: float) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from .runs import list_runs
+
+    if args.host:
+        from tui.remote import RemoteError, parse_target, run_remote
+
+        try:
+            print(run_remote(parse_target(args.host, with_run=False), ["ls", *(["--json"] if args.json else [])]), end="")
+        except RemoteError as error:
+            return _fail(str(error), EXIT_UNREACHABLE)
+        return 0
 
     rows = []
     for run in list_runs():
@@ -303,12 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("attach", help="open the TUI on a run")
+    p = sub.add_parser("attach", help="open the TUI on a run: RUN, or user@host[:port]:RUN over ssh")
     p.add_argument("run", nargs="?")
     p.add_argument("--theme")
     p.set_defaults(func=cmd_attach)
 
-    p = sub.add_parser("ls", help="list runs")
+    p = sub.add_parser("ls", help="list runs, here or on HOST (user@host[:port], over ssh)")
+    p.add_argument("host", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
 
@@ -328,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=cmd_control, command="set")
+
+    p = sub.add_parser("_remote-info", help=argparse.SUPPRESS)
+    p.add_argument("run", nargs="?", default="")
+    p.set_defaults(func=cmd_remote_info)
 
     p = sub.add_parser("_engine", help=argparse.SUPPRESS)
     p.add_argument("run_dir")

@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from textual.app import App, SystemCommand
 from textual.screen import Screen
@@ -20,9 +21,12 @@ class TunetopApp(App[int]):
     TITLE = "tunetop"
     ENABLE_COMMAND_PALETTE = True
 
-    def __init__(self, run: RunDir | None = None, theme: str | None = None, remember: bool = True) -> None:
+    def __init__(
+        self, run: RunDir | None = None, theme: str | None = None, remember: bool = True, remote: Any = None
+    ) -> None:
         super().__init__()
         self.initial_run = run
+        self.remote = remote
         self.requested_theme = theme
         self.remember = remember
         self._themes_ready = False
@@ -37,7 +41,9 @@ class TunetopApp(App[int]):
         from tui.screens.dashboard import DashboardScreen
         from tui.screens.runs import RunsScreen
 
-        if self.initial_run is None:
+        if self.remote is not None:
+            self.push_screen(DashboardScreen(self.remote.run_dir, live=self.remote.alive, remote=self.remote))
+        elif self.initial_run is None:
             self.push_screen(RunsScreen())
         else:
             self.push_screen(DashboardScreen(self.initial_run))
@@ -89,6 +95,23 @@ def resume_detached_run(run: RunDir, iteration: int | None) -> None:
     find_checkpoint(run.checkpoints, iteration)  # a clear error before anything starts
     extra = ["--resume"] + ([] if iteration is None else ["--from", str(iteration)])
     spawn_engine(run, extra_args=extra)
+
+
+def run_remote_app(spec: str, theme: str | None = None) -> int:
+    """``tunetop attach user@host[:port]:RUN``: the TUI here, the engine there, ssh between."""
+    from tui.remote import RemoteAttachment, RemoteError
+
+    try:
+        remote = RemoteAttachment.open(spec)
+    except RemoteError as error:
+        print(f"tunetop: {error}", file=sys.stderr)
+        return 3
+    try:
+        app = TunetopApp(None, theme, remote=remote)
+        app.run()
+    finally:
+        remote.close()
+    return app.return_code or 0
 
 
 def run_app(spec: str | None, theme: str | None = None, runs_list: bool = False) -> int:

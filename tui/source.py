@@ -56,6 +56,32 @@ class JournalSource(EventSource):
         self.on_status("read-only", "")
 
 
+class CommandSource(EventSource):
+    """Events as JSON lines from a command (a finished remote run: ``ssh host tunetop events RUN``)."""
+
+    def __init__(self, command: list[str], on_events: EventsCallback, on_status: StatusCallback) -> None:
+        self.argv = command
+        self.on_events = on_events
+        self.on_status = on_status
+
+    async def run(self) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        assert process.stdout is not None
+        batch: list[dict[str, Any]] = []
+        async for line in process.stdout:
+            if line.strip():
+                batch.append(loads(line))
+            if len(batch) >= 20_000:
+                self.on_events(batch)
+                batch = []
+        if batch:
+            self.on_events(batch)
+        await process.wait()
+        self.on_status("read-only", "")
+
+
 class LiveSource(EventSource):
     """Attached to a live engine through :class:`tui.client.RunClient`."""
 

@@ -65,9 +65,10 @@ class DashboardScreen(Screen[None]):
         Binding("q,ctrl+d", "detach", "Detach"),
     ]
 
-    def __init__(self, run: RunDir, live: bool | None = None) -> None:
+    def __init__(self, run: RunDir, live: bool | None = None, remote: Any = None) -> None:
         super().__init__()
         self.run_dir = run
+        self.remote = remote
         self.live = run.is_alive() if live is None else live
         self.run_state = RunState(run_id=run.id)
         self._dirty = True
@@ -75,11 +76,20 @@ class DashboardScreen(Screen[None]):
         self._shown_checkpoints = 0
         self._shown_logs = 0
         self.source: EventSource
-        if self.live:
+        if remote is not None and remote.tunnel is not None:
+            from tui.client import RunClient
+
+            self.source = LiveSource(RunClient(remote.tunnel.local, self._on_events, self._on_status))
+        elif remote is not None:
+            from tui.source import CommandSource
+
+            self.source = CommandSource(remote.history_command(), self._on_events, self._on_status)
+        elif self.live:
             self.source = LiveSource.for_run(run, self._on_events, self._on_status)
         else:
             self.source = JournalSource(run.journal, self._on_events, self._on_status)
         self._source_task: asyncio.Task[None] | None = None
+        self._tunnel_task: asyncio.Task[None] | None = None
         self.last_reply = ""
 
     # -- layout --------------------------------------------------------------------------
@@ -125,12 +135,15 @@ class DashboardScreen(Screen[None]):
             checkpoint_table.add_column(label, width=width)
         self.query_one(RunHeader).read_only = not self.live
         self._source_task = asyncio.create_task(self.source.run())
+        if self.remote is not None and self.remote.tunnel is not None:
+            self._tunnel_task = asyncio.create_task(self.remote.tunnel.supervise(self._on_status))
         self.set_interval(1 / REFRESH_HZ, self._tick)
 
     def on_unmount(self) -> None:
         self.source.close()
-        if self._source_task is not None:
-            self._source_task.cancel()
+        for task in (self._source_task, self._tunnel_task):
+            if task is not None:
+                task.cancel()
 
     # -- events in -------------------------------------------------------------------------
 
@@ -275,6 +288,9 @@ class DashboardScreen(Screen[None]):
     def action_edit_config(self) -> None:
         from tui.screens.editor import ConfigEditorScreen
 
+        if self.remote is not None:
+            self.show_reply("the config of a remote run lives on the remote machine: edit it there", error=True)
+            return
         self.app.push_screen(ConfigEditorScreen(self.run_dir.config))
 
     def action_help(self) -> None:

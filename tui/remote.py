@@ -1,0 +1,259 @@
+"""Attach to a run on another machine through the system ``ssh``.
+
+``user@host[:port]:RUN`` names a remote run. We ask the remote ``tunetop`` where the run's
+sockets are (``tunetop _remote-info RUN`` prints JSON), then forward two private local unix
+sockets to them with ``ssh -N -L local:remote`` (StreamLocalBindUnlink, ExitOnForwardFailure),
+so ~/.ssh/config, agents, ProxyJump and ControlMaster all apply and no port opens anywhere.
+The tunnel is watched and restarted with backoff when it dies; the client above it replays
+only what it missed. No mlx import here.
+
+Environment: ``TUNETOP_SSH`` is the ssh command with any options (default ``ssh``);
+``TUNETOP_REMOTE_TUNETOP`` is the command that runs tunetop on the remote side (default
+``tunetop``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.endpoints import Endpoints, socket_dir
+from engine.protocol import PROTOCOL_VERSION
+
+
+class RemoteError(RuntimeError):
+    """A remote attach that cannot go ahead; the message says why and what to check."""
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """``user@host[:port]`` and, for attach, the run (empty = the remote's latest)."""
+
+    host: str
+    user: str = ""
+    port: int | None = None
+    run: str = ""
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    def __str__(self) -> str:
+        port = f":{self.port}" if self.port else ""
+        return f"{self.destination}{port}"
+
+
+def is_remote(spec: str | None) -> bool:
+    """Run ids and names hold no ':' or '@'; anything that does names a host."""
+    return bool(spec) and (":" in spec or "@" in spec)  # type: ignore[operator]
+
+
+def parse_target(spec: str, with_run: bool = True) -> RemoteTarget:
+    """``user@host[:port]:RUN`` for attach (``host:RUN``, ``host:`` = latest), ``user@host[:port]`` for ls."""
+    parts = spec.split(":")
+    destination = parts[0]
+    user, _, host = destination.rpartition("@")
+    rest = parts[1:]
+    port: int | None = None
+    run = ""
+    if with_run:
+        if len(rest) == 2 and rest[0].isdigit():
+            port, run = int(rest[0]), rest[1]
+        elif len(rest) == 1:
+            run = rest[0]
+        elif rest:
+            host = ""
+    else:
+        if len(rest) == 1 and rest[0].isdigit():
+            port = int(rest[0])
+        elif rest:
+            host = ""
+    if not host or not re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+", host) or (user and not re.fullmatch(r"[A-Za-z0-9_.\-]+", user)):
+        form = "user@host[:port]:RUN" if with_run else "user@host[:port]"
+        raise RemoteError(f"'{spec}' is not {form} (for example alice@gpu1:2222:my-run).")
+    return RemoteTarget(host, user, port, run)
+
+
+def ssh_base(target: RemoteTarget) -> list[str]:
+    command = shlex.split(os.environ.get("TUNETOP_SSH", "ssh"))
+    command += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    if target.port:
+        command += ["-p", str(target.port)]
+    return [*command, target.destination]
+
+
+def remote_tunetop() -> list[str]:
+    return shlex.split(os.environ.get("TUNETOP_REMOTE_TUNETOP", "tunetop"))
+
+
+def explain_ssh_failure(target: RemoteTarget, code: int, stderr: str) -> str:
+    """One paragraph for the ways ssh or the remote tunetop fail."""
+    text = stderr.strip().splitlines()
+    last = text[-1] if text else ""
+    lowered = stderr.lower()
+    if "permission denied" in lowered or "authentication" in lowered:
+        return (f"ssh to {target} was refused: authentication failed ({last}). Check that your key is in the "
+                "remote ~/.ssh/authorized_keys and loaded in your agent (ssh-add -l), or set the identity in ~/.ssh/config.")
+    if code == 255 or "could not resolve" in lowered or "connection refused" in lowered or "timed out" in lowered:
+        return (f"cannot reach {target}: {last or 'ssh exited with 255'}. Check the host name, the port and the "
+                "network; `ssh " + str(target) + "` must work on its own first.")
+    if code == 127 or "command not found" in lowered or "no such file" in lowered:
+        return (f"tunetop is not installed on {target} (or not on the PATH of a non-interactive shell): {last}. "
+                "Install it there, or set TUNETOP_REMOTE_TUNETOP to its full path (e.g. ~/tunetop/.venv/bin/tunetop).")
+    return f"the remote tunetop on {target} failed (exit {code}): {last}"
+
+
+def run_remote(target: RemoteTarget, args: list[str], timeout: float = 30.0) -> str:
+    """Run ``tunetop ARGS`` on the remote side; RemoteError with an explanation on failure."""
+    command = [*ssh_base(target), shlex.join([*remote_tunetop(), *args])]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RemoteError(f"cannot reach {target}: no answer within {timeout:.0f}s.") from None
+    except FileNotFoundError:
+        raise RemoteError("the ssh client is not installed here (install openssh-client).") from None
+    if result.returncode != 0:
+        if result.returncode == 2 and result.stderr.startswith("tunetop:"):
+            raise RemoteError(f"{target}: {result.stderr.strip().removeprefix('tunetop: ')}")
+        raise RemoteError(explain_ssh_failure(target, result.returncode, result.stderr))
+    return result.stdout
+
+
+def remote_info(target: RemoteTarget) -> dict[str, Any]:
+    """Where the remote run's sockets are, checked for protocol version."""
+    output = run_remote(target, ["_remote-info", target.run])
+    try:
+        info = json.loads(output.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise RemoteError(f"the remote tunetop on {target} answered something unexpected: {output[:200]!r}") from None
+    if info.get("protocol") != PROTOCOL_VERSION:
+        raise RemoteError(
+            f"the tunetop on {target} speaks protocol {info.get('protocol')}, this one {PROTOCOL_VERSION}: "
+            "install the same tunetop version on both machines."
+        )
+    return info
+
+
+class Tunnel:
+    """``ssh -N`` forwarding two local unix sockets to the remote run's sockets."""
+
+    def __init__(self, target: RemoteTarget, remote: Endpoints) -> None:
+        self.target = target
+        self.remote = remote
+        key = hashlib.sha1(f"{target}:{remote.events}".encode()).hexdigest()[:10]
+        directory = socket_dir()
+        self.local = Endpoints(events=f"ipc://{directory}/r-{key}.pub", commands=f"ipc://{directory}/r-{key}.cmd")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def command(self) -> list[str]:
+        forwards: list[str] = []
+        for local, remote in zip(self.local.paths, self.remote.paths, strict=True):
+            forwards += ["-L", f"{local}:{remote}"]
+        options = [
+            "-N",
+            "-o", "ExitOnForwardFailure=yes",
+            "-o", "StreamLocalBindUnlink=yes",
+            "-o", "StreamLocalBindMask=0177",
+            "-o", "ServerAliveInterval=5",
+            "-o", "ServerAliveCountMax=2",
+        ]
+        base = ssh_base(self.target)
+        return [*base[:-1], *options, *forwards, base[-1]]
+
+    def start(self, wait: float = 15.0) -> None:
+        """Start ssh and wait until both local sockets exist."""
+        for path in self.local.paths:
+            path.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                stderr = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                raise RemoteError(explain_ssh_failure(self.target, self.process.returncode, stderr))
+            if all(path.exists() for path in self.local.paths):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RemoteError(f"the ssh tunnel to {self.target} did not come up within {wait:.0f}s.")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        for path in self.local.paths:
+            Path(path).unlink(missing_ok=True)
+
+    async def supervise(self, on_status: Any = None) -> None:
+        """Restart the tunnel with backoff whenever ssh exits (network drop, laptop sleep)."""
+        backoff = 0.5
+        while True:
+            await asyncio.sleep(0.5)
+            if self.alive():
+                backoff = 0.5
+                continue
+            if on_status is not None:
+                on_status("disconnected", f"ssh tunnel to {self.target} dropped; reconnecting")
+            try:
+                await asyncio.to_thread(self.start)
+                self.restarts += 1
+            except RemoteError as error:
+                if on_status is not None:
+                    on_status("disconnected", str(error))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+
+@dataclass
+class RemoteAttachment:
+    """A remote run opened for the TUI: its info, and the tunnel when it is live."""
+
+    target: RemoteTarget
+    info: dict[str, Any]
+    tunnel: Tunnel | None
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.info.get("alive"))
+
+    @property
+    def run_dir(self) -> Any:
+        from engine.runs import RunDir
+
+        # Only the id is used for a remote run; its folder lives on the other machine.
+        return RunDir(Path("/nonexistent-remote") / str(self.info.get("run", "remote")))
+
+    @classmethod
+    def open(cls, spec: str) -> RemoteAttachment:
+        target = parse_target(spec)
+        info = remote_info(target)
+        tunnel = None
+        if info.get("alive"):
+            tunnel = Tunnel(target, Endpoints(events=f"ipc://{info['events']}", commands=f"ipc://{info['commands']}"))
+            tunnel.start()
+        return cls(target, info, tunnel)
+
+    def history_command(self) -> list[str]:
+        """ssh command printing a finished remote run's journal as JSON lines."""
+        return [*ssh_base(self.target), shlex.join([*remote_tunetop(), "events", str(self.info["run"])])]
+
+    def close(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.stop()
