@@ -28,25 +28,31 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _start_run(config_path: Path | None, cfg: Any, detach: bool) -> tuple[int, str]:
+def _start_run(config_path: Path | None, cfg: Any, detach: bool, listen: str = "") -> tuple[int, str]:
     from . import config as config_module
     from .runs import create_run
 
+    if listen:  # refuse an unsafe listener before anything is created
+        from .curve import check_listen
+
+        check_listen(listen)
     run = create_run()
     config_module.save(cfg, run.config)
     if detach:
         from .daemon import EngineStartError, spawn_engine
 
         try:
-            spawn_engine(run)
+            spawn_engine(run, extra_args=["--listen", listen] if listen else None)
         except EngineStartError as error:
             print(f"tunetop: {error}", file=sys.stderr)
             return error.code, run.id
         return 0, run.id
-    return _run_engine(run.path, foreground=True), run.id
+    return _run_engine(run.path, foreground=True, listen=listen), run.id
 
 
-def _run_engine(run_path: Path, foreground: bool, resume: bool = False, resume_from: int | None = None) -> int:
+def _run_engine(
+    run_path: Path, foreground: bool, resume: bool = False, resume_from: int | None = None, listen: str = ""
+) -> int:
     """Run the engine for an existing run folder in this process."""
     from . import config as config_module
     from .console import ConsoleReporter
@@ -58,12 +64,17 @@ def _run_engine(run_path: Path, foreground: bool, resume: bool = False, resume_f
     cfg = config_module.load(run.config)
     reporter = ConsoleReporter(cfg.training.iterations) if foreground else ConsoleReporter(cfg.training.iterations, sys.stdout)
     engine = Engine(cfg, run, echo=reporter, resume=resume, resume_from=resume_from)
-    try:
-        from .server import attach_server
+    from .server import attach_server
 
-        engine.on_ready.append(attach_server)
-    except ImportError:  # pragma: no cover - server is part of the package
-        pass
+    tcp = None
+    if listen:
+        from .curve import CurveError, prepare
+
+        try:
+            tcp = prepare(listen, run.path)
+        except CurveError as error:
+            return _fail(str(error))
+    engine.on_ready.append(lambda owner: attach_server(owner, tcp))
     if foreground:
         print(f"run {run.id} in {run.path}", flush=True)
     try:
@@ -88,7 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(str(error))
     if not cfg.name:
         cfg.name = Path(args.config).stem
-    code, run_id = _start_run(Path(args.config), cfg, args.detach)
+    try:
+        code, run_id = _start_run(Path(args.config), cfg, args.detach, args.listen)
+    except ValueError as error:  # CurveError: a malformed --listen
+        return _fail(str(error))
     if args.detach and code == 0:
         print(run_id)
     return code
@@ -122,7 +136,19 @@ def _resume(args: argparse.Namespace) -> int:
 
 def cmd_engine(args: argparse.Namespace) -> int:
     """Internal: the detached engine's entry point (``tunetop _engine RUN_DIR``)."""
-    return _run_engine(Path(args.run_dir), foreground=False, resume=args.resume, resume_from=args.start_from)
+    return _run_engine(
+        Path(args.run_dir), foreground=False, resume=args.resume, resume_from=args.start_from, listen=args.listen
+    )
+
+
+def cmd_keys(_args: argparse.Namespace) -> int:
+    """Make (once) and print this user's client key for TCP listeners."""
+    from .curve import clients_dir, make_client_keys
+
+    public = make_client_keys()
+    print(f"client public key: {public}")
+    print(f"authorize it on the engine's machine: copy it into {clients_dir()}/ (any name ending in .key)")
+    return 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -329,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="run the engine in the background; print the run id")
     p.add_argument("--resume", metavar="RUN", nargs="?", const="", help="continue RUN (default: the latest) in place")
     p.add_argument("--from", dest="start_from", type=int, metavar="ITERATION", help="the checkpoint to resume from")
+    p.add_argument("--listen", default="", metavar="tcp://ADDR:PORT", help="also serve on TCP, CURVE-encrypted (see `tunetop keys`)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("init", help="write a commented starter config")
@@ -368,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=cmd_control, command="set")
 
+    p = sub.add_parser("keys", help="make and print your client key for TCP listeners")
+    p.set_defaults(func=cmd_keys)
+
     p = sub.add_parser("_remote-info", help=argparse.SUPPRESS)
     p.add_argument("run", nargs="?", default="")
     p.set_defaults(func=cmd_remote_info)
@@ -376,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--from", dest="start_from", type=int)
+    p.add_argument("--listen", default="")
     p.set_defaults(func=cmd_engine)
     return parser
 

@@ -12,6 +12,7 @@ reply JSON]`` for commands; for ``replay``: ``[b"JRNL", raw journal records]``..
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import sys
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from .curve import CurveServer
 from .endpoints import Endpoints, endpoints_for
 from .journal import read_range
 from .protocol import (
@@ -46,9 +48,11 @@ ROUTER_HIGH_WATER = 100_000
 class Server:
     """Serves one engine's events and commands until ``close()``."""
 
-    def __init__(self, engine: Engine, endpoints: Endpoints | None = None) -> None:
+    def __init__(self, engine: Engine, endpoints: Endpoints | None = None, tcp: CurveServer | None = None) -> None:
         self.engine = engine
         self.endpoints = endpoints or endpoints_for(engine.run_dir.id)
+        self.tcp = tcp
+        self._authenticator: Any = None
         self.outbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -75,15 +79,19 @@ class Server:
 
     # The socket thread ---------------------------------------------------------------
 
-    def _bind(self, context: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
-        for path in self.endpoints.paths:
-            # The run lock is held, so a socket file here is a dead engine's leftover.
-            path.unlink(missing_ok=True)
+    def _bind_pair(
+        self, context: zmq.Context, events: str, commands: str, curve: CurveServer | None = None
+    ) -> tuple[zmq.Socket, zmq.Socket]:
         pub = context.socket(zmq.PUB)
+        router = context.socket(zmq.ROUTER)
+        if curve is not None:  # before bind: CURVE applies to connections made after it is set
+            for socket in (pub, router):
+                socket.curve_secretkey = curve.secret_key
+                socket.curve_publickey = curve.public_key
+                socket.curve_server = True
         pub.setsockopt(zmq.SNDHWM, PUB_HIGH_WATER)
         pub.setsockopt(zmq.LINGER, 1000)  # let the last events (finished) reach subscribers
-        pub.bind(self.endpoints.events)
-        router = context.socket(zmq.ROUTER)
+        pub.bind(events)
         router.setsockopt(zmq.SNDHWM, ROUTER_HIGH_WATER)
         router.setsockopt(zmq.RCVHWM, 10_000)
         router.setsockopt(zmq.LINGER, 0)
@@ -91,61 +99,78 @@ class Server:
         router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # oversized frames drop the peer, not us
         router.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-        router.bind(self.endpoints.commands)
+        router.bind(commands)
+        return pub, router
+
+    def _bind(self, context: zmq.Context) -> list[tuple[zmq.Socket, zmq.Socket]]:
+        for path in self.endpoints.paths:
+            # The run lock is held, so a socket file here is a dead engine's leftover.
+            path.unlink(missing_ok=True)
+        pairs = [self._bind_pair(context, self.endpoints.events, self.endpoints.commands)]
         for path in self.endpoints.paths:
             path.chmod(0o600)
-        return pub, router
+        if self.tcp is not None:
+            self._authenticator = self.tcp.start_authenticator(context)
+            pairs.append(self._bind_pair(context, self.tcp.events, self.tcp.commands, self.tcp))
+        return pairs
 
     def _serve(self) -> None:
         context: zmq.Context = zmq.Context.instance()
         try:
-            pub, router = self._bind(context)
+            pairs = self._bind(context)
         except BaseException as error:  # report bind failures to start()
             self._error = error
             self._ready.set()
             return
         self._ready.set()
+        pubs = [pub for pub, _ in pairs]
+        routers = [router for _, router in pairs]
         poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
+        for router in routers:
+            poller.register(router, zmq.POLLIN)
         last_heartbeat = 0.0
         try:
             while not self._stop.is_set():
                 for socket, _ in poller.poll(20):
-                    if socket is router:
-                        self._drain_router(router)
-                self._drain_outbox(pub, router)
+                    self._drain_router(socket)
+                self._drain_outbox(pubs)
                 now = time.monotonic()
                 if now - last_heartbeat >= HEARTBEAT_SECONDS:
                     last_heartbeat = now
-                    self._heartbeat(pub)
-            self._drain_outbox(pub, router)
+                    self._heartbeat(pubs)
+            self._drain_outbox(pubs)
         finally:
-            pub.close(1000)
-            router.close(0)
+            for pub in pubs:
+                pub.close(1000)
+            for router in routers:
+                router.close(0)
+            if self._authenticator is not None:
+                self._authenticator.stop()
             for path in self.endpoints.paths:
                 path.unlink(missing_ok=True)
 
-    def _heartbeat(self, pub: zmq.Socket) -> None:
+    def _heartbeat(self, pubs: list[zmq.Socket]) -> None:
         engine = self.engine
         last_seq = engine.events.last_seq if engine.events else 0
         iteration = engine.trainer.iteration if engine.trainer is not None else 0
         event = make_event(engine.run_dir.id, last_seq, "heartbeat", iteration=iteration, state=engine.state)
-        pub.send_multipart([b"evt", encode(event)], zmq.NOBLOCK)
+        payload = encode(event)
+        for pub in pubs:
+            pub.send_multipart([b"evt", payload], zmq.NOBLOCK)
 
-    def _drain_outbox(self, pub: zmq.Socket, router: zmq.Socket) -> None:
+    def _drain_outbox(self, pubs: list[zmq.Socket]) -> None:
         while True:
             try:
                 kind, item = self.outbox.get_nowait()
             except queue.Empty:
                 return
             if kind == "evt":
-                try:
-                    pub.send_multipart([b"evt", item], zmq.NOBLOCK)
-                    self.published += 1
-                except zmq.Again:
-                    pass  # PUB never blocks; clients replay what they miss
+                for pub in pubs:
+                    with contextlib.suppress(zmq.Again):  # PUB never blocks; clients replay what they miss
+                        pub.send_multipart([b"evt", item], zmq.NOBLOCK)
+                self.published += 1
             else:
-                identity, reply = item
+                router, identity, reply = item
                 self._send(router, identity, [b"REP", reply.encode()])
 
     def _send(self, router: zmq.Socket, identity: bytes, frames: list[bytes]) -> bool:
@@ -193,8 +218,8 @@ class Server:
         elif command.cmd == "status":
             self._send(router, identity, [b"REP", Reply(command.id, True, result=engine.status_result()).encode()])
         else:
-            def respond(reply: Reply, identity: bytes = identity) -> None:
-                self.outbox.put(("rep", (identity, reply)))
+            def respond(reply: Reply, identity: bytes = identity, router: zmq.Socket = router) -> None:
+                self.outbox.put(("rep", (router, identity, reply)))
 
             engine.submit(command, respond)
 
@@ -227,14 +252,21 @@ def _peek_id(body: bytes) -> str:
         return ""
 
 
-def attach_server(engine: Engine) -> Server:
+def attach_server(engine: Engine, tcp: CurveServer | None = None) -> Server:
     """Start a server for ``engine`` (an ``Engine.on_ready`` hook) and subscribe it to the events."""
-    server = Server(engine)
+    server = Server(engine, tcp=tcp)
     server.start()
     assert engine.events is not None
     engine.events.subscribers.append(server.publish)
     engine.on_close.append(lambda _engine: server.close())
     engine.run_dir.endpoints_file.write_text(
-        json.dumps({"events": server.endpoints.events, "commands": server.endpoints.commands, "protocol": PROTOCOL_VERSION})
+        json.dumps(
+            {
+                "events": server.endpoints.events,
+                "commands": server.endpoints.commands,
+                "protocol": PROTOCOL_VERSION,
+                **({"tcp_events": tcp.events, "tcp_commands": tcp.commands, "server_key": tcp.public_key.decode()} if tcp else {}),
+            }
+        )
     )
     return server

@@ -6,6 +6,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,3 +121,63 @@ def test_errors_are_explained(ssh_server: sshd.SshServer, tmp_path: Path, monkey
     monkeypatch.setenv("TUNETOP_REMOTE_TUNETOP", "no-such-tunetop-binary")
     result = tunetop("attach", f"{ssh_server.destination}:x")
     assert result.returncode == 3 and "tunetop is not installed" in result.stderr and "Traceback" not in result.stderr
+
+
+def _curve_socket(kind: int, endpoint: str, options: dict) -> Any:
+    import zmq
+
+    socket = zmq.Context.instance().socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        setattr(socket, name, value)
+    if kind == zmq.SUB:
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+    socket.connect(endpoint)
+    return socket
+
+
+def test_tcp_listener_needs_keys_and_delivers_only_to_authorized_clients(tmp_path: Path) -> None:
+    import json
+
+    import zmq
+    import zmq.auth
+
+    from engine.curve import client_options, clients_dir, make_client_keys
+    from engine.runs import list_runs, resolve
+    from tests.conftest import write_config
+
+    port = sshd.free_port()
+    config = write_config(tmp_path / "run.toml", training={"iterations": 100_000, "steps_per_report": 1})
+    refused = tunetop("train", str(config), "--detach", "--listen", f"tcp://127.0.0.1:{port}")
+    assert refused.returncode == 2 and "no authorized client keys" in refused.stderr
+    assert list_runs() == []  # refused before anything was created
+
+    public = make_client_keys()
+    clients_dir().mkdir(parents=True, exist_ok=True)
+    (clients_dir() / "me.key").write_text(public.read_text())
+    run = resolve(tunetop("train", str(config), "--detach", "--listen", f"tcp://127.0.0.1:{port}", check=True).stdout.strip())
+    try:
+        info = json.loads(run.endpoints_file.read_text())
+        server_key = info["server_key"].encode()
+        good = _curve_socket(zmq.SUB, info["tcp_events"], client_options(server_key))
+        assert good.poll(10_000), "an authorized client receives events"
+        assert json.loads(good.recv_multipart()[-1])["run"] == run.id
+        dealer = _curve_socket(zmq.DEALER, info["tcp_commands"], client_options(server_key))
+        dealer.send(b'{"v":1,"id":"s","cmd":"status","args":{}}')
+        assert dealer.poll(10_000) and json.loads(dealer.recv_multipart()[-1])["ok"]
+        # a client with a key the engine does not know gets nothing at all
+        stranger = zmq.auth.create_certificates(str(tmp_path), "stranger")[1]
+        spub, ssecret = zmq.auth.load_certificate(stranger)
+        wrong = {"curve_publickey": spub, "curve_secretkey": ssecret, "curve_serverkey": server_key}
+        bad_sub = _curve_socket(zmq.SUB, info["tcp_events"], wrong)
+        bad_dealer = _curve_socket(zmq.DEALER, info["tcp_commands"], wrong)
+        bad_dealer.send(b'{"v":1,"id":"s","cmd":"status","args":{}}')
+        assert not bad_sub.poll(4000) and not bad_dealer.poll(1000)
+        # and a plain-text client (no CURVE) gets nothing either
+        plain = _curve_socket(zmq.SUB, info["tcp_events"], {})
+        assert not plain.poll(3000)
+        for socket in (good, dealer, bad_sub, bad_dealer, plain):
+            socket.close(0)
+    finally:
+        if run.is_alive():
+            os.kill(run.engine_pid() or 0, signal.SIGKILL)
