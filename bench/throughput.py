@@ -1,6 +1,6 @@
 """Training throughput of tunetop's engine against mlx_lm.lora on the same model, data and batch.
 
-    python bench/throughput.py                          # embedded model and data, both trainers
+    python bench/throughput.py --mask-prompt            # embedded model and data, both trainers
     python bench/throughput.py --model DIR --data DIR --batch-size 8 --iters 300 --num-layers 16
     TUNETOP_BLAS=none python bench/throughput.py        # with the mlx wheel's reference BLAS
 
@@ -132,10 +132,15 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=2048)
-    parser.add_argument("--mask-prompt", action="store_true", default=True)
+    parser.add_argument("--mask-prompt", action="store_true", help="train on completions only (prompt/completion data)")
+    parser.add_argument("--memory-limit-gb", type=float, default=0, help="mx.set_memory_limit, e.g. on a shared GPU")
     parser.add_argument("--which", choices=["both", "ours", "mlx_lm"], default="both")
     parser.add_argument("--scratch", default="/tmp/tunetop-bench")
     args = parser.parse_args()
+    if args.memory_limit_gb:
+        import mlx.core as mx
+
+        mx.set_memory_limit(int(args.memory_limit_gb * 1e9))
     if args.which == "ours":
         print("RESULT " + json.dumps(run_ours(args)))
         return
