@@ -45,11 +45,7 @@ SHAPES = {
     },
 }
 
-WORDS = (
-    "the of and to in is was for on that with as by at from his her an were are which this be or had "
-    "not but their has have it its one two new first also after time year city model data train loss "
-    "river market school music field power light water stone road north south east west early late"
-).split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "an", "were", "are", "which", "this", "be", "or", "had", "not", "but", "their", "has", "have", "it", "its", "one", "two", "new", "first", "also", "after", "time", "year", "city", "model", "data", "train", "loss", "river", "market", "school", "music", "field", "power", "light", "water", "stone", "road", "north", "south", "east", "west", "early", "late"]
 
 
 def make_model(folder: Path, shape: str, dtype: str) -> None:
@@ -69,7 +65,12 @@ def make_model(folder: Path, shape: str, dtype: str) -> None:
     }
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict(config))
-    weights = tree_map(lambda w: (w * 0.02 / max(float(mx.std(w).item()), 1e-6)).astype(getattr(mx, dtype)), model.parameters())
+    def init(w: mx.array) -> mx.array:
+        # Matrices as a trained model's (std 0.02); norm weights stay at 1.
+        scaled = w * (0.02 / max(float(mx.std(w).item()), 1e-6)) if w.ndim >= 2 else w
+        return scaled.astype(getattr(mx, dtype))
+
+    weights = tree_map(init, model.parameters())
     flat = dict(tree_flatten(weights))
     mx.save_safetensors(str(folder / "model.safetensors"), flat, metadata={"format": "mlx"})
     (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2))

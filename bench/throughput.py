@@ -27,6 +27,8 @@ import engine  # noqa: E402,F401  (first: loads OpenBLAS before mlx, unless TUNE
 
 def _steady(reports: list[dict[str, float]]) -> dict[str, float]:
     """Sum tokens and seconds over every report interval but the first."""
+    if not reports:
+        raise SystemExit("no training reports: the run stopped early (a non-finite loss?)")
     rest = reports[1:] or reports
     seconds = sum(r["seconds"] for r in rest)
     tokens = sum(r["tokens"] for r in rest)
