@@ -416,6 +416,10 @@ def _assign_in_place(target: Any, source: Any) -> None:
     (the compiled step holds references to these containers)."""
     items = target.items() if isinstance(target, dict) else enumerate(target)
     for key, value in list(items):
+        # Containers holding no arrays vanish in a flatten/unflatten round trip: nothing to copy.
+        present = key in source if isinstance(source, dict) else key < len(source)
+        if not present:
+            continue
         new = source[key]
         if isinstance(value, (dict, list)):
             _assign_in_place(value, new)

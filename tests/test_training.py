@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from engine import config
 from engine.data import BatchPlan, Dataset, Example
@@ -133,3 +134,19 @@ def test_gradient_accumulation_counts_every_micro_batch(tmp_path: Path) -> None:
     trainer, *_ = build_trainer(cfg, tmp_path / "adapters")
     run_loop(trainer)
     assert trainer.iteration == 3 and trainer.position == 6  # two batches per optimizer step
+
+
+def test_skip_policy_undoes_nonfinite_updates(tmp_path: Path) -> None:
+    from engine.trainer import NonFinite
+
+    cfg = make_cfg(iterations=12, steps_per_report=1, steps_per_eval=1000, on_nonfinite="skip")
+    cfg.optimizer.name = "sgd"
+    cfg.optimizer.learning_rate = 1e30  # the weights blow up within a step or two
+    trainer, *_ = build_trainer(cfg, tmp_path / "adapters")
+    events: list[Any] = []
+    result = run_loop(trainer, events.append)
+    skipped = [e for e in events if isinstance(e, NonFinite)]
+    assert skipped and all(e.action == "skipped" for e in skipped)
+    assert result.reason == "completed" and trainer.iteration == 12
+    assert trainer.weights_finite()  # every non-finite update was undone
+    assert all(bool(mx.all(mx.isfinite(v)).item()) for _, v in tree_flatten(trainer.optimizer.state) if isinstance(v, mx.array))
