@@ -72,6 +72,8 @@ class DashboardScreen(Screen[None]):
         self.live = run.is_alive() if live is None else live
         self.run_state = RunState(run_id=run.id)
         self._dirty = True
+        self._dirty_header = True
+        self._header_painted = 0.0
         self._shown_validations = 0
         self._shown_checkpoints = 0
         self._shown_logs = 0
@@ -161,6 +163,7 @@ class DashboardScreen(Screen[None]):
             self._dirty = True
             return
         header.connection = status
+        self._dirty_header = True
         if status == "disconnected":
             self.show_reply(f"connection lost ({detail}); keeping what we have and reconnecting…", error=True)
         elif status == "incompatible":
@@ -168,14 +171,19 @@ class DashboardScreen(Screen[None]):
         self._dirty = True
 
     def _tick(self) -> None:
-        # The header's clock moves every tick; everything else only when events arrived.
-        self.query_one(RunHeader).refresh_from_state()
+        # Repaint only when events arrived; the header's clock (whole seconds) once a second.
+        now = time.monotonic()
         if self._dirty:
             self.repaint()
+        if self._dirty_header or now - self._header_painted >= 1.0:
+            self._header_painted = now
+            self._dirty_header = False
+            self.query_one(RunHeader).refresh_from_state()
 
     def repaint(self) -> None:
         """Bring every widget up to date with the run state now."""
         self._dirty = False
+        self._dirty_header = True
         s = self.run_state
         self.query_one(ThroughputPanel).refresh_from_state()
         self.query_one(LossChart).refresh()
