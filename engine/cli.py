@@ -346,6 +346,46 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import EXPORTERS, ExportError
+    from .runs import resolve
+
+    run = resolve(args.run)
+    try:
+        out = EXPORTERS[args.format](run, Path(args.output), args.checkpoint)
+    except ExportError as error:
+        return _fail(str(error))
+    print(f"exported {args.format} to {out}")
+    return 0
+
+
+def cmd_export_metrics(args: argparse.Namespace) -> int:
+    from .export import metrics_text
+    from .runs import resolve
+
+    text = metrics_text(resolve(args.run), args.format)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_import_config(args: argparse.Namespace) -> int:
+    from . import config as config_module
+    from .import_config import import_yaml
+
+    cfg, notes = import_yaml(Path(args.yaml))
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        return _fail(f"{output} already exists; pass --force to overwrite it.")
+    config_module.save(cfg, output)
+    print(f"wrote {output}")
+    for note in notes:
+        print(f"  not carried over: {note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunetop", description="LoRA fine-tuning on MLX you can watch and steer.")
     sub = parser.add_subparsers(dest="name")
@@ -394,6 +434,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=cmd_control, command="set")
+
+    p = sub.add_parser("export", help="export a run's adapter: mlx (adapter folder), peft, or fused (merged model)")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--format", choices=["mlx", "peft", "fused"], required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("export-metrics", help="a run's training and validation metrics as CSV or JSON lines")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    p.add_argument("--output")
+    p.set_defaults(func=cmd_export_metrics)
+
+    p = sub.add_parser("import-config", help="turn an mlx_lm.lora YAML config into a tunetop TOML config")
+    p.add_argument("yaml")
+    p.add_argument("--output", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_import_config)
 
     p = sub.add_parser("keys", help="make and print your client key for TCP listeners")
     p.set_defaults(func=cmd_keys)

@@ -1,0 +1,121 @@
+"""Exports (mlx adapter, fused model, PEFT layout, metrics) and importing mlx_lm.lora configs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from engine.runs import RunDir, list_runs
+from tests.conftest import tunetop, write_config
+
+TOKENS = mx.array([[5, 17, 42, 99, 7, 3, 250, 11]])
+
+
+@pytest.fixture
+def trained_run(tmp_path: Path) -> RunDir:
+    config = write_config(tmp_path / "run.toml", training={"iterations": 10, "steps_per_report": 5, "steps_per_eval": 5},
+                          checkpoints={"save_every": 5})
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    return run
+
+
+def _logits(model_path: str, adapter: str | None = None) -> np.ndarray:
+    from mlx_lm import load
+
+    model, _ = load(model_path, adapter_path=adapter)
+    return np.array(model(TOKENS).astype(mx.float32))
+
+
+def test_mlx_and_fused_exports_load_in_mlx_lm(trained_run: RunDir, tmp_path: Path) -> None:
+    model_path = json.loads((trained_run.adapters / "adapter_config.json").read_text())["model"]
+    tunetop("export", trained_run.id, "--format", "mlx", "--output", str(tmp_path / "mlx"), check=True)
+    with_adapter = _logits(model_path, str(tmp_path / "mlx"))
+    assert np.allclose(with_adapter, _logits(model_path, str(trained_run.adapters)))
+    tunetop("export", trained_run.id, "--format", "fused", "--output", str(tmp_path / "fused"), check=True)
+    assert np.allclose(_logits(str(tmp_path / "fused")), with_adapter, atol=1e-4)
+    tunetop("export", trained_run.id, "--format", "mlx", "--checkpoint", "5", "--output", str(tmp_path / "at5"), check=True)
+    assert not np.allclose(_logits(model_path, str(tmp_path / "at5")), with_adapter)
+
+
+def test_peft_layout(trained_run: RunDir, tmp_path: Path) -> None:
+    # The layout only: loading it with the peft package needs PyTorch, which is not installed here.
+    tunetop("export", trained_run.id, "--format", "peft", "--output", str(tmp_path / "peft"), check=True)
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    ours = mx.load(str(trained_run.adapters / "adapters.safetensors"))
+    key = "model.layers.0.self_attn.q_proj"
+    a, b = tensors[f"base_model.model.{key}.lora_A.weight"], tensors[f"base_model.model.{key}.lora_B.weight"]
+    assert np.allclose(a, np.array(ours[f"{key}.lora_a"]).T) and np.allclose(b, np.array(ours[f"{key}.lora_b"]).T)
+    assert a.shape[0] == config["r"] == 4 and b.shape[1] == 4
+    assert config["lora_alpha"] == pytest.approx(20.0 * 4)
+    assert {"q_proj", "v_proj", "down_proj"} <= set(config["target_modules"])
+
+
+def test_metrics_export(trained_run: RunDir) -> None:
+    rows = list(csv.DictReader(io.StringIO(tunetop("export-metrics", trained_run.id, check=True).stdout)))
+    assert [r["iteration"] for r in rows if r["type"] == "train"] == ["5", "10"]
+    assert [r["iteration"] for r in rows if r["type"] == "validation"] == ["0", "5", "10"]
+    lines = tunetop("export-metrics", trained_run.id, "--format", "jsonl", check=True).stdout.splitlines()
+    assert len(lines) == len(rows) and json.loads(lines[0])["type"] == "validation"
+
+
+def test_import_mlx_lm_config(tmp_path: Path) -> None:
+    yaml_text = """
+model: "mlx-community/Llama-3.2-1B-Instruct-4bit"
+train: true
+data: "data"
+fine_tune_type: lora
+optimizer: adamw
+optimizer_config:
+  adamw:
+    weight_decay: 0.01
+    betas: [0.9, 0.98]
+mask_prompt: true
+num_layers: 8
+batch_size: 2
+iters: 600
+val_batches: -1
+learning_rate: 1e-5
+steps_per_report: 20
+steps_per_eval: 50
+adapter_path: "adapters"
+save_every: 100
+max_seq_length: 1024
+grad_checkpoint: true
+seed: 3
+lora_parameters:
+  keys: ["self_attn.q_proj", "self_attn.v_proj"]
+  rank: 16
+  scale: 10.0
+  dropout: 0.05
+lr_schedule:
+  name: cosine_decay
+  warmup: 100
+  warmup_init: 1e-7
+  arguments: [1e-5, 1000, 1e-7]
+report_to: wandb
+mystery_key: 5
+"""
+    source = tmp_path / "lora_config.yaml"
+    source.write_text(yaml_text)
+    result = tunetop("import-config", str(source), "--output", str(tmp_path / "run.toml"), check=True)
+    from engine import config as config_module
+
+    cfg = config_module.parse((tmp_path / "run.toml").read_text())
+    assert cfg.model.path == "mlx-community/Llama-3.2-1B-Instruct-4bit" and cfg.data.mask_prompt
+    assert (cfg.training.iterations, cfg.training.batch_size, cfg.training.validation_batches) == (600, 2, 0)
+    assert (cfg.lora.rank, cfg.lora.scale, cfg.lora.dropout, cfg.lora.num_layers) == (16, 10.0, 0.05, 8)
+    assert cfg.lora.keys == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert (cfg.optimizer.name, cfg.optimizer.weight_decay) == ("adamw", 0.01)
+    assert (cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.decay_steps) == ("cosine", 100, 1000)
+    assert cfg.schedule.end_learning_rate == pytest.approx(1e-7) and cfg.training.grad_checkpoint
+    assert "mystery_key: unknown" in result.stdout and "report_to:" in result.stdout
+    assert "optimizer_config.adamw.betas" in result.stdout
