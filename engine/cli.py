@@ -255,22 +255,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     rows = []
     for run in list_runs():
-        status = run.status()
-        alive = run.is_alive()
-        state = status.get("state", "?")
-        if not alive and state in ("starting", "running", "paused", "stopping"):
-            state = "dead"
-        loss = status.get("loss")
+        s = run.summary()
         rows.append(
-            (
-                run.id,
-                status.get("name", ""),
-                state,
-                f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
-                f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
-                "yes" if alive else "no",
-                _age(time.time() - run.path.stat().st_mtime),
-            )
+            (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
         )
     header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
     if args.json:

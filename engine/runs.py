@@ -111,6 +111,28 @@ class RunDir:
             os.close(fd)
         return False
 
+    def summary(self) -> dict[str, Any]:
+        """What `tunetop ls` and the runs list show: a run whose engine died mid-run reads 'dead'."""
+        status = self.status()
+        alive = self.is_alive()
+        state = str(status.get("state", "?"))
+        if not alive and state in ("starting", "running", "paused", "stopping"):
+            state = "dead"
+        loss = status.get("loss")
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            age = 0.0
+        return {
+            "run": self.id,
+            "name": str(status.get("name", "")),
+            "state": state,
+            "iter": f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
+            "loss": f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+            "alive": alive,
+            "age_seconds": age,
+        }
+
     def engine_pid(self) -> int | None:
         try:
             return int(self.lock_file.read_text().strip() or 0) or None

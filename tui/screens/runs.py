@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -16,20 +15,8 @@ from tui.state import format_duration
 
 
 def run_row(run: RunDir) -> tuple[str, ...]:
-    status = run.status()
-    alive = run.is_alive()
-    state = status.get("state", "?")
-    if not alive and state in ("starting", "running", "paused", "stopping"):
-        state = "dead"
-    loss = status.get("loss")
-    return (
-        run.id,
-        str(status.get("name", "")),
-        state,
-        f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
-        f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
-        format_duration(time.time() - run.path.stat().st_mtime),
-    )
+    s = run.summary()
+    return (s["run"], s["name"], s["state"], s["iter"], s["loss"], format_duration(s["age_seconds"]))
 
 
 class RunsScreen(Screen[None]):
