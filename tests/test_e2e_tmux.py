@@ -83,9 +83,17 @@ def test_attach_watch_pause_detach_and_reattach(engine_run: RunDir) -> None:
     second = Tmux("second")
     second.start(attach)
     try:
-        screen = wait_for(lambda: (s := second.screen()) and "state: paused" in s and "RUNNING" in s and s, timeout=60)
-        assert re.search(r"best val loss\s+\d+\.\d{4} @ 0", screen), screen  # the validation before step 1
-        assert re.search(r"│\s*0\s+\d+\.\d{4}", screen), screen  # ... and its row in the validation table
+        def history_shown() -> str | None:
+            s = second.screen()
+            complete = (
+                "state: paused" in s
+                and "RUNNING" in s
+                and re.search(r"best val loss\s+\d+\.\d{4} @ 0", s)  # the validation before step 1
+                and re.search(r"│\s*0\s+\d+\.\d{4}", s)  # ... and its row in the validation table
+            )
+            return s if complete else None
+
+        screen = wait_for(history_shown, timeout=60)
         assert shown_iteration(screen) >= after
         second.keys("q")
         wait_for(lambda: "TUI-EXITED-0" in second.screen(), timeout=30)
