@@ -36,7 +36,9 @@ class TunetopApp(App[int]):
             self.register_theme(theme)
         wanted = self.requested_theme or remembered_theme() or DEFAULT_THEME
         wanted = SHORT_NAMES.get(wanted, wanted)
-        self.theme = wanted if wanted in self.available_themes else DEFAULT_THEME
+        # Fall back to Textual's own theme if the theme files are missing (a non-editable install).
+        fallback = DEFAULT_THEME if DEFAULT_THEME in self.available_themes else "textual-dark"
+        self.theme = wanted if wanted in self.available_themes else fallback
         self._themes_ready = True
         from tui.screens.dashboard import DashboardScreen
         from tui.screens.runs import RunsScreen
