@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=30)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="tt-peft-"))
-    env = dict(os.environ, TUNETOP_HOME=str(home / "home"), PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TUNETOP_HOME=str(home / "home"), PYTHONPATH=path)
     cli = [sys.executable, "-m", "engine.cli"]
     config = home / "run.toml"
     subprocess.run([*cli, "init", str(config)], env=env, check=True, capture_output=True)
