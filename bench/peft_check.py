@@ -58,6 +58,9 @@ def main() -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(hf_base / "model.safetensors"), metadata={"format": "pt"})
 
     tokens = [[5, 17, 42, 99, 7, 3, 250, 11, 300, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
+    # Compare in plain float32 on the CPU: a GPU may run float32 matmuls in TF32, which alone
+    # moves logits by ~1e-2.
+    mx.set_default_device(mx.cpu)
     mlx_model, _ = load(str(model_path), adapter_path=str(adapters))
     ours = np.array(mlx_model(mx.array(tokens)).astype(mx.float32))
     base = LlamaForCausalLM.from_pretrained(str(hf_base), torch_dtype=torch.float32)
