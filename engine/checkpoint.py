@@ -187,6 +187,3 @@ def prune(directory: Path, keep_last: int) -> list[Path]:
             removed.append(folder)
     return removed
 
-
-def now() -> float:
-    return time.time()

@@ -16,7 +16,7 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class ControlState:
     paused: bool = False
     stop_reason: str = ""
     exit_code: int = EXIT_OK
-    save_requested: list[PendingCommand] = field(default_factory=list)
 
 
 def load_model_and_tokenizer(cfg: RunConfig) -> tuple[Any, Any, str]:

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .adapters import numbered_checkpoints, prune_numbered, save_adapters, trainable_weights
+from .adapters import prune_numbered, save_adapters, trainable_weights
 from .data import Batch, BatchPlan, Dataset
 from .optimizers import Schedule
 
@@ -365,9 +365,6 @@ class Trainer:
         self._step = self._compile_step()  # the compiled step captured the old optimizer state
         mx.eval(self.model.parameters(), self.optimizer.state)
         return state
-
-    def numbered(self) -> list[tuple[int, Path]]:
-        return numbered_checkpoints(self.parameters.adapter_path)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
 from engine.runs import RunDir
 from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
 from tui.source import EventSource, JournalSource, LiveSource
-from tui.state import RunState, format_duration
+from tui.state import RunState
 from tui.widgets.chart import LossChart
 from tui.widgets.panels import RunHeader, ThroughputPanel
 
@@ -311,9 +311,6 @@ class DashboardScreen(Screen[None]):
             self.app.pop_screen()
         else:
             self.app.exit()
-
-    def elapsed_text(self) -> str:
-        return format_duration(self.run_state.elapsed(time.time()))
 
 
 def _file_size(path: str) -> str:
