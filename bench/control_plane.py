@@ -118,14 +118,20 @@ def overhead(args: argparse.Namespace) -> None:
         bare: list[float] = []
         full: list[float] = []
         received = 0
-        for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
-            bare.append(bare_loop(args.iters, report, scratch))
-            rate, received = engine_loop(args.iters, report, scratch, clients=args.clients)
-            full.append(rate)
+        for round_ in range(args.rounds):
+            # Interleaved, and the order alternates: runs share one process, and whichever runs
+            # second in it was measured slower, whatever it was.
+            order = ("bare", "engine") if round_ % 2 == 0 else ("engine", "bare")
+            for which in order:
+                if which == "bare":
+                    bare.append(bare_loop(args.iters, report, scratch))
+                else:
+                    rate, received = engine_loop(args.iters, report, scratch, clients=args.clients)
+                    full.append(rate)
         b, f = statistics.median(bare), statistics.median(full)
         print(
             f"steps_per_report={report:<3} bare loop {b:7.2f} steps/s   engine+journal+server+{args.clients} clients "
-            f"{f:7.2f} steps/s   difference {100 * (b - f) / b:+.2f}%   (median of {args.rounds}; "
+            f"{f:7.2f} steps/s   difference {100 * (b - f) / b:+.2f}%   (median of {args.rounds}, order alternating; "
             f"clients received {received} events in the last round)"
         )
 
@@ -237,7 +243,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--reports", type=int, nargs="+", default=[10, 1], help="steps_per_report values to try")
     p.add_argument("--clients", type=int, default=2, help="subscriber threads attached (replay, then live)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p = sub.add_parser("events")
     p.add_argument("--count", type=int, default=200_000)
     p = sub.add_parser("replay")

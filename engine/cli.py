@@ -321,6 +321,8 @@ def cmd_control(args: argparse.Namespace) -> int:
             command_args = _parse_set_pairs(args.pairs)
         except ValueError as error:
             return _fail(str(error))
+    elif args.command == "sample":
+        command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
     if not run.is_alive():
         return _fail(f"run {run.id} has no live engine; `tunetop ls` shows its state.", EXIT_UNREACHABLE)
     try:
@@ -416,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run", nargs="?")
         p.add_argument("--timeout", type=float, default=30.0)
         p.set_defaults(func=cmd_control, command=name)
+    p = sub.add_parser("sample", help="complete a prompt with the run's current weights (between steps)")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_control, command="sample")
     p = sub.add_parser("set", help="change live fields: learning_rate, steps_per_report, steps_per_eval, save_every")
     p.add_argument("run", nargs="?")
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")

@@ -93,6 +93,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class SamplingConfig:
+    sample_prompts: list[str] = field(default_factory=list, metadata={"help": "Prompts to complete as training goes"})
+    sample_every: int = field(default=0, metadata={"help": "Complete them every N steps; 0 = never"})
+    max_tokens: int = field(default=64, metadata={"help": "Tokens to generate per sample"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+
+
+@dataclass
 class RunConfig:
     """A whole run config. ``source`` is the file it came from, for messages."""
 
@@ -104,6 +112,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     source: str = field(default="", compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +132,7 @@ SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "schedule": ScheduleConfig,
     "checkpoints": CheckpointConfig,
+    "sampling": SamplingConfig,
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -154,6 +164,9 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("schedule", "decay_steps"): (0, None),
     ("checkpoints", "save_every"): (1, None),
     ("checkpoints", "keep_last"): (0, None),
+    ("sampling", "sample_every"): (0, None),
+    ("sampling", "max_tokens"): (1, 4096),
+    ("sampling", "temperature"): (0.0, 10.0),
 }
 
 

@@ -37,6 +37,8 @@ def describe(event: dict[str, Any]) -> str | None:
         return prefix + str(event.get("message", ""))
     if kind == "state":
         return f"state: {event['state']}"
+    if kind == "sample":
+        return f"Iter {event['iteration']}: sample {event['prompt']!r} -> {event['completion']!r}"
     if kind == "resumed":
         return f"resumed at iteration {event['iteration']} from {event['checkpoint']}"
     if kind == "nonfinite":

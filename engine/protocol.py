@@ -42,11 +42,12 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "heartbeat": ("iteration", "state"),
     "config_changed": ("changes",),
     "finished": ("reason", "iteration"),
+    "sample": ("iteration", "prompt", "completion", "max_tokens", "temperature"),
 }
 
 RUN_STATES = ("starting", "running", "paused", "stopping", "finished", "failed")
 
-COMMANDS = ("pause", "resume", "stop", "save", "evaluate", "set", "replay", "hello", "status")
+COMMANDS = ("pause", "resume", "stop", "save", "evaluate", "set", "sample", "replay", "hello", "status")
 """Commands the engine accepts. ``replay`` and ``hello`` are answered by the server thread."""
 
 MAX_COMMAND_BYTES = 64 * 1024

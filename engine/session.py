@@ -100,6 +100,7 @@ class Engine:
         self._status: dict[str, Any] = {"name": cfg.name, "iterations": cfg.training.iterations, "pid": os.getpid()}
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
+        self._sampled_at = -1
 
     # -- events --------------------------------------------------------------------------
 
@@ -186,6 +187,21 @@ class Engine:
                 respond(Reply(command.id, True, result={"changes": changes}))
             elif name == "status":
                 respond(Reply(command.id, True, result=self.status_result()))
+            elif name == "sample":
+                prompt = command.args.get("prompt")
+                if not isinstance(prompt, str) or not prompt:
+                    respond(Reply(command.id, False, "sample needs args.prompt, a non-empty string"))
+                    return
+                max_tokens = command.args.get("max_tokens", self.cfg.sampling.max_tokens)
+                temperature = command.args.get("temperature", self.cfg.sampling.temperature)
+                try:
+                    max_tokens = config_module._coerce("sampling", "max_tokens", max_tokens, int, "sample")
+                    temperature = config_module._coerce("sampling", "temperature", temperature, float, "sample")
+                except ConfigError as error:
+                    respond(Reply(command.id, False, str(error)))
+                    return
+                event = self._sample(prompt, max_tokens, temperature)
+                respond(Reply(command.id, True, result={"iteration": event["iteration"], "completion": event["completion"]}))
             else:
                 respond(Reply(command.id, False, f"command {name!r} is not handled by the training loop"))
         except ConfigError as error:
@@ -193,6 +209,26 @@ class Engine:
         except Exception as error:  # a command must never kill the run
             self.emit("error", message=f"command {name} failed: {type(error).__name__}: {error}")
             respond(Reply(command.id, False, f"{type(error).__name__}: {error}"))
+
+    def _sample(self, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
+        completion = sample(self.trainer, prompt, max_tokens, temperature)
+        return self.emit(
+            "sample",
+            iteration=self.trainer.iteration,
+            prompt=prompt,
+            completion=completion,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+
+    def _scheduled_samples(self, trainer: Any) -> None:
+        """``sampling.sample_prompts`` every ``sample_every`` steps (once per iteration, even if paused)."""
+        s = self.cfg.sampling
+        due = s.sample_every and s.sample_prompts and trainer.iteration and trainer.iteration % s.sample_every == 0
+        if due and self._sampled_at != trainer.iteration:
+            self._sampled_at = trainer.iteration
+            for prompt in s.sample_prompts:
+                self._sample(prompt, s.max_tokens, s.temperature)
 
     def _apply_set(self, args: dict[str, Any]) -> dict[str, Any]:
         if not args:
@@ -225,6 +261,7 @@ class Engine:
         """The loop's between-steps hook: apply commands, idle while paused."""
         from .trainer import Disposition
 
+        self._scheduled_samples(trainer)
         while True:
             try:
                 pending = self.commands.get(timeout=0.2 if self.control.paused else 0)
@@ -370,6 +407,7 @@ class Engine:
         finally:
             warnings.showwarning = previous_showwarning
         reason = self.control.stop_reason or result.reason
+        self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
         self.set_state("finished")
         self.emit("finished", reason=reason, iteration=trainer.iteration)
         # Commands that arrived after the last step still get an answer.
@@ -434,4 +472,22 @@ def build_trainer(
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
     trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule)
+    trainer.tokenizer = tokenizer  # for samples from the live adapter
     return trainer, model_path, trainable, total
+
+
+def sample(trainer: Any, prompt: str, max_tokens: int, temperature: float) -> str:
+    """Complete ``prompt`` with the weights as they are now (mlx-lm's generation).
+
+    Training state is untouched: the model goes back to train mode, the compiled step is a
+    separate function, and the trainer reseeds mx.random before every step anyway.
+    """
+    from mlx_lm import generate
+    from mlx_lm.sample_utils import make_sampler
+
+    model = trainer.model
+    model.eval()
+    try:
+        return str(generate(model, trainer.tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
+    finally:
+        model.train()

@@ -215,6 +215,7 @@ class Trainer:
         self.last_validation_loss: float | None = None
         self.last_nonfinite: NonFinite | None = None
         self.journal_seq: Callable[[], int] = lambda: 0
+        self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
         self._batches: Iterator[tuple[int, int, Batch]] | None = None
         self._accumulated: Any = None
         if parameters.grad_checkpoint:
