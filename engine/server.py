@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import sys
 import threading
@@ -60,12 +61,22 @@ class Server:
         self.malformed = 0
         self.published = 0
         self._thread = threading.Thread(target=self._serve, name="tunetop-server", daemon=True)
+        # The socket thread sleeps in poll until a socket or this pipe is ready: waking it on a
+        # timer (every 20 ms) cost ~9% of training speed on a 2-core machine (docs/PERFORMANCE.md).
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe already holds a wake-up
+            os.write(self._wake_write, b"!")
 
     # Called from the training thread -------------------------------------------------
 
     def publish(self, _event: dict[str, Any], payload: bytes) -> None:
         """EventLog subscriber: hand an already-journaled event to the socket thread."""
         self.outbox.put(("evt", payload))
+        self._wake()
 
     def start(self) -> None:
         self._thread.start()
@@ -75,7 +86,11 @@ class Server:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake()
         self._thread.join(5)
+        for fd in (self._wake_read, self._wake_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     # The socket thread ---------------------------------------------------------------
 
@@ -128,11 +143,17 @@ class Server:
         poller = zmq.Poller()
         for router in routers:
             poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         last_heartbeat = 0.0
         try:
             while not self._stop.is_set():
-                for socket, _ in poller.poll(20):
-                    self._drain_router(socket)
+                until_heartbeat = max(0.0, last_heartbeat + HEARTBEAT_SECONDS - time.monotonic())
+                for socket, _ in poller.poll(int(until_heartbeat * 1000) + 1):
+                    if socket == self._wake_read:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_read, 4096)
+                    else:
+                        self._drain_router(socket)
                 self._drain_outbox(pubs)
                 now = time.monotonic()
                 if now - last_heartbeat >= HEARTBEAT_SECONDS:
@@ -220,6 +241,7 @@ class Server:
         else:
             def respond(reply: Reply, identity: bytes = identity, router: zmq.Socket = router) -> None:
                 self.outbox.put(("rep", (router, identity, reply)))
+                self._wake()
 
             engine.submit(command, respond)
 
