@@ -405,6 +405,12 @@ LIVE_FIELDS: dict[str, tuple[str, str]] = {
 """Fields a running engine accepts through the ``set`` command, and where they live."""
 
 
+def coerce_field(section: str, name: str, value: Any, where: str) -> Any:
+    """Check one value against ``[section] name``'s declared type, choices and range."""
+    expected = get_type_hints(SECTIONS[section])[name]
+    return _coerce(section, name, value, expected, where)
+
+
 def coerce_live(key: str, value: Any) -> Any:
     """Validate one live change (``set KEY=VALUE``) with the same rules as the file."""
     if key not in LIVE_FIELDS:
@@ -419,4 +425,4 @@ def coerce_live(key: str, value: Any) -> Any:
             value = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}).") from None
-    return _coerce(section, name, value, expected, "set")
+    return coerce_field(section, name, value, "set")

@@ -195,8 +195,8 @@ class Engine:
                 max_tokens = command.args.get("max_tokens", self.cfg.sampling.max_tokens)
                 temperature = command.args.get("temperature", self.cfg.sampling.temperature)
                 try:
-                    max_tokens = config_module._coerce("sampling", "max_tokens", max_tokens, int, "sample")
-                    temperature = config_module._coerce("sampling", "temperature", temperature, float, "sample")
+                    max_tokens = config_module.coerce_field("sampling", "max_tokens", max_tokens, "sample")
+                    temperature = config_module.coerce_field("sampling", "temperature", temperature, "sample")
                 except ConfigError as error:
                     respond(Reply(command.id, False, str(error)))
                     return
