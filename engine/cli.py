@@ -28,7 +28,15 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _start_run(config_path: Path | None, cfg: Any, detach: bool, listen: str = "") -> tuple[int, str]:
+def _world_args(args: argparse.Namespace) -> list[str]:
+    """The ``_engine`` flags that carry --np and --backend."""
+    np_ = getattr(args, "np", 1) or 1
+    return ["--np", str(np_), "--backend", args.backend] if np_ > 1 else []
+
+
+def _start_run(
+    config_path: Path | None, cfg: Any, detach: bool, listen: str = "", world: list[str] | None = None
+) -> tuple[int, str]:
     from . import config as config_module
     from .runs import create_run
 
@@ -38,20 +46,71 @@ def _start_run(config_path: Path | None, cfg: Any, detach: bool, listen: str = "
         check_listen(listen)
     run = create_run()
     config_module.save(cfg, run.config)
+    extra = (["--listen", listen] if listen else []) + (world or [])
     if detach:
         from .daemon import EngineStartError, spawn_engine
 
         try:
-            spawn_engine(run, extra_args=["--listen", listen] if listen else None)
+            spawn_engine(run, extra_args=extra)
         except EngineStartError as error:
             print(f"tunetop: {error}", file=sys.stderr)
             return error.code, run.id
         return 0, run.id
-    return _run_engine(run.path, foreground=True, listen=listen), run.id
+    return _engine_main(run.path, extra), run.id
+
+
+def _engine_main(run_path: Path, extra: list[str]) -> int:
+    """Run the engine in this process with ``_engine``'s flags (the foreground path)."""
+    args = build_parser().parse_args(["_engine", str(run_path), *extra])
+    return _run_engine(
+        run_path, foreground=True, resume=args.resume, resume_from=args.start_from, listen=args.listen, plan=_plan(args)
+    )
+
+
+def _plan(args: argparse.Namespace) -> Any:
+    from .distributed import Plan
+
+    return Plan(size=max(1, args.np), backend=args.backend, launched=args.launched)
+
+
+def _launch_hosts(args: argparse.Namespace, cfg: Any) -> int:
+    """``tunetop train CONFIG --hosts h1,h2``: every rank started by mlx.launch; rank 0 is here."""
+    import subprocess
+
+    from . import config as config_module
+    from .distributed import launch_command
+    from .runs import create_run
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    if len(hosts) < 2:
+        return _fail("--hosts needs at least two hosts, comma-separated (the first is this machine, rank 0).")
+    if cfg.training.batch_size % len(hosts):
+        return _fail(f"training.batch_size = {cfg.training.batch_size} does not split over {len(hosts)} hosts; "
+                     "make it a multiple of the number of hosts.")
+    run = create_run()
+    config_module.save(cfg, run.config)
+    command = launch_command(run.path, hosts, args.backend, [])
+    print(f"run {run.id}: {' '.join(command)}", flush=True)
+    if not args.detach:
+        return subprocess.call(command)
+    from .daemon import EngineStartError, spawn_command
+
+    try:
+        spawn_command(run, command)
+    except EngineStartError as error:
+        print(f"tunetop: {error}", file=sys.stderr)
+        return error.code
+    print(run.id)
+    return 0
 
 
 def _run_engine(
-    run_path: Path, foreground: bool, resume: bool = False, resume_from: int | None = None, listen: str = ""
+    run_path: Path,
+    foreground: bool,
+    resume: bool = False,
+    resume_from: int | None = None,
+    listen: str = "",
+    plan: Any = None,
 ) -> int:
     """Run the engine for an existing run folder in this process."""
     from . import config as config_module
@@ -63,7 +122,7 @@ def _run_engine(
     run = RunDir(run_path)
     cfg = config_module.load(run.config)
     reporter = ConsoleReporter(cfg.training.iterations) if foreground else ConsoleReporter(cfg.training.iterations, sys.stdout)
-    engine = Engine(cfg, run, echo=reporter, resume=resume, resume_from=resume_from)
+    engine = Engine(cfg, run, echo=reporter, resume=resume, resume_from=resume_from, plan=plan)
     from .server import attach_server
 
     tcp = None
@@ -99,8 +158,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(str(error))
     if not cfg.name:
         cfg.name = Path(args.config).stem
+    if args.hosts:
+        return _launch_hosts(args, cfg)
+    if args.np > 1 and cfg.training.batch_size % args.np:
+        return _fail(f"training.batch_size = {cfg.training.batch_size} in {args.config} does not split over "
+                     f"{args.np} ranks; the batch size is global: make it a multiple of --np.")
     try:
-        code, run_id = _start_run(Path(args.config), cfg, args.detach, args.listen)
+        code, run_id = _start_run(Path(args.config), cfg, args.detach, args.listen, _world_args(args))
     except ValueError as error:  # CurveError: a malformed --listen
         return _fail(str(error))
     if args.detach and code == 0:
@@ -120,10 +184,10 @@ def _resume(args: argparse.Namespace) -> int:
         find_checkpoint(run.checkpoints, args.start_from)
     except CheckpointError as error:
         return _fail(str(error))
+    extra = ["--resume"] + ([] if args.start_from is None else ["--from", str(args.start_from)]) + _world_args(args)
     if args.detach:
         from .daemon import EngineStartError, spawn_engine
 
-        extra = ["--resume"] + ([] if args.start_from is None else ["--from", str(args.start_from)])
         try:
             spawn_engine(run, extra_args=extra)
         except EngineStartError as error:
@@ -131,14 +195,33 @@ def _resume(args: argparse.Namespace) -> int:
             return error.code
         print(run.id)
         return 0
-    return _run_engine(run.path, foreground=True, resume=True, resume_from=args.start_from)
+    return _engine_main(run.path, extra)
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
     """Internal: the detached engine's entry point (``tunetop _engine RUN_DIR``)."""
+    if args.launched:
+        from .distributed import follow, rank_from_env
+
+        if rank_from_env() != 0:  # mlx.launch starts the same command on every host
+            preload_optimized_blas(warn=False)
+            return follow(args.backend)
     return _run_engine(
-        Path(args.run_dir), foreground=False, resume=args.resume, resume_from=args.start_from, listen=args.listen
+        Path(args.run_dir),
+        foreground=False,
+        resume=args.resume,
+        resume_from=args.start_from,
+        listen=args.listen,
+        plan=_plan(args),
     )
+
+
+def cmd_follower(args: argparse.Namespace) -> int:
+    """Internal: ranks 1..N-1 of a distributed run (started by rank 0 or by mlx.launch)."""
+    from .distributed import follow
+
+    preload_optimized_blas(warn=False)
+    return follow(args.backend)
 
 
 def cmd_keys(_args: argparse.Namespace) -> int:
@@ -385,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", nargs="?", const="", help="continue RUN (default: the latest) in place")
     p.add_argument("--from", dest="start_from", type=int, metavar="ITERATION", help="the checkpoint to resume from")
     p.add_argument("--listen", default="", metavar="tcp://ADDR:PORT", help="also serve on TCP, CURVE-encrypted (see `tunetop keys`)")
+    p.add_argument("--np", type=int, default=1, metavar="N", help="data-parallel over N processes on this machine")
+    p.add_argument("--hosts", default="", metavar="H1,H2,...", help="data-parallel over these hosts via mlx.launch (H1 = here)")
+    p.add_argument("--backend", choices=["ring", "mpi", "nccl"], default="ring", help="mx.distributed backend (default ring)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("init", help="write a commented starter config")
@@ -462,7 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--from", dest="start_from", type=int)
     p.add_argument("--listen", default="")
+    p.add_argument("--np", type=int, default=1)
+    p.add_argument("--backend", default="ring")
+    p.add_argument("--launched", action="store_true", help="started by mlx.launch: MLX_RANK says which rank")
     p.set_defaults(func=cmd_engine)
+
+    p = sub.add_parser("_follower", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="ring")
+    p.set_defaults(func=cmd_follower)
     return parser
 
 

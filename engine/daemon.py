@@ -71,3 +71,29 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str]
             return process.pid
         time.sleep(0.05)
     return process.pid
+
+
+def spawn_command(run: RunDir, command: list[str], wait_seconds: float = 300.0) -> int:
+    """Start a launcher (``mlx.launch``) for ``run`` in the background; return once rank 0 trains.
+
+    mlx.launch forwards its stdin to every rank and polls it: it gets a pipe that never ends
+    (it holds the write end itself), since /dev/null would make that poll spin.
+    """
+    read_end, write_end = os.pipe()
+    log = open(run.log, "ab")  # noqa: SIM115 (handed to the child)
+    process = subprocess.Popen(
+        command, stdin=read_end, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=str(run.path), pass_fds=(write_end,),
+    )
+    os.close(read_end)
+    os.close(write_end)
+    log.close()
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code)
+        if run.status().get("state") in ("running", "paused", "stopping", "finished"):
+            return process.pid
+        time.sleep(0.1)
+    return process.pid

@@ -35,6 +35,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "save": ("iteration", "path", "kind", "checkpoint"),
     "resumed": ("iteration", "checkpoint", "from_seq"),
     "nonfinite": ("iteration", "loss", "epoch", "batch", "action"),
+    "world": ("size", "backend"),
+    "rank_failed": ("ranks", "iteration", "message"),
     "state": ("state",),
     "log": ("message",),
     "warning": ("message",),

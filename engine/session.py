@@ -84,7 +84,10 @@ class Engine:
         echo: Callable[[dict[str, Any], bytes], None] | None = None,
         resume: bool = False,
         resume_from: int | None = None,
+        plan: Any = None,
     ):
+        self.plan = plan  # distributed.Plan: how many ranks; None or size 1 = one process
+        self.world: Any = None  # distributed.Coordinator once the ranks have joined
         self.resume = resume
         self.resume_from = resume_from
         self.cfg = cfg
@@ -263,6 +266,8 @@ class Engine:
 
         self._scheduled_samples(trainer)
         while True:
+            if self.world is not None:
+                self.world.check()  # a rank that died while this one idled ends the run now
             try:
                 pending = self.commands.get(timeout=0.2 if self.control.paused else 0)
             except queue.Empty:
@@ -355,7 +360,65 @@ class Engine:
     def _run(self) -> int:
         self.set_state("starting")
         try:
-            trainer, model_path, trainable, total = self._build()
+            text = self.run_dir.config.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = config_module.dumps(self.cfg)
+        try:
+            shard = self._start_world(text)
+        except Exception as error:  # WorldError, or the backend refusing to start
+            return self._fail_world(f"the ranks could not start: {error}")
+        try:
+            return self._train(text, shard)
+        finally:
+            if self.world is not None:
+                self.world.close()
+
+    def _start_world(self, config_text: str) -> Any:
+        """Start and join the other ranks of a distributed run; None for one process."""
+        if self.plan is None or not self.plan.distributed:
+            return None
+        from .distributed import Coordinator, LocalRanks, init_group
+        from .trainer import Shard
+
+        local = None if self.plan.launched else LocalRanks.start(self.run_dir.path, self.plan.size, self.plan.backend)
+        try:
+            group = init_group(self.plan.backend)
+            self.world = Coordinator(group.size(), local)
+        except BaseException:
+            if local is not None:
+                for process in local.processes.values():
+                    process.kill()
+            raise
+        self.world.wait_for_followers()
+        self.world.setup(config_text, self.cfg.source or str(self.run_dir.config))
+        self.emit("world", size=group.size(), backend=self.plan.backend)
+        return Shard(group, group.rank(), group.size())
+
+    def _fail_world(self, message: str) -> int:
+        self.emit("error", message=message)
+        self.set_state("failed")
+        self.emit("finished", reason="failed", iteration=self.trainer.iteration if self.trainer else 0)
+        return EXIT_FAILED
+
+    def _rank_failed(self, error: BaseException) -> int:
+        lost = self.world.lost_ranks()
+        iteration = self.trainer.iteration if self.trainer else 0
+        who = f"rank {lost[0]}" if len(lost) == 1 else f"ranks {lost}" if lost else "a rank"
+        message = (
+            f"{who} stopped responding at iteration {iteration} ({error}); the run ends. Its last checkpoint "
+            f"is intact: continue with `tunetop train --resume {self.run_dir.id} --np {self.world.size}`."
+        )
+        self.emit("rank_failed", ranks=lost, iteration=iteration, message=message)
+        self.emit("error", message=message)
+        self.set_state("failed")
+        self.emit("finished", reason="rank_failed", iteration=iteration)
+        return EXIT_FAILED
+
+    def _train(self, config_text: str, shard: Any) -> int:
+        from .distributed import is_peer_failure
+
+        try:
+            trainer, model_path, trainable, total = self._build(config_text, shard)
         except (ConfigError, DataError, ModelError) as error:
             self.emit("error", message=str(error))
             self.set_state("failed")
@@ -378,6 +441,15 @@ class Engine:
                 self.emit("warning", message="the run's config.toml changed since this checkpoint was saved; "
                           "training goes on with the config as it is now, so the resume is not exact")
             self.emit("resumed", iteration=restored.iteration, checkpoint=str(folder), from_seq=restored.seq)
+        if self.world is not None:
+            try:
+                self.world.share_state(trainer)
+            except Exception as error:
+                if is_peer_failure(error):
+                    return self._rank_failed(error)
+                raise
+            world = self.world
+            trainer.before_step = lambda t: world.step(t.iteration, t.learning_rate)
         self.emit(
             "run_started",
             config=self.cfg.to_dict(),
@@ -399,6 +471,8 @@ class Engine:
         try:
             result = run_loop(trainer, self._progress, self._control)
         except Exception as error:
+            if self.world is not None and is_peer_failure(error):
+                return self._rank_failed(error)
             self.emit("error", message=f"training failed: {type(error).__name__}: {error}")
             self.emit("log", message=traceback.format_exc())
             self.set_state("failed")
@@ -416,23 +490,20 @@ class Engine:
             pending.respond(Reply(pending.command.id, False, "the run has finished"))
         return self.control.exit_code
 
-    def _build(self) -> tuple[Any, str, int, int]:
+    def _build(self, text: str, shard: Any) -> tuple[Any, str, int, int]:
         from .checkpoint import config_hash
 
-        try:
-            text = self.run_dir.config.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            text = config_module.dumps(self.cfg)
         return build_trainer(
             self.cfg,
             self.run_dir.path / self.cfg.checkpoints.adapter_path,
             checkpoint_path=self.run_dir.checkpoints,
             config_hash=config_hash(text),
+            shard=shard,
         )
 
 
 def build_trainer(
-    cfg: RunConfig, adapter_path: Path, checkpoint_path: Path | None = None, config_hash: str = ""
+    cfg: RunConfig, adapter_path: Path, checkpoint_path: Path | None = None, config_hash: str = "", shard: Any = None
 ) -> tuple[Any, str, int, int]:
     """Model, adapters, data, optimizer from a config: (trainer, model path, trainable, total)."""
     import mlx.core as mx
@@ -444,6 +515,11 @@ def build_trainer(
     from .trainer import Trainer, TrainingParameters
 
     config_module.check_paths(cfg)
+    if shard is not None and cfg.training.batch_size % shard.size:
+        raise ConfigError(
+            f"{cfg.source or 'config'}: training.batch_size = {cfg.training.batch_size} does not split over "
+            f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
+        )
     mx.random.seed(cfg.training.seed)
     model, tokenizer, model_path = load_model_and_tokenizer(cfg)
     data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
@@ -471,7 +547,7 @@ def build_trainer(
     )
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
-    trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule)
+    trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, shard=shard)
     trainer.tokenizer = tokenizer  # for samples from the live adapter
     return trainer, model_path, trainable, total
 

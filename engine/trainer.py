@@ -177,6 +177,25 @@ def grad_checkpoint(layer: nn.Module) -> None:
 
 
 @dataclass
+class Shard:
+    """This process's share of a data-parallel run: ``rank`` of ``size`` in ``group``.
+
+    Every rank walks the same global batch order and trains on its own contiguous block of
+    rows; gradients and losses are summed over the group inside the compiled step.
+    """
+
+    group: Any  # mx.distributed.Group
+    rank: int
+    size: int
+
+    def rows(self, batch: Batch) -> Batch:
+        """This rank's block of a global batch (the batch size divides evenly; checked at start)."""
+        per_rank = len(batch.tokens) // self.size
+        block = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return Batch(batch.tokens[block], batch.lengths[block])
+
+
+@dataclass
 class StepResult:
     loss: float
     tokens: int
@@ -194,8 +213,10 @@ class Trainer:
         parameters: TrainingParameters,
         schedule: Schedule,
         loss: LossFunction = default_loss,
+        shard: Shard | None = None,
     ) -> None:
         self.model = model
+        self.shard = shard if shard is not None and shard.size > 1 else None
         self.optimizer = optimizer
         self.parameters = parameters
         self.schedule = schedule
@@ -216,6 +237,9 @@ class Trainer:
         self.last_nonfinite: NonFinite | None = None
         self.journal_seq: Callable[[], int] = lambda: 0
         self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
+        # Runs first in every step, with the learning rate chosen: a distributed run's rank 0
+        # tells the other ranks here which step to take.
+        self.before_step: Callable[[Trainer], None] | None = None
         self._batches: Iterator[tuple[int, int, Batch]] | None = None
         self._accumulated: Any = None
         if parameters.grad_checkpoint:
@@ -229,9 +253,13 @@ class Trainer:
         accumulation = self.parameters.grad_accumulation_steps
         state = [self.model.state, self.optimizer.state, mx.random.state]
 
+        shard = self.shard
+
         @partial(mx.compile, inputs=state, outputs=state)
         def step(tokens: mx.array, lengths: mx.array, previous: Any, update: bool) -> Any:
             (value, count), grad = loss_and_grad(self.model, tokens, lengths)
+            if shard is not None:
+                value, count, grad = _combine_ranks(value, count, grad, shard)
             if previous is not None:
                 grad = tree_map(lambda a, b: a + b, grad, previous)
             if update:
@@ -260,10 +288,13 @@ class Trainer:
     def step(self) -> StepResult:
         """One optimizer step (of ``grad_accumulation_steps`` micro-batches)."""
         self.learning_rate = self.schedule(self.iteration)
+        if self.before_step is not None:
+            self.before_step(self)
         self.optimizer.learning_rate = mx.array(self.learning_rate, dtype=mx.float32)
-        # Randomness (dropout) of step k depends on (seed, k) alone, so a resumed run draws the
-        # same numbers as an uninterrupted one without saving the generator's state.
-        mx.random.seed((self.parameters.seed * 1_000_003 + self.iteration) % 2**32)
+        # Randomness (dropout) of step k depends on (seed, k, rank) alone, so a resumed run draws
+        # the same numbers as an uninterrupted one without saving the generator's state.
+        rank = self.shard.rank if self.shard else 0
+        mx.random.seed((self.parameters.seed * 1_000_003 + self.iteration + rank * 7_919_009) % 2**32)
         # MLX arrays are immutable: holding the current leaves costs nothing and lets a
         # non-finite step be undone.
         before_model = tree_flatten(self.model.trainable_parameters())
@@ -273,6 +304,8 @@ class Trainer:
         total_tokens = 0
         for micro in range(accumulation):
             batch = self.next_batch()
+            if self.shard is not None:
+                batch = self.shard.rows(batch)
             value, count, self._accumulated = self._step(
                 mx.array(batch.tokens), mx.array(batch.lengths), self._accumulated, micro == accumulation - 1
             )
@@ -352,20 +385,30 @@ class Trainer:
         from .checkpoint import read_checkpoint
 
         state, weights, optimizer_state = read_checkpoint(folder)
+        self.install(weights, optimizer_state)
+        self.set_counters(state.iteration, state.trained_tokens, state.epoch, state.position, state.learning_rate_override)
+        self.last_validation_loss = state.validation_loss
+        return state
+
+    def install(self, weights: dict[str, mx.array], optimizer_state: dict[str, mx.array]) -> None:
+        """Take trainable weights and a flattened optimizer state (a checkpoint's, or rank 0's)."""
         self.model.load_weights(list(weights.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(optimizer_state.items()))
         self.optimizer.init(self.model.trainable_parameters())
-        self.iteration = state.iteration
-        self.trained_tokens = state.trained_tokens
-        self.epoch, self.position = state.epoch, state.position
-        self._batches = None
         self._accumulated = None
-        self.last_validation_loss = state.validation_loss
-        if state.learning_rate_override is not None:
-            self.set_learning_rate(state.learning_rate_override)
         self._step = self._compile_step()  # the compiled step captured the old optimizer state
         mx.eval(self.model.parameters(), self.optimizer.state)
-        return state
+
+    def set_counters(
+        self, iteration: int, trained_tokens: int, epoch: int, position: int, learning_rate_override: float | None
+    ) -> None:
+        """Where training stands: step count, tokens, data position, a live learning rate."""
+        self.iteration = iteration
+        self.trained_tokens = trained_tokens
+        self.epoch, self.position = epoch, position
+        self._batches = None
+        if learning_rate_override is not None:
+            self.set_learning_rate(learning_rate_override)
 
 
 @dataclass
@@ -407,6 +450,22 @@ class Meter:
             trained_tokens=trainer.trained_tokens,
             peak_memory=mx.get_peak_memory() / 1e9,
         )
+
+
+def _combine_ranks(value: mx.array, count: mx.array, grad: Any, shard: Shard) -> tuple[mx.array, mx.array, Any]:
+    """Per-token mean loss and gradient over all ranks' rows, as one process would compute them.
+
+    Each rank's loss is a mean over its own tokens; weighting by token count before summing
+    makes the result the mean over every token of the global batch (not a mean of means).
+    """
+    total = mx.distributed.all_sum(count, group=shard.group)
+    has_tokens = count > 0  # a rank whose rows are all masked contributes nothing (its mean is NaN)
+    weight = mx.where(has_tokens, count.astype(mx.float32) / total, 0.0)
+    loss = mx.distributed.all_sum(mx.where(has_tokens, value.astype(mx.float32), 0.0) * weight, group=shard.group)
+    # average_gradients divides by the group size and batches small arrays into few messages.
+    scale = weight * shard.size
+    grad = nn.utils.average_gradients(tree_map(lambda g: mx.where(has_tokens, g * scale.astype(g.dtype), 0), grad), shard.group)
+    return loss, total, grad
 
 
 def _assign_in_place(target: Any, source: Any) -> None:

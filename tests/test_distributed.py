@@ -1,0 +1,177 @@
+"""Data-parallel runs: real ranks on localhost over mx.distributed's ring backend.
+
+Each test starts real processes (rank 0 is the engine; it starts the other ranks) that talk
+over real TCP sockets, on the embedded model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.client_sync import send_command
+from engine.journal import read_events
+from engine.runs import RunDir, list_runs, resolve
+from tests.conftest import tunetop, wait_for, write_config
+
+ITERATIONS = 8
+TRAINING = {"iterations": ITERATIONS, "steps_per_report": 1, "steps_per_eval": 100, "batch_size": 6}
+
+
+def losses(events: list[dict], after_seq: int = 0) -> dict[int, float]:
+    return {e["iteration"]: e["loss"] for e in events if e["type"] == "train" and e["seq"] > after_seq}
+
+
+def follower_pids(run: RunDir) -> list[int]:
+    """Processes running `_follower` in this run's folder."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if b"_follower" in cmdline and Path(cwd) == run.path:
+            found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path) -> tuple[dict[int, float], dict]:
+    """Losses and final adapter of a one-process run with the same global batch."""
+    folder = tmp_path_factory.mktemp("single")
+    os.environ["TUNETOP_HOME"] = str(folder / "home")
+    try:
+        config = write_config(folder / "run.toml", training=TRAINING)
+        tunetop("train", str(config), check=True)
+        (run,) = list_runs()
+        return losses(list(read_events(run.journal))), mx.load(str(run.adapters / "adapters.safetensors"))
+    finally:
+        del os.environ["TUNETOP_HOME"]
+
+
+@pytest.mark.parametrize(
+    ("ranks", "how"),
+    [(2, ["--np", "2"]), (3, ["--np", "3"]), (2, ["--hosts", "127.0.0.1,127.0.0.1"])],
+    ids=["np2", "np3", "mlx.launch-hosts"],
+)
+def test_ranks_train_as_one_process_with_the_same_global_batch(
+    ranks: int, how: list[str], tmp_path: Path, single_process: tuple[dict[int, float], dict]
+) -> None:
+    expected, expected_adapter = single_process
+    config = write_config(tmp_path / "run.toml", training=TRAINING)
+    result = tunetop("train", str(config), *how, check=True)
+    (run,) = list_runs()
+    events = list(read_events(run.journal))
+    (world,) = [e for e in events if e["type"] == "world"]
+    assert (world["size"], world["backend"]) == (ranks, "ring")
+    got = losses(events)
+    assert sorted(got) == list(range(1, ITERATIONS + 1))
+    for iteration, loss in got.items():
+        assert loss == pytest.approx(expected[iteration], rel=1e-4), iteration
+    assert expected[ITERATIONS] < expected[1]  # the weights moved: matching losses mean matching gradients
+    adapter = mx.load(str(run.adapters / "adapters.safetensors"))
+    for key, value in expected_adapter.items():
+        # Adam divides by the root of tiny second moments, so rounding of the summed gradients
+        # shows as ~1e-5 in weights that moved ~4e-3 in these 8 steps.
+        assert np.allclose(np.array(adapter[key]), np.array(value), atol=5e-5), key
+    # Every follower followed to the end and left cleanly (mlx.launch relays their output).
+    logs = result.stdout if "--hosts" in how else "".join((run.path / f"rank{r}.log").read_text() for r in range(1, ranks))
+    for rank in range(1, ranks):
+        assert f"rank {rank}: stop at iteration {ITERATIONS}" in logs
+    assert "finished (completed)" in result.stdout
+    assert not follower_pids(run)
+
+
+def test_batch_size_must_split_over_the_ranks(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "run.toml", training={"batch_size": 4})
+    result = tunetop("train", str(config), "--np", "3")
+    assert result.returncode == 2
+    assert "batch_size = 4" in result.stderr and "--np" in result.stderr
+    assert not list_runs()
+
+
+def test_pause_resume_set_evaluate_save_stop_reach_every_rank(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "run.toml",
+        training={"iterations": 100_000, "steps_per_report": 2, "steps_per_eval": 100_000},
+        checkpoints={"save_every": 100_000},
+    )
+    run = resolve(tunetop("train", str(config), "--detach", "--np", "2", check=True).stdout.strip())
+    try:
+        wait_for(lambda: any(e["type"] == "train" for e in read_events(run.journal)), timeout=120)
+        (follower,) = follower_pids(run)
+
+        assert send_command(run, "pause").ok
+        held = run.status()["iteration"]
+        cpu_before = cpu_seconds(follower)
+        time.sleep(2.0)
+        assert run.status()["iteration"] == held
+        # The follower sleeps on its control socket while paused (a collective would spin a core).
+        assert cpu_seconds(follower) - cpu_before < 0.5
+
+        assert send_command(run, "set", {"learning_rate": 1e-4}).ok
+        assert send_command(run, "evaluate").ok
+        assert send_command(run, "save").ok
+        assert send_command(run, "resume").ok
+        wait_for(lambda: run.status().get("iteration", 0) > held + 4, timeout=60)
+        rates = [e["learning_rate"] for e in read_events(run.journal) if e["type"] == "train" and e["iteration"] > held + 2]
+        assert rates and all(r == pytest.approx(1e-4) for r in rates)
+
+        assert send_command(run, "stop").ok
+        wait_for(lambda: not run.is_alive(), timeout=60)
+        events = list(read_events(run.journal))
+        finished = [e for e in events if e["type"] == "finished"]
+        assert finished[-1]["reason"] == "stopped"
+        last = finished[-1]["iteration"]
+        assert f"rank 1: stop at iteration {last}" in (run.path / "rank1.log").read_text()
+        wait_for(lambda: not follower_pids(run), timeout=15)
+        weights = mx.load(str(run.adapters / "adapters.safetensors"))
+        assert weights and all(bool(mx.all(mx.isfinite(v)).item()) for v in weights.values())
+    finally:
+        for pid in follower_pids(run) + [run.engine_pid() or 0]:
+            if pid and run.is_alive():
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_rank_ends_the_run_with_an_event_and_the_run_resumes_exactly(tmp_path: Path) -> None:
+    training = {"iterations": 16, "steps_per_report": 1, "steps_per_eval": 100, "batch_size": 4}
+    config = write_config(tmp_path / "run.toml", training=training, checkpoints={"save_every": 4, "keep_last": 0})
+    tunetop("train", str(config), "--np", "2", check=True)
+    (straight,) = list_runs()
+    straight_losses = losses(list(read_events(straight.journal)))
+
+    # Slow steps (a pause after each report) so the kill lands mid-run.
+    run = resolve(tunetop("train", str(config), "--detach", "--np", "2", check=True).stdout.strip())
+    wait_for(lambda: any(e["type"] == "save" and e["iteration"] >= 4 for e in read_events(run.journal)), timeout=120)
+    send_command(run, "pause")
+    (follower,) = follower_pids(run)
+    os.kill(follower, signal.SIGKILL)
+    wait_for(lambda: not run.is_alive(), timeout=60)
+    events = list(read_events(run.journal))
+    (failed,) = [e for e in events if e["type"] == "rank_failed"]
+    assert failed["ranks"] == [1]
+    assert "--resume" in failed["message"]
+    assert events[-1]["type"] == "finished" and events[-1]["reason"] == "rank_failed"
+
+    resumed = tunetop("train", "--resume", run.id, "--np", "2", check=True)
+    assert "resumed at iteration" in resumed.stdout
+    events = list(read_events(run.journal))
+    resume_seq = max(e["seq"] for e in events if e["type"] == "resumed")
+    again = losses(events, resume_seq)
+    assert max(again) == 16
+    for iteration, loss in again.items():
+        assert loss == pytest.approx(straight_losses[iteration], abs=1e-5), iteration
