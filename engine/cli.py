@@ -29,9 +29,19 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _world_args(args: argparse.Namespace) -> list[str]:
-    """The ``_engine`` flags that carry --np and --backend."""
-    np_ = getattr(args, "np", 1) or 1
-    return ["--np", str(np_), "--backend", args.backend] if np_ > 1 else []
+    """The ``_engine`` flags that carry --np, --hosts and --backend."""
+    if args.hosts:
+        return ["--hosts", args.hosts, "--backend", args.backend]
+    return ["--np", str(args.np), "--backend", args.backend] if args.np > 1 else []
+
+
+def _ranks(args: argparse.Namespace) -> int:
+    from .distributed import WorldError, parse_hosts
+
+    try:
+        return len(parse_hosts(args.hosts)) if args.hosts else max(1, args.np)
+    except WorldError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _start_run(
@@ -70,26 +80,24 @@ def _engine_main(run_path: Path, extra: list[str]) -> int:
 def _plan(args: argparse.Namespace) -> Any:
     from .distributed import Plan
 
-    return Plan(size=max(1, args.np), backend=args.backend, launched=args.launched)
+    return Plan(size=max(1, args.np), backend=args.backend, hosts=args.hosts, launched=args.launched)
 
 
-def _launch_hosts(args: argparse.Namespace, cfg: Any) -> int:
-    """``tunetop train CONFIG --hosts h1,h2``: every rank started by mlx.launch; rank 0 is here."""
+def _launch_mpi(args: argparse.Namespace, cfg: Any) -> int:
+    """``--hosts ... --backend mpi``: every rank started by mlx.launch (mpirun); rank 0 is here."""
     import subprocess
 
     from . import config as config_module
-    from .distributed import launch_command
+    from .distributed import WorldError, mpi_launch_command, parse_hosts
     from .runs import create_run
 
-    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    if len(hosts) < 2:
-        return _fail("--hosts needs at least two hosts, comma-separated (the first is this machine, rank 0).")
-    if cfg.training.batch_size % len(hosts):
-        return _fail(f"training.batch_size = {cfg.training.batch_size} does not split over {len(hosts)} hosts; "
-                     "make it a multiple of the number of hosts.")
+    try:
+        hosts = parse_hosts(args.hosts)
+    except WorldError as error:
+        return _fail(str(error))
     run = create_run()
     config_module.save(cfg, run.config)
-    command = launch_command(run.path, hosts, args.backend, [])
+    command = mpi_launch_command(run.path, hosts, [])
     print(f"run {run.id}: {' '.join(command)}", flush=True)
     if not args.detach:
         return subprocess.call(command)
@@ -158,11 +166,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(str(error))
     if not cfg.name:
         cfg.name = Path(args.config).stem
-    if args.hosts:
-        return _launch_hosts(args, cfg)
-    if args.np > 1 and cfg.training.batch_size % args.np:
+    if args.np > 1 and args.hosts:
+        return _fail("give --np (ranks on this machine) or --hosts (one rank per host), not both.")
+    try:
+        ranks = _ranks(args)
+    except ConfigError as error:
+        return _fail(str(error))
+    if cfg.training.batch_size % ranks:
         return _fail(f"training.batch_size = {cfg.training.batch_size} in {args.config} does not split over "
-                     f"{args.np} ranks; the batch size is global: make it a multiple of --np.")
+                     f"{ranks} ranks; the batch size is global: make it a multiple of the number of ranks (--np or --hosts).")
+    if args.hosts and args.backend == "mpi":
+        return _launch_mpi(args, cfg)
     try:
         code, run_id = _start_run(Path(args.config), cfg, args.detach, args.listen, _world_args(args))
     except ValueError as error:  # CurveError: a malformed --listen
@@ -469,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start_from", type=int, metavar="ITERATION", help="the checkpoint to resume from")
     p.add_argument("--listen", default="", metavar="tcp://ADDR:PORT", help="also serve on TCP, CURVE-encrypted (see `tunetop keys`)")
     p.add_argument("--np", type=int, default=1, metavar="N", help="data-parallel over N processes on this machine")
-    p.add_argument("--hosts", default="", metavar="H1,H2,...", help="data-parallel over these hosts via mlx.launch (H1 = here)")
+    p.add_argument("--hosts", default="", metavar="H1,H2,...", help="data-parallel, one rank per host over ssh (H1 = here; [user@]ip[:ssh_port])")
     p.add_argument("--backend", choices=["ring", "mpi", "nccl"], default="ring", help="mx.distributed backend (default ring)")
     p.set_defaults(func=cmd_train)
 
@@ -549,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start_from", type=int)
     p.add_argument("--listen", default="")
     p.add_argument("--np", type=int, default=1)
+    p.add_argument("--hosts", default="")
     p.add_argument("--backend", default="ring")
     p.add_argument("--launched", action="store_true", help="started by mlx.launch: MLX_RANK says which rank")
     p.set_defaults(func=cmd_engine)

@@ -18,10 +18,11 @@ did not report (or, when it started them itself, the ones whose process ended) i
 ``rank_failed`` event and ends the run. Its last checkpoint resumes it, with any number of
 ranks: the data order is global and the randomness of a step depends on (seed, step, rank).
 
-Two ways to start ranks:
-- ``--np N`` on one machine: rank 0 (the engine) starts ranks 1..N-1 itself (:class:`LocalRanks`).
-- ``--hosts h1,h2,...``: ``mlx.launch`` starts one engine per host (:func:`launch_command`);
-  the first host is rank 0 and must be this machine.
+Rank 0 (the engine) starts ranks 1..N-1 itself (:class:`Ranks`): as child processes for
+``--np N``, over ssh for ``--hosts h1,h2,...`` (the first host is rank 0, this machine). It
+watches those processes, so a rank that dies is named at once. mlx.launch is used only for the
+mpi backend (:func:`mpi_launch_command`): it polls its children's stdin in a loop that keeps a
+core busy for the whole run, and it cannot tell rank 0 which rank died.
 """
 
 from __future__ import annotations
@@ -59,11 +60,15 @@ class Plan:
 
     size: int = 1
     backend: str = "ring"
+    hosts: str = ""  # --hosts as given; empty: ``size`` ranks on this machine
     launched: bool = False  # True: mlx.launch started every rank; False: rank 0 starts the rest
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1 or self.launched
+        return self.size > 1 or self.launched or bool(self.hosts)
+
+    def host_list(self) -> list[Host]:
+        return parse_hosts(self.hosts) if self.hosts else [Host("127.0.0.1")] * self.size
 
 
 def free_port() -> int:
@@ -74,7 +79,7 @@ def free_port() -> int:
 
 
 def rank_from_env() -> int:
-    """This process's rank as a launcher set it (mlx.launch, mpirun or :class:`LocalRanks`)."""
+    """This process's rank as a launcher set it (mlx.launch, mpirun or :class:`Ranks`)."""
     for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
@@ -93,6 +98,7 @@ def init_group(backend: str) -> Any:
     """Join the process group (every rank must call this; it waits for all of them)."""
     import mlx.core as mx
 
+    use_hostfile_env()
     group = mx.distributed.init(strict=True, backend=backend)
     return group
 
@@ -100,43 +106,120 @@ def init_group(backend: str) -> Any:
 # -- starting ranks ------------------------------------------------------------------------
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+FORWARDED_ENV = ("TUNETOP_CACHE", "TUNETOP_BLAS", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+"""Environment a follower started over ssh gets from rank 0 (where they are set)."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """One entry of ``--hosts``: ``[user@]address[:ssh_port]``; ``address`` is what the ring uses."""
+
+    address: str
+    user: str = ""
+    ssh_port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Host:
+        user, _, rest = text.rpartition("@")
+        address, _, port = rest.partition(":")
+        if not address or (port and not port.isdigit()):
+            raise WorldError(f"--hosts entry {text!r} is not [user@]address[:ssh_port]")
+        return cls(address, user, int(port) if port else None)
+
+    @property
+    def here(self) -> bool:
+        """Started as a child process, no ssh: a loopback address with no user or port."""
+        return self.address in LOOPBACK and not self.user and self.ssh_port is None
+
+    @property
+    def loopback(self) -> bool:
+        return self.address in LOOPBACK
+
+    def ip(self) -> str:
+        """The ring backend wants IP addresses, not names."""
+        try:
+            return socket.gethostbyname(self.address)
+        except OSError as error:
+            raise WorldError(f"--hosts: cannot resolve {self.address!r}: {error}") from None
+
+
+def parse_hosts(text: str) -> list[Host]:
+    hosts = [Host.parse(part.strip()) for part in text.split(",") if part.strip()]
+    if len(hosts) < 2:
+        raise WorldError("--hosts needs at least two hosts, comma-separated (the first is this machine, rank 0)")
+    return hosts
+
+
+def _ssh_prefix(host: Host) -> list[str]:
+    """ssh as remote attach uses it (``TUNETOP_SSH`` overrides the command and its options)."""
+    import shlex
+
+    command = shlex.split(os.environ.get("TUNETOP_SSH", "ssh"))
+    command += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    if host.ssh_port:
+        command += ["-p", str(host.ssh_port)]
+    return [*command, f"{host.user}@{host.address}" if host.user else host.address]
+
+
 @dataclass
-class LocalRanks:
-    """Ranks 1..N-1 of a one-machine run, started by rank 0 as child processes."""
+class Ranks:
+    """Ranks 1..N-1 of a run, started by rank 0: child processes here, or over ssh on other hosts."""
 
     size: int
     backend: str
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, run_path: Path, size: int, backend: str) -> LocalRanks:
-        """Start the followers and point this process (rank 0) at the same world."""
-        if backend not in ("ring", "nccl"):
-            raise WorldError(f"--np starts ranks on this machine with the ring or nccl backend, not {backend!r}; "
-                             "for mpi, start the ranks with mlx.launch --backend mpi (README, 'Distributed runs').")
-        env = dict(os.environ)
-        env[CONTROL_ENV] = f"tcp://127.0.0.1:{free_port()}"
-        env["MLX_WORLD_SIZE"] = str(size)
-        if backend == "ring":
-            hostfile = run_path / "hostfile.json"
-            hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(size)]))
-            env["MLX_HOSTFILE"] = str(hostfile)
-        else:
-            env["NCCL_HOST_IP"] = "127.0.0.1"
-            env["NCCL_PORT"] = str(free_port())
-        # Ranks share this machine's cores: more BLAS threads than cores only slows every rank.
-        threads = max(1, (os.cpu_count() or 1) // size)
-        env.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+    def start(cls, run_path: Path, hosts: list[Host], backend: str) -> Ranks:
+        """Start the followers and point this process (rank 0, ``hosts[0]``) at the same world."""
+        import shlex
+
         from .daemon import PROJECT_ROOT
 
-        env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env["PYTHONUNBUFFERED"] = "1"
+        if backend not in ("ring", "nccl"):
+            raise WorldError(f"tunetop starts ranks with the ring or nccl backend, not {backend!r}; for mpi, "
+                             "start them with mlx.launch --backend mpi (README, 'Distributed runs').")
+        size = len(hosts)
+        everywhere: dict[str, str] = {"MLX_WORLD_SIZE": str(size)}
+        base_port = int(os.environ.get("TUNETOP_RING_PORT", "32323"))
+        # A port is probed free only where we can probe: on this machine.
+        ports = [free_port() if h.loopback or i == 0 else base_port + i for i, h in enumerate(hosts)]
+        everywhere[CONTROL_ENV] = f"tcp://{hosts[0].ip()}:{free_port()}"
+        if backend == "ring":
+            everywhere[HOSTFILE_ENV] = json.dumps([[f"{h.ip()}:{port}"] for h, port in zip(hosts, ports, strict=True)])
+        else:
+            everywhere["NCCL_HOST_IP"] = hosts[0].ip()
+            everywhere["NCCL_PORT"] = str(free_port())
+        # Ranks on one machine share its cores: more BLAS threads than cores slows every rank.
+        on_this_machine = sum(1 for h in hosts if h.loopback)
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, on_this_machine)))
+        local_env = {
+            **os.environ,
+            **everywhere,
+            "PYTHONPATH": str(PROJECT_ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+            "PYTHONUNBUFFERED": "1",
+        }
+        local_env.setdefault("OPENBLAS_NUM_THREADS", threads)
+        remote_tunetop = shlex.split(os.environ.get("TUNETOP_REMOTE_TUNETOP", "tunetop"))
+        forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         ranks = cls(size, backend)
-        for rank in range(1, size):
+        for rank, host in enumerate(hosts[1:], start=1):
+            follower_args = ["_follower", "--backend", backend]
+            if host.here:
+                argv = [sys.executable, "-m", "engine.cli", *follower_args]
+                env: dict[str, str] | None = {**local_env, "MLX_RANK": str(rank)}
+            else:
+                exports = {**forwarded, **everywhere, "MLX_RANK": str(rank), "PYTHONUNBUFFERED": "1"}
+                if host.loopback:
+                    exports.setdefault("OPENBLAS_NUM_THREADS", threads)
+                remote = ["env", *(f"{k}={v}" for k, v in exports.items()), *remote_tunetop, *follower_args]
+                argv = [*_ssh_prefix(host), shlex.join(remote)]
+                env = None
             log = open(run_path / f"rank{rank}.log", "ab")  # noqa: SIM115 (handed to the child)
             ranks.processes[rank] = subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "_follower", "--backend", backend],
-                env={**env, "MLX_RANK": str(rank)},
+                argv,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -144,14 +227,13 @@ class LocalRanks:
                 cwd=str(run_path),
             )
             log.close()
-        for key in (CONTROL_ENV, "MLX_WORLD_SIZE", "MLX_HOSTFILE", "NCCL_HOST_IP", "NCCL_PORT"):
-            if key in env:
-                os.environ[key] = env[key]
+        os.environ.update(everywhere)
         os.environ["MLX_RANK"] = "0"
+        use_hostfile_env()
         return ranks
 
     def exited(self) -> dict[int, int]:
-        """Ranks whose process has ended, with exit codes."""
+        """Ranks whose process (or ssh session) has ended, with exit codes."""
         return {rank: code for rank, p in self.processes.items() if (code := p.poll()) is not None}
 
     def finish(self, grace: float = 10.0) -> None:
@@ -165,23 +247,39 @@ class LocalRanks:
                 process.wait()
 
 
-def launch_command(run_path: Path, hosts: list[str], backend: str, extra: list[str], python: str = "") -> list[str]:
-    """The ``mlx.launch`` command line that runs this run over ``hosts`` (the first is rank 0, here).
+HOSTFILE_ENV = "TUNETOP_RING_HOSTS"  # the ring's hostfile as JSON text: followers on other hosts get it by env
+
+
+def use_hostfile_env() -> None:
+    """MLX reads the ring's hosts from a file: write the JSON we were given to one."""
+    text = os.environ.get(HOSTFILE_ENV)
+    if not text:
+        return
+    import tempfile
+
+    handle, path = tempfile.mkstemp(prefix="tunetop-ring-", suffix=".json")
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.environ["MLX_HOSTFILE"] = path
+
+
+def mpi_launch_command(run_path: Path, hosts: list[Host], extra: list[str]) -> list[str]:
+    """The ``mlx.launch --backend mpi`` command line that runs this run over ``hosts`` (rank 0 here).
 
     Every host needs tunetop, the model and the data at the same paths; only rank 0 writes.
     """
-    control = f"tcp://{hosts[0]}:{free_port()}"
+    control = f"tcp://{hosts[0].ip()}:{free_port()}"
     launcher = str(Path(sys.executable).with_name("mlx.launch"))
     return [
         launcher,
-        "--backend", backend,
-        "--hosts", ",".join(hosts),
+        "--backend", "mpi",
+        "--hosts", ",".join(h.address for h in hosts),
         "--env", f"{CONTROL_ENV}={control}",
         "--env", "PYTHONUNBUFFERED=1",
         "--env", f"PYTHONPATH={Path(__file__).resolve().parent.parent}",  # tunetop at the same path on every host
         "--cwd", str(run_path),
         "--",
-        python or sys.executable, "-m", "engine.cli", "_engine", str(run_path), "--launched", "--backend", backend,
+        sys.executable, "-m", "engine.cli", "_engine", str(run_path), "--launched", "--backend", "mpi",
         *extra,
     ]
 
@@ -196,7 +294,7 @@ def _pack(message: dict[str, Any]) -> bytes:
 class Coordinator:
     """Rank 0's end of the control channel: hello from every follower, then step / stop orders."""
 
-    def __init__(self, size: int, local: LocalRanks | None = None) -> None:
+    def __init__(self, size: int, local: Ranks | None = None) -> None:
         self.size = size
         self.local = local
         self.context = zmq.Context()

@@ -377,10 +377,10 @@ class Engine:
         """Start and join the other ranks of a distributed run; None for one process."""
         if self.plan is None or not self.plan.distributed:
             return None
-        from .distributed import Coordinator, LocalRanks, init_group
+        from .distributed import Coordinator, Ranks, init_group
         from .trainer import Shard
 
-        local = None if self.plan.launched else LocalRanks.start(self.run_dir.path, self.plan.size, self.plan.backend)
+        local = None if self.plan.launched else Ranks.start(self.run_dir.path, self.plan.host_list(), self.plan.backend)
         try:
             group = init_group(self.plan.backend)
             self.world = Coordinator(group.size(), local)
@@ -404,9 +404,12 @@ class Engine:
         lost = self.world.lost_ranks()
         iteration = self.trainer.iteration if self.trainer else 0
         who = f"rank {lost[0]}" if len(lost) == 1 else f"ranks {lost}" if lost else "a rank"
+        plan = self.plan
+        ranks = f"--hosts {plan.hosts}" if plan.hosts else f"--np {self.world.size}"
+        backend = "" if plan.backend == "ring" else f" --backend {plan.backend}"
         message = (
             f"{who} stopped responding at iteration {iteration} ({error}); the run ends. Its last checkpoint "
-            f"is intact: continue with `tunetop train --resume {self.run_dir.id} --np {self.world.size}`."
+            f"is intact: continue with `tunetop train --resume {self.run_dir.id} {ranks}{backend}`."
         )
         self.emit("rank_failed", ranks=lost, iteration=iteration, message=message)
         self.emit("error", message=message)

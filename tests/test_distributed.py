@@ -18,7 +18,8 @@ import pytest
 from engine.client_sync import send_command
 from engine.journal import read_events
 from engine.runs import RunDir, list_runs, resolve
-from tests.conftest import tunetop, wait_for, write_config
+from tests import sshd
+from tests.conftest import ROOT, tunetop, wait_for, write_config
 
 ITERATIONS = 8
 TRAINING = {"iterations": ITERATIONS, "steps_per_report": 1, "steps_per_eval": 100, "batch_size": 6}
@@ -66,7 +67,7 @@ def single_process(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Pat
 @pytest.mark.parametrize(
     ("ranks", "how"),
     [(2, ["--np", "2"]), (3, ["--np", "3"]), (2, ["--hosts", "127.0.0.1,127.0.0.1"])],
-    ids=["np2", "np3", "mlx.launch-hosts"],
+    ids=["np2", "np3", "hosts"],
 )
 def test_ranks_train_as_one_process_with_the_same_global_batch(
     ranks: int, how: list[str], tmp_path: Path, single_process: tuple[dict[int, float], dict]
@@ -88,12 +89,33 @@ def test_ranks_train_as_one_process_with_the_same_global_batch(
         # Adam divides by the root of tiny second moments, so rounding of the summed gradients
         # shows as ~1e-5 in weights that moved ~4e-3 in these 8 steps.
         assert np.allclose(np.array(adapter[key]), np.array(value), atol=5e-5), key
-    # Every follower followed to the end and left cleanly (mlx.launch relays their output).
-    logs = result.stdout if "--hosts" in how else "".join((run.path / f"rank{r}.log").read_text() for r in range(1, ranks))
+    # Every follower followed to the end and left cleanly.
+    logs = "".join((run.path / f"rank{r}.log").read_text() for r in range(1, ranks))
     for rank in range(1, ranks):
         assert f"rank {rank}: stop at iteration {ITERATIONS}" in logs
     assert "finished (completed)" in result.stdout
     assert not follower_pids(run)
+
+
+def test_a_rank_over_ssh_trains_in_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_process: tuple[dict[int, float], dict]
+) -> None:
+    """Rank 1 started through a real sshd on localhost, as on another host."""
+    server = sshd.start(tmp_path / "ssh")
+    try:
+        monkeypatch.setenv("TUNETOP_SSH", f"ssh -F {server.client_config}")
+        monkeypatch.setenv("TUNETOP_REMOTE_TUNETOP", sshd.remote_tunetop_command(dict(os.environ), ROOT))
+        config = write_config(tmp_path / "run.toml", training=TRAINING)
+        tunetop("train", str(config), "--hosts", f"127.0.0.1,{server.user}@127.0.0.1:{server.port}", check=True)
+    finally:
+        server.stop()
+    (run,) = list_runs()
+    got = losses(list(read_events(run.journal)))
+    expected, _ = single_process
+    assert sorted(got) == list(range(1, ITERATIONS + 1))
+    for iteration, loss in got.items():
+        assert loss == pytest.approx(expected[iteration], rel=1e-4), iteration
+    assert f"rank 1: stop at iteration {ITERATIONS}" in (run.path / "rank1.log").read_text()
 
 
 def test_batch_size_must_split_over_the_ranks(tmp_path: Path) -> None:
