@@ -72,6 +72,16 @@ def test_failed_runs_read_as_failed() -> None:
     assert s.state == "failed"
 
 
+def test_a_distributed_run_shows_its_ranks_and_a_lost_rank() -> None:
+    s = RunState()
+    s.apply({"seq": 1, "ts": 1.0, "run": "r", "type": "world", "size": 3, "backend": "ring"})
+    assert s.world_size == 3 and "3 ranks joined" in s.logs[-1].message
+    s.apply({"seq": 2, "ts": 2.0, "run": "r", "type": "error", "message": "rank 2 stopped responding at iteration 7"})
+    s.apply({"seq": 3, "ts": 3.0, "run": "r", "type": "finished", "reason": "rank_failed", "iteration": 7})
+    assert s.state == "failed"
+    assert [line.level for line in s.logs][-2:] == ["error", "log"]
+
+
 def test_ema_matches_tensorboard_debiasing() -> None:
     assert ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])
     values = ema([0.0, 10.0], 0.5)

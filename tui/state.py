@@ -70,6 +70,7 @@ class RunState:
     last_seq: int = 0
     events_applied: int = 0
     engine_state_from_heartbeat: str = ""
+    world_size: int = 1  # ranks of a data-parallel run
 
     # -- folding -------------------------------------------------------------------------
 
@@ -101,6 +102,10 @@ class RunState:
         self.total_parameters = int(e.get("total_parameters") or 0)
         self.config = e.get("config") or {}
         self._note(e, f"run started: {self.model}, {self.trainable_parameters:,} trainable parameters")
+
+    def _on_world(self, e: dict[str, Any]) -> None:
+        self.world_size = int(e.get("size") or 1)
+        self._note(e, f"{self.world_size} ranks joined ({e.get('backend', '')}); rank 0 reports for all")
 
     def _on_train(self, e: dict[str, Any]) -> None:
         self.iteration = int(e["iteration"])
@@ -140,7 +145,7 @@ class RunState:
         self.finished_reason = str(e.get("reason", ""))
         self._note(e, f"finished ({self.finished_reason}) at iteration {e.get('iteration', self.iteration)}")
         if self.state in ACTIVE_STATES or self.state == "unknown":
-            self.state = "failed" if self.finished_reason in ("failed", "bad_input") else "finished"
+            self.state = "failed" if self.finished_reason in ("failed", "bad_input", "rank_failed") else "finished"
 
     def _on_log(self, e: dict[str, Any]) -> None:
         self._note(e, str(e.get("message", "")))

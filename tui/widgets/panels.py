@@ -58,6 +58,8 @@ class RunHeader(Static):
         top.append(f" · {s.run_id} · ", style="dim")
         model = s.model if len(s.model) < 48 else "…" + s.model[-47:]
         top.append(model, style="italic")
+        if s.world_size > 1:
+            top.append(f" × {s.world_size} ranks", style="italic")
         top.append("  ")
         top.append(f" {s.state.upper()} ", style=self._style(s.state) + " reverse")
         if self.read_only:
