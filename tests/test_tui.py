@@ -16,6 +16,7 @@ from tui.app import TunetopApp
 from tui.screens.dashboard import DashboardScreen
 from tui.screens.editor import ConfigEditorScreen
 from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
+from tui.screens.playground import PlaygroundScreen, columns
 from tui.screens.runs import RunsScreen
 from tui.widgets.chart import LossChart
 from tui.widgets.panels import RunHeader
@@ -180,3 +181,35 @@ async def test_palette_offers_the_run_commands(isolated_state: Path) -> None:
         titles = [c.title for c in app.get_system_commands(app.screen)]
         for title in ("Pause or resume", "Save checkpoint now", "Evaluate now", "Stop run", "Detach", "Theme"):
             assert any(title in t for t in titles), title
+
+
+def test_playground_columns_group_samples_by_prompt_newest_first() -> None:
+    samples = [(10, "a", "1"), (10, "b", "2"), (20, "a", "3"), (30, "c", "4"), (40, "a", "5")]
+    assert columns(samples) == [("a", [(40, "5"), (20, "3"), (10, "1")]), ("c", [(30, "4")]), ("b", [(10, "2")])]
+    assert [prompt for prompt, _ in columns(samples, limit=2)] == ["a", "c"]
+
+
+async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
+    app = TunetopApp(engine_run)
+    async with app.run_test(size=SIZE) as pilot:
+        dashboard = app.screen
+        await settle(pilot, lambda: dashboard.run_state.iteration >= 2)
+        await pilot.press("g")
+        playground = app.screen
+        assert isinstance(playground, PlaygroundScreen)
+        playground.query_one("#max-tokens", Input).value = "8"
+        await pilot.click("#prompt")
+        await pilot.press(*"The river")
+        await pilot.press("enter")
+        await settle(pilot, lambda: "sample: ok, from the weights of iteration" in playground.status_text, timeout=60)
+        await settle(pilot, lambda: len(playground.query(".column")) == 1)
+        (column,) = playground.query(".column")
+        assert column.border_title == "The river"
+        assert "iter " in str(column.query_one(".sample").render())
+        # a sample asked by another client shows up too, as the newest column
+        send_command(engine_run, "sample", {"prompt": "A lantern", "max_tokens": 4}, timeout=60)
+        await settle(pilot, lambda: len(playground.query(".column")) == 2)
+        assert [c.border_title for c in playground.query(".column")] == ["A lantern", "The river"]
+        await pilot.press("escape")
+        assert app.screen is dashboard
+        await pilot.press("q")

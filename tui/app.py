@@ -68,6 +68,7 @@ class TunetopApp(App[int]):
                 ("Cycle loss smoothing", "EMA 0 / 0.6 / 0.9 / 0.99", screen.action_smoothing),
                 ("Cycle chart window", "Whole run / last 100 / 1000 / 10000 iterations", screen.action_window),
                 ("Edit config", "Open the run's config in the editor", screen.action_edit_config),
+                ("Playground", "Prompt the live adapter; samples side by side by iteration", screen.action_playground),
                 ("Detach", "Leave the run training and close the TUI", screen.action_detach),
             ):
                 yield SystemCommand(title, help_text, action)

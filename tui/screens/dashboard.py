@@ -61,6 +61,7 @@ class DashboardScreen(Screen[None]):
         Binding("m", "smoothing", "Smoothing"),
         Binding("w", "window", "Window"),
         Binding("c", "edit_config", "Config"),
+        Binding("g", "playground", "Playground"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q,ctrl+d", "detach", "Detach"),
     ]
@@ -300,6 +301,11 @@ class DashboardScreen(Screen[None]):
             self.show_reply("the config of a remote run lives on the remote machine: edit it there", error=True)
             return
         self.app.push_screen(ConfigEditorScreen(self.run_dir.config))
+
+    def action_playground(self) -> None:
+        from tui.screens.playground import PlaygroundScreen
+
+        self.app.push_screen(PlaygroundScreen(self))
 
     def action_help(self) -> None:
         keys = [(b.key_display or b.key, b.description) for b in self.BINDINGS if isinstance(b, Binding)]

@@ -1,0 +1,139 @@
+"""The Playground: prompt the live adapter and watch the same prompts change as training goes.
+
+A prompt typed here becomes a ``sample`` command; the engine runs it between two steps with
+the weights as they are and publishes a ``sample`` event. Every sample of the run (typed here,
+by another client, or from ``sampling.sample_prompts``) is shown in one column per prompt,
+newest prompt first, each column listing its completions by iteration, latest on top.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Label, Static
+
+if TYPE_CHECKING:
+    from tui.screens.dashboard import DashboardScreen
+
+MAX_COLUMNS = 4  # prompts side by side; older prompts stay in the run's journal and log
+
+
+def columns(samples: list[tuple[int, str, str]], limit: int = MAX_COLUMNS) -> list[tuple[str, list[tuple[int, str]]]]:
+    """Samples grouped by prompt: the most recently sampled prompts first, completions newest first."""
+    by_prompt: dict[str, list[tuple[int, str]]] = {}
+    last_seen: dict[str, int] = {}
+    for index, (iteration, prompt, completion) in enumerate(samples):
+        by_prompt.setdefault(prompt, []).append((iteration, completion))
+        last_seen[prompt] = index
+    ordered = sorted(by_prompt, key=lambda prompt: last_seen[prompt], reverse=True)[:limit]
+    return [(prompt, list(reversed(by_prompt[prompt]))) for prompt in ordered]
+
+
+class PlaygroundScreen(Screen[None]):
+    """Type a prompt, read the completion from the live adapter, with the iteration it came from."""
+
+    DEFAULT_CSS = """
+    PlaygroundScreen #form { height: 3; }
+    PlaygroundScreen #prompt { width: 1fr; }
+    PlaygroundScreen #max-tokens { width: 16; }
+    PlaygroundScreen #temperature { width: 16; }
+    PlaygroundScreen #status { height: 1; padding: 0 1; }
+    PlaygroundScreen #samples { height: 1fr; }
+    PlaygroundScreen .column { width: 1fr; border: round $primary; padding: 0 1; }
+    PlaygroundScreen .column-title { text-style: bold; }
+    """
+
+    BINDINGS = [
+        Binding("escape", "back", "Dashboard"),
+        Binding("ctrl+r", "resample", "Sample all again"),
+    ]
+
+    def __init__(self, dashboard: DashboardScreen) -> None:
+        super().__init__()
+        self.dashboard = dashboard
+        self._shown = -1
+        self.status_text = ""
+
+    def compose(self) -> ComposeResult:
+        sampling = (self.dashboard.run_state.config or {}).get("sampling", {})
+        with Horizontal(id="form"):
+            yield Input(placeholder="prompt, then enter: completed between two steps with the current weights", id="prompt")
+            yield Input(str(sampling.get("max_tokens", 64)), placeholder="max tokens", id="max-tokens", type="integer")
+            yield Input(str(sampling.get("temperature", 0.0)), placeholder="temperature", id="temperature", type="number")
+        yield Static("", id="status")
+        yield Horizontal(id="samples")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#prompt", Input).focus()
+        self.refresh_samples()
+        self.set_interval(0.25, self.refresh_samples)
+
+    def show_status(self, text: str, error: bool = False) -> None:
+        self.status_text = text
+        self.query_one("#status", Static).update(Text(text, style="bold red" if error else "green"))
+
+    def refresh_samples(self) -> None:
+        """Redraw the columns when samples arrived (the dashboard folds the events)."""
+        samples = self.dashboard.run_state.samples
+        if len(samples) == self._shown:
+            return
+        self._shown = len(samples)
+        box = self.query_one("#samples", Horizontal)
+        box.remove_children()
+        if not samples:
+            box.mount(Label("No samples yet: type a prompt above, or set sampling.sample_prompts in the config."))
+            return
+        for prompt, completions in columns(samples):
+            column = VerticalScroll(classes="column")
+            column.border_title = prompt if len(prompt) < 40 else prompt[:39] + "…"
+            box.mount(column)
+            for iteration, completion in completions:
+                entry = Text()
+                entry.append(f"iter {iteration:,}\n", style="bold")
+                entry.append(prompt, style="dim")
+                entry.append(completion)
+                column.mount(Static(entry, classes="sample"))
+
+    def _request(self) -> dict[str, Any] | None:
+        prompt = self.query_one("#prompt", Input).value
+        if not prompt.strip():
+            self.show_status("type a prompt first", error=True)
+            return None
+        args: dict[str, Any] = {"prompt": prompt}
+        try:
+            args["max_tokens"] = int(self.query_one("#max-tokens", Input).value)
+            args["temperature"] = float(self.query_one("#temperature", Input).value)
+        except ValueError:
+            self.show_status("max tokens must be a whole number and temperature a number", error=True)
+            return None
+        return args
+
+    def on_input_submitted(self, _event: Input.Submitted) -> None:
+        args = self._request()
+        if args is not None:
+            self.sample(args)
+
+    def action_resample(self) -> None:
+        """Every prompt on screen again, with the weights as they are now."""
+        for prompt, _ in columns(self.dashboard.run_state.samples):
+            self.sample({"prompt": prompt})
+
+    def sample(self, args: dict[str, Any]) -> None:
+        self.run_worker(self._sample(args), exclusive=False)
+
+    async def _sample(self, args: dict[str, Any]) -> None:
+        self.show_status(f"sampling {args['prompt']!r} between two steps…")
+        reply = await self.dashboard.source.command("sample", args)
+        if reply.ok:
+            self.show_status(f"sample: ok, from the weights of iteration {reply.result.get('iteration')}")
+        else:
+            self.show_status(f"sample: {reply.error}", error=True)
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
