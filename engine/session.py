@@ -54,23 +54,26 @@ class ControlState:
     exit_code: int = EXIT_OK
 
 
-def load_model_and_tokenizer(cfg: RunConfig) -> tuple[Any, Any, str]:
-    """mlx-lm's loader on a Hugging Face id or a local folder; the embedded default is built first."""
+def load_model_and_tokenizer(cfg: RunConfig, report: Callable[[str], None] | None = None) -> tuple[Any, Any, str]:
+    """mlx-lm's loader on a local folder or a Hugging Face id (downloaded first, with progress).
+
+    The embedded default is built first. ``report`` receives download progress lines.
+    """
     from mlx_lm import load
 
+    from . import hub
     from .demo import embedded_model_path
 
     path = str(embedded_model_path()) if cfg.model.path == EMBEDDED else cfg.model.path
+    where = f"model.path in {cfg.source or 'the config'}"
     try:
+        if not hub.is_local(path) and "/" in path and not path.startswith((".", "/", "~")):
+            path = str(hub.fetch(path, cfg.model.revision or None, report or (lambda _line: None)))
         model, tokenizer = load(  # type: ignore[misc]
             path, revision=cfg.model.revision or None, trust_remote_code=cfg.model.trust_remote_code
         )
     except Exception as error:  # mlx-lm / huggingface_hub raise many types; all mean "cannot load"
-        raise ModelError(
-            f"cannot load model '{cfg.model.path}' (model.path in {cfg.source or 'the config'}): "
-            f"{type(error).__name__}: {error}. A local path must be a folder with config.json and "
-            "*.safetensors; a Hugging Face id needs the network or a copy in the Hugging Face cache."
-        ) from None
+        raise ModelError(hub.explain(cfg.model.path, where, error)) from None
     return model, tokenizer, path
 
 
@@ -129,6 +132,9 @@ class Engine:
         status["updated"] = event["ts"]
         status["seq"] = event["seq"]
         self.run_dir.write_status(status)
+
+    def _log_line(self, message: str) -> None:
+        self.emit("log", message=message)
 
     def set_state(self, state: str) -> None:
         if state != self.state:
@@ -502,13 +508,22 @@ class Engine:
             checkpoint_path=self.run_dir.checkpoints,
             config_hash=config_hash(text),
             shard=shard,
+            report=self._log_line,
         )
 
 
 def build_trainer(
-    cfg: RunConfig, adapter_path: Path, checkpoint_path: Path | None = None, config_hash: str = "", shard: Any = None
+    cfg: RunConfig,
+    adapter_path: Path,
+    checkpoint_path: Path | None = None,
+    config_hash: str = "",
+    shard: Any = None,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[Any, str, int, int]:
-    """Model, adapters, data, optimizer from a config: (trainer, model path, trainable, total)."""
+    """Model, adapters, data, optimizer from a config: (trainer, model path, trainable, total).
+
+    ``report`` receives progress lines while a model downloads.
+    """
     import mlx.core as mx
 
     from .adapters import adapter_config, apply_fine_tuning, count_parameters
@@ -524,7 +539,7 @@ def build_trainer(
             f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
         )
     mx.random.seed(cfg.training.seed)
-    model, tokenizer, model_path = load_model_and_tokenizer(cfg)
+    model, tokenizer, model_path = load_model_and_tokenizer(cfg, report)
     data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
     splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt)
     apply_fine_tuning(model, cfg.lora)

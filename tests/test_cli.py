@@ -42,6 +42,33 @@ def test_bad_data_exits_2_naming_file_and_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_a_model_id_that_is_not_cached_and_not_reachable_names_the_id(tmp_path: Path) -> None:
+    """This machine cannot reach the Hub (like a laptop on a plane): the error says so, naming the id.
+
+    HF_HUB_OFFLINE makes the result the same on a machine that can reach it.
+    """
+    config = write_config(tmp_path / "run.toml", model={"path": "tunetop-tests/not-a-real-model"})
+    result = tunetop("train", str(config), env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert "model 'tunetop-tests/not-a-real-model'" in output
+    assert "is not in the Hugging Face cache and the Hub cannot be reached" in output
+    assert "Traceback" not in output
+
+
+def test_model_errors_explain_what_to_do() -> None:
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from engine.hub import explain
+
+    # The Hub's own exception type (built without an HTTP response, which only its __init__ reads).
+    missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+    Exception.__init__(missing, "404 Client Error: Repository Not Found")
+    assert "not found on the Hugging Face Hub" in explain("owner/typo", "model.path in run.toml", missing)
+    assert "neither a local folder nor a Hugging Face id" in explain("llama", "k", OSError("nope"))
+    assert "a folder with config.json" in explain("/tmp", "k", FileNotFoundError("config.json"))
+
+
 def test_init_then_train_headless(tmp_path: Path) -> None:
     config = tmp_path / "starter.toml"
     assert tunetop("init", str(config)).returncode == 0

@@ -150,3 +150,29 @@ def test_skip_policy_undoes_nonfinite_updates(tmp_path: Path) -> None:
     assert result.reason == "completed" and trainer.iteration == 12
     assert trainer.weights_finite()  # every non-finite update was undone
     assert all(bool(mx.all(mx.isfinite(v)).item()) for _, v in tree_flatten(trainer.optimizer.state) if isinstance(v, mx.array))
+
+
+def test_qlora_trains_on_a_4bit_base_and_loads_in_mlx_lm(tmp_path: Path) -> None:
+    """QLoRA: LoRA on a model quantized to 4 bits with mlx-lm's own convert."""
+    from mlx_lm import convert, load
+
+    from engine.demo import embedded_model_path
+
+    quantized = tmp_path / "q4"
+    convert(str(embedded_model_path()), mlx_path=str(quantized), quantize=True, q_bits=4, q_group_size=32)
+    cfg = make_cfg(iterations=60, steps_per_report=10, steps_per_eval=60)
+    cfg.model.path = str(quantized)
+    trainer, model_path, trainable, total = build_trainer(cfg, tmp_path / "adapters")
+    q_proj = trainer.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.linear, nn.QuantizedLinear) and q_proj.linear.bits == 4
+    events: list[Any] = []
+    run_loop(trainer, events.append)
+    validations = [e.loss for e in events if isinstance(e, Validation)]
+    assert validations[-1] < 0.8 * validations[0], validations
+    assert all(k.endswith(("lora_a", "lora_b")) for k, _ in tree_flatten(trainer.model.trainable_parameters()))
+
+    tokens = mx.array([[5, 17, 42, 99, 7, 3, 250, 11]])
+    trainer.model.eval()
+    theirs, _ = load(model_path, adapter_path=str(tmp_path / "adapters"))
+    assert isinstance(theirs.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    assert np.allclose(np.array(trainer.model(tokens)), np.array(theirs(tokens)), atol=1e-4)
