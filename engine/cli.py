@@ -449,6 +449,15 @@ def cmd_export_metrics(args: argparse.Namespace) -> int:
     from .export import metrics_text
     from .runs import resolve
 
+    if args.format == "tensorboard":
+        from .journal import read_events
+        from .tensorboard import write_from_events
+
+        if not args.output:
+            return _fail("--format tensorboard needs --output DIR (the folder to point `tensorboard --logdir` at).")
+        path = write_from_events(list(read_events(resolve(args.run).journal)), Path(args.output))
+        print(f"wrote {path}")
+        return 0
     text = metrics_text(resolve(args.run), args.format)
     if args.output:
         Path(args.output).write_text(text)
@@ -540,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-metrics", help="a run's training and validation metrics as CSV or JSON lines")
     p.add_argument("run", nargs="?")
-    p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    p.add_argument("--format", choices=["csv", "jsonl", "tensorboard"], default="csv")
     p.add_argument("--output")
     p.set_defaults(func=cmd_export_metrics)
 

@@ -101,6 +101,11 @@ class SamplingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard event files to the run's tensorboard/ folder"})
+
+
+@dataclass
 class RunConfig:
     """A whole run config. ``source`` is the file it came from, for messages."""
 
@@ -113,6 +118,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = field(default="", compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +139,7 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "checkpoints": CheckpointConfig,
     "sampling": SamplingConfig,
+    "metrics": MetricsConfig,
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {

@@ -351,6 +351,12 @@ class Engine:
             self.events = EventLog(self.run_dir.id, JournalWriter(self.run_dir.journal))
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
+            tensorboard = None
+            if self.cfg.metrics.tensorboard:
+                from .tensorboard import TensorBoardWriter
+
+                tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard")
+                self.events.subscribers.append(tensorboard.on_event)
             for hook in self.on_ready:
                 hook(self)
             self._install_signal_handlers()
@@ -360,6 +366,8 @@ class Engine:
                 for hook in self.on_close:
                     hook(self)
                 self.events.close()
+                if tensorboard is not None:
+                    tensorboard.close()
         finally:
             self.lock.release()
 

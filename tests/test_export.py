@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from engine.journal import read_events
 from engine.runs import RunDir, list_runs
 from tests.conftest import tunetop, write_config
 
@@ -67,6 +68,33 @@ def test_metrics_export(trained_run: RunDir) -> None:
     assert len(lines) == len(rows) and json.loads(lines[0])["type"] == "validation"
 
 
+def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard itself reads from the event files in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_tensorboard_reads_the_live_event_files_and_the_export(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "run.toml", training={"iterations": 10, "steps_per_report": 5, "steps_per_eval": 5},
+                          metrics={"tensorboard": True})
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    events = [e for e in read_events(run.journal) if e["type"] in ("train", "validation")]
+    train = {e["iteration"]: e for e in events if e["type"] == "train"}
+    live = _tensorboard_scalars(run.path / "tensorboard")
+    assert [step for step, _ in live["train/loss"]] == [5, 10]
+    for step, value in live["train/loss"]:
+        assert value == pytest.approx(train[step]["loss"], rel=1e-6)
+    assert [step for step, _ in live["validation/loss"]] == [0, 5, 10]
+    assert {"train/learning_rate", "train/tokens_per_second", "train/peak_memory_gb"} <= set(live)
+
+    tunetop("export-metrics", run.id, "--format", "tensorboard", "--output", str(tmp_path / "tb"), check=True)
+    assert _tensorboard_scalars(tmp_path / "tb") == live
+
+
 def test_import_mlx_lm_config(tmp_path: Path) -> None:
     yaml_text = """
 model: "mlx-community/Llama-3.2-1B-Instruct-4bit"
@@ -119,3 +147,9 @@ mystery_key: 5
     assert cfg.schedule.end_learning_rate == pytest.approx(1e-7) and cfg.training.grad_checkpoint
     assert "mystery_key: unknown" in result.stdout and "report_to:" in result.stdout
     assert "optimizer_config.adamw.betas" in result.stdout
+
+
+def test_crc32c_known_answer() -> None:
+    from engine.tensorboard import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value of CRC-32C
