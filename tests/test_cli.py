@@ -124,3 +124,31 @@ def test_detached_run_survives_and_reports(tmp_path: Path) -> None:
     assert run.status()["state"] == "finished"
     assert tunetop("pause", run_id).returncode == 3  # no live engine any more
     assert os.path.getsize(run.log) > 0
+
+
+def test_console_output_respects_no_color_and_non_terminals(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from engine.console import ConsoleReporter
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    warning = {"type": "warning", "message": "careful", "seq": 1, "ts": 0.0}
+    train = {"type": "train", "iteration": 1, "loss": 1.0, "learning_rate": 1e-4, "iterations_per_second": 1.0,
+             "tokens_per_second": 1.0, "trained_tokens": 1, "peak_memory": 0.1, "seq": 2, "ts": 0.0}
+
+    def output(stream: io.StringIO) -> str:
+        reporter = ConsoleReporter(10, stream)
+        reporter(warning)
+        reporter(train)
+        reporter.close()
+        return stream.getvalue()
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert "\x1b[33m" in output(Terminal())  # colour and a progress bar on a terminal
+    piped = output(io.StringIO())
+    assert "\x1b" not in piped and "careful" in piped  # plain lines into a pipe or a file
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\x1b[33m" not in output(Terminal())

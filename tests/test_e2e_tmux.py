@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,7 @@ class Tmux:
     def run(self, *args: str) -> str:
         return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=False).stdout
 
-    def start(self, command: str) -> None:
+    def start(self, command: str, extra_env: str = "") -> None:
         env = " ".join(
             f"{k}={v}"
             for k, v in os.environ.items()
@@ -36,12 +37,12 @@ class Tmux:
         )
         # The shell stays after the TUI exits, so the test can read what was left on screen.
         # COLUMNS and LINES (pytest may set them) would override the pane size in Textual.
-        script = f"cd {ROOT} && env -u COLUMNS -u LINES {env} TERM=xterm-256color {command}; echo TUI-EXITED-$?; sleep 60"
+        script = f"cd {ROOT} && env -u COLUMNS -u LINES {env} TERM=xterm-256color {extra_env} {command}; echo TUI-EXITED-$?; sleep 60"
         self.run("new-session", "-d", "-s", self.session, "-x", "160", "-y", "45", script)
         self.run("resize-window", "-t", self.session, "-x", "160", "-y", "45")
 
-    def screen(self) -> str:
-        return self.run("capture-pane", "-p", "-t", self.session)
+    def screen(self, escapes: bool = False) -> str:
+        return self.run("capture-pane", "-p", *(["-e"] if escapes else []), "-t", self.session)
 
     def keys(self, *keys: str) -> None:
         self.run("send-keys", "-t", self.session, *keys)
@@ -100,3 +101,31 @@ def test_attach_watch_pause_detach_and_reattach(engine_run: RunDir) -> None:
     finally:
         second.kill()
     assert engine_run.is_alive()
+
+
+def screen_colors(screen: str) -> set[tuple[int, int, int]]:
+    """The 24-bit colours in a captured screen's escape sequences (38;2;R;G;B and 48;2;R;G;B)."""
+    colors = set()
+    for params in re.findall(r"\x1b\[([0-9;]*)m", screen):
+        parts = params.split(";")
+        for i in range(len(parts) - 4):
+            if parts[i] in ("38", "48") and parts[i + 1] == "2":
+                colors.add((int(parts[i + 2]), int(parts[i + 3]), int(parts[i + 4])))
+    return colors
+
+
+def test_no_color_makes_the_tui_monochrome(isolated_state: Path) -> None:
+    from tests.recorded import write_recorded_run
+
+    run = write_recorded_run(isolated_state)
+    seen = {}
+    for name, extra in (("colour", "COLORTERM=truecolor"), ("nocolor", "COLORTERM=truecolor NO_COLOR=1")):
+        tmux = Tmux(name)
+        tmux.start(f"{sys.executable} -m engine.cli attach {run.id}", extra_env=extra)
+        try:
+            wait_for(lambda t=tmux: "FINISHED" in t.screen() and "validation" in t.screen(), timeout=60)
+            seen[name] = screen_colors(tmux.screen(escapes=True))
+        finally:
+            tmux.kill()
+    assert any(len({r, g, b}) > 1 for r, g, b in seen["colour"])  # the check can see colour at all
+    assert seen["nocolor"] and all(r == g == b for r, g, b in seen["nocolor"])
