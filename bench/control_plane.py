@@ -191,8 +191,9 @@ def events(args: argparse.Namespace) -> None:
 def replay_bench(args: argparse.Namespace) -> None:
     from engine.client_sync import replay
     from engine.events import EventLog
+    from engine.history import History, read_history, write_digest
     from engine.journal import JournalWriter, read_payloads
-    from engine.protocol import encode, make_event
+    from engine.protocol import encode, loads, make_event
     from engine.runs import RunDir
     from engine.server import Server
     from tui.state import RunState
@@ -200,7 +201,8 @@ def replay_bench(args: argparse.Namespace) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="tt-bench-"))
     run = RunDir(scratch / "replay-run")
     run.path.mkdir()
-    writer = JournalWriter(run.journal)
+    history = History()
+    writer = JournalWriter(run.journal, history=history)
     start = time.perf_counter()
     for i in range(1, args.count + 1):
         event = make_event(run.id, i, "train", ts=1.0 + i, iteration=i, loss=2.0 - i / args.count,
@@ -213,6 +215,14 @@ def replay_bench(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     n = sum(1 for _ in read_payloads(run.journal))
     print(f"read back (framing + CRC check):       {time.perf_counter() - start:6.2f}s for {n:,} events")
+    start = time.perf_counter()
+    _upto, kept = read_history(run.journal)
+    print(f"history digest, journal only:          {time.perf_counter() - start:6.2f}s ({len(kept):,} events kept)")
+    write_digest(history, run.journal, writer.end_offset)
+    start = time.perf_counter()
+    _upto, kept = read_history(run.journal)
+    decoded = [loads(payload) for _seq, payload in kept]
+    print(f"history digest, saved + decoded:       {time.perf_counter() - start:6.2f}s ({len(decoded):,} events)")
 
     class FakeEngine:
         run_dir = run

@@ -25,27 +25,33 @@ import engine  # noqa: E402,F401  (first: OpenBLAS before mlx)
 
 
 def reattach(args: argparse.Namespace) -> None:
+    """A run with N journaled events, attached live (engine serving) and then opened finished."""
+    from engine.events import EventLog
+    from engine.history import History
     from engine.journal import JournalWriter
-    from engine.protocol import encode, make_event
-    from engine.runs import RunDir
+    from engine.runs import RunDir, RunLock
+    from engine.server import attach_server
     from tui.app import TunetopApp
     from tui.screens.dashboard import DashboardScreen
 
     home = Path(tempfile.mkdtemp(prefix="tt-bench-tui-"))
     os.environ["TUNETOP_HOME"] = str(home)
     os.environ["XDG_CONFIG_HOME"] = str(home / "config")
+    os.environ.setdefault("TUNETOP_SOCKET_DIR", tempfile.mkdtemp(prefix="tt-", dir="/tmp"))
     run = RunDir(home / "runs" / "20261129-000000-bench")
     run.path.mkdir(parents=True)
-    writer = JournalWriter(run.journal)
-    started = make_event(run.id, 1, "run_started", ts=1.0, config={}, model="bench", trainable_parameters=1,
-                         total_parameters=2, iterations=args.count, name="bench")
-    writer.append(started, encode(started))
-    for i in range(2, args.count + 1):
-        event = make_event(run.id, i, "train", ts=1.0 + i, iteration=i, loss=2.0 - i / args.count,
-                           learning_rate=1e-4, iterations_per_second=10.0, tokens_per_second=1000.0,
-                           trained_tokens=i * 100, peak_memory=0.5)
-        writer.append(event, encode(event))
-    writer.close()
+    started = time.perf_counter()
+    log = EventLog(run.id, JournalWriter(run.journal, history=History()))
+    log.emit("run_started", config={}, model="bench", trainable_parameters=1, total_parameters=2,
+             iterations=args.count, name="bench")
+    log.emit("state", state="running")
+    for i in range(1, args.count + 1):
+        log.emit("train", iteration=i, loss=2.0 - i / args.count, learning_rate=1e-4, iterations_per_second=10.0,
+                 tokens_per_second=1000.0, trained_tokens=i * 100, peak_memory=0.5)
+        if i % 1000 == 0:
+            log.emit("validation", iteration=i, loss=2.5 - i / args.count, seconds=0.1)
+    print(f"journaled {log.last_seq:,} events ({run.journal.stat().st_size / 1e6:.0f} MB) in "
+          f"{time.perf_counter() - started:.0f}s")
 
     async def measure() -> float:
         app = TunetopApp(run, remember=False)
@@ -53,14 +59,32 @@ def reattach(args: argparse.Namespace) -> None:
         async with app.run_test(size=(160, 45)) as pilot:
             screen = app.screen
             assert isinstance(screen, DashboardScreen)
-            while screen.run_state.iteration < args.count:
+            while screen.run_state.iteration < args.count or len(screen.run_state.validations) < args.count // 1000:
                 await pilot.pause(0.01)
             screen.repaint()
             await pilot.pause()
             return time.perf_counter() - start
 
-    seconds = asyncio.run(measure())
-    print(f"{args.count:,} journaled events: full history on screen after {seconds:.2f}s")
+    class StandIn:  # the engine's side of the control plane, without training
+        run_dir = run
+        state = "running"
+        trainer = None
+        events = log
+        on_close: list[object] = []
+
+        def status_result(self) -> dict[str, object]:
+            return {}
+
+    lock = RunLock(run)
+    lock.acquire()
+    server = attach_server(StandIn())  # type: ignore[arg-type]
+    live = asyncio.run(measure())
+    server.close()
+    lock.release()
+    print(f"{args.count:,} train events, live engine:     full (downsampled) history on screen after {live:.2f}s")
+    log.close()  # as the engine does at exit: the digest is saved beside the journal
+    finished = asyncio.run(measure())
+    print(f"{args.count:,} train events, finished run:    full (downsampled) history on screen after {finished:.2f}s")
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -375,8 +375,15 @@ def cmd_events(args: argparse.Namespace) -> int:
         run = resolve(args.run)
     except RunError as error:
         return _fail(str(error))
-    tail = JournalTail(run.journal, since=args.since)
     out = sys.stdout
+    if args.digest:  # what a screen needs of a long run: rare events whole, train events thinned
+        from .history import read_history
+
+        _upto, records = read_history(run.journal)
+        for _seq, payload in records:
+            out.write(payload.decode("utf-8") + "\n")
+        return 0
+    tail = JournalTail(run.journal, since=args.since)
     try:
         while True:
             for _seq, payload in tail.poll():
@@ -520,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?")
     p.add_argument("--since", type=int, default=0)
     p.add_argument("--follow", action="store_true")
+    p.add_argument("--digest", action="store_true", help="a long run's digest: rare events whole, train events thinned")
     p.set_defaults(func=cmd_events)
 
     for name in ("pause", "resume", "stop", "save", "evaluate", "status"):

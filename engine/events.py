@@ -7,6 +7,7 @@ replay from the journal. No mlx import here.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -54,5 +55,18 @@ class EventLog:
         with self._lock:
             return self.journal.last_seq, self.journal.end_offset
 
+    def write_digest(self) -> None:
+        """Save the journal's history digest beside it (engine.history), consistent with the journal."""
+        from .history import write_digest
+
+        history = self.journal.history
+        if history is None:
+            return
+        with self._lock:
+            self.journal.sync()
+            write_digest(history, self.journal.path, self.journal.end_offset)
+
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # a cache: a full disk must not stop the journal closing
+            self.write_digest()
         self.journal.close()

@@ -21,7 +21,10 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from .history import History
 
 MAGIC = b"TTJOURN1"
 HEADER = struct.Struct("<IIQ")
@@ -70,8 +73,9 @@ class JournalWriter:
     state changes, a timer), since an fsync per event would cost the trainer.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, history: History | None = None) -> None:
         self.path = Path(path)
+        self.history = history  # fed every record, existing and new (engine.history)
         self.last_seq = 0
         self._index: list[tuple[int, int]] = []  # sparse (seq, offset) pairs for seeking
         self._file: BinaryIO
@@ -85,6 +89,8 @@ class JournalWriter:
             for count, (offset, seq, payload) in enumerate(scan(data)):
                 if count % 1024 == 0:
                     self._index.append((seq, offset))
+                if history is not None:
+                    history.add(seq, payload)
                 self.last_seq = seq
                 good_end = offset + HEADER.size + len(payload)
             if good_end < len(data):
@@ -116,6 +122,8 @@ class JournalWriter:
         self._count += 1
         self.last_seq = seq
         self.end_offset = offset + len(record)
+        if self.history is not None:
+            self.history.add(seq, payload)
         return payload
 
     def offset_before(self, seq: int) -> int:

@@ -49,14 +49,17 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 
 RUN_STATES = ("starting", "running", "paused", "stopping", "finished", "failed")
 
-COMMANDS = ("pause", "resume", "stop", "save", "evaluate", "set", "sample", "replay", "hello", "status")
-"""Commands the engine accepts. ``replay`` and ``hello`` are answered by the server thread."""
+COMMANDS = ("pause", "resume", "stop", "save", "evaluate", "set", "sample", "replay", "history", "hello", "status")
+"""Commands the engine accepts. ``replay``, ``history`` and ``hello`` are answered by the server thread."""
 
 MAX_COMMAND_BYTES = 64 * 1024
 """Larger command frames are refused without being parsed."""
 
 END_MARKER = b"END"
-"""Replay frames are [b"EVT", payload]...; the last is [b"END", last seq as ASCII]."""
+"""Replay frames are [b"JRNL", raw journal records]...; the last is [b"END", last seq as ASCII, command id]."""
+
+HISTORY_END_MARKER = b"HEND"
+"""History frames are [b"HIST", framed records]...; the last is [b"HEND", last seq covered, command id]."""
 
 
 try:  # orjson parses events about 3x faster (a 1M-event replay: 3.6 s instead of 10.9 s here)

@@ -25,9 +25,10 @@ import zmq
 
 from .curve import CurveServer
 from .endpoints import Endpoints, endpoints_for
-from .journal import read_range
+from .journal import frame, read_range
 from .protocol import (
     END_MARKER,
+    HISTORY_END_MARKER,
     PROTOCOL_VERSION,
     Command,
     ProtocolError,
@@ -236,6 +237,8 @@ class Server:
             self._send(router, identity, [b"REP", Reply(command.id, True, result=result).encode()])
         elif command.cmd == "replay":
             self._replay(identity, router, command)
+        elif command.cmd == "history":
+            self._history(identity, router, command)
         elif command.cmd == "status":
             self._send(router, identity, [b"REP", Reply(command.id, True, result=engine.status_result()).encode()])
         else:
@@ -264,6 +267,24 @@ class Server:
             if not self._send(router, identity, [b"JRNL", data]):
                 return
         self._send(router, identity, [END_MARKER, str(last).encode(), command.id.encode()])
+
+
+    def _history(self, identity: bytes, router: zmq.Socket, command: Command) -> None:
+        """Send the run's digest (engine.history) as journal records, then HEND with the last seq it covers.
+
+        The client folds it and replays from that seq: a few thousand events instead of millions.
+        """
+        events = self.engine.events
+        history = events.journal.history if events is not None else None
+        if history is None:
+            self._send(router, identity, [b"REP", Reply(command.id, False, "this engine keeps no history digest").encode()])
+            return
+        upto, records = history.records()
+        data = b"".join(frame(seq, payload) for seq, payload in records)
+        for start in range(0, len(data), REPLAY_FRAME_BYTES):
+            if not self._send(router, identity, [b"HIST", data[start : start + REPLAY_FRAME_BYTES]]):
+                return
+        self._send(router, identity, [HISTORY_END_MARKER, str(upto).encode(), command.id.encode()])
 
 
 def _peek_id(body: bytes) -> str:

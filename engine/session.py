@@ -8,6 +8,7 @@ between steps by the loop's control hook, so training never waits on a client.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -114,6 +115,9 @@ class Engine:
         assert self.events is not None
         event = self.events.emit(type_, **fields)
         self._update_status(event)
+        if type_ == "save":  # a crash later costs a reader only the events since this save
+            with contextlib.suppress(OSError):
+                self.events.write_digest()
         return event
 
     def _update_status(self, event: dict[str, Any]) -> None:
@@ -348,7 +352,9 @@ class Engine:
         """Train to the end; return the process exit code (see README, 'Exit codes')."""
         self.lock.acquire()
         try:
-            self.events = EventLog(self.run_dir.id, JournalWriter(self.run_dir.journal))
+            from .history import History
+
+            self.events = EventLog(self.run_dir.id, JournalWriter(self.run_dir.journal, history=History()))
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
             tensorboard = None

@@ -32,7 +32,7 @@ def test_attach_mid_run_sees_the_whole_history_then_live(engine_run: RunDir) -> 
     received: list[dict[str, Any]] = []
 
     async def attach() -> RunClient:
-        client = RunClient(run_endpoints(engine_run), received.extend)
+        client = RunClient(run_endpoints(engine_run), received.extend, digest=False)  # every event, not the digest
         task = asyncio.create_task(client.run())
         while client.status != "live":
             await asyncio.sleep(0.05)
@@ -170,3 +170,64 @@ def test_set_save_evaluate_and_stop(engine_run: RunDir) -> None:
     assert later_train and all(e["learning_rate"] == pytest.approx(1e-4) for e in later_train)
     model, _ = load(str(Path(os.environ["TUNETOP_CACHE"]) / "embedded-v1" / "model"), adapter_path=str(engine_run.adapters))
     assert model is not None
+
+
+def test_first_attach_folds_the_digest_then_goes_on_gap_free(tmp_path: Path) -> None:
+    """A long run's history arrives thinned (rare events whole), then replay and live events from its end.
+
+    The journal and server are real; the engine behind them is a stand-in that only emits events
+    (training 30,000 steps for real would take minutes here).
+    """
+    from engine.events import EventLog
+    from engine.history import History
+    from engine.journal import JournalWriter
+    from engine.runs import RunDir
+    from engine.server import Server
+
+    run = RunDir(tmp_path / "long-run")
+    run.path.mkdir()
+    log = EventLog(run.id, JournalWriter(run.journal, history=History(max_points=500, recent=100)))
+    log.emit("state", state="running")
+    for i in range(1, 30_001):
+        log.emit("train", iteration=i, loss=3.0 - i / 30_000, learning_rate=1e-4, iterations_per_second=10.0,
+                 tokens_per_second=1000.0, trained_tokens=i, peak_memory=0.1)
+        if i % 1000 == 0:
+            log.emit("validation", iteration=i, loss=2.5 - i / 30_000, seconds=0.1)
+
+    class StandIn:
+        run_dir = run
+        state = "running"
+        trainer = None
+        events = log
+
+        def status_result(self) -> dict[str, Any]:
+            return {}
+
+    server = Server(StandIn())  # type: ignore[arg-type]
+    server.start()
+    received: list[dict[str, Any]] = []
+
+    async def attach() -> RunClient:
+        client = RunClient(server.endpoints, received.extend)
+        task = asyncio.create_task(client.run())
+        while client.status != "live":
+            await asyncio.sleep(0.02)
+        log.emit("validation", iteration=30_000, loss=1.0, seconds=0.1)  # live, after the digest
+        while client.last_seq < log.last_seq:
+            await asyncio.sleep(0.02)
+        client.close()
+        await asyncio.wait_for(task, 10)
+        return client
+
+    try:
+        client = asyncio.run(attach())
+    finally:
+        server.close()
+    seqs = [e["seq"] for e in received]
+    assert seqs == sorted(set(seqs))  # in order, none twice
+    assert len(received) < 2_000  # not 30,031 events
+    assert [e["iteration"] for e in received if e["type"] == "validation"] == [*range(1000, 30_001, 1000), 30_000]
+    trains = [e["iteration"] for e in received if e["type"] == "train"]
+    assert trains[0] == 1 and trains[-1] == 30_000  # the whole run, thinned
+    assert trains[-100:] == list(range(29_901, 30_001))  # the newest steps whole
+    assert received[-1]["loss"] == 1.0 and client.last_seq == log.last_seq

@@ -1,7 +1,9 @@
 """The asyncio client of a run's control plane, as the ZeroMQ guide's Clone pattern.
 
 Subscribe to live events first, then ask for a replay since the last seq held; apply history
-up to the END marker, then live events with seq > END. A gap in seq (or a heartbeat ahead of
+up to the END marker, then live events with seq > END. A first attach asks for the engine's
+digest (``history``: rare events whole, train events thinned) before the replay, so a run of a
+million events is on screen in well under a second. A gap in seq (or a heartbeat ahead of
 what we hold) triggers a bounded re-replay. Silence longer than ``dead_after`` seconds marks the
 engine unreachable; the client keeps what it has and reconnects with backoff, asking only for
 what it missed. No mlx import here: the TUI runs on machines without MLX.
@@ -20,7 +22,7 @@ import zmq.asyncio
 
 from engine.endpoints import Endpoints
 from engine.journal import RecordStream
-from engine.protocol import END_MARKER, PROTOCOL_VERSION, Command, Reply, Sequencer, loads
+from engine.protocol import END_MARKER, HISTORY_END_MARKER, PROTOCOL_VERSION, Command, Reply, Sequencer, loads
 
 EventHandler = Callable[[list[dict[str, Any]]], None]
 StatusHandler = Callable[[str, str], None]
@@ -42,6 +44,7 @@ class RunClient:
         last_seq: int = 0,
         dead_after: float = 6.0,
         max_replays: int = 5,
+        digest: bool = True,
     ) -> None:
         self.endpoints = endpoints
         self.on_events = on_events
@@ -58,6 +61,10 @@ class RunClient:
         self._closed = False
         self.replays = 0
         self._stream = RecordStream()
+        self.digest = digest  # start from the engine's digest when we hold nothing yet
+        self._history_done: asyncio.Future[int] | None = None
+        self._history_stream = RecordStream()
+        self._history_records: list[tuple[int, bytes]] = []
 
     @property
     def last_seq(self) -> int:
@@ -129,6 +136,8 @@ class RunClient:
                     f"the engine speaks protocol {protocol}, this client {PROTOCOL_VERSION}: use the same tunetop version on both sides"
                 )
             self.engine_state = str(hello.result.get("state", ""))
+            if self.digest and self.last_seq == 0:
+                await self._history()
             await self._replay(sub, live)
             self._set_status("live")
             await self._live(sub, dealer, live)
@@ -158,6 +167,10 @@ class RunClient:
                 self._apply([loads(payload) for seq, payload in records if seq > since])
             elif kind == END_MARKER and self._replay_done is not None and not self._replay_done.done():
                 self._replay_done.set_result(int(frames[1]))
+            elif kind == b"HIST":
+                self._history_records.extend(self._history_stream.feed(frames[1]))
+            elif kind == HISTORY_END_MARKER and self._history_done is not None and not self._history_done.done():
+                self._history_done.set_result(int(frames[1]))
 
     def _apply(self, events: list[dict[str, Any]]) -> None:
         ready: list[dict[str, Any]] = []
@@ -168,6 +181,41 @@ class RunClient:
                 if event.get("type") == "state":
                     self.engine_state = str(event.get("state", ""))
             self.on_events(ready)
+
+    async def _history(self) -> None:
+        """Fold the engine's digest and continue from the last seq it covers.
+
+        The digest skips seqs on purpose (thinned train events), so it bypasses the sequencer.
+        An engine without one answers with an error, and the full replay that follows covers all.
+        """
+        assert self._dealer is not None
+        self._set_status("replaying", "history digest")
+        loop = asyncio.get_running_loop()
+        self._history_done = loop.create_future()
+        self._history_stream = RecordStream()
+        self._history_records = []
+        command_id = "history-" + uuid.uuid4().hex[:8]
+        refused: asyncio.Future[Reply] = loop.create_future()
+        self._pending[command_id] = refused  # only an error comes back as a reply
+        try:
+            await self._dealer.send(Command("history", {}, id=command_id).encode())
+            waiting: set[asyncio.Future[Any]] = {self._history_done, refused}
+            done, _ = await asyncio.wait(waiting, timeout=max(self.dead_after, 30.0), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._pending.pop(command_id, None)
+        if self._history_done not in done:
+            if not done:
+                raise TimeoutError("no history digest from the engine")
+            return  # refused: an older engine; the replay brings everything
+        upto = self._history_done.result()
+        events = [loads(payload) for _seq, payload in self._history_records]
+        self._history_records = []
+        self.sequencer = Sequencer(upto)
+        for event in events:
+            if event.get("type") == "state":
+                self.engine_state = str(event.get("state", ""))
+        if events:
+            self.on_events(events)
 
     async def _replay(self, sub: zmq.asyncio.Socket, live: list[dict[str, Any]]) -> None:
         """History since last_seq up to END; live events arriving meanwhile are buffered."""

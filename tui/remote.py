@@ -252,7 +252,7 @@ class RemoteAttachment:
 
     def history_command(self) -> list[str]:
         """ssh command printing a finished remote run's journal as JSON lines."""
-        return [*ssh_base(self.target), shlex.join([*remote_tunetop(), "events", str(self.info["run"])])]
+        return [*ssh_base(self.target), shlex.join([*remote_tunetop(), "events", "--digest", str(self.info["run"])])]
 
     def close(self) -> None:
         if self.tunnel is not None:
