@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 from textual.widgets import DataTable, Input, TextArea
@@ -158,6 +159,12 @@ async def test_config_editor_validates_as_you_type_and_saves(tmp_path: Path) -> 
         await pilot.pause()
         await pilot.press("ctrl+s")
         assert path.read_text() == '# my comment\n[training]\niterations = 20\n'
+        # ctrl+f: tomli-w's canonical TOML of the validated config, then saved as such
+        await pilot.press("ctrl+f")
+        await pilot.press("ctrl+s")
+        saved = tomllib.loads(path.read_text())
+        assert saved["training"]["iterations"] == 20 and "batch_size" in saved["training"]
+        assert "# my comment" not in path.read_text()
 
 
 async def test_theme_choice_is_applied_and_remembered(isolated_state: Path, tmp_path: Path) -> None:

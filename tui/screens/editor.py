@@ -1,7 +1,8 @@
 """The config editor: a TOML TextArea validated as you type with the engine's own rules.
 
-Save (ctrl+s) writes the text as typed once it validates, so comments survive; ctrl+n starts a
-new detached run from the edited config.
+Save (ctrl+s) writes the text as typed once it validates, so comments survive; ctrl+f rewrites
+the buffer as tomli-w's canonical TOML of the validated config (every key, no comments), for
+whoever prefers that; ctrl+n starts a new detached run from the edited config.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ConfigEditorScreen(Screen[None]):
 
     BINDINGS = [
         Binding("ctrl+s", "save", "Save"),
+        Binding("ctrl+f", "format", "Format (tomli-w)"),
         Binding("ctrl+n", "start_run", "Start new run"),
         Binding("ctrl+r", "resume_run", "Resume run from checkpoint"),
         Binding("escape", "close", "Close", priority=True),
@@ -79,6 +81,18 @@ class ConfigEditorScreen(Screen[None]):
         self.path.write_text(self.query_one(TextArea).text, encoding="utf-8")
         self.notify(f"saved {self.path}")
         return True
+
+    def action_format(self) -> None:
+        """Replace the text with the validated config as tomli-w writes it (comments are lost)."""
+        editor = self.query_one(TextArea)
+        try:
+            parsed = config_module.parse(editor.text, source=str(self.path))
+        except ConfigError:
+            self.notify("not formatted: fix the error under the editor first", severity="error")
+            return
+        editor.load_text(config_module.dumps(parsed))
+        self.validate_text()
+        self.notify("formatted with tomli-w (ctrl+z undoes it); ctrl+s saves")
 
     def action_start_run(self) -> None:
         if not self.action_save():
