@@ -43,6 +43,8 @@ class DataConfig:
     path: str = field(default=EMBEDDED, metadata={"help": "Directory with train/valid/test .jsonl or .txt"})
     max_seq_length: int = field(default=2048, metadata={"help": "Longer sequences are truncated (warned once)"})
     mask_prompt: bool = field(default=False, metadata={"help": "Train on completions only (prompt/chat data)"})
+    packing: str = field(default="auto", metadata={"help": "Several examples per row: auto (when rows hold 2+), on, off"})
+    pack_length: int = field(default=0, metadata={"help": "Packed row width in tokens; 0 = the p95 length's power of two"})
 
 
 @dataclass
@@ -147,11 +149,13 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("optimizer", "name"): ("adam", "adamw", "sgd", "adafactor"),
     ("schedule", "name"): ("constant", "linear", "cosine"),
     ("training", "on_nonfinite"): ("pause", "stop", "skip"),
+    ("data", "packing"): ("auto", "on", "off"),
 }
 
 # (minimum, maximum) for numbers; None leaves that side open.
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "max_seq_length"): (2, None),
+    ("data", "pack_length"): (0, None),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),

@@ -213,6 +213,20 @@ class Batch:
         offsets, lengths = self.lengths[:, 0], self.lengths[:, 1]
         return int(np.maximum(lengths - np.maximum(offsets, 1), 0).sum())
 
+    @property
+    def examples(self) -> int:
+        return len(self.tokens)
+
+    def arrays(self) -> tuple[Any, ...]:
+        """The loss function's arguments after the model: (tokens, lengths) as mx arrays."""
+        import mlx.core as mx
+
+        return mx.array(self.tokens), mx.array(self.lengths)
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """A block of rows (a rank's share of a data-parallel batch)."""
+        return Batch(self.tokens[start:stop], self.lengths[start:stop])
+
 
 class BatchPlan:
     """Length-sorted batches of one dataset and a seeded, resumable order over them.

@@ -56,6 +56,10 @@ def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     def put(section: str, key: str, value: Any) -> None:
         out.setdefault(section, {})[key] = value
 
+    # mlx_lm.lora's batch_size counts examples; packing would put more examples in each step.
+    # An imported recipe keeps its meaning; turning packing on is the user's choice.
+    put("data", "packing", "off")
+
     for key, value in raw.items():
         if value is None:
             continue

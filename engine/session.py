@@ -559,6 +559,7 @@ def build_trainer(
     apply_fine_tuning(model, cfg.lora)
     trainable, total = count_parameters(model)
     t = cfg.training
+    pack_width = choose_pack_width(cfg, splits["train"], model, report)
     parameters = TrainingParameters(
         batch_size=t.batch_size,
         iterations=t.iterations,
@@ -576,12 +577,38 @@ def build_trainer(
         checkpoint_path=checkpoint_path,
         on_nonfinite=t.on_nonfinite,
         config_hash=config_hash,
+        pack_width=pack_width,
     )
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
     trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, shard=shard)
     trainer.tokenizer = tokenizer  # for samples from the live adapter
+    if pack_width and report is not None:
+        report(trainer.train_plan.describe())  # type: ignore[union-attr]
     return trainer, model_path, trainable, total
+
+
+def choose_pack_width(cfg: RunConfig, train_set: Any, model: Any, report: Callable[[str], None] | None) -> int:
+    """The packed row width for this run, or 0 for padded batches (``data.packing``)."""
+    import mlx.nn as nn
+
+    from .packing import helps, pack_width
+
+    mode = cfg.data.packing
+    if mode == "off":
+        return 0
+    width = min(cfg.data.pack_length or pack_width(train_set, cfg.data.max_seq_length), cfg.data.max_seq_length)
+    has_rope = any(isinstance(getattr(m, "rope", None), nn.Module) for _n, m in model.named_modules())
+    if not has_rope:
+        if mode == "on":
+            raise ConfigError(f"{cfg.source or 'config'}: data.packing = \"on\" needs a model with rotary position "
+                              "embeddings (positions restart per packed example); this one has none. Set it to \"auto\" or \"off\".")
+        return 0
+    if mode == "auto" and not helps(train_set, width):
+        if report is not None:
+            report(f"packing off: examples fill rows of {width} tokens on their own (data.packing = \"auto\")")
+        return 0
+    return width
 
 
 def sample(trainer: Any, prompt: str, max_tokens: int, temperature: float) -> str:

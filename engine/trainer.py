@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .adapters import prune_numbered, save_adapters, trainable_weights
 from .data import Batch, BatchPlan, Dataset
 from .optimizers import Schedule
+from .packing import PackedBatch, PackPlan, packed_loss, prepare_model
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainingParameters:
     checkpoint_path: Path | None = None  # full-state checkpoints for exact resume; None = adapters only
     on_nonfinite: str = "pause"  # pause | stop | skip: what a NaN or infinite loss does
     config_hash: str = ""
+    pack_width: int = 0  # > 0: train on packed rows of this many tokens (engine.packing); 0 = padded batches
 
 
 class Disposition(enum.Enum):
@@ -188,11 +190,10 @@ class Shard:
     rank: int
     size: int
 
-    def rows(self, batch: Batch) -> Batch:
+    def rows(self, batch: Any) -> Any:
         """This rank's block of a global batch (the batch size divides evenly; checked at start)."""
         per_rank = len(batch.tokens) // self.size
-        block = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        return Batch(batch.tokens[block], batch.lengths[block])
+        return batch.rows(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
 @dataclass
@@ -221,7 +222,16 @@ class Trainer:
         self.parameters = parameters
         self.schedule = schedule
         self.loss = loss
-        self.train_plan = BatchPlan(train_set, parameters.batch_size, parameters.max_seq_length, parameters.seed)
+        self.train_plan: BatchPlan | PackPlan
+        self.train_loss: Callable[..., tuple[mx.array, mx.array]] = loss
+        if parameters.pack_width > 0:
+            # Packing needs the default loss's meaning (mean over counted tokens); validation
+            # stays unpacked, with ``loss``.
+            self.train_plan = PackPlan(train_set, parameters.batch_size, parameters.pack_width, parameters.seed)
+            self.train_loss = packed_loss
+            prepare_model(model)
+        else:
+            self.train_plan = BatchPlan(train_set, parameters.batch_size, parameters.max_seq_length, parameters.seed)
         self.valid_plan = (
             BatchPlan(valid_set, parameters.batch_size, parameters.max_seq_length, parameters.seed, drop_last=False)
             if valid_set is not None
@@ -240,7 +250,7 @@ class Trainer:
         # Runs first in every step, with the learning rate chosen: a distributed run's rank 0
         # tells the other ranks here which step to take.
         self.before_step: Callable[[Trainer], None] | None = None
-        self._batches: Iterator[tuple[int, int, Batch]] | None = None
+        self._batches: Iterator[tuple[int, int, Batch | PackedBatch]] | None = None
         self._accumulated: Any = None
         if parameters.grad_checkpoint:
             grad_checkpoint(model.layers[0])  # type: ignore[attr-defined]
@@ -249,15 +259,15 @@ class Trainer:
         model.train()
 
     def _compile_step(self) -> Callable[..., Any]:
-        loss_and_grad = nn.value_and_grad(self.model, self.loss)
+        loss_and_grad = nn.value_and_grad(self.model, self.train_loss)
         accumulation = self.parameters.grad_accumulation_steps
         state = [self.model.state, self.optimizer.state, mx.random.state]
 
         shard = self.shard
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(tokens: mx.array, lengths: mx.array, previous: Any, update: bool) -> Any:
-            (value, count), grad = loss_and_grad(self.model, tokens, lengths)
+        def step(previous: Any, update: bool, *batch: mx.array) -> Any:
+            (value, count), grad = loss_and_grad(self.model, *batch)
             if shard is not None:
                 value, count, grad = _combine_ranks(value, count, grad, shard)
             if previous is not None:
@@ -272,7 +282,7 @@ class Trainer:
         self._state = state
         return step
 
-    def next_batch(self) -> Batch:
+    def next_batch(self) -> Batch | PackedBatch:
         """The next training batch in the seeded order; remembers the position for resume."""
         if self._batches is None:
             self._batches = self.train_plan.iterate(self.epoch, self.position)
@@ -306,9 +316,7 @@ class Trainer:
             batch = self.next_batch()
             if self.shard is not None:
                 batch = self.shard.rows(batch)
-            value, count, self._accumulated = self._step(
-                mx.array(batch.tokens), mx.array(batch.lengths), self._accumulated, micro == accumulation - 1
-            )
+            value, count, self._accumulated = self._step(self._accumulated, micro == accumulation - 1, *batch.arrays())
             mx.eval(self._state, value, count, self._accumulated)
             tokens = int(count.item())
             total_loss += value.item() * tokens

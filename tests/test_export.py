@@ -139,6 +139,7 @@ mystery_key: 5
 
     cfg = config_module.parse((tmp_path / "run.toml").read_text())
     assert cfg.model.path == "mlx-community/Llama-3.2-1B-Instruct-4bit" and cfg.data.mask_prompt
+    assert cfg.data.packing == "off"  # batch_size keeps mlx-lm's meaning: examples per step
     assert (cfg.training.iterations, cfg.training.batch_size, cfg.training.validation_batches) == (600, 2, 0)
     assert (cfg.lora.rank, cfg.lora.scale, cfg.lora.dropout, cfg.lora.num_layers) == (16, 10.0, 0.05, 8)
     assert cfg.lora.keys == ["self_attn.q_proj", "self_attn.v_proj"]

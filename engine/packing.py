@@ -1,0 +1,273 @@
+"""Sequence packing: several examples per row, each seeing only itself, positions restarting.
+
+Real datasets are variable-length; padding every row to the longest wastes compute, and a step
+of a few short examples keeps an accelerator idle. Packing fills rows of ``width`` tokens with
+whole examples (best-fit decreasing: ~95%+ of the tokens are real), and every training batch
+is ``batch_size`` such rows: one shape for the whole run, so the step compiles once.
+
+Within a row nothing crosses an example boundary: attention gets a block-diagonal causal mask
+(given to mlx-lm's models through the per-layer ``cache`` argument, whose ``make_mask`` they
+call), RoPE positions restart at 0 for each example (:class:`RestartingRoPE` applies per-token
+positions), and the loss covers exactly the tokens the unpacked example's loss covers. So
+per-example losses equal the unpacked ones (tests/test_packing.py), and the batch loss is the
+mean over its real tokens, as without packing.
+
+What changes is the number of examples per step: a packed batch holds ``batch_size`` rows of
+``width`` tokens, about ``batch_size * width / mean length`` examples. ``data.packing`` picks:
+``auto`` (default) packs when rows would hold two or more examples on average, ``on``, ``off``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .data import DataError, Dataset
+
+MIN_WIDTH = 64
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """``batch_size`` rows of packed examples, as numpy arrays.
+
+    ``tokens`` (R, W); for the W-1 input positions: ``segments`` (example number within the row,
+    from 1; 0 = padding), ``positions`` (restarting per example) and ``targets`` (1 where the
+    next token counts for the loss).
+    """
+
+    tokens: np.ndarray
+    segments: np.ndarray
+    positions: np.ndarray
+    targets: np.ndarray
+    examples: int
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.targets.sum())
+
+    def arrays(self) -> tuple[mx.array, ...]:
+        return mx.array(self.tokens), mx.array(self.segments), mx.array(self.positions), mx.array(self.targets)
+
+    def rows(self, start: int, stop: int) -> PackedBatch:
+        """A block of rows (a rank's share of a data-parallel batch)."""
+        part = slice(start, stop)
+        examples = int(sum(len(set(row[row > 0].tolist())) for row in self.segments[part]))
+        return PackedBatch(self.tokens[part], self.segments[part], self.positions[part], self.targets[part], examples)
+
+
+def pack_width(dataset: Dataset, max_seq_length: int) -> int:
+    """A row width that holds the long examples whole: the power of two at or above the 95th
+    percentile length (at least 64, at most ``max_seq_length``)."""
+    lengths = np.array([len(e.tokens) for e in dataset.examples])
+    p95 = int(np.percentile(lengths, 95)) if len(lengths) else MIN_WIDTH
+    width = MIN_WIDTH
+    while width < p95:
+        width *= 2
+    return min(width, max_seq_length)
+
+
+def helps(dataset: Dataset, width: int) -> bool:
+    """Packing pays when a row holds two or more examples on average."""
+    mean = float(np.mean([min(len(e.tokens), width) for e in dataset.examples])) if dataset.examples else width
+    return mean <= width / 2
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Example indices per row, best-fit decreasing: each example (longest first) goes into the
+    row it fills most tightly. Deterministic for the same lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-min(lengths[i], width), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row number), sorted
+    for i in order:
+        need = min(lengths[i], width)
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+            rows[row].append(i)
+            space -= need
+        else:
+            row = len(rows)
+            rows.append([i])
+            space = width - need
+        if space > 0:
+            bisect.insort(free, (space, row))
+    return rows
+
+
+class PackPlan:
+    """Packed rows of a dataset, ``batch_size`` rows per batch, in a seeded, resumable order.
+
+    Rows are made once; each epoch shuffles them (a pure function of seed and epoch) and cuts
+    the order into batches, so (epoch, index) is a resumable position, as with BatchPlan.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, width: int, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.width = width
+        self.seed = seed
+        lengths = [len(e.tokens) for e in dataset.examples]
+        if max(lengths, default=0) > width:
+            warnings.warn(
+                f"{dataset.source}: some sequences are longer than the packed row width {width} "
+                f"(longest {max(lengths)}); they are truncated. Raise data.pack_length (up to "
+                "data.max_seq_length), or set data.packing = \"off\".",
+                stacklevel=2,
+            )
+        self.rows = pack_rows(lengths, width)
+        if len(self.rows) < batch_size:
+            raise DataError(
+                f"{dataset.source}: packs into {len(self.rows)} rows of {width} tokens but batch_size is "
+                f"{batch_size} rows. Lower training.batch_size, data.pack_length, or set data.packing = \"off\"."
+            )
+        used = sum(min(n, width) for n in lengths)
+        self.fill = used / (len(self.rows) * width)
+
+    def __len__(self) -> int:
+        return len(self.rows) // self.batch_size
+
+    def describe(self) -> str:
+        per_row = len(self.dataset.examples) / len(self.rows)
+        return (f"packing {len(self.dataset.examples):,} examples into {len(self.rows):,} rows of {self.width} tokens "
+                f"({self.fill:.0%} real tokens, {per_row:.1f} examples per row); a step trains {self.batch_size} "
+                f"rows, about {per_row * self.batch_size:.0f} examples")
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.rows))
+
+    def make_batch(self, row_numbers: list[int]) -> PackedBatch:
+        width = self.width
+        count = len(row_numbers)
+        tokens = np.zeros((count, width), dtype=np.int32)
+        segments = np.zeros((count, width - 1), dtype=np.int32)
+        positions = np.zeros((count, width - 1), dtype=np.int32)
+        targets = np.zeros((count, width - 1), dtype=np.float32)
+        examples = 0
+        for r, row in enumerate(row_numbers):
+            start = 0
+            for segment, i in enumerate(self.rows[row], start=1):
+                example = self.dataset.examples[i]
+                kept = example.tokens[:width]
+                n = len(kept)
+                tokens[r, start : start + n] = kept
+                inputs = slice(start, min(start + n, width - 1))  # input positions of this example
+                segments[r, inputs] = segment
+                positions[r, inputs] = np.arange(inputs.stop - inputs.start)
+                # Input at p predicts token p + 1: the unpacked loss counts tokens k with
+                # max(offset, 1) <= k < n, i.e. inputs start + k - 1.
+                first = start + max(min(example.offset, n), 1) - 1
+                targets[r, first : start + n - 1] = 1.0
+                start += n
+                examples += 1
+        return PackedBatch(tokens, segments, positions, targets, examples)
+
+    def iterate(self, epoch: int = 0, index: int = 0, loop: bool = True) -> Iterator[tuple[int, int, PackedBatch]]:
+        """Yield ``(epoch, index, batch)`` from the given position on, forever when ``loop``."""
+        while True:
+            order = self.epoch_order(epoch)
+            for k in range(index, len(self)):
+                members = order[k * self.batch_size : (k + 1) * self.batch_size]
+                yield epoch, k, self.make_batch([int(m) for m in members])
+            if not loop:
+                return
+            epoch, index = epoch + 1, 0
+
+
+# -- the model side ------------------------------------------------------------------------------
+
+
+class _Positions:
+    """The per-token positions of the forward pass being traced (None outside packed passes)."""
+
+    current: mx.array | None = None
+
+
+@contextlib.contextmanager
+def restarting_positions(positions: mx.array) -> Iterator[None]:
+    _Positions.current = positions
+    try:
+        yield
+    finally:
+        _Positions.current = None
+
+
+class RestartingRoPE(nn.Module):
+    """Wraps a model's RoPE: inside a packed pass each token is rotated by its own position.
+
+    mx.fast.rope takes one offset per sequence, so the (B, H, L, D) input is viewed as B*L
+    sequences of one token, each with its position as offset. Outside packed passes (sampling,
+    validation) it is the wrapped RoPE unchanged.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, x: mx.array, offset: Any = 0) -> mx.array:
+        positions = _Positions.current
+        if positions is None:
+            return self.inner(x, offset=offset)
+        b, h, length, d = x.shape
+        flat = x.transpose(0, 2, 1, 3).reshape(b * length, h, 1, d)
+        out = self.inner(flat, offset=positions.reshape(-1))
+        return out.reshape(b, length, h, d).transpose(0, 2, 1, 3)
+
+
+def prepare_model(model: nn.Module) -> bool:
+    """Wrap every attention layer's RoPE; False when the model has none (packing cannot restart
+    its positions, so it is not used)."""
+    found = False
+    for _name, module in model.named_modules():
+        rope = getattr(module, "rope", None)
+        if isinstance(rope, RestartingRoPE):
+            found = True
+        elif isinstance(rope, nn.Module):
+            module.rope = RestartingRoPE(rope)
+            found = True
+    return found
+
+
+class PackedCache:
+    """Stands in for a layer's KV cache: no caching, and the block-diagonal mask when asked."""
+
+    offset = 0
+
+    def __init__(self, mask: mx.array) -> None:
+        self.mask = mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return keys, values
+
+    def make_mask(self, *_args: Any, **_kwargs: Any) -> mx.array:
+        return self.mask
+
+
+def block_causal_mask(segments: mx.array) -> mx.array:
+    """(R, 1, L, L) booleans: a token sees earlier tokens of its own example (padding sees padding)."""
+    length = segments.shape[1]
+    same = segments[:, None, :, None] == segments[:, None, None, :]
+    causal = mx.tril(mx.ones((length, length), dtype=mx.bool_))
+    return mx.logical_and(same, causal)
+
+
+def packed_loss(
+    model: nn.Module, tokens: mx.array, segments: mx.array, positions: mx.array, targets: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Cross-entropy over the counted tokens of packed rows; returns (mean loss, token count)."""
+    inputs = tokens[:, :-1]
+    mask = block_causal_mask(segments)
+    caches = [PackedCache(mask) for _ in model.layers]  # type: ignore[attr-defined]
+    with restarting_positions(positions):
+        logits = model(inputs, cache=caches)
+    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * targets
+    count = targets.sum()
+    return ce.astype(mx.float32).sum() / count, count
