@@ -53,12 +53,13 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     cfg.model.path, cfg.data.path = args.model, args.data
     cfg.data.mask_prompt = args.mask_prompt
     cfg.data.max_seq_length = args.max_seq_length
+    cfg.data.packing, cfg.data.pack_length = args.packing, args.pack_length
     cfg.lora.num_layers, cfg.lora.rank, cfg.lora.scale = args.num_layers, args.rank, 20.0
     t = cfg.training
     t.batch_size, t.iterations, t.steps_per_report, t.steps_per_eval = args.batch_size, args.iters, args.report, 10**9
     cfg.optimizer.learning_rate = 5e-4
     cfg.checkpoints.save_every = 10**9
-    trainer, *_ = build_trainer(cfg, Path(args.scratch) / "ours")
+    trainer, _path, _trainable, total = build_trainer(cfg, Path(args.scratch) / "ours", report=print)
     trainer.valid_plan = None  # throughput only
     reports: list[dict[str, float]] = []
 
@@ -74,6 +75,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "trainer": "tunetop",
         "wall_seconds": wall,
         "steps_per_epoch": len(trainer.train_plan),
+        "parameters": total,
+        "packed": trainer.parameters.pack_width,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         **_steady(reports),
     }
@@ -124,6 +127,20 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
     return {"trainer": "mlx_lm.lora", "wall_seconds": wall, "peak_memory_gb": mx.get_peak_memory() / 1e9, **_steady(reports)}
 
 
+def measure_peak(size: int = 8192, repeats: int = 20) -> float:
+    """bf16 matmul TFLOP/s on the default device: the denominator of MFU."""
+    import mlx.core as mx
+
+    a = mx.random.normal((size, size)).astype(mx.bfloat16)
+    b = mx.random.normal((size, size)).astype(mx.bfloat16)
+    mx.eval(a @ b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        c = a @ b
+        mx.eval(c)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="@embedded")
@@ -138,7 +155,14 @@ def main() -> None:
     parser.add_argument("--memory-limit-gb", type=float, default=0, help="mx.set_memory_limit, e.g. on a shared GPU")
     parser.add_argument("--which", choices=["both", "ours", "mlx_lm"], default="both")
     parser.add_argument("--scratch", default="/tmp/tunetop-bench")
+    parser.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="tunetop's data.packing")
+    parser.add_argument("--pack-length", type=int, default=0, help="tunetop's data.pack_length (0 = automatic)")
+    parser.add_argument("--peak-tflops", type=float, default=0, help="bf16 matmul rate for MFU (see --measure-peak)")
+    parser.add_argument("--measure-peak", action="store_true", help="time a bf16 8192^3 matmul and print TFLOP/s")
     args = parser.parse_args()
+    if args.measure_peak:
+        print(f"PEAK {measure_peak():.1f} TFLOP/s (bf16 matmul, 8192x8192x8192)")
+        return
     if args.memory_limit_gb:
         import mlx.core as mx
 
@@ -160,12 +184,17 @@ def main() -> None:
             print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"{which} failed")
         rows.append(json.loads(lines[-1][7:]))
-    print(f"batch {args.batch_size}, {args.iters} iterations, model {args.model}")
-    print(f"{'trainer':<12} {'steady tok/s':>12} {'it/s':>7} {'1st interval tok/s':>19} {'peak GB':>8} {'wall s':>7}")
+    packed = rows[0].get("packed", 0)
+    how = f"packed rows of {packed} tokens" if packed else "padded batches"
+    print(f"batch {args.batch_size}, {args.iters} iterations, model {args.model}; tunetop: {how}")
+    mfu_head = f" {'MFU':>6}" if args.peak_tflops else ""
+    print(f"{'trainer':<12} {'steady tok/s':>12} {'it/s':>7} {'1st interval tok/s':>19} {'peak GB':>8} {'wall s':>7}{mfu_head}")
     for r in rows:
+        # About 4 x parameters FLOPs per trained token for LoRA (forward 2P, backward to the inputs 2P).
+        mfu = f" {r['tokens_per_second'] * 4 * rows[0]['parameters'] / (args.peak_tflops * 1e12):>6.1%}" if args.peak_tflops else ""
         print(
             f"{r['trainer']:<12} {r['tokens_per_second']:>12.0f} {r['iterations_per_second']:>7.2f} "
-            f"{r['first_interval_tokens_per_second']:>19.0f} {r['peak_memory_gb']:>8.3f} {r['wall_seconds']:>7.1f}"
+            f"{r['first_interval_tokens_per_second']:>19.0f} {r['peak_memory_gb']:>8.3f} {r['wall_seconds']:>7.1f}{mfu}"
         )
     print(f"ratio tunetop / mlx_lm.lora (steady tokens/s): {rows[0]['tokens_per_second'] / rows[1]['tokens_per_second']:.2f}")
 
