@@ -68,6 +68,7 @@ class TrainingConfig:
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory"})
     grad_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
     on_nonfinite: str = field(default="pause", metadata={"help": "NaN/inf loss: pause, stop, or skip the batch"})
+    ce_chunk_tokens: int = field(default=0, metadata={"help": "Cross-entropy N positions at a time (saves logits memory); 0 = off"})
 
 
 @dataclass
@@ -156,6 +157,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "max_seq_length"): (2, None),
     ("data", "pack_length"): (0, None),
+    ("training", "ce_chunk_tokens"): (0, None),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),

@@ -260,14 +260,19 @@ def block_causal_mask(segments: mx.array) -> mx.array:
 
 
 def packed_loss(
-    model: nn.Module, tokens: mx.array, segments: mx.array, positions: mx.array, targets: mx.array
+    model: nn.Module,
+    tokens: mx.array,
+    segments: mx.array,
+    positions: mx.array,
+    targets: mx.array,
+    ce_chunk_tokens: int = 0,
 ) -> tuple[mx.array, mx.array]:
     """Cross-entropy over the counted tokens of packed rows; returns (mean loss, token count)."""
-    inputs = tokens[:, :-1]
+    from .chunked_loss import summed_cross_entropy
+
     mask = block_causal_mask(segments)
     caches = [PackedCache(mask) for _ in model.layers]  # type: ignore[attr-defined]
     with restarting_positions(positions):
-        logits = model(inputs, cache=caches)
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * targets
+        total = summed_cross_entropy(model, tokens[:, :-1], tokens[:, 1:], targets, ce_chunk_tokens, cache=caches)
     count = targets.sum()
-    return ce.astype(mx.float32).sum() / count, count
+    return total / count, count

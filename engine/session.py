@@ -578,6 +578,7 @@ def build_trainer(
         on_nonfinite=t.on_nonfinite,
         config_hash=config_hash,
         pack_width=pack_width,
+        ce_chunk_tokens=t.ce_chunk_tokens,
     )
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)

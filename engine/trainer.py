@@ -28,6 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .adapters import prune_numbered, save_adapters, trainable_weights
+from .chunked_loss import summed_cross_entropy
 from .data import Batch, BatchPlan, Dataset
 from .optimizers import Schedule
 from .packing import PackedBatch, PackPlan, packed_loss, prepare_model
@@ -54,6 +55,7 @@ class TrainingParameters:
     on_nonfinite: str = "pause"  # pause | stop | skip: what a NaN or infinite loss does
     config_hash: str = ""
     pack_width: int = 0  # > 0: train on packed rows of this many tokens (engine.packing); 0 = padded batches
+    ce_chunk_tokens: int = 0  # > 0: cross-entropy this many positions at a time (engine.chunked_loss)
 
 
 class Disposition(enum.Enum):
@@ -119,20 +121,22 @@ ProgressCallback = Callable[[Progress], "Disposition | None"]
 LossFunction = Callable[[nn.Module, mx.array, mx.array], tuple[mx.array, mx.array]]
 
 
-def default_loss(model: nn.Module, tokens: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+def default_loss(
+    model: nn.Module, tokens: mx.array, lengths: mx.array, ce_chunk_tokens: int = 0
+) -> tuple[mx.array, mx.array]:
     """Cross-entropy over real tokens only; returns (mean loss, token count).
 
     ``lengths`` holds ``(offset, length)`` per row: targets before ``offset`` (a masked
-    prompt) and at or past ``length`` (padding) do not count.
+    prompt) and at or past ``length`` (padding) do not count. ``ce_chunk_tokens`` > 0 scores
+    the vocabulary that many positions at a time (engine.chunked_loss).
     """
     inputs = tokens[:, :-1]
     targets = tokens[:, 1:]
-    logits = model(inputs)
     steps = mx.arange(1, targets.shape[1] + 1)
     mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
-    ce = nn.losses.cross_entropy(logits, targets) * mask
     count = mask.sum()
-    return ce.astype(mx.float32).sum() / count, count
+    total = summed_cross_entropy(model, inputs, targets, mask, ce_chunk_tokens)
+    return total / count, count
 
 
 def evaluate(
@@ -223,12 +227,17 @@ class Trainer:
         self.schedule = schedule
         self.loss = loss
         self.train_plan: BatchPlan | PackPlan
+        if parameters.ce_chunk_tokens > 0 and loss is default_loss:
+            loss = partial(default_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
+            self.loss = loss
         self.train_loss: Callable[..., tuple[mx.array, mx.array]] = loss
         if parameters.pack_width > 0:
+            if self.loss is not default_loss and getattr(self.loss, "func", None) is not default_loss:
+                raise ValueError("packed training uses the default loss; set pack_width=0 to train with a custom loss")
             # Packing needs the default loss's meaning (mean over counted tokens); validation
             # stays unpacked, with ``loss``.
             self.train_plan = PackPlan(train_set, parameters.batch_size, parameters.pack_width, parameters.seed)
-            self.train_loss = packed_loss
+            self.train_loss = partial(packed_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
             prepare_model(model)
         else:
             self.train_plan = BatchPlan(train_set, parameters.batch_size, parameters.max_seq_length, parameters.seed)

@@ -95,3 +95,35 @@ def test_pack_width_follows_the_long_examples() -> None:
     dataset = Dataset([Example(list(range(n))) for n in [10] * 90 + [300] * 10], "d")
     assert pack_width(dataset, 2048) == 512  # the 95th percentile (300) rounded up to a power of two
     assert pack_width(dataset, 256) == 256
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(
+    model_and_data: tuple[nn.Module, Dataset], packed: bool
+) -> None:
+    from functools import partial
+
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from engine.adapters import apply_fine_tuning
+    from engine.config import LoRAConfig
+    from engine.data import BatchPlan
+    from engine.trainer import default_loss
+
+    _shared, dataset = model_and_data
+    model, _tokenizer = load(str(embedded_model_path()))  # its own copy: LoRA is applied in place
+    prepare_model(model)
+    apply_fine_tuning(model, LoRAConfig(rank=4))
+    if packed:
+        arrays = PackPlan(dataset, batch_size=2, width=128).make_batch([0, 1]).arrays()
+        loss = packed_loss
+    else:
+        arrays = next(BatchPlan(dataset, 4, 2048).iterate(loop=False))[2].arrays()
+        loss = default_loss
+    (full, count), full_grad = nn.value_and_grad(model, loss)(model, *arrays)
+    (chunked, count2), chunked_grad = nn.value_and_grad(model, partial(loss, ce_chunk_tokens=16))(model, *arrays)
+    assert count.item() == count2.item()
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    for (key, a), (_k, b) in zip(tree_flatten(full_grad), tree_flatten(chunked_grad), strict=True):
+        assert np.allclose(np.array(a), np.array(b), atol=1e-6), key
