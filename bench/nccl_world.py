@@ -5,8 +5,9 @@
 Runs the engine as rank 0 of a world of one over mx.distributed's NCCL backend (the code path
 of `tunetop train --hosts ... --backend nccl` and of `--np N --backend nccl` on an N-GPU machine),
 on the embedded model, and prints what the journal says. What it shows: MLX's NCCL backend
-starts on this GPU, the collectives inside the compiled step run, and the run completes.
-What it cannot show: two ranks (that needs two GPUs).
+initializes on this GPU, rank 0's control channel and the run's world event work, and the run
+completes. What it cannot show: collectives between ranks (a world of one skips them; that
+needs two GPUs).
 """
 
 from __future__ import annotations

@@ -458,6 +458,8 @@ def _broadcast_state(trainer: Any, root: bool) -> None:
     """Every rank ends with rank 0's arrays (a sum where the other ranks add zeros)."""
     import mlx.core as mx
 
+    if trainer.shard is None:  # a world of one: nothing to share
+        return
     arrays = _state_arrays(trainer)
     group = trainer.shard.group
     shared = {
