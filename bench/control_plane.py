@@ -1,7 +1,7 @@
 """What the control plane costs, and how fast it moves events.
 
     python bench/control_plane.py overhead [--iters 300] [--rounds 3]
-        trainer steps/s: bare loop vs. the engine with journal + server + 2 attached clients
+        trainer steps/s: bare loop vs. the engine with journal + server + 2 attached client processes
     python bench/control_plane.py events [--count 200000]
         events/s through EventLog (journal append + PUB) with one subscriber counting them
     python bench/control_plane.py replay [--count 1000000]
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,30 +50,39 @@ def bare_loop(iters: int, report: int, scratch: Path) -> float:
     return (iters - 1) / (time.perf_counter() - start)
 
 
-class _Subscriber(threading.Thread):
-    """A client that replays, then keeps receiving live events, as the TUI does."""
+class _Subscriber:
+    """A client process that replays, then keeps receiving live events, as a TUI does."""
 
     def __init__(self, endpoints: Any) -> None:
-        super().__init__(daemon=True)
-        self.endpoints = endpoints
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "_subscriber", endpoints.events, endpoints.commands],
+            stdout=subprocess.PIPE, text=True,
+        )
         self.received = 0
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        import zmq
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        out, _ = self.process.communicate(timeout=30)
+        self.received = int(out.strip().splitlines()[-1]) if out.strip() else 0
 
-        from engine.client_sync import replay
 
-        sub = zmq.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(self.endpoints.events)
-        events, _end = replay(self.endpoints.commands)
-        self.received += len(events)
-        while not self.stop.is_set():
-            if sub.poll(100):
-                sub.recv_multipart()
-                self.received += 1
-        sub.close(0)
+def subscriber_main(events_endpoint: str, commands_endpoint: str) -> None:
+    """The client process: replay, then count live events until SIGINT; print the count."""
+    import zmq
+
+    from engine.client_sync import replay
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(events_endpoint)
+    received = len(replay(commands_endpoint)[0])
+    try:
+        while True:  # blocks until an event (a TUI wakes at most 8 times a second to repaint)
+            sub.recv_multipart()
+            received += 1
+    except KeyboardInterrupt:
+        pass
+    print(received, flush=True)
 
 
 def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[float, int]:
@@ -89,17 +100,15 @@ def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[f
     timing: dict[str, float] = {}
     original_build = owner._build
 
-    def build_and_warm() -> Any:
-        built = original_build()
+    def build_and_warm(*args: Any) -> Any:
+        built = original_build(*args)
         trainer = built[0]
         trainer.valid_plan = None
         trainer.parameters.iterations = iters
         trainer.step()  # compile outside the timing
         for _ in range(clients):
-            subscriber = _Subscriber(run_endpoints(run))
-            subscriber.start()
-            subscribers.append(subscriber)
-        time.sleep(0.5)
+            subscribers.append(_Subscriber(run_endpoints(run)))
+        time.sleep(1.0)  # the clients start, replay, and go live
         timing["start"] = time.perf_counter()
         return built
 
@@ -107,8 +116,7 @@ def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[f
     owner.run()
     seconds = time.perf_counter() - timing["start"]
     for subscriber in subscribers:
-        subscriber.stop.set()
-        subscriber.join()
+        subscriber.stop()
     return (iters - 1) / seconds, sum(s.received for s in subscribers)
 
 
@@ -247,12 +255,15 @@ def replay_bench(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "_subscriber":  # a client process of `overhead`
+        subscriber_main(sys.argv[2], sys.argv[3])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("overhead")
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--reports", type=int, nargs="+", default=[10, 1], help="steps_per_report values to try")
-    p.add_argument("--clients", type=int, default=2, help="subscriber threads attached (replay, then live)")
+    p.add_argument("--clients", type=int, default=2, help="client processes attached (replay, then live)")
     p.add_argument("--rounds", type=int, default=4)
     p = sub.add_parser("events")
     p.add_argument("--count", type=int, default=200_000)

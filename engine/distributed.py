@@ -204,11 +204,17 @@ class Ranks:
         remote_tunetop = shlex.split(os.environ.get("TUNETOP_REMOTE_TUNETOP", "tunetop"))
         forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         ranks = cls(size, backend)
+        # NCCL: one GPU per rank on this machine, as mlx.launch does (CUDA_VISIBLE_DEVICES per rank),
+        # taken from the devices the user made visible, if any.
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        gpus = visible or [str(i) for i in range(size)]
+        local_gpu = {rank: gpus[i % len(gpus)] for i, rank in enumerate(r for r, h in enumerate(hosts) if h.here or r == 0)}
         for rank, host in enumerate(hosts[1:], start=1):
             follower_args = ["_follower", "--backend", backend]
             if host.here:
                 argv = [sys.executable, "-m", "engine.cli", *follower_args]
-                env: dict[str, str] | None = {**local_env, "MLX_RANK": str(rank)}
+                gpu = {"CUDA_VISIBLE_DEVICES": local_gpu[rank]} if backend == "nccl" else {}
+                env: dict[str, str] | None = {**local_env, "MLX_RANK": str(rank), **gpu}
             else:
                 exports = {**forwarded, **everywhere, "MLX_RANK": str(rank), "PYTHONUNBUFFERED": "1"}
                 if host.loopback:
@@ -229,6 +235,8 @@ class Ranks:
             log.close()
         os.environ.update(everywhere)
         os.environ["MLX_RANK"] = "0"
+        if backend == "nccl":  # before this process first touches CUDA (the model loads later)
+            os.environ["CUDA_VISIBLE_DEVICES"] = local_gpu[0]
         use_hostfile_env()
         return ranks
 
