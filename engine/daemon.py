@@ -61,13 +61,22 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str]
         env=env,
     )
     log.close()
+    return _wait_until_training(run, process, wait_seconds, engine_pid=process.pid)
+
+
+def _wait_until_training(
+    run: RunDir, process: subprocess.Popen[bytes], wait_seconds: float, engine_pid: int | None
+) -> int:
+    """Return ``process``'s pid once the run's status says it trains (written by ``engine_pid``,
+    when given); raise :class:`EngineStartError` if the process exits first."""
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
         code = process.poll()
         if code is not None:
             raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code)
         status = run.status()
-        if status.get("state") in ("running", "paused", "stopping", "finished") and status.get("pid") == process.pid:
+        started = status.get("state") in ("running", "paused", "stopping", "finished")
+        if started and (engine_pid is None or status.get("pid") == engine_pid):
             return process.pid
         time.sleep(0.05)
     return process.pid
@@ -88,12 +97,5 @@ def spawn_command(run: RunDir, command: list[str], wait_seconds: float = 300.0) 
     os.close(read_end)
     os.close(write_end)
     log.close()
-    deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline:
-        code = process.poll()
-        if code is not None:
-            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code)
-        if run.status().get("state") in ("running", "paused", "stopping", "finished"):
-            return process.pid
-        time.sleep(0.1)
-    return process.pid
+    # Rank 0 is a grandchild here: any engine's status will do (this run has only this one).
+    return _wait_until_training(run, process, wait_seconds, engine_pid=None)
