@@ -261,14 +261,20 @@ HOSTFILE_ENV = "TUNETOP_RING_HOSTS"  # the ring's hostfile as JSON text: followe
 def use_hostfile_env() -> None:
     """MLX reads the ring's hosts from a file: write the JSON we were given to one."""
     text = os.environ.get(HOSTFILE_ENV)
-    if not text:
-        return
+    if not text or _hostfiles.get(text) == os.environ.get("MLX_HOSTFILE"):
+        return  # nothing given, or written already
+    import atexit
     import tempfile
 
     handle, path = tempfile.mkstemp(prefix="tunetop-ring-", suffix=".json")
     with os.fdopen(handle, "w") as out:
         out.write(text)
+    atexit.register(lambda: Path(path).unlink(missing_ok=True))
+    _hostfiles[text] = path
     os.environ["MLX_HOSTFILE"] = path
+
+
+_hostfiles: dict[str, str] = {}  # hostfile JSON -> the file written for it in this process
 
 
 def mpi_launch_command(run_path: Path, hosts: list[Host], extra: list[str]) -> list[str]:
