@@ -261,7 +261,7 @@ HOSTFILE_ENV = "TUNETOP_RING_HOSTS"  # the ring's hostfile as JSON text: followe
 def use_hostfile_env() -> None:
     """MLX reads the ring's hosts from a file: write the JSON we were given to one."""
     text = os.environ.get(HOSTFILE_ENV)
-    if not text or _hostfiles.get(text) == os.environ.get("MLX_HOSTFILE"):
+    if not text or (text in _hostfiles and _hostfiles[text] == os.environ.get("MLX_HOSTFILE")):
         return  # nothing given, or written already
     import atexit
     import tempfile
