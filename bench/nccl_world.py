@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -32,10 +31,7 @@ def main() -> None:
     os.environ.setdefault("TUNETOP_HOME", str(home))
     os.environ.setdefault("TUNETOP_SOCKET_DIR", tempfile.mkdtemp(prefix="tt-", dir="/tmp"))
 
-    def port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
+    from engine.distributed import free_port as port
 
     os.environ.update(MLX_RANK="0", MLX_WORLD_SIZE="1", NCCL_HOST_IP="127.0.0.1", NCCL_PORT=str(port()),
                       TUNETOP_DIST_CONTROL=f"tcp://127.0.0.1:{port()}")

@@ -213,10 +213,6 @@ class Batch:
         offsets, lengths = self.lengths[:, 0], self.lengths[:, 1]
         return int(np.maximum(lengths - np.maximum(offsets, 1), 0).sum())
 
-    @property
-    def examples(self) -> int:
-        return len(self.tokens)
-
     def arrays(self) -> tuple[Any, ...]:
         """The loss function's arguments after the model: (tokens, lengths) as mx arrays."""
         import mlx.core as mx

@@ -48,7 +48,6 @@ class PackedBatch:
     segments: np.ndarray
     positions: np.ndarray
     targets: np.ndarray
-    examples: int
 
     @property
     def real_tokens(self) -> int:
@@ -60,8 +59,7 @@ class PackedBatch:
     def rows(self, start: int, stop: int) -> PackedBatch:
         """A block of rows (a rank's share of a data-parallel batch)."""
         part = slice(start, stop)
-        examples = int(sum(len(set(row[row > 0].tolist())) for row in self.segments[part]))
-        return PackedBatch(self.tokens[part], self.segments[part], self.positions[part], self.targets[part], examples)
+        return PackedBatch(self.tokens[part], self.segments[part], self.positions[part], self.targets[part])
 
 
 def pack_width(dataset: Dataset, max_seq_length: int) -> int:
@@ -151,7 +149,6 @@ class PackPlan:
         segments = np.zeros((count, width - 1), dtype=np.int32)
         positions = np.zeros((count, width - 1), dtype=np.int32)
         targets = np.zeros((count, width - 1), dtype=np.float32)
-        examples = 0
         for r, row in enumerate(row_numbers):
             start = 0
             for segment, i in enumerate(self.rows[row], start=1):
@@ -167,8 +164,7 @@ class PackPlan:
                 first = start + max(min(example.offset, n), 1) - 1
                 targets[r, first : start + n - 1] = 1.0
                 start += n
-                examples += 1
-        return PackedBatch(tokens, segments, positions, targets, examples)
+        return PackedBatch(tokens, segments, positions, targets)
 
     def iterate(self, epoch: int = 0, index: int = 0, loop: bool = True) -> Iterator[tuple[int, int, PackedBatch]]:
         """Yield ``(epoch, index, batch)`` from the given position on, forever when ``loop``."""
