@@ -14,7 +14,7 @@ import zmq
 
 from .endpoints import Endpoints, endpoints_for
 from .journal import RecordStream
-from .protocol import END_MARKER, Command, ProtocolError, Reply, decode, loads
+from .protocol import END_MARKER, Command, ProtocolError, Reply, decode, loads_many
 from .runs import RunDir
 
 
@@ -66,7 +66,7 @@ def replay(endpoint: str, since: int = 0, timeout: float = 30.0) -> tuple[list[d
             frames = socket.recv_multipart()
             kind = frames[0]
             if kind == b"JRNL":
-                events.extend(loads(payload) for seq, payload in stream.feed(frames[1]) if seq > since)
+                events.extend(loads_many(payload for seq, payload in stream.feed(frames[1]) if seq > since))
             elif kind == END_MARKER:
                 return events, int(frames[1])
             elif kind == b"REP":

@@ -19,9 +19,12 @@ import json
 import os
 import struct
 import zlib
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+from .journal_index import IndexWriter, open_sealed
 
 if TYPE_CHECKING:
     from .history import History
@@ -70,7 +73,8 @@ class JournalWriter:
 
     ``append`` writes and flushes to the OS at once, so readers in other processes see the
     record immediately; ``sync`` (fsync) is called by the owner at points that matter (saves,
-    state changes, a timer), since an fsync per event would cost the trainer.
+    state changes, a timer), since an fsync per event would cost the trainer. Each sync also
+    leaves the fast-read hints beside the journal (engine.journal_index).
     """
 
     def __init__(self, path: str | Path, history: History | None = None) -> None:
@@ -86,25 +90,32 @@ class JournalWriter:
                 self._file.close()
                 raise JournalError(f"{self.path}: not a tunetop journal (bad magic).")
             good_end = len(MAGIC)
+            offsets = array("Q")
             for count, (offset, seq, payload) in enumerate(scan(data)):
                 if count % 1024 == 0:
                     self._index.append((seq, offset))
                 if history is not None:
                     history.add(seq, payload)
+                offsets.append(offset)
                 self.last_seq = seq
                 good_end = offset + HEADER.size + len(payload)
             if good_end < len(data):
                 # A torn tail from a crash mid-append: cut it so new records follow intact ones.
                 self._file.truncate(good_end)
             self._file.seek(good_end)
-            self._count = sum(1 for _ in scan(data[:good_end]))
+            self._count = len(offsets)
             self.end_offset = good_end
+            self._crc = zlib.crc32(memoryview(data)[len(MAGIC) : good_end])
+            self._fast_index = IndexWriter(self.path, offsets)
         else:
             self._file = open(self.path, "wb")  # noqa: SIM115
             self._file.write(MAGIC)
             self._file.flush()
             self._count = 0
             self.end_offset = len(MAGIC)
+            self._crc = 0
+            self._fast_index = IndexWriter(self.path)
+        self._sealed_end = 0
 
     def append(self, event: dict[str, Any], payload: bytes | None = None) -> bytes:
         """Append one event (its ``seq`` must be ``last_seq + 1``); returns the payload written."""
@@ -119,6 +130,8 @@ class JournalWriter:
         record = frame(seq, payload)
         self._file.write(record)
         self._file.flush()
+        self._fast_index.add(offset)
+        self._crc = zlib.crc32(record, self._crc)  # running CRC of the prefix, for the seal
         self._count += 1
         self.last_seq = seq
         self.end_offset = offset + len(record)
@@ -136,27 +149,45 @@ class JournalWriter:
         return best
 
     def sync(self) -> None:
-        """Make everything appended so far durable."""
+        """Make everything appended so far durable, then seal it for fast readers."""
         self._file.flush()
         os.fsync(self._file.fileno())
+        if self._count and self.end_offset != self._sealed_end:
+            try:
+                self._fast_index.seal(self.end_offset, self._count, self._crc)
+                self._sealed_end = self.end_offset
+            except OSError:
+                pass  # a hint: readers without it walk the records; the journal itself is synced
 
     def close(self) -> None:
         if not self._file.closed:
             self.sync()
             self._file.close()
+            self._fast_index.close()
 
 
 def read_payloads(path: str | Path, since: int = 0, start_offset: int | None = None) -> Iterator[tuple[int, bytes]]:
     """Yield ``(seq, payload)`` for records with seq > ``since``, stopping at a torn tail.
 
     ``start_offset`` (from ``JournalWriter.offset_before``) skips the part of the file before it.
-    The loop is ``scan``'s, inlined: this is the replay hot path (docs/PERFORMANCE.md).
+    The sealed prefix is read through its index (engine.journal_index); what follows it is
+    walked record by record with ``scan``'s loop, inlined: this is the replay hot path
+    (docs/PERFORMANCE.md).
     """
     path = Path(path)
     with open(path, "rb") as handle:
         if handle.read(len(MAGIC)) != MAGIC:
             raise JournalError(f"{path}: not a tunetop journal (bad magic).")
-        handle.seek(max(start_offset or len(MAGIC), len(MAGIC)))
+    begin = max(start_offset or len(MAGIC), len(MAGIC))
+    sealed = open_sealed(path, len(MAGIC), begin)
+    if sealed is not None:
+        try:
+            yield from sealed.payloads(since, begin)
+            begin = max(begin, sealed.end)
+        finally:
+            sealed.close()
+    with open(path, "rb") as handle:
+        handle.seek(begin)
         data = handle.read()
     view = memoryview(data)
     end = len(view)
@@ -175,11 +206,14 @@ def read_payloads(path: str | Path, since: int = 0, start_offset: int | None = N
 
 
 def read_events(path: str | Path, since: int = 0) -> Iterator[dict[str, Any]]:
-    """Decoded events with seq > ``since``."""
-    from .protocol import loads
+    """Decoded events with seq > ``since`` (decoded in batches: engine.protocol.loads_many)."""
+    from itertools import islice
 
-    for _seq, payload in read_payloads(path, since):
-        yield loads(payload)
+    from .protocol import loads_many
+
+    payloads = (payload for _seq, payload in read_payloads(path, since))
+    while batch := list(islice(payloads, 4096)):
+        yield from loads_many(batch)
 
 
 class JournalTail:

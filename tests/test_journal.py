@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.journal import MAGIC, JournalError, JournalTail, JournalWriter, read_events, read_payloads
+from engine.journal import MAGIC, JournalError, JournalTail, JournalWriter, read_events, read_payloads, scan
+from engine.journal_index import index_path, open_sealed
 from engine.protocol import make_event
 
 
@@ -84,3 +85,93 @@ def test_tail_follows_appends_and_skips_partial_records(tmp_path: Path) -> None:
     os.truncate(path, path.stat().st_size - 4)
     fill(writer, 2)
     assert [s for s, _ in tail.poll()] == [4, 5]
+
+
+# The fast-read sidecars (engine.journal_index): a dense offsets index and a seal over the
+# synced prefix. Every test compares the fast read with the record-by-record walk (`scan`).
+
+
+def walked(path: Path, since: int = 0) -> list[tuple[int, bytes]]:
+    """The reference: every intact record, framing and CRC checked one by one."""
+    return [(seq, payload) for _offset, seq, payload in scan(path.read_bytes()) if seq > since]
+
+
+def test_sealed_journal_reads_through_the_index(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    writer = JournalWriter(path)
+    fill(writer, 5000)
+    writer.sync()
+    fill(writer, 7)  # appended after the last sync: outside the seal, walked record by record
+    assert open_sealed(path, len(MAGIC)) is not None
+    for since in (0, 1, 2500, 4999, 5000, 5003, 5007):
+        assert list(read_payloads(path, since=since)) == walked(path, since)
+    offset = writer.offset_before(4000)
+    assert list(read_payloads(path, since=3999, start_offset=offset)) == walked(path, 3999)
+    writer.close()
+    assert list(read_payloads(path)) == walked(path)
+    assert [s for s, _ in read_payloads(path)] == list(range(1, 5008))
+
+
+def test_a_flipped_bit_in_the_sealed_prefix_falls_back_to_the_walk(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    writer = JournalWriter(path)
+    fill(writer, 50)
+    writer.close()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert open_sealed(path, len(MAGIC)) is None
+    got = [s for s, _ in read_payloads(path)]
+    assert got == [s for s, _ in walked(path)]
+    assert 0 < len(got) < 50
+
+
+@pytest.mark.parametrize("damage", ["swap", "short", "garbage", "seal_past_end"])
+def test_a_wrong_index_or_seal_is_ignored(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "j"
+    writer = JournalWriter(path)
+    fill(writer, 300)
+    writer.close()
+    index = bytearray(index_path(path).read_bytes())
+    if damage == "swap":  # two offsets exchanged: each still a record start, the chain breaks
+        index[8 + 8 * 10 : 8 + 8 * 12] = index[8 + 8 * 11 : 8 + 8 * 12] + index[8 + 8 * 10 : 8 + 8 * 11]
+        index_path(path).write_bytes(bytes(index))
+    elif damage == "short":  # an index behind its seal (torn while being written)
+        index_path(path).write_bytes(bytes(index[: 8 + 8 * 100]))
+    elif damage == "garbage":
+        index_path(path).write_bytes(b"TTJINDX1" + os.urandom(8 * 300))
+    else:  # the journal lost its end (cut by hand): the seal now claims more than the file holds
+        os.truncate(path, path.stat().st_size - 10)
+    assert open_sealed(path, len(MAGIC)) is None
+    expected = walked(path)
+    assert list(read_payloads(path)) == expected
+    assert len(expected) == (299 if damage == "seal_past_end" else 300)
+
+
+def test_reopen_after_a_torn_tail_rebuilds_the_index(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    writer = JournalWriter(path)
+    fill(writer, 40)
+    writer.sync()
+    fill(writer, 3)  # never synced: then the process dies mid-append
+    with open(path, "ab") as handle:
+        handle.write(b"\x40\x00\x00\x00\x00\x00\x00\x00\x2c\x00\x00\x00\x00\x00\x00\x00{\"seq\":44")
+    index_path(path).unlink()  # and an engine of an older version left no index at all
+    reopened = JournalWriter(path)
+    assert reopened.last_seq == 43
+    fill(reopened, 10)
+    reopened.close()
+    assert open_sealed(path, len(MAGIC)) is not None
+    assert list(read_payloads(path)) == walked(path)
+    assert [s for s, _ in read_payloads(path)] == list(range(1, 54))
+
+
+def test_reading_a_short_stretch_skips_the_seal(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    writer = JournalWriter(path)
+    fill(writer, 1000)
+    writer.close()
+    near_end = next(offset for offset, seq, _ in scan(path.read_bytes()) if seq == 990)
+    assert open_sealed(path, len(MAGIC), near_end) is None  # cheaper to walk 10 records
+    assert open_sealed(path, len(MAGIC), len(MAGIC)) is not None
+    assert [s for s, _ in read_payloads(path, since=995, start_offset=near_end)] == [996, 997, 998, 999, 1000]

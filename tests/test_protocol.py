@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from engine.protocol import (
     Reply,
     Sequencer,
     encode,
+    loads_many,
     make_event,
     parse_command,
 )
@@ -78,3 +80,18 @@ def test_heartbeat_ahead_reveals_lost_events() -> None:
     assert s.gap
     s.clear_gap()
     assert [e["seq"] for e in s.accept(ev(6))] == [6]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_loads_many_decodes_and_leaves_the_collector_as_it_was(enabled: bool) -> None:
+    payloads = [encode(make_event("r", seq, "log", message=f"m{seq}")) for seq in range(1, 50)]
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        assert loads_many(payloads) == [json.loads(p) for p in payloads]
+        assert gc.isenabled() is enabled
+        with pytest.raises(ValueError):  # a bad payload: the error comes through, the state is restored
+            loads_many([b"{not json"])
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()

@@ -22,7 +22,16 @@ import zmq.asyncio
 
 from engine.endpoints import Endpoints
 from engine.journal import RecordStream
-from engine.protocol import END_MARKER, HISTORY_END_MARKER, PROTOCOL_VERSION, Command, Reply, Sequencer, loads
+from engine.protocol import (
+    END_MARKER,
+    HISTORY_END_MARKER,
+    PROTOCOL_VERSION,
+    Command,
+    Reply,
+    Sequencer,
+    loads,
+    loads_many,
+)
 
 EventHandler = Callable[[list[dict[str, Any]]], None]
 StatusHandler = Callable[[str, str], None]
@@ -164,7 +173,7 @@ class RunClient:
             elif kind == b"JRNL":
                 since = self.sequencer.last_seq
                 records = self._stream.feed(frames[1])
-                self._apply([loads(payload) for seq, payload in records if seq > since])
+                self._apply(loads_many(payload for seq, payload in records if seq > since))
             elif kind == END_MARKER and self._replay_done is not None and not self._replay_done.done():
                 self._replay_done.set_result(int(frames[1]))
             elif kind == b"HIST":
@@ -208,7 +217,7 @@ class RunClient:
                 raise TimeoutError("no history digest from the engine")
             return  # refused: an older engine; the replay brings everything
         upto = self._history_done.result()
-        events = [loads(payload) for _seq, payload in self._history_records]
+        events = loads_many(payload for _seq, payload in self._history_records)
         self._history_records = []
         self.sequencer = Sequencer(upto)
         for event in events:
