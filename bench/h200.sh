@@ -3,7 +3,9 @@
 #   source .whl/b/install.sh && bash bench/h200.sh "$OUT" [part]
 # part "variable" (default "all"): the Llama-3.2-1B-shaped model on variable-length data, tunetop
 # packed vs mlx_lm.lora; part "fixed": fixed 512-token rows, and tunetop packed at the token budget
-# of mlx-lm's fixed-length batch (for the memory comparison). Memory capped at 100 GB.
+# of mlx-lm's fixed-length batch (for the memory comparison), and tunetop at batch 16; part
+# "ablation": tunetop on variable-length data with mlx-lm's float32 LoRA products. Memory capped
+# at 100 GB. Every tunetop-only run prints a RESULT line (JSON); the summary lists them.
 set -uo pipefail
 out=${1:-/tmp/h200-out}
 part=${2:-all}
@@ -21,6 +23,10 @@ fi
 if [ "$part" = all ] || [ "$part" = fixed ]; then
   python3 bench/throughput.py "${common[@]}" --batch-size 8 --data /tmp/bench1b/fixed512 --iters 150 --report 15 2>&1 | tee "$out/fixed512.txt" | tail -6
   # 2 packed rows of 2048 = 4,096 tokens a step, mlx-lm's fixed-length batch of 8 x 512: the memory goal.
-  python3 bench/throughput.py "${common[@]}" --which ours --batch-size 2 --pack-length 2048 --data /tmp/bench1b/variable --iters 300 --report 30 2>&1 | tee "$out/variable-b2.txt" | grep RESULT
+  python3 bench/throughput.py "${common[@]}" --which ours --batch-size 2 --pack-length 2048 --data /tmp/bench1b/variable --iters 200 --report 20 2>&1 | tee "$out/variable-b2.txt" | grep RESULT
+  python3 bench/throughput.py "${common[@]}" --which ours --batch-size 16 --data /tmp/bench1b/fixed512 --iters 100 --report 10 2>&1 | tee "$out/fixed512-b16.txt" | grep RESULT
+fi
+if [ "$part" = all ] || [ "$part" = ablation ]; then
+  python3 bench/throughput.py "${common[@]}" --which ours --lora-precision float32 --batch-size 8 --data /tmp/bench1b/variable --iters 100 --report 20 2>&1 | tee "$out/variable-f32lora.txt" | grep RESULT
 fi
 echo "== summary"; tail -n 5 "$out"/*.txt

@@ -1,6 +1,6 @@
 """Make a benchmark model (random weights, a real mlx-lm architecture) and datasets, offline.
 
-    python bench/make_bench_model.py OUT [--shape llama-1b|tiny] [--dtype bfloat16]
+    python bench/make_bench_model.py OUT [--shape llama-1b|mid|tiny] [--dtype bfloat16]
 
 OUT/model      config.json, model.safetensors (random), the embedded tokenizer's files
 OUT/variable   train/valid.jsonl: text rows with log-normal lengths (median ~220 words)
@@ -31,6 +31,16 @@ SHAPES = {
         "intermediate_size": 8192,
         "num_attention_heads": 32,
         "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+    },
+    # The 1B model's vocabulary on a body small enough for a CPU: memory comparisons here.
+    "mid": {
+        "hidden_size": 512,
+        "num_hidden_layers": 4,
+        "intermediate_size": 2048,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
         "vocab_size": 128256,
         "rope_theta": 500000.0,
     },

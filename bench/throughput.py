@@ -55,6 +55,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     cfg.data.max_seq_length = args.max_seq_length
     cfg.data.packing, cfg.data.pack_length = args.packing, args.pack_length
     cfg.training.ce_chunk_tokens = args.ce_chunk_tokens
+    cfg.lora.model_precision = args.lora_precision == "model"
     cfg.lora.num_layers, cfg.lora.rank, cfg.lora.scale = args.num_layers, args.rank, 20.0
     t = cfg.training
     t.batch_size, t.iterations, t.steps_per_report, t.steps_per_eval = args.batch_size, args.iters, args.report, 10**9
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="tunetop's data.packing")
     parser.add_argument("--pack-length", type=int, default=0, help="tunetop's data.pack_length (0 = automatic)")
     parser.add_argument("--ce-chunk-tokens", type=int, default=0, help="tunetop's training.ce_chunk_tokens")
+    parser.add_argument("--lora-precision", choices=["model", "float32"], default="model",
+                        help="tunetop's lora.model_precision: LoRA products in the model's dtype, or float32 as mlx-lm")
     parser.add_argument("--peak-tflops", type=float, default=0, help="bf16 matmul rate for MFU (see --measure-peak)")
     parser.add_argument("--measure-peak", action="store_true", help="time a bf16 8192^3 matmul and print TFLOP/s")
     args = parser.parse_args()

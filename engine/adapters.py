@@ -59,6 +59,10 @@ def apply_fine_tuning(model: nn.Module, config: LoRAConfig) -> None:
         return
     num_layers = len(model.layers) if config.num_layers < 0 else config.num_layers  # type: ignore[attr-defined]
     linear_to_lora_layers(model, num_layers, lora_parameters(config), use_dora=config.fine_tune_type == "dora")
+    if config.model_precision:
+        from .lora_precision import use_model_precision
+
+        use_model_precision(model)
 
 
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:

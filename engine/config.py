@@ -55,6 +55,9 @@ class LoRAConfig:
     scale: float = field(default=10.0, metadata={"help": "LoRA scale (alpha / rank in PEFT terms)"})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input"})
     keys: list[str] = field(default_factory=list, metadata={"help": "Module keys to adapt; empty = all linear"})
+    model_precision: bool = field(
+        default=True, metadata={"help": "LoRA products in the model's dtype (bf16/fp16); weights stay float32"}
+    )
 
 
 @dataclass

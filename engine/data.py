@@ -12,7 +12,10 @@ completion (or last message) only: each example carries the offset where its los
 
 Batching sorts examples by their true token length (mlx-lm 0.32 sorts by the number of dict
 keys, its issue #596), and pads every batch up to one of a few bucket widths, because each new
-padded shape costs a recompilation of the compiled step.
+padded shape costs a recompilation of the compiled step. A row is one token longer than its
+bucket, so the model's input (every token but the last) is the bucket's length: from 128 up a
+multiple of 128, which MLX's CUDA attention needs for its fused (cuDNN) backward pass; at any
+other length it materialises every attention score (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
+# Input lengths a batch is padded to (its rows are one token longer).
 BUCKET_WIDTHS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
@@ -193,11 +197,16 @@ def load_splits(
 
 
 def bucket_width(length: int, max_seq_length: int) -> int:
-    """The padded row width for a batch whose longest example has ``length`` tokens."""
-    for width in BUCKET_WIDTHS:
-        if width >= length:
-            return min(width, max_seq_length)
-    return max_seq_length
+    """The padded row width (tokens) for a batch whose longest example has ``length`` tokens.
+
+    Examples keep at most ``max_seq_length`` tokens; the row is a bucket's worth of inputs
+    plus the one token that is only a target.
+    """
+    inputs = max(min(length, max_seq_length) - 1, 1)
+    for size in BUCKET_WIDTHS:
+        if size >= inputs:
+            return min(size, max_seq_length) + 1
+    return max_seq_length + 1
 
 
 @dataclass(frozen=True)
@@ -272,7 +281,7 @@ class BatchPlan:
         tokens = np.zeros((len(examples), width), dtype=np.int32)
         lengths = np.zeros((len(examples), 2), dtype=np.int32)
         for row, example in enumerate(examples):
-            kept = example.tokens[:width]
+            kept = example.tokens[: self.max_seq_length]
             tokens[row, : len(kept)] = kept
             lengths[row] = (min(example.offset, len(kept)), len(kept))
         return Batch(tokens, lengths)

@@ -12,6 +12,10 @@ positions), and the loss covers exactly the tokens the unpacked example's loss c
 per-example losses equal the unpacked ones (tests/test_packing.py), and the batch loss is the
 mean over its real tokens, as without packing.
 
+A row holds ``width + 1`` tokens, so the model's input (every token but the last) is ``width``
+long: a power of two, which MLX's CUDA attention needs (a multiple of 128) for its fused
+backward pass with the block mask.
+
 What changes is the number of examples per step: a packed batch holds ``batch_size`` rows of
 ``width`` tokens, about ``batch_size * width / mean length`` examples. ``data.packing`` picks:
 ``auto`` (default) packs when rows would hold two or more examples on average, ``on``, ``off``.
@@ -39,7 +43,7 @@ MIN_WIDTH = 64
 class PackedBatch:
     """``batch_size`` rows of packed examples, as numpy arrays.
 
-    ``tokens`` (R, W); for the W-1 input positions: ``segments`` (example number within the row,
+    ``tokens`` (R, W + 1); for the W input positions: ``segments`` (example number within the row,
     from 1; 0 = padding), ``positions`` (restarting per example) and ``targets`` (1 where the
     next token counts for the loss).
     """
@@ -121,14 +125,15 @@ class PackPlan:
                 "data.max_seq_length), or set data.packing = \"off\".",
                 stacklevel=2,
             )
-        self.rows = pack_rows(lengths, width)
+        self.capacity = width + 1  # tokens per row: ``width`` inputs, then one more target
+        self.rows = pack_rows([min(n, width) for n in lengths], self.capacity)
         if len(self.rows) < batch_size:
             raise DataError(
                 f"{dataset.source}: packs into {len(self.rows)} rows of {width} tokens but batch_size is "
                 f"{batch_size} rows. Lower training.batch_size, data.pack_length, or set data.packing = \"off\"."
             )
         used = sum(min(n, width) for n in lengths)
-        self.fill = used / (len(self.rows) * width)
+        self.fill = used / (len(self.rows) * self.capacity)
 
     def __len__(self) -> int:
         return len(self.rows) // self.batch_size
@@ -145,10 +150,10 @@ class PackPlan:
     def make_batch(self, row_numbers: list[int]) -> PackedBatch:
         width = self.width
         count = len(row_numbers)
-        tokens = np.zeros((count, width), dtype=np.int32)
-        segments = np.zeros((count, width - 1), dtype=np.int32)
-        positions = np.zeros((count, width - 1), dtype=np.int32)
-        targets = np.zeros((count, width - 1), dtype=np.float32)
+        tokens = np.zeros((count, self.capacity), dtype=np.int32)
+        segments = np.zeros((count, width), dtype=np.int32)
+        positions = np.zeros((count, width), dtype=np.int32)
+        targets = np.zeros((count, width), dtype=np.float32)
         for r, row in enumerate(row_numbers):
             start = 0
             for segment, i in enumerate(self.rows[row], start=1):
@@ -156,7 +161,7 @@ class PackPlan:
                 kept = example.tokens[:width]
                 n = len(kept)
                 tokens[r, start : start + n] = kept
-                inputs = slice(start, min(start + n, width - 1))  # input positions of this example
+                inputs = slice(start, min(start + n, width))  # input positions of this example
                 segments[r, inputs] = segment
                 positions[r, inputs] = np.arange(inputs.stop - inputs.start)
                 # Input at p predicts token p + 1: the unpacked loss counts tokens k with

@@ -135,14 +135,20 @@ def test_few_distinct_shapes() -> None:
     lengths = [int(n) for n in rng.lognormal(5.0, 0.8, size=2000).clip(3, 2000)]
     plan = BatchPlan(_dataset(lengths), batch_size=4, max_seq_length=2048)
     widths = {plan.make_batch(m).tokens.shape[1] for m in plan.batches}
-    assert widths <= set(BUCKET_WIDTHS)
+    assert {w - 1 for w in widths} <= set(BUCKET_WIDTHS)  # the inputs are a bucket long
     assert len(widths) <= 12  # vs. hundreds of distinct padded lengths without buckets
 
 
 def test_bucket_width_and_truncation() -> None:
-    assert bucket_width(1, 2048) == 32
-    assert bucket_width(33, 2048) == 64
-    assert bucket_width(5000, 2048) == 2048
+    # A row holds a bucket of inputs plus one last target: inputs of 128, 512, 2048 (multiples of
+    # 128: MLX's fused attention backward on CUDA) for examples of up to 129, 513, 2049 tokens.
+    assert bucket_width(1, 2048) == 33
+    assert bucket_width(33, 2048) == 33
+    assert bucket_width(34, 2048) == 65
+    assert bucket_width(512, 2048) == 513
+    assert bucket_width(513, 2048) == 513
+    assert bucket_width(5000, 2048) == 2048 + 1  # examples keep 2048 tokens: 2047 inputs, padded to 2048
+    assert bucket_width(900, 1000) == 1001
 
 
 def test_long_sequences_warn_once_per_dataset() -> None:
@@ -151,14 +157,14 @@ def test_long_sequences_warn_once_per_dataset() -> None:
         warnings.simplefilter("always")
         batches = [plan.make_batch(m) for m in plan.batches]
     assert len(caught) == 1 and "longer than max_seq_length=50" in str(caught[0].message)
-    assert all(b.tokens.shape == (2, 50) for b in batches)
+    assert all(b.tokens.shape == (2, 51) for b in batches)
     assert all((b.lengths[:, 1] == 50).all() for b in batches)
 
 
 def test_padding_and_lengths() -> None:
     ds = Dataset([Example([1, 2, 3], offset=1), Example([4, 5, 6, 7, 8])], "x")
     batch = BatchPlan(ds, batch_size=2, max_seq_length=2048).make_batch([0, 1])
-    assert batch.tokens.shape == (2, 32)
+    assert batch.tokens.shape == (2, 33)
     assert batch.tokens[0, :4].tolist() == [1, 2, 3, 0]
     assert batch.lengths.tolist() == [[1, 3], [0, 5]]
     assert batch.real_tokens == (3 - 1) + (5 - 1)

@@ -84,7 +84,7 @@ def test_rows_are_one_shape_and_hold_every_example_once(model_and_data: tuple[nn
     assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
     plan = PackPlan(dataset, batch_size=2, width=128, seed=3)
     batches = list(plan.iterate(0, 0, loop=False))
-    assert {b.tokens.shape for _e, _k, b in batches} == {(2, 128)}
+    assert {b.tokens.shape for _e, _k, b in batches} == {(2, 129)}  # 128 inputs + the last target
     again = list(plan.iterate(0, 1, loop=False))  # resuming at batch 1 continues the same order
     assert [b.tokens.tolist() for _e, _k, b in again] == [b.tokens.tolist() for _e, _k, b in batches[1:]]
     other_epoch = next(plan.iterate(1, 0, loop=False))[2]
