@@ -42,8 +42,35 @@ def _steady(reports: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
+class MemoryWatch:
+    """Peak memory after the first report interval (compiling and first steps left out), and the
+    memory still held between steps (weights, optimizer state, cached graphs' inputs)."""
+
+    def __init__(self) -> None:
+        self.reports = 0
+        self.first_peak = 0.0
+        self.steady_peak = 0.0
+        self.held = 0.0
+
+    def at_report(self) -> None:
+        import mlx.core as mx
+
+        self.reports += 1
+        if self.reports == 1:
+            self.first_peak = mx.get_peak_memory() / 1e9
+            mx.reset_peak_memory()
+        else:
+            self.steady_peak = max(self.steady_peak, mx.get_peak_memory() / 1e9)
+        self.held = mx.get_active_memory() / 1e9
+
+    def result(self) -> dict[str, float]:
+        import mlx.core as mx
+
+        overall = max(self.first_peak, mx.get_peak_memory() / 1e9)
+        return {"peak_memory_gb": overall, "steady_peak_gb": self.steady_peak, "held_gb": self.held}
+
+
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
-    import mlx.core as mx
 
     from engine import config as config_module
     from engine.session import build_trainer
@@ -64,9 +91,11 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     trainer, _path, _trainable, total = build_trainer(cfg, Path(args.scratch) / "ours", report=print)
     trainer.valid_plan = None  # throughput only
     reports: list[dict[str, float]] = []
+    watch = MemoryWatch()
 
     def progress(event: Any) -> None:
         if isinstance(event, Train):
+            watch.at_report()
             seconds = args.report / event.iterations_per_second
             reports.append({"seconds": seconds, "tokens": event.tokens_per_second * seconds, "steps": args.report})
 
@@ -79,13 +108,12 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "steps_per_epoch": len(trainer.train_plan),
         "parameters": total,
         "packed": trainer.parameters.pack_width,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        **watch.result(),
         **_steady(reports),
     }
 
 
 def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
-    import mlx.core as mx
     from mlx_lm import lora
     from mlx_lm.tuner.callbacks import TrainingCallback
 
@@ -94,9 +122,11 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
 
     reports: list[dict[str, float]] = []
     state = {"tokens": 0.0}
+    watch = MemoryWatch()
 
     class Capture(TrainingCallback):
         def on_train_loss_report(self, info: dict[str, Any]) -> None:
+            watch.at_report()
             trained = float(info["trained_tokens"])
             counted = trained - state["tokens"]
             state["tokens"] = trained
@@ -126,7 +156,7 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     lora.run(namespace)
     wall = time.perf_counter() - start
-    return {"trainer": "mlx_lm.lora", "wall_seconds": wall, "peak_memory_gb": mx.get_peak_memory() / 1e9, **_steady(reports)}
+    return {"trainer": "mlx_lm.lora", "wall_seconds": wall, **watch.result(), **_steady(reports)}
 
 
 def measure_peak(size: int = 8192, repeats: int = 20) -> float:
@@ -193,13 +223,13 @@ def main() -> None:
     how = f"packed rows of {packed} tokens" if packed else "padded batches"
     print(f"batch {args.batch_size}, {args.iters} iterations, model {args.model}; tunetop: {how}")
     mfu_head = f" {'MFU':>6}" if args.peak_tflops else ""
-    print(f"{'trainer':<12} {'steady tok/s':>12} {'it/s':>7} {'1st interval tok/s':>19} {'peak GB':>8} {'wall s':>7}{mfu_head}")
+    print(f"{'trainer':<12} {'steady tok/s':>12} {'it/s':>7} {'1st interval tok/s':>19} {'peak GB':>8} {'steady':>7} {'held':>6} {'wall s':>7}{mfu_head}")
     for r in rows:
         # About 4 x parameters FLOPs per trained token for LoRA (forward 2P, backward to the inputs 2P).
         mfu = f" {r['tokens_per_second'] * 4 * rows[0]['parameters'] / (args.peak_tflops * 1e12):>6.1%}" if args.peak_tflops else ""
         print(
             f"{r['trainer']:<12} {r['tokens_per_second']:>12.0f} {r['iterations_per_second']:>7.2f} "
-            f"{r['first_interval_tokens_per_second']:>19.0f} {r['peak_memory_gb']:>8.3f} {r['wall_seconds']:>7.1f}{mfu}"
+            f"{r['first_interval_tokens_per_second']:>19.0f} {r['peak_memory_gb']:>8.3f} {r['steady_peak_gb']:>7.2f} {r['held_gb']:>6.2f} {r['wall_seconds']:>7.1f}{mfu}"
         )
     print(f"ratio tunetop / mlx_lm.lora (steady tokens/s): {rows[0]['tokens_per_second'] / rows[1]['tokens_per_second']:.2f}")
 
