@@ -83,6 +83,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     cfg.data.packing, cfg.data.pack_length = args.packing, args.pack_length
     cfg.training.ce_chunk_tokens = args.ce_chunk_tokens
     cfg.lora.model_precision = args.lora_precision == "model"
+    cfg.training.clear_cache_gb = args.clear_cache_gb
+    cfg.training.grad_checkpoint = args.grad_checkpoint
     cfg.lora.num_layers, cfg.lora.rank, cfg.lora.scale = args.num_layers, args.rank, 20.0
     t = cfg.training
     t.batch_size, t.iterations, t.steps_per_report, t.steps_per_eval = args.batch_size, args.iters, args.report, 10**9
@@ -190,6 +192,8 @@ def main() -> None:
     parser.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="tunetop's data.packing")
     parser.add_argument("--pack-length", type=int, default=0, help="tunetop's data.pack_length (0 = automatic)")
     parser.add_argument("--ce-chunk-tokens", type=int, default=0, help="tunetop's training.ce_chunk_tokens")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="tunetop's training.grad_checkpoint")
+    parser.add_argument("--clear-cache-gb", type=float, default=-1.0, help="tunetop's training.clear_cache_gb")
     parser.add_argument("--lora-precision", choices=["model", "float32"], default="model",
                         help="tunetop's lora.model_precision: LoRA products in the model's dtype, or float32 as mlx-lm")
     parser.add_argument("--peak-tflops", type=float, default=0, help="bf16 matmul rate for MFU (see --measure-peak)")

@@ -72,6 +72,9 @@ class TrainingConfig:
     grad_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
     on_nonfinite: str = field(default="pause", metadata={"help": "NaN/inf loss: pause, stop, or skip the batch"})
     ce_chunk_tokens: int = field(default=0, metadata={"help": "Cross-entropy N positions at a time (saves logits memory); 0 = off"})
+    clear_cache_gb: float = field(
+        default=-1.0, metadata={"help": "Empty MLX's buffer cache after a step when it holds more GB; 0 = every step, -1 = never"}
+    )
 
 
 @dataclass
@@ -161,6 +164,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "max_seq_length"): (2, None),
     ("data", "pack_length"): (0, None),
     ("training", "ce_chunk_tokens"): (0, None),
+    ("training", "clear_cache_gb"): (-1.0, None),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),

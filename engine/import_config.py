@@ -41,7 +41,6 @@ NOT_USED = {
     "resume_adapter_file": "use `tunetop train --resume RUN`, which also restores the optimizer",
     "report_to": "tunetop journals every event; `tunetop export-metrics` writes CSV or JSON lines",
     "project_name": "see 'report_to'",
-    "clear_cache_threshold": "not needed by tunetop's engine",
     "config": "this file itself",
     "hf_dataset": "Hugging Face datasets cannot be fetched here; point data at a local folder",
     "wandb": "see 'report_to'",
@@ -86,6 +85,8 @@ def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
                         notes.append(f"optimizer_config.{name}.{option}: not used by tunetop")
         elif key == "lr_schedule":
             notes.extend(_schedule(value, put))
+        elif key == "clear_cache_threshold":  # bytes in mlx-lm
+            put("training", "clear_cache_gb", float(value) / 1e9)
         elif key in NOT_USED:
             notes.append(f"{key}: {NOT_USED[key]}")
         else:

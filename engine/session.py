@@ -579,6 +579,7 @@ def build_trainer(
         config_hash=config_hash,
         pack_width=pack_width,
         ce_chunk_tokens=t.ce_chunk_tokens,
+        clear_cache_gb=t.clear_cache_gb,
     )
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)

@@ -130,6 +130,7 @@ lr_schedule:
   warmup_init: 1e-7
   arguments: [1e-5, 1000, 1e-7]
 report_to: wandb
+clear_cache_threshold: 0
 mystery_key: 5
 """
     source = tmp_path / "lora_config.yaml"
@@ -146,6 +147,7 @@ mystery_key: 5
     assert (cfg.optimizer.name, cfg.optimizer.weight_decay) == ("adamw", 0.01)
     assert (cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.decay_steps) == ("cosine", 100, 1000)
     assert cfg.schedule.end_learning_rate == pytest.approx(1e-7) and cfg.training.grad_checkpoint
+    assert cfg.training.clear_cache_gb == 0  # mlx-lm's bytes, as GB: empty the cache after every step
     assert "mystery_key: unknown" in result.stdout and "report_to:" in result.stdout
     assert "optimizer_config.adamw.betas" in result.stdout
 

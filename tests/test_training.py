@@ -176,3 +176,15 @@ def test_qlora_trains_on_a_4bit_base_and_loads_in_mlx_lm(tmp_path: Path) -> None
     theirs, _ = load(model_path, adapter_path=str(tmp_path / "adapters"))
     assert isinstance(theirs.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
     assert np.allclose(np.array(trainer.model(tokens)), np.array(theirs(tokens)), atol=1e-4)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0])
+def test_clear_cache_gb_empties_the_buffer_cache_after_a_step(tmp_path: Path, threshold: float) -> None:
+    cfg = make_cfg(clear_cache_gb=threshold)
+    trainer, *_ = build_trainer(cfg, tmp_path / "adapters")
+    for _ in range(3):
+        trainer.step()
+    if threshold < 0:
+        assert mx.get_cache_memory() > 0  # the control: MLX keeps freed buffers for the next step
+    else:
+        assert mx.get_cache_memory() == 0
