@@ -21,8 +21,13 @@ from engine.runs import RunDir, list_runs, resolve
 from tests import sshd
 from tests.conftest import ROOT, tunetop, wait_for, write_config
 
-ITERATIONS = 8
+ITERATIONS = 4
 TRAINING = {"iterations": ITERATIONS, "steps_per_report": 1, "steps_per_eval": 100, "batch_size": 6}
+# Plain SGD, so a step's update is proportional to the combined gradient: Adam divides by the
+# gradient's own scale and would hide a wrongly scaled combination. Few steps, because the
+# embedded model's first steps amplify the rounding of summing in another order (~1e-7) by
+# about 5x a step (4e-6 at step 4, 1e-4 to 1e-3 by step 6-8, for any optimizer or rate tried).
+OPTIMIZER = {"name": "sgd", "learning_rate": 0.001}
 
 
 def losses(events: list[dict], after_seq: int = 0) -> dict[int, float]:
@@ -56,7 +61,7 @@ def single_process(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Pat
     folder = tmp_path_factory.mktemp("single")
     os.environ["TUNETOP_HOME"] = str(folder / "home")
     try:
-        config = write_config(folder / "run.toml", training=TRAINING)
+        config = write_config(folder / "run.toml", training=TRAINING, optimizer=OPTIMIZER)
         tunetop("train", str(config), check=True)
         (run,) = list_runs()
         return losses(list(read_events(run.journal))), mx.load(str(run.adapters / "adapters.safetensors"))
@@ -73,7 +78,7 @@ def test_ranks_train_as_one_process_with_the_same_global_batch(
     ranks: int, how: list[str], tmp_path: Path, single_process: tuple[dict[int, float], dict]
 ) -> None:
     expected, expected_adapter = single_process
-    config = write_config(tmp_path / "run.toml", training=TRAINING)
+    config = write_config(tmp_path / "run.toml", training=TRAINING, optimizer=OPTIMIZER)
     result = tunetop("train", str(config), *how, check=True)
     (run,) = list_runs()
     events = list(read_events(run.journal))
@@ -83,14 +88,15 @@ def test_ranks_train_as_one_process_with_the_same_global_batch(
     assert sorted(got) == list(range(1, ITERATIONS + 1))
     for iteration, loss in got.items():
         assert loss == pytest.approx(expected[iteration], rel=1e-4), iteration
-    assert expected[ITERATIONS] < expected[1]  # the weights moved: matching losses mean matching gradients
+    # The weights moved (LoRA's B starts at zero), so matching losses mean matching gradients.
+    assert all(np.abs(np.array(v)).max() > 0 for k, v in expected_adapter.items() if k.endswith("lora_b"))
     adapter = mx.load(str(run.adapters / "adapters.safetensors"))
-    # Adam divides by the root of tiny second moments, so the rounding of summed gradients can
-    # move a single weight by ~1e-4; the adapters as a whole agree to a few parts in a thousand
-    # (1.2e-3 seen for one matrix; a wrong combination of the ranks' gradients is off by far more).
-    for key, value in expected_adapter.items():
-        a, b = np.array(adapter[key]), np.array(value)
-        assert np.linalg.norm(a - b) <= 3e-3 * np.linalg.norm(b), key
+    # The adapters as a whole agree to a part in a thousand (a wrongly combined gradient is off by
+    # far more); single small matrices (an attention LoRA B of norm 2e-3) only to a few parts.
+    keys = sorted(expected_adapter)
+    ours = np.concatenate([np.array(adapter[k]).ravel() for k in keys])
+    reference = np.concatenate([np.array(expected_adapter[k]).ravel() for k in keys])
+    assert np.linalg.norm(ours - reference) <= 1e-3 * np.linalg.norm(reference)
     # Every follower followed to the end and left cleanly.
     logs = "".join((run.path / f"rank{r}.log").read_text() for r in range(1, ranks))
     for rank in range(1, ranks):
@@ -107,7 +113,7 @@ def test_a_rank_over_ssh_trains_in_step(
     try:
         monkeypatch.setenv("TUNETOP_SSH", f"ssh -F {server.client_config}")
         monkeypatch.setenv("TUNETOP_REMOTE_TUNETOP", sshd.remote_tunetop_command(dict(os.environ), ROOT))
-        config = write_config(tmp_path / "run.toml", training=TRAINING)
+        config = write_config(tmp_path / "run.toml", training=TRAINING, optimizer=OPTIMIZER)
         tunetop("train", str(config), "--hosts", f"127.0.0.1,{server.user}@127.0.0.1:{server.port}", check=True)
     finally:
         server.stop()
