@@ -4,7 +4,10 @@
 # part "variable" (default "all"): the Llama-3.2-1B-shaped model on variable-length data, tunetop
 # packed vs mlx_lm.lora; part "fixed": fixed 512-token rows, and tunetop packed at the token budget
 # of mlx-lm's fixed-length batch (for the memory comparison), and tunetop at batch 16; part
-# "ablation": tunetop on variable-length data with mlx-lm's float32 LoRA products. Memory capped
+# "ablation": tunetop on variable-length data with mlx-lm's float32 LoRA products; part "memory":
+# the memory condition (variable data at batch 8 with grad_checkpoint + chunked CE, and at
+# mlx-lm's fixed token budget with the cache emptied each step); part "attention":
+# bench/attention_paths.py (fused vs unfused attention by length). Memory capped
 # at 100 GB. Every tunetop-only run prints a RESULT line (JSON); the summary lists them.
 set -uo pipefail
 out=${1:-/tmp/h200-out}
@@ -28,5 +31,12 @@ if [ "$part" = all ] || [ "$part" = fixed ]; then
 fi
 if [ "$part" = all ] || [ "$part" = ablation ]; then
   python3 bench/throughput.py "${common[@]}" --which ours --lora-precision float32 --batch-size 8 --data /tmp/bench1b/variable --iters 100 --report 20 2>&1 | tee "$out/variable-f32lora.txt" | grep RESULT
+fi
+if [ "$part" = all ] || [ "$part" = memory ]; then
+  python3 bench/throughput.py "${common[@]}" --which ours --grad-checkpoint --ce-chunk-tokens 2048 --batch-size 8 --data /tmp/bench1b/variable --iters 100 --report 20 2>&1 | tee "$out/variable-ckpt.txt" | grep RESULT
+  python3 bench/throughput.py "${common[@]}" --which ours --clear-cache-gb 0 --batch-size 2 --pack-length 2048 --data /tmp/bench1b/variable --iters 200 --report 20 2>&1 | tee "$out/variable-b2-clear.txt" | grep RESULT
+fi
+if [ "$part" = all ] || [ "$part" = attention ]; then
+  python3 bench/attention_paths.py 2>&1 | tee "$out/attention.txt"
 fi
 echo "== summary"; tail -n 5 "$out"/*.txt
