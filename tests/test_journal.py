@@ -91,6 +91,15 @@ def test_tail_follows_appends_and_skips_partial_records(tmp_path: Path) -> None:
 # synced prefix. Every test compares the fast read with the record-by-record walk (`scan`).
 
 
+def closed_journal(tmp_path: Path, count: int) -> Path:
+    """A journal of ``count`` records, closed (so sealed)."""
+    path = tmp_path / "j"
+    writer = JournalWriter(path)
+    fill(writer, count)
+    writer.close()
+    return path
+
+
 def walked(path: Path, since: int = 0) -> list[tuple[int, bytes]]:
     """The reference: every intact record, framing and CRC checked one by one."""
     return [(seq, payload) for _offset, seq, payload in scan(path.read_bytes()) if seq > since]
@@ -113,10 +122,7 @@ def test_sealed_journal_reads_through_the_index(tmp_path: Path) -> None:
 
 
 def test_a_flipped_bit_in_the_sealed_prefix_falls_back_to_the_walk(tmp_path: Path) -> None:
-    path = tmp_path / "j"
-    writer = JournalWriter(path)
-    fill(writer, 50)
-    writer.close()
+    path = closed_journal(tmp_path, 50)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -128,10 +134,7 @@ def test_a_flipped_bit_in_the_sealed_prefix_falls_back_to_the_walk(tmp_path: Pat
 
 @pytest.mark.parametrize("damage", ["swap", "short", "garbage", "seal_past_end"])
 def test_a_wrong_index_or_seal_is_ignored(tmp_path: Path, damage: str) -> None:
-    path = tmp_path / "j"
-    writer = JournalWriter(path)
-    fill(writer, 300)
-    writer.close()
+    path = closed_journal(tmp_path, 300)
     index = bytearray(index_path(path).read_bytes())
     if damage == "swap":  # two offsets exchanged: each still a record start, the chain breaks
         index[8 + 8 * 10 : 8 + 8 * 12] = index[8 + 8 * 11 : 8 + 8 * 12] + index[8 + 8 * 10 : 8 + 8 * 11]
@@ -167,10 +170,7 @@ def test_reopen_after_a_torn_tail_rebuilds_the_index(tmp_path: Path) -> None:
 
 
 def test_reading_a_short_stretch_skips_the_seal(tmp_path: Path) -> None:
-    path = tmp_path / "j"
-    writer = JournalWriter(path)
-    fill(writer, 1000)
-    writer.close()
+    path = closed_journal(tmp_path, 1000)
     near_end = next(offset for offset, seq, _ in scan(path.read_bytes()) if seq == 990)
     assert open_sealed(path, len(MAGIC), near_end) is None  # cheaper to walk 10 records
     assert open_sealed(path, len(MAGIC), len(MAGIC)) is not None
