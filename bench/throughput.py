@@ -84,7 +84,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     cfg.training.ce_chunk_tokens = args.ce_chunk_tokens
     cfg.lora.model_precision = args.lora_precision == "model"
     cfg.training.clear_cache_gb = args.clear_cache_gb
-    cfg.training.grad_checkpoint = args.grad_checkpoint
+    cfg.training.grad_checkpoint = args.grad_checkpoint or args.grad_checkpoint_blocks >= 0
+    cfg.training.grad_checkpoint_blocks = args.grad_checkpoint_blocks
+    cfg.training.memory_limit_gb = args.memory_limit_gb
     cfg.lora.num_layers, cfg.lora.rank, cfg.lora.scale = args.num_layers, args.rank, 20.0
     t = cfg.training
     t.batch_size, t.iterations, t.steps_per_report, t.steps_per_eval = args.batch_size, args.iters, args.report, 10**9
@@ -186,13 +188,16 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=2048)
     parser.add_argument("--mask-prompt", action="store_true", help="train on completions only (prompt/completion data)")
-    parser.add_argument("--memory-limit-gb", type=float, default=0, help="mx.set_memory_limit, e.g. on a shared GPU")
+    parser.add_argument("--memory-limit-gb", type=float, default=0,
+                        help="mx.set_memory_limit, a soft cap (tunetop: training.memory_limit_gb), e.g. on a shared GPU")
     parser.add_argument("--which", choices=["both", "ours", "mlx_lm"], default="both")
     parser.add_argument("--scratch", default="/tmp/tunetop-bench")
     parser.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="tunetop's data.packing")
     parser.add_argument("--pack-length", type=int, default=0, help="tunetop's data.pack_length (0 = automatic)")
     parser.add_argument("--ce-chunk-tokens", type=int, default=0, help="tunetop's training.ce_chunk_tokens")
     parser.add_argument("--grad-checkpoint", action="store_true", help="tunetop's training.grad_checkpoint")
+    parser.add_argument("--grad-checkpoint-blocks", type=int, default=-1,
+                        help="tunetop's training.grad_checkpoint_blocks (>= 0 turns grad_checkpoint on)")
     parser.add_argument("--clear-cache-gb", type=float, default=-1.0, help="tunetop's training.clear_cache_gb")
     parser.add_argument("--lora-precision", choices=["model", "float32"], default="model",
                         help="tunetop's lora.model_precision: LoRA products in the model's dtype, or float32 as mlx-lm")
@@ -202,7 +207,7 @@ def main() -> None:
     if args.measure_peak:
         print(f"PEAK {measure_peak():.1f} TFLOP/s (bf16 matmul, 8192x8192x8192)")
         return
-    if args.memory_limit_gb:
+    if args.memory_limit_gb and args.which != "ours":  # tunetop sets it from its config
         import mlx.core as mx
 
         mx.set_memory_limit(int(args.memory_limit_gb * 1e9))

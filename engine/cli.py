@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .blas import preload_optimized_blas
-from .config import ConfigError
+from .config import LIVE_FIELDS, ConfigError
 from .runs import RunError
 
 EXIT_UNREACHABLE = 3
@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_control, command="sample")
-    p = sub.add_parser("set", help="change live fields: learning_rate, steps_per_report, steps_per_eval, save_every")
+    p = sub.add_parser("set", help="change live fields: " + ", ".join(LIVE_FIELDS))
     p.add_argument("run", nargs="?")
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--timeout", type=float, default=30.0)

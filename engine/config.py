@@ -69,11 +69,17 @@ class TrainingConfig:
     validation_batches: int = field(default=10, metadata={"help": "Batches per validation; 0 = all"})
     seed: int = field(default=0, metadata={"help": "Seeds the data order and mlx.random"})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory"})
+    grad_checkpoint_blocks: int = field(
+        default=-1, metadata={"help": "With grad_checkpoint: blocks that recompute, from the first; -1 = all"}
+    )
     grad_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
     on_nonfinite: str = field(default="pause", metadata={"help": "NaN/inf loss: pause, stop, or skip the batch"})
     ce_chunk_tokens: int = field(default=0, metadata={"help": "Cross-entropy N positions at a time (saves logits memory); 0 = off"})
     clear_cache_gb: float = field(
         default=-1.0, metadata={"help": "Empty MLX's buffer cache after a step when it holds more GB; 0 = every step, -1 = never"}
+    )
+    memory_limit_gb: float = field(
+        default=0.0, metadata={"help": "Soft cap: past it MLX waits for queued GPU work to finish; 0 = MLX's default"}
     )
 
 
@@ -165,6 +171,8 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "pack_length"): (0, None),
     ("training", "ce_chunk_tokens"): (0, None),
     ("training", "clear_cache_gb"): (-1.0, None),
+    ("training", "grad_checkpoint_blocks"): (-1, None),
+    ("training", "memory_limit_gb"): (0.0, None),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),
@@ -421,6 +429,7 @@ LIVE_FIELDS: dict[str, tuple[str, str]] = {
     "steps_per_eval": ("training", "steps_per_eval"),
     "save_every": ("checkpoints", "save_every"),
     "validation_batches": ("training", "validation_batches"),
+    "memory_limit_gb": ("training", "memory_limit_gb"),
 }
 """Fields a running engine accepts through the ``set`` command, and where they live."""
 

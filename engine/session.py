@@ -256,6 +256,10 @@ class Engine:
                 self.trainer.set_learning_rate(value)
             elif key == "save_every":
                 p.save_every = value
+            elif key == "memory_limit_gb":
+                # A run sharing a GPU can be made to yield memory without a restart.
+                p.memory_limit_gb = value
+                self.trainer.apply_memory_limit()
             else:
                 setattr(p, key, value)
         self.emit("config_changed", changes=values)
@@ -570,6 +574,7 @@ def build_trainer(
         adapter_path=adapter_path,
         max_seq_length=cfg.data.max_seq_length,
         grad_checkpoint=t.grad_checkpoint,
+        grad_checkpoint_blocks=t.grad_checkpoint_blocks,
         grad_accumulation_steps=t.grad_accumulation_steps,
         seed=t.seed,
         keep_last=cfg.checkpoints.keep_last,
@@ -580,6 +585,7 @@ def build_trainer(
         pack_width=pack_width,
         ce_chunk_tokens=t.ce_chunk_tokens,
         clear_cache_gb=t.clear_cache_gb,
+        memory_limit_gb=t.memory_limit_gb,
     )
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)

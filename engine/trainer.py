@@ -47,6 +47,7 @@ class TrainingParameters:
     adapter_path: Path = Path("adapters")
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
+    grad_checkpoint_blocks: int = -1  # with grad_checkpoint: how many blocks recompute, from the first; -1 = all
     grad_accumulation_steps: int = 1
     seed: int = 0
     keep_last: int = 3
@@ -57,6 +58,7 @@ class TrainingParameters:
     pack_width: int = 0  # > 0: train on packed rows of this many tokens (engine.packing); 0 = padded batches
     ce_chunk_tokens: int = 0  # > 0: cross-entropy this many positions at a time (engine.chunked_loss)
     clear_cache_gb: float = -1.0  # >= 0: empty MLX's buffer cache after a step when it holds more than this
+    memory_limit_gb: float = 0.0  # > 0: mx.set_memory_limit (a soft cap: MLX waits instead of queueing more work)
 
 
 class Disposition(enum.Enum):
@@ -168,30 +170,46 @@ def evaluate(
     return float((total / count).item()) if count.item() else float("nan")  # type: ignore[arg-type]
 
 
-def grad_checkpoint(layer: nn.Module) -> None:
-    """Recompute this layer type's activations in the backward pass (mx.checkpoint).
+def grad_checkpoint(model: nn.Module, blocks: int = -1) -> int:
+    """Recompute the activations of the model's first ``blocks`` transformer blocks (-1 = all) in
+    the backward pass (mx.checkpoint); returns how many blocks now recompute.
 
-    As mlx-lm does, the layer's class is patched, so every block of that type is checkpointed;
-    a second call leaves it as it is.
+    Each chosen block becomes an instance of a subclass of its own class whose ``__call__`` is
+    checkpointed: parameter names and ``isinstance`` checks are unchanged, other blocks (and other
+    models in the process) are not touched, and a second call changes nothing. Every block holds
+    about the same activations, so which ones recompute does not matter, only how many: each one
+    saves its activations' memory for one more forward pass of its own.
     """
-    cls = type(layer)
-    original = cls.__call__
-    if getattr(original, "checkpointed", False):
-        return
+    layers = model.layers  # type: ignore[attr-defined]
+    chosen = list(layers) if blocks < 0 else list(layers)[:blocks]
+    for layer in chosen:
+        layer.__class__ = _recomputing_class(type(layer))
+    return len(chosen)
 
-    def checkpointed(self: nn.Module, x: mx.array, *args: Any, **kwargs: Any) -> Any:
-        # Only the parameters and the hidden state are differentiated: the rest (an attention
-        # mask array, a packed batch's cache) are constants, and MLX's fused attention has no
-        # gradient with respect to a mask.
-        def inner(params: Any, hidden: mx.array) -> Any:
-            self.update(params)
-            return original(self, hidden, *args, **kwargs)
 
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+_RECOMPUTING: dict[type, type] = {}
 
-    checkpointed.checkpointed = True  # type: ignore[attr-defined]
-    checkpointed.original = original  # type: ignore[attr-defined]
-    cls.__call__ = checkpointed  # type: ignore[method-assign]
+
+def _recomputing_class(cls: type) -> type:
+    """``cls`` with a checkpointed ``__call__`` (made once per class)."""
+    if getattr(cls, "recomputes_activations", False):
+        return cls
+    if cls not in _RECOMPUTING:
+        forward = cls.__call__  # type: ignore[operator]
+
+        def checkpointed(self: nn.Module, x: mx.array, *args: Any, **kwargs: Any) -> Any:
+            # Only the parameters and the hidden state are differentiated: the rest (an attention
+            # mask array, a packed batch's cache) are constants, and MLX's fused attention has no
+            # gradient with respect to a mask.
+            def inner(params: Any, hidden: mx.array) -> Any:
+                self.update(params)
+                return forward(self, hidden, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+        namespace = {"__call__": checkpointed, "recomputes_activations": True, "__module__": cls.__module__}
+        _RECOMPUTING[cls] = type(f"Recomputing{cls.__name__}", (cls,), namespace)
+    return _RECOMPUTING[cls]
 
 
 @dataclass
@@ -274,7 +292,9 @@ class Trainer:
         self._batches: Iterator[tuple[int, int, Batch | PackedBatch]] | None = None
         self._accumulated: Any = None
         if parameters.grad_checkpoint:
-            grad_checkpoint(model.layers[0])  # type: ignore[attr-defined]
+            grad_checkpoint(model, parameters.grad_checkpoint_blocks)
+        self._mlx_memory_limit = mx.get_memory_limit()  # what memory_limit_gb = 0 restores
+        self.apply_memory_limit()
         mx.random.seed(parameters.seed)
         self._step = self._compile_step()
         model.train()
@@ -310,6 +330,16 @@ class Trainer:
         epoch, index, batch = next(self._batches)
         self.epoch, self.position = epoch, index + 1
         return batch
+
+    def apply_memory_limit(self) -> None:
+        """Set MLX's memory limit from ``parameters.memory_limit_gb`` (0: MLX's own default).
+
+        A soft cap for the whole process: when a step's queued work would take MLX past it, MLX
+        stops queueing and waits for the device to finish (and free) earlier work; a step that
+        needs more still runs.
+        """
+        gb = self.parameters.memory_limit_gb
+        mx.set_memory_limit(int(gb * 1e9) if gb > 0 else self._mlx_memory_limit)
 
     def set_learning_rate(self, rate: float) -> None:
         """From now on a constant rate (a live ``set``); kept in checkpoints."""
@@ -356,9 +386,11 @@ class Trainer:
             )
             return StepResult(loss, 0)
         self.trained_tokens += total_tokens
-        # MLX keeps freed buffers for reuse; a step then draws on buffers sized for other arrays,
-        # and its footprint grows (on the H200: 19.6 GB a step against 13.5 GB with an empty
-        # cache, docs/PERFORMANCE.md). Emptying it trades some speed for that memory.
+        # MLX keeps freed buffers for reuse. Emptying that cache also lowered a step's peak on the
+        # H200 (19.6 -> 13.5 GB at 8 x 512 tokens): every allocation then goes to the driver,
+        # which holds back the host queueing work ahead of the GPU, and queued work keeps the
+        # buffers it will free. memory_limit_gb bounds that directly, for less speed
+        # (docs/PERFORMANCE.md); this setting stays for mlx-lm's recipes and shared machines.
         limit = self.parameters.clear_cache_gb
         if limit >= 0:
             del before_model, before_optimizer  # the previous weights: free them first

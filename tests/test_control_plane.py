@@ -152,7 +152,7 @@ def test_set_save_evaluate_and_stop(engine_run: RunDir) -> None:
     from mlx_lm import load
 
     wait_for(lambda: iteration(engine_run) >= 2)
-    reply = send_command(engine_run, "set", {"learning_rate": "1e-4", "steps_per_report": 3})
+    reply = send_command(engine_run, "set", {"learning_rate": "1e-4", "steps_per_report": 3, "memory_limit_gb": 4})
     assert reply.ok, reply.error
     refused = send_command(engine_run, "set", {"batch_size": 2})
     assert not refused.ok and "Live-editable fields" in refused.error
@@ -165,7 +165,7 @@ def test_set_save_evaluate_and_stop(engine_run: RunDir) -> None:
     assert_gap_free(events)
     assert events[-1]["type"] == "finished" and events[-1]["reason"] == "stopped"
     changed = [e for e in events if e["type"] == "config_changed"]
-    assert changed[0]["changes"] == {"learning_rate": 1e-4, "steps_per_report": 3}
+    assert changed[0]["changes"] == {"learning_rate": 1e-4, "steps_per_report": 3, "memory_limit_gb": 4.0}
     later_train = [e for e in events if e["type"] == "train" and e["seq"] > changed[0]["seq"]]
     assert later_train and all(e["learning_rate"] == pytest.approx(1e-4) for e in later_train)
     model, _ = load(str(Path(os.environ["TUNETOP_CACHE"]) / "embedded-v1" / "model"), adapter_path=str(engine_run.adapters))

@@ -199,24 +199,48 @@ def test_clear_cache_gb_empties_the_buffer_cache_after_a_step(tmp_path: Path, th
         assert mx.get_cache_memory() < 1024  # the step's own scalars (loss, count) are freed after it returns
 
 
-def test_grad_checkpoint_trains_packed_rows_exactly_as_without(tmp_path: Path) -> None:
-    """Recomputing each block in the backward pass changes memory, not the numbers; the packed
-    block mask (an array argument of every block) is a constant, not differentiated."""
+@pytest.mark.parametrize("blocks", [-1, 1])
+def test_grad_checkpoint_trains_packed_rows_exactly_as_without(tmp_path: Path, blocks: int) -> None:
+    """Recomputing blocks in the backward pass changes memory, not the numbers; the packed block
+    mask (an array argument of every block) is a constant, not differentiated. Only the chosen
+    blocks recompute, under their own parameter names, and nothing outside this model changes."""
     from mlx_lm.models.llama import TransformerBlock
 
     original = TransformerBlock.__call__
-    curves = []
-    try:
-        for checkpoint in (False, True):
-            cfg = make_cfg(grad_checkpoint=checkpoint, iterations=4)
-            cfg.data.packing = "on"
-            trainer, *_ = build_trainer(cfg, tmp_path / f"adapters-{checkpoint}")
-            assert trainer.parameters.pack_width > 0
-            curves.append([trainer.step().loss for _ in range(4)])
-        assert getattr(TransformerBlock.__call__, "checkpointed", False)
-        grad_checkpoint(trainer.model.layers[0])  # type: ignore[attr-defined]
-        assert TransformerBlock.__call__.original is original  # type: ignore[attr-defined]  (not wrapped twice)
-    finally:
-        TransformerBlock.__call__ = original  # type: ignore[method-assign]  (the patch is per class)
+    curves, names = [], []
+    for checkpoint in (False, True):
+        cfg = make_cfg(grad_checkpoint=checkpoint, grad_checkpoint_blocks=blocks, iterations=4)
+        cfg.data.packing = "on"
+        trainer, *_ = build_trainer(cfg, tmp_path / f"adapters-{checkpoint}")
+        assert trainer.parameters.pack_width > 0
+        names.append([k for k, _ in tree_flatten(trainer.model.trainable_parameters())])
+        curves.append([trainer.step().loss for _ in range(4)])
+    layers = trainer.model.layers  # type: ignore[attr-defined]
+    recomputing = [getattr(layer, "recomputes_activations", False) for layer in layers]
+    assert recomputing == [True] * len(layers) if blocks == -1 else [True] + [False] * (len(layers) - 1)
+    assert all(isinstance(layer, TransformerBlock) for layer in layers)
+    assert TransformerBlock.__call__ is original  # the class itself is not patched
+    kind = type(layers[0])
+    assert grad_checkpoint(trainer.model, blocks) == sum(recomputing)
+    assert type(layers[0]) is kind  # a second call does not wrap again
+    assert names[1] == names[0]
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
     assert curves[0][-1] < curves[0][0]
+
+
+def test_memory_limit_gb_sets_mlx_soft_memory_cap(tmp_path: Path) -> None:
+    previous = mx.get_memory_limit()
+    try:
+        build_trainer(make_cfg(), tmp_path / "adapters-default")
+        assert mx.get_memory_limit() == previous  # 0, the default, leaves MLX's own limit alone
+        trainer, *_ = build_trainer(make_cfg(memory_limit_gb=1.5), tmp_path / "adapters")
+        assert mx.get_memory_limit() == 1_500_000_000
+        # A soft cap: a step that needs more than the cap still runs, only queued less far ahead.
+        trainer.parameters.memory_limit_gb = 0.001
+        trainer.apply_memory_limit()
+        assert trainer.step().tokens > 0 and mx.get_peak_memory() > 1_000_000
+        trainer.parameters.memory_limit_gb = 0  # a live ``set memory_limit_gb=0``: MLX's default again
+        trainer.apply_memory_limit()
+        assert mx.get_memory_limit() == previous
+    finally:
+        mx.set_memory_limit(previous)

@@ -82,8 +82,7 @@ class SetScreen(ModalScreen[dict[str, Any] | None]):
     """A form for the live-editable fields; returns only the changed ones, validated."""
 
     DEFAULT_CSS = MODAL_CSS + """
-    SetScreen Grid { grid-size: 2; grid-columns: 22 1fr; grid-rows: 3; grid-gutter: 0 1; height: auto; }
-    SetScreen Grid > Label { padding-top: 1; }
+    SetScreen Grid { grid-size: 2; grid-columns: 22 1fr; grid-rows: 1; grid-gutter: 1 1; height: auto; }
     """
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
@@ -98,7 +97,8 @@ class SetScreen(ModalScreen[dict[str, Any] | None]):
                 for key in LIVE_FIELDS:
                     value = self.current.get(key)
                     yield Label(key)
-                    yield Input(value="" if value is None else str(value), id=f"field-{key}")
+                    # Compact (one line): every live field fits an 80 x 24 terminal.
+                    yield Input(value="" if value is None else str(value), id=f"field-{key}", compact=True)
             yield Static("", id="set-error", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Apply", id="apply", variant="primary")
