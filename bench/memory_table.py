@@ -30,10 +30,11 @@ def main(argv: list[str]) -> int:
         raise SystemExit(__doc__)
     paths = [Path(a) for a in argv]
     fixed, variable, ours, *more = (last_result(p) for p in paths)
-    print(f"{'run':<28} {'steady tok/s':>12} {'peak GB':>8} {'x mlx-lm variable':>18}")
+    print(f"{'run':<28} {'steady tok/s':>12} {'epoch s':>8} {'peak GB':>8} {'x mlx-lm variable':>18}")
     for path, r in zip(paths, (fixed, variable, ours, *more), strict=True):
         ratio = r["tokens_per_second"] / variable["tokens_per_second"]
-        print(f"{path.stem:<28} {r['tokens_per_second']:>12.0f} {r['peak_memory_gb']:>8.2f} {ratio:>18.2f}")
+        epoch = f"{r['steps_per_epoch'] / r['iterations_per_second']:>8.1f}" if "steps_per_epoch" in r else f"{'-':>8}"
+        print(f"{path.stem:<28} {r['tokens_per_second']:>12.0f} {epoch} {r['peak_memory_gb']:>8.2f} {ratio:>18.2f}")
     speed = ours["tokens_per_second"] / variable["tokens_per_second"]
     fits = ours["peak_memory_gb"] <= fixed["peak_memory_gb"]
     print(

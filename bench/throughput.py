@@ -160,7 +160,20 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     lora.run(namespace)
     wall = time.perf_counter() - start
-    return {"trainer": "mlx_lm.lora", "wall_seconds": wall, **watch.result(), **_steady(reports)}
+    with open(Path(data) / "train.jsonl") as lines:
+        examples = sum(1 for line in lines if line.strip())
+    return {
+        "trainer": "mlx_lm.lora",
+        "wall_seconds": wall,
+        "steps_per_epoch": examples // args.batch_size,  # mlx-lm's batches leave the remainder out
+        **watch.result(),
+        **_steady(reports),
+    }
+
+
+def epoch_seconds(result: dict[str, Any]) -> float:
+    """Time for one pass over the training set at the steady rate (each trainer's own batches)."""
+    return float(result["steps_per_epoch"] / result["iterations_per_second"])
 
 
 def measure_peak(size: int = 8192, repeats: int = 20) -> float:
@@ -232,12 +245,12 @@ def main() -> None:
     how = f"packed rows of {packed} tokens" if packed else "padded batches"
     print(f"batch {args.batch_size}, {args.iters} iterations, model {args.model}; tunetop: {how}")
     mfu_head = f" {'MFU':>6}" if args.peak_tflops else ""
-    print(f"{'trainer':<12} {'steady tok/s':>12} {'it/s':>7} {'1st interval tok/s':>19} {'peak GB':>8} {'steady':>7} {'held':>6} {'wall s':>7}{mfu_head}")
+    print(f"{'trainer':<12} {'steady tok/s':>12} {'it/s':>7} {'epoch s':>8} {'1st interval tok/s':>19} {'peak GB':>8} {'steady':>7} {'held':>6} {'wall s':>7}{mfu_head}")
     for r in rows:
         # About 4 x parameters FLOPs per trained token for LoRA (forward 2P, backward to the inputs 2P).
         mfu = f" {r['tokens_per_second'] * 4 * rows[0]['parameters'] / (args.peak_tflops * 1e12):>6.1%}" if args.peak_tflops else ""
         print(
-            f"{r['trainer']:<12} {r['tokens_per_second']:>12.0f} {r['iterations_per_second']:>7.2f} "
+            f"{r['trainer']:<12} {r['tokens_per_second']:>12.0f} {r['iterations_per_second']:>7.2f} {epoch_seconds(r):>8.1f} "
             f"{r['first_interval_tokens_per_second']:>19.0f} {r['peak_memory_gb']:>8.3f} {r['steady_peak_gb']:>7.2f} {r['held_gb']:>6.2f} {r['wall_seconds']:>7.1f}{mfu}"
         )
     print(f"ratio tunetop / mlx_lm.lora (steady tokens/s): {rows[0]['tokens_per_second'] / rows[1]['tokens_per_second']:.2f}")
