@@ -115,3 +115,12 @@ def test_plot_draws_both_series_inside_the_box() -> None:
 def test_plot_without_data_says_it_waits() -> None:
     lines = plot([Series([], [], "red", "train")], 40, 6)
     assert "waiting for the first report" in "".join(line.plain for line in lines)
+
+
+def test_live_changes_update_the_config_the_set_form_shows() -> None:
+    s = folded()
+    s.apply({"seq": 999, "ts": T0 + 100, "run": "r", "type": "config_changed",
+             "changes": {"steps_per_report": 3, "memory_limit_gb": 12.0, "learning_rate": 2e-4}})
+    assert s.config["training"]["steps_per_report"] == 3 and s.config["training"]["memory_limit_gb"] == 12.0
+    assert s.config["optimizer"]["learning_rate"] == 2e-4 and s.learning_rate == 2e-4
+    assert "steps_per_report = 3" in s.logs[-1].message

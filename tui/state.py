@@ -11,6 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.config import LIVE_FIELDS
+
 ACTIVE_STATES = frozenset({"starting", "running", "paused", "stopping"})
 
 
@@ -161,6 +163,10 @@ class RunState:
         self._note(e, "changed: " + ", ".join(f"{k} = {v}" for k, v in changes.items()))
         if "learning_rate" in changes:
             self.learning_rate = changes["learning_rate"]
+        for key, value in changes.items():  # so the set form shows what the run now uses
+            if key in LIVE_FIELDS:
+                section, name = LIVE_FIELDS[key]
+                self.config.setdefault(section, {})[name] = value
 
     def _on_resumed(self, e: dict[str, Any]) -> None:
         """A resume from a checkpoint: what came after that checkpoint is no longer the run's history."""

@@ -20,6 +20,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
 
+from engine.config import LIVE_FIELDS
 from engine.runs import RunDir
 from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
 from tui.source import EventSource, JournalSource, LiveSource
@@ -268,13 +269,8 @@ class DashboardScreen(Screen[None]):
 
     def action_set_form(self) -> None:
         config = self.run_state.config
-        current = {
-            "learning_rate": self.run_state.learning_rate,
-            "steps_per_report": config.get("training", {}).get("steps_per_report"),
-            "steps_per_eval": config.get("training", {}).get("steps_per_eval"),
-            "save_every": config.get("checkpoints", {}).get("save_every"),
-            "validation_batches": config.get("training", {}).get("validation_batches"),
-        }
+        current = {key: config.get(section, {}).get(name) for key, (section, name) in LIVE_FIELDS.items()}
+        current["learning_rate"] = self.run_state.learning_rate  # the rate now, not the configured peak
 
         def submitted(changes: dict[str, Any] | None) -> None:
             if changes:

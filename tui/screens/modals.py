@@ -28,6 +28,7 @@ ModalScreen Button { margin-left: 1; }
 class HelpScreen(ModalScreen[None]):
     """Every key of the screen below, with what it does."""
 
+    SCOPED_CSS = False  # MODAL_CSS styles the screen itself (align), which scoping would skip
     DEFAULT_CSS = MODAL_CSS
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
@@ -54,6 +55,7 @@ class HelpScreen(ModalScreen[None]):
 class ConfirmScreen(ModalScreen[bool]):
     """A question with Yes / No; `y` and `n` answer it too."""
 
+    SCOPED_CSS = False  # MODAL_CSS styles the screen itself (align), which scoping would skip
     DEFAULT_CSS = MODAL_CSS
     BINDINGS = [
         Binding("y", "answer(True)", "Yes"),
@@ -81,6 +83,7 @@ class ConfirmScreen(ModalScreen[bool]):
 class SetScreen(ModalScreen[dict[str, Any] | None]):
     """A form for the live-editable fields; returns only the changed ones, validated."""
 
+    SCOPED_CSS = False  # MODAL_CSS styles the screen itself (align), which scoping would skip
     DEFAULT_CSS = MODAL_CSS + """
     SetScreen Grid { grid-size: 2; grid-columns: 22 1fr; grid-rows: 1; grid-gutter: 1 1; height: auto; }
     """
@@ -140,6 +143,7 @@ class SetScreen(ModalScreen[dict[str, Any] | None]):
 class PromptScreen(ModalScreen[str | None]):
     """Ask for one line of text (a config path, say)."""
 
+    SCOPED_CSS = False  # MODAL_CSS styles the screen itself (align), which scoping would skip
     DEFAULT_CSS = MODAL_CSS
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
