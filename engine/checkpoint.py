@@ -6,7 +6,7 @@ A checkpoint is a folder ``checkpoints/0000100/`` holding:
 * ``optimizer.safetensors`` the optimizer state, flattened (moments, step, learning rate)
 * ``state.json``            iteration, trained tokens, data epoch and position, the live
                             learning-rate override, the validation loss at save, the journal
-                            seq, and a hash of the config
+                            seq, and the config values that decide what training computes
 
 It is written into a temporary folder; every file is fsynced (F_FULLFSYNC on macOS), the
 folder is renamed into place, the parent folder is fsynced, and only then is the ``latest``
@@ -54,6 +54,9 @@ class TrainerState:
     seq: int
     config_hash: str
     saved_at: float
+    # config.computation_values at the run's start (None in checkpoints of older versions,
+    # which only have config_hash, a hash of the whole file's text).
+    config: dict[str, Any] | None = None
 
 
 def config_hash(text: str) -> str:

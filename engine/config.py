@@ -433,6 +433,44 @@ LIVE_FIELDS: dict[str, tuple[str, str]] = {
 }
 """Fields a running engine accepts through the ``set`` command, and where they live."""
 
+# What changes how a run is watched, saved or fitted in memory, not what it computes: a resume
+# with other values here is still exact.
+WATCH_ONLY_SECTIONS = ("checkpoints", "sampling", "metrics")
+WATCH_ONLY_KEYS = {
+    ("training", "steps_per_report"),
+    ("training", "steps_per_eval"),
+    ("training", "validation_batches"),
+    ("training", "on_nonfinite"),
+    ("training", "memory_limit_gb"),
+    ("training", "clear_cache_gb"),
+}
+
+
+def computation_values(cfg: RunConfig) -> dict[str, Any]:
+    """The config values that decide what training computes, as ``{"section.key": value}``.
+
+    Every checkpoint keeps them; a resume under a config that differs in one of them is not
+    exact, and the engine says which keys changed (:func:`changed_values`).
+    """
+    values: dict[str, Any] = {}
+    for section, kind in SECTIONS.items():
+        if section in WATCH_ONLY_SECTIONS:
+            continue
+        part = getattr(cfg, section)
+        for item in dataclasses.fields(kind):
+            if (section, item.name) not in WATCH_ONLY_KEYS:
+                values[f"{section}.{item.name}"] = getattr(part, item.name)
+    return values
+
+
+def changed_values(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each key whose value differs; a key one side lacks shows as unset."""
+    return [
+        f"{key}: {before.get(key, 'unset')!r} -> {after.get(key, 'unset')!r}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, "unset") != after.get(key, "unset")
+    ]
+
 
 def coerce_field(section: str, name: str, value: Any, where: str) -> Any:
     """Check one value against ``[section] name``'s declared type, choices and range."""

@@ -464,8 +464,9 @@ class Engine:
                 self.set_state("failed")
                 self.emit("finished", reason="bad_input", iteration=0)
                 return EXIT_BAD_INPUT
-            if restored.config_hash and restored.config_hash != trainer.parameters.config_hash:
-                self.emit("warning", message="the run's config.toml changed since this checkpoint was saved; "
+            changed = self._config_changes(restored, trainer.parameters)
+            if changed:
+                self.emit("warning", message=f"the run's config changed since this checkpoint was saved ({changed}); "
                           "training goes on with the config as it is now, so the resume is not exact")
             self.emit("resumed", iteration=restored.iteration, checkpoint=str(folder), from_seq=restored.seq)
         if self.world is not None:
@@ -516,6 +517,17 @@ class Engine:
             pending = self.commands.get_nowait()
             pending.respond(Reply(pending.command.id, False, "the run has finished"))
         return self.control.exit_code
+
+    @staticmethod
+    def _config_changes(restored: Any, parameters: Any) -> str:
+        """What changed in the config that decides the computation since a checkpoint; "" if nothing.
+
+        Checkpoints of older versions hold only a hash of the config file's text."""
+        if restored.config is not None:
+            return "; ".join(config_module.changed_values(restored.config, parameters.config_values))
+        if restored.config_hash and restored.config_hash != parameters.config_hash:
+            return "config.toml's text differs"
+        return ""
 
     def _build(self, text: str, shard: Any) -> tuple[Any, str, int, int]:
         from .checkpoint import config_hash
@@ -586,6 +598,7 @@ def build_trainer(
         ce_chunk_tokens=t.ce_chunk_tokens,
         clear_cache_gb=t.clear_cache_gb,
         memory_limit_gb=t.memory_limit_gb,
+        config_values=config_module.computation_values(cfg),
     )
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)

@@ -55,6 +55,7 @@ class TrainingParameters:
     checkpoint_path: Path | None = None  # full-state checkpoints for exact resume; None = adapters only
     on_nonfinite: str = "pause"  # pause | stop | skip: what a NaN or infinite loss does
     config_hash: str = ""
+    config_values: dict[str, Any] = field(default_factory=dict)  # config.computation_values, kept in checkpoints
     pack_width: int = 0  # > 0: train on packed rows of this many tokens (engine.packing); 0 = padded batches
     ce_chunk_tokens: int = 0  # > 0: cross-entropy this many positions at a time (engine.chunked_loss)
     clear_cache_gb: float = -1.0  # >= 0: empty MLX's buffer cache after a step when it holds more than this
@@ -443,6 +444,7 @@ class Trainer:
                 seq=self.journal_seq(),
                 config_hash=p.config_hash,
                 saved_at=time.time(),
+                config=p.config_values,
             )
             folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
             prune(p.checkpoint_path, p.keep_last)

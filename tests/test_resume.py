@@ -178,3 +178,37 @@ def test_a_full_disk_pauses_the_run(tmp_path: Path) -> None:
             os.kill(run.engine_pid() or 0, signal.SIGKILL)
         wait_for(lambda: not run.is_alive(), timeout=10)
         subprocess.run(["umount", str(run.checkpoints)], check=False)
+
+
+def test_resume_warns_of_config_changes_that_change_the_computation_and_names_them(tmp_path: Path) -> None:
+    import tomllib
+
+    import tomli_w
+
+    config = write_config(
+        tmp_path / "run.toml",
+        training={"iterations": 10, "steps_per_report": 5, "steps_per_eval": 10},
+        checkpoints={"save_every": 5},
+    )
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+
+    def edit(section: str, key: str, value: object) -> None:
+        values = tomllib.loads(run.config.read_text())
+        values.setdefault(section, {})[key] = value
+        run.config.write_text("# edited between runs\n" + tomli_w.dumps(values))
+
+    def config_warnings() -> list[str]:
+        return [e["message"] for e in read_events(run.journal) if e["type"] == "warning" and "config changed" in e["message"]]
+
+    # How the run is watched and fitted in memory: the resume stays exact, so no warning.
+    edit("training", "steps_per_report", 2)
+    edit("training", "memory_limit_gb", 8.0)
+    tunetop("train", "--resume", run.id, "--from", "5", check=True)
+    assert config_warnings() == []
+    # What it computes: the warning names the key, its old and new value, and nothing else.
+    edit("optimizer", "learning_rate", 0.002)
+    tunetop("train", "--resume", run.id, "--from", "5", check=True)
+    (message,) = config_warnings()
+    assert "optimizer.learning_rate: " in message and "-> 0.002" in message and "not exact" in message
+    assert "steps_per_report" not in message and "memory_limit_gb" not in message
