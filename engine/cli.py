@@ -439,6 +439,26 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    from . import config as config_module
+    from .data import DataError
+    from .evaluation import EvaluationError, score
+    from .runs import resolve
+    from .session import ModelError
+
+    run = resolve(args.run)
+    cfg = config_module.load(run.config)
+    try:
+        result = score(run, cfg, args.split, args.checkpoint, args.batches)
+    except (EvaluationError, DataError, ModelError) as error:
+        return _fail(str(error))
+    if args.json:
+        print(json.dumps({**result.__dict__, "perplexity": result.perplexity}))
+    else:
+        print(result.describe())
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import EXPORTERS, ExportError
     from .runs import resolve
@@ -547,6 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=cmd_control, command="set")
+
+    p = sub.add_parser("test", help="score a run's saved adapter on its test split (or another): loss and perplexity")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--split", choices=["test", "valid", "train"], default="test")
+    p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
+    p.add_argument("--batches", type=int, default=0, help="batches of training.batch_size to score; 0 = the whole split")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a sentence")
+    p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("export", help="export a run's adapter: mlx (adapter folder), peft, or fused (merged model)")
     p.add_argument("run", nargs="?")

@@ -21,7 +21,7 @@ class ExportError(ValueError):
     """An export that cannot be made; the message says why."""
 
 
-def _adapter_source(run: RunDir, checkpoint: int | None) -> tuple[Path, dict[str, Any]]:
+def adapter_source(run: RunDir, checkpoint: int | None) -> tuple[Path, dict[str, Any]]:
     """(weights file, adapter config) of the latest adapter or a chosen checkpoint."""
     config_file = run.adapters / "adapter_config.json"
     if not config_file.exists():
@@ -40,7 +40,7 @@ def _adapter_source(run: RunDir, checkpoint: int | None) -> tuple[Path, dict[str
 
 def export_mlx(run: RunDir, output: Path, checkpoint: int | None = None) -> Path:
     """An adapter folder as mlx_lm.generate / fuse / server load it (``--adapter-path``)."""
-    weights, adapter_config = _adapter_source(run, checkpoint)
+    weights, adapter_config = adapter_source(run, checkpoint)
     output.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, output / "adapters.safetensors")
     (output / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
@@ -79,7 +79,7 @@ def export_peft(run: RunDir, output: Path, checkpoint: int | None = None) -> Pat
     import numpy as np
     from safetensors.numpy import save_file
 
-    weights_file, adapter_config = _adapter_source(run, checkpoint)
+    weights_file, adapter_config = adapter_source(run, checkpoint)
     if adapter_config.get("fine_tune_type", "lora") != "lora":
         raise ExportError(f"PEFT export is for LoRA adapters; this run is {adapter_config.get('fine_tune_type')}.")
     weights = mx.load(str(weights_file))

@@ -35,7 +35,7 @@ DIRECT: dict[str, tuple[str, str]] = {
 
 NOT_USED = {
     "train": "a tunetop run always trains",
-    "test": "use `tunetop evaluate` or the library's evaluate() on the test split",
+    "test": "run `tunetop test RUN` after training: the adapter's loss and perplexity on the test split",
     "test_batches": "see 'test'",
     "adapter_path": "adapters live in the run folder; `tunetop export` copies them anywhere",
     "resume_adapter_file": "use `tunetop train --resume RUN`, which also restores the optimizer",

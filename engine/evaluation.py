@@ -1,0 +1,90 @@
+"""Score a run's saved adapter on a split of its data, apart from training (mlx_lm.lora's --test).
+
+``tunetop test [RUN] [--split test|valid|train] [--checkpoint ITERATION] [--batches N]`` loads
+the run's base model and data as its config names them, puts the latest adapter (or a numbered
+checkpoint's) on the model, and reports the mean per-token loss over the split and its
+perplexity. It runs in its own process, so it works on finished and dead runs alike; on a live
+run it scores the last saved adapter, not the weights in memory (``tunetop evaluate`` asks the
+engine for a validation pass on those).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import EMBEDDED, RunConfig
+from .runs import RunDir
+
+
+class EvaluationError(ValueError):
+    """A score that cannot be computed (no adapter yet, no such split); the message says why."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """The mean per-token loss of one adapter over one split."""
+
+    split: str
+    loss: float
+    examples: int
+    adapter: str  # the weights file scored
+    iteration: int | None  # the save it came from, when known
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    def describe(self) -> str:
+        at = f" (adapter of iteration {self.iteration})" if self.iteration is not None else ""
+        return f"{self.split} loss {self.loss:.4f}, perplexity {self.perplexity:.3f}, over {self.examples} examples{at}"
+
+
+def score(run: RunDir, cfg: RunConfig, split: str = "test", checkpoint: int | None = None, batches: int = 0) -> Score:
+    """Load the run's model with its adapter and return the mean per-token loss over ``split``.
+
+    ``batches`` limits the pass to that many batches of ``training.batch_size`` (0 = the whole
+    split), chosen as validation chooses them.
+    """
+    import mlx.core as mx
+
+    from .adapters import apply_fine_tuning, numbered_checkpoints, trainable_weights
+    from .data import load_splits
+    from .demo import embedded_data_path
+    from .export import ExportError, adapter_source
+    from .session import load_model_and_tokenizer
+    from .trainer import evaluate
+
+    try:
+        weights_file, _adapter_config = adapter_source(run, checkpoint)
+    except ExportError as error:
+        raise EvaluationError(str(error)) from None
+    if checkpoint is not None:
+        iteration: int | None = checkpoint
+    else:
+        saved = numbered_checkpoints(run.adapters)
+        iteration = saved[-1][0] if saved else None
+    model, tokenizer, _path = load_model_and_tokenizer(cfg)
+    data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
+    splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt, required=())
+    if split not in splits:
+        raise EvaluationError(
+            f"{data_path}: has no {split} split ({split}.jsonl or {split}.txt); "
+            f"it has {', '.join(sorted(splits)) or 'none'}. Add the file or pass --split with one of those."
+        )
+    apply_fine_tuning(model, cfg.lora)
+    weights = mx.load(str(weights_file))
+    assert isinstance(weights, dict)
+    slots = trainable_weights(model)
+    if not weights or any(name not in slots or value.shape != slots[name].shape for name, value in weights.items()):
+        raise EvaluationError(
+            f"{weights_file}: its weights do not fit the model as {run.config} sets it up (lora section); "
+            "was the config edited after training? Restore its lora settings or pass --checkpoint."
+        )
+    model.load_weights(list(weights.items()), strict=False)
+    loss = evaluate(
+        model, splits[split], batch_size=cfg.training.batch_size, batch_count=batches, max_seq_length=cfg.data.max_seq_length
+    )
+    examples = len(splits[split]) if batches == 0 else min(len(splits[split]), batches * cfg.training.batch_size)
+    return Score(split, loss, examples, str(weights_file), iteration)

@@ -1,0 +1,63 @@
+"""`tunetop test`: a run's saved adapter scored on a split of its data, in a process of its own."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.demo import embedded_data_path
+from engine.journal import read_events
+from engine.runs import list_runs
+from tests.conftest import tunetop, write_config
+
+
+def scored(*args: str) -> dict:
+    result = tunetop("test", *args, "--json", check=True)
+    return json.loads(result.stdout)
+
+
+def test_scores_the_saved_adapter_as_the_engine_validated_it(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "run.toml",
+        training={"iterations": 30, "steps_per_eval": 30, "validation_batches": 0},
+        checkpoints={"save_every": 10},
+    )
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    final = [e for e in read_events(run.journal) if e["type"] == "validation" and e["iteration"] == 30]
+
+    # The whole validation split with the last adapter: what the engine computed at iteration 30.
+    valid = scored(run.id, "--split", "valid")
+    assert valid["iteration"] == 30 and valid["loss"] == pytest.approx(final[0]["loss"], abs=1e-4)
+
+    test = scored(run.id)
+    assert test["split"] == "test" and test["examples"] == 120
+    assert math.isfinite(test["loss"]) and test["perplexity"] == pytest.approx(math.exp(test["loss"]))
+    earlier = scored(run.id, "--checkpoint", "10")
+    assert earlier["iteration"] == 10 and earlier["loss"] > test["loss"]  # training went on lowering it
+    sentence = tunetop("test", run.id, check=True).stdout
+    assert sentence.startswith(f"test loss {test['loss']:.4f}, perplexity ") and "iteration 30" in sentence
+
+    missing = tunetop("test", run.id, "--checkpoint", "7")
+    assert missing.returncode == 2 and "no checkpoint at iteration 7" in missing.stderr and "10, 20, 30" in missing.stderr
+
+
+def test_a_missing_split_or_a_changed_lora_config_is_a_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid"):  # no test split
+        shutil.copy(embedded_data_path() / f"{split}.jsonl", data / f"{split}.jsonl")
+    config = write_config(tmp_path / "run.toml", data={"path": str(data)}, training={"iterations": 5}, checkpoints={"save_every": 5})
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    result = tunetop("test", run.id)
+    assert result.returncode == 2
+    assert f"{data}: has no test split" in result.stderr and "it has train, valid" in result.stderr
+
+    run.config.write_text(run.config.read_text().replace("rank = 4", "rank = 8"))
+    result = tunetop("test", run.id, "--split", "valid")
+    assert result.returncode == 2 and "do not fit the model" in result.stderr
