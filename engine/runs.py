@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,14 @@ class RunDir:
 
     @property
     def adapters(self) -> Path:
-        return self.path / "adapters"
+        """Where the engine saves adapters: ``checkpoints.adapter_path`` of the run's config,
+        relative to the run folder (default ``adapters``)."""
+        try:
+            sections = tomllib.loads(self.config.read_text(encoding="utf-8"))
+            folder = sections.get("checkpoints", {}).get("adapter_path", "adapters")
+        except (OSError, tomllib.TOMLDecodeError, AttributeError):
+            folder = "adapters"
+        return self.path / (folder if isinstance(folder, str) and folder else "adapters")
 
     @property
     def checkpoints(self) -> Path:

@@ -534,7 +534,7 @@ class Engine:
 
         return build_trainer(
             self.cfg,
-            self.run_dir.path / self.cfg.checkpoints.adapter_path,
+            self.run_dir.adapters,  # checkpoints.adapter_path, relative to the run folder
             checkpoint_path=self.run_dir.checkpoints,
             config_hash=config_hash(text),
             shard=shard,

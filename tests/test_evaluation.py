@@ -61,3 +61,13 @@ def test_a_missing_split_or_a_changed_lora_config_is_a_clear_error(tmp_path: Pat
     run.config.write_text(run.config.read_text().replace("rank = 4", "rank = 8"))
     result = tunetop("test", run.id, "--split", "valid")
     assert result.returncode == 2 and "do not fit the model" in result.stderr
+
+
+def test_a_custom_adapter_path_is_where_test_and_export_look(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "run.toml", training={"iterations": 5}, checkpoints={"save_every": 5, "adapter_path": "out"})
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    assert run.adapters == run.path / "out" and (run.adapters / "adapters.safetensors").is_file()
+    assert scored(run.id, "--split", "valid")["iteration"] == 5
+    tunetop("export", run.id, "--format", "mlx", "--output", str(tmp_path / "exported"), check=True)
+    assert (tmp_path / "exported" / "adapters.safetensors").read_bytes() == (run.adapters / "adapters.safetensors").read_bytes()
