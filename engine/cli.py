@@ -449,7 +449,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     run = resolve(args.run)
     cfg = config_module.load(run.config)
     try:
-        result = score(run, cfg, args.split, args.checkpoint, args.batches)
+        result = score(run, cfg, args.split, args.checkpoint, args.batches, base=args.base)
     except (EvaluationError, DataError, ModelError) as error:
         return _fail(str(error))
     if args.json:
@@ -573,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "valid", "train"], default="test")
     p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
     p.add_argument("--batches", type=int, default=0, help="batches of training.batch_size to score; 0 = the whole split")
+    p.add_argument("--base", action="store_true", help="the base model without the adapter, for comparison")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a sentence")
     p.set_defaults(func=cmd_test)
 

@@ -1,18 +1,19 @@
 """Score a run's saved adapter on a split of its data, apart from training (mlx_lm.lora's --test).
 
-``tunetop test [RUN] [--split test|valid|train] [--checkpoint ITERATION] [--batches N]`` loads
-the run's base model and data as its config names them, puts the latest adapter (or a numbered
-checkpoint's) on the model, and reports the mean per-token loss over the split and its
-perplexity. It runs in its own process, so it works on finished and dead runs alike; on a live
-run it scores the last saved adapter, not the weights in memory (``tunetop evaluate`` asks the
-engine for a validation pass on those).
+``tunetop test [RUN] [--split test|valid|train] [--checkpoint ITERATION] [--batches N] [--base]``
+loads the run's base model and data as its config names them, puts the latest adapter (or a
+numbered checkpoint's) on the model, and reports the mean per-token loss over the split and its
+perplexity (``--base``: the model without the adapter, for comparison). It runs in its own
+process, so it works on finished and dead runs alike; on a live run it scores the last saved
+adapter, not the weights in memory (``tunetop evaluate`` asks the engine for a validation pass
+on those).
 """
-
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import EMBEDDED, RunConfig
 from .runs import RunDir
@@ -29,7 +30,7 @@ class Score:
     split: str
     loss: float
     examples: int
-    adapter: str  # the weights file scored
+    adapter: str  # the weights file scored; "" for the base model
     iteration: int | None  # the save it came from, when known
 
     @property
@@ -37,35 +38,56 @@ class Score:
         return math.exp(self.loss) if self.loss < 700 else math.inf
 
     def describe(self) -> str:
-        at = f" (adapter of iteration {self.iteration})" if self.iteration is not None else ""
+        if not self.adapter:
+            at = " (the base model, no adapter)"
+        else:
+            at = f" (adapter of iteration {self.iteration})" if self.iteration is not None else ""
         return f"{self.split} loss {self.loss:.4f}, perplexity {self.perplexity:.3f}, over {self.examples} examples{at}"
 
 
-def score(run: RunDir, cfg: RunConfig, split: str = "test", checkpoint: int | None = None, batches: int = 0) -> Score:
-    """Load the run's model with its adapter and return the mean per-token loss over ``split``.
+def score(
+    run: RunDir, cfg: RunConfig, split: str = "test", checkpoint: int | None = None, batches: int = 0, base: bool = False
+) -> Score:
+    """Load the run's model with its adapter (``base``: without one, for comparison) and return
+    the mean per-token loss over ``split``.
 
     ``batches`` limits the pass to that many batches of ``training.batch_size`` (0 = the whole
     split), chosen as validation chooses them.
     """
-    import mlx.core as mx
-
-    from .adapters import apply_fine_tuning, numbered_checkpoints, trainable_weights
-    from .data import load_splits
-    from .demo import embedded_data_path
-    from .export import ExportError, adapter_source
     from .session import load_model_and_tokenizer
     from .trainer import evaluate
+
+    weights_file, iteration = ("", None) if base else _saved_adapter(run, checkpoint)
+    model, tokenizer, _path = load_model_and_tokenizer(cfg)
+    dataset = _split(cfg, tokenizer, split)
+    if weights_file:
+        _put_adapter(model, cfg, weights_file, run)
+    loss = evaluate(
+        model, dataset, batch_size=cfg.training.batch_size, batch_count=batches, max_seq_length=cfg.data.max_seq_length
+    )
+    examples = len(dataset) if batches == 0 else min(len(dataset), batches * cfg.training.batch_size)
+    return Score(split, loss, examples, weights_file, iteration)
+
+
+def _saved_adapter(run: RunDir, checkpoint: int | None) -> tuple[str, int | None]:
+    """The weights file of the latest adapter or a checkpoint's, and the iteration it was saved at."""
+    from .adapters import numbered_checkpoints
+    from .export import ExportError, adapter_source
 
     try:
         weights_file, _adapter_config = adapter_source(run, checkpoint)
     except ExportError as error:
         raise EvaluationError(str(error)) from None
     if checkpoint is not None:
-        iteration: int | None = checkpoint
-    else:
-        saved = numbered_checkpoints(run.adapters)
-        iteration = saved[-1][0] if saved else None
-    model, tokenizer, _path = load_model_and_tokenizer(cfg)
+        return str(weights_file), checkpoint
+    saved = numbered_checkpoints(run.adapters)  # every save writes a numbered copy too
+    return str(weights_file), saved[-1][0] if saved else None
+
+
+def _split(cfg: RunConfig, tokenizer: Any, split: str) -> Any:
+    from .data import load_splits
+    from .demo import embedded_data_path
+
     data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
     splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt, required=())
     if split not in splits:
@@ -73,8 +95,17 @@ def score(run: RunDir, cfg: RunConfig, split: str = "test", checkpoint: int | No
             f"{data_path}: has no {split} split ({split}.jsonl or {split}.txt); "
             f"it has {', '.join(sorted(splits)) or 'none'}. Add the file or pass --split with one of those."
         )
+    return splits[split]
+
+
+def _put_adapter(model: Any, cfg: RunConfig, weights_file: str, run: RunDir) -> None:
+    """Set the model up as the run's config does (lora section) and load the adapter's weights."""
+    import mlx.core as mx
+
+    from .adapters import apply_fine_tuning, trainable_weights
+
     apply_fine_tuning(model, cfg.lora)
-    weights = mx.load(str(weights_file))
+    weights = mx.load(weights_file)
     assert isinstance(weights, dict)
     slots = trainable_weights(model)
     if not weights or any(name not in slots or value.shape != slots[name].shape for name, value in weights.items()):
@@ -83,8 +114,3 @@ def score(run: RunDir, cfg: RunConfig, split: str = "test", checkpoint: int | No
             "was the config edited after training? Restore its lora settings or pass --checkpoint."
         )
     model.load_weights(list(weights.items()), strict=False)
-    loss = evaluate(
-        model, splits[split], batch_size=cfg.training.batch_size, batch_count=batches, max_seq_length=cfg.data.max_seq_length
-    )
-    examples = len(splits[split]) if batches == 0 else min(len(splits[split]), batches * cfg.training.batch_size)
-    return Score(split, loss, examples, str(weights_file), iteration)

@@ -39,6 +39,9 @@ def test_scores_the_saved_adapter_as_the_engine_validated_it(tmp_path: Path) -> 
     assert math.isfinite(test["loss"]) and test["perplexity"] == pytest.approx(math.exp(test["loss"]))
     earlier = scored(run.id, "--checkpoint", "10")
     assert earlier["iteration"] == 10 and earlier["loss"] > test["loss"]  # training went on lowering it
+    base = scored(run.id, "--base")
+    assert base["adapter"] == "" and base["iteration"] is None and base["loss"] > earlier["loss"]
+    assert "the base model, no adapter" in tunetop("test", run.id, "--base", "--batches", "1", check=True).stdout
     sentence = tunetop("test", run.id, check=True).stdout
     assert sentence.startswith(f"test loss {test['loss']:.4f}, perplexity ") and "iteration 30" in sentence
 
