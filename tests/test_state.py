@@ -124,3 +124,6 @@ def test_live_changes_update_the_config_the_set_form_shows() -> None:
     assert s.config["training"]["steps_per_report"] == 3 and s.config["training"]["memory_limit_gb"] == 12.0
     assert s.config["optimizer"]["learning_rate"] == 2e-4 and s.learning_rate == 2e-4
     assert "steps_per_report = 3" in s.logs[-1].message
+    assert s.memory_cap == 12.0  # the throughput panel shows the peak against it
+    s.apply({"seq": 1000, "ts": T0 + 101, "run": "r", "type": "config_changed", "changes": {"memory_limit_gb": 0.0}})
+    assert s.memory_cap is None

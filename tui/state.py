@@ -191,6 +191,12 @@ class RunState:
     # -- derived values ------------------------------------------------------------------
 
     @property
+    def memory_cap(self) -> float | None:
+        """``training.memory_limit_gb`` when the run sets one (it may change live), else None."""
+        cap = self.config.get("training", {}).get("memory_limit_gb")
+        return float(cap) if isinstance(cap, (int, float)) and cap > 0 else None
+
+    @property
     def progress(self) -> float:
         """Fraction of iterations done, 0..1."""
         return min(self.iteration / self.iterations, 1.0) if self.iterations else 0.0

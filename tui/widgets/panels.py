@@ -76,6 +76,13 @@ class RunHeader(Static):
         self.update(Text("\n").join([top, bottom]))
 
 
+def _memory(peak: float | None, cap: float | None) -> str:
+    """``0.073 GB``, or with a soft cap set ``15.46 GB (cap 15)``."""
+    if peak is None:
+        return "-"
+    return f"{peak:.3f} GB" if cap is None else f"{peak:.2f} GB (cap {cap:g})"
+
+
 class ThroughputPanel(Static):
     """Iterations/s, tokens/s, trained tokens, peak memory, learning rate, parameters."""
 
@@ -101,7 +108,7 @@ class ThroughputPanel(Static):
             ("iterations/s", f"{s.iterations_per_second:.2f}" if s.iterations_per_second else "-"),
             ("tokens/s", format_count(s.tokens_per_second)),
             ("trained tokens", format_count(s.trained_tokens)),
-            ("peak memory", f"{s.peak_memory:.3f} GB" if s.peak_memory is not None else "-"),
+            ("peak memory", _memory(s.peak_memory, s.memory_cap)),
             ("learning rate", f"{s.learning_rate:.2e}" if s.learning_rate is not None else "-"),
             ("trainable", f"{format_count(s.trainable_parameters)} / {format_count(s.total_parameters)}"),
         ]
