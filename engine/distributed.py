@@ -373,8 +373,9 @@ class Coordinator:
         """The run's config (followers build the same trainer from it)."""
         self.send({"op": "setup", "config": config_text, "source": source})
 
-    def step(self, iteration: int, learning_rate: float) -> None:
-        self.send({"op": "step", "iteration": iteration, "learning_rate": learning_rate})
+    def step(self, iteration: int, learning_rate: float, memory_limit_gb: float = 0.0) -> None:
+        """Tell every follower to take this step, at this rate, under this memory cap (live values)."""
+        self.send({"op": "step", "iteration": iteration, "learning_rate": learning_rate, "memory_limit_gb": memory_limit_gb})
 
     def share_state(self, trainer: Any) -> None:
         """Rank 0's weights, optimizer state and position, on every rank."""
@@ -529,6 +530,11 @@ def follow(backend: str) -> int:
                 raise WorldError(f"out of step: rank 0 is at iteration {order['iteration']}, this rank at {trainer.iteration}")
             rate = float(order["learning_rate"])
             trainer.schedule = lambda _step, rate=rate: rate
+            cap = float(order.get("memory_limit_gb", trainer.parameters.memory_limit_gb))
+            if cap != trainer.parameters.memory_limit_gb:  # a live `set memory_limit_gb` on rank 0
+                trainer.parameters.memory_limit_gb = cap
+                trainer.apply_memory_limit()
+                print(f"rank {channel.rank}: memory_limit_gb = {cap:g} from iteration {trainer.iteration}", flush=True)
             trainer.step()
     except Exception as error:
         message = f"{type(error).__name__}: {error}"

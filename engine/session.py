@@ -477,7 +477,7 @@ class Engine:
                     return self._rank_failed(error)
                 raise
             world = self.world
-            trainer.before_step = lambda t: world.step(t.iteration, t.learning_rate)
+            trainer.before_step = lambda t: world.step(t.iteration, t.learning_rate, t.parameters.memory_limit_gb)
         self.emit(
             "run_started",
             config=self.cfg.to_dict(),

@@ -153,7 +153,7 @@ def test_pause_resume_set_evaluate_save_stop_reach_every_rank(tmp_path: Path) ->
         # The follower sleeps on its control socket while paused (a collective would spin a core).
         assert cpu_seconds(follower) - cpu_before < 0.5
 
-        assert send_command(run, "set", {"learning_rate": 1e-4}).ok
+        assert send_command(run, "set", {"learning_rate": 1e-4, "memory_limit_gb": 4}).ok
         assert send_command(run, "evaluate").ok
         assert send_command(run, "save").ok
         assert send_command(run, "resume").ok
@@ -167,7 +167,9 @@ def test_pause_resume_set_evaluate_save_stop_reach_every_rank(tmp_path: Path) ->
         finished = [e for e in events if e["type"] == "finished"]
         assert finished[-1]["reason"] == "stopped"
         last = finished[-1]["iteration"]
-        assert f"rank 1: stop at iteration {last}" in (run.path / "rank1.log").read_text()
+        follower_log = (run.path / "rank1.log").read_text()
+        assert f"rank 1: stop at iteration {last}" in follower_log
+        assert "rank 1: memory_limit_gb = 4 from iteration " in follower_log  # the live cap reached it
         wait_for(lambda: not follower_pids(run), timeout=15)
         weights = mx.load(str(run.adapters / "adapters.safetensors"))
         assert weights and all(bool(mx.all(mx.isfinite(v)).item()) for v in weights.values())
