@@ -8,6 +8,7 @@ process, so it works on finished and dead runs alike; on a live run it scores th
 adapter, not the weights in memory (``tunetop evaluate`` asks the engine for a validation pass
 on those).
 """
+
 from __future__ import annotations
 
 import math

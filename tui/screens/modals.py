@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.table import Table
 from textual.app import ComposeResult
@@ -25,11 +25,21 @@ ModalScreen Button { margin-left: 1; }
 """
 
 
-class HelpScreen(ModalScreen[None]):
+ResultType = TypeVar("ResultType")
+
+
+class Modal(ModalScreen[ResultType]):
+    """A dialog centred over the screen below."""
+
+    # MODAL_CSS styles the screen itself (its align); Textual scopes a widget's DEFAULT_CSS to
+    # what is inside it, which would leave every dialog at the top left.
+    SCOPED_CSS = False
+    DEFAULT_CSS = MODAL_CSS
+
+
+class HelpScreen(Modal[None]):
     """Every key of the screen below, with what it does."""
 
-    SCOPED_CSS = False  # MODAL_CSS styles the screen itself (align), which scoping would skip
-    DEFAULT_CSS = MODAL_CSS
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
     def __init__(self, bindings: list[tuple[str, str]]) -> None:
@@ -52,11 +62,9 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
-class ConfirmScreen(ModalScreen[bool]):
+class ConfirmScreen(Modal[bool]):
     """A question with Yes / No; `y` and `n` answer it too."""
 
-    SCOPED_CSS = False  # MODAL_CSS styles the screen itself (align), which scoping would skip
-    DEFAULT_CSS = MODAL_CSS
     BINDINGS = [
         Binding("y", "answer(True)", "Yes"),
         Binding("n,escape", "answer(False)", "No"),
@@ -80,11 +88,10 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(answer)
 
 
-class SetScreen(ModalScreen[dict[str, Any] | None]):
+class SetScreen(Modal[dict[str, Any] | None]):
     """A form for the live-editable fields; returns only the changed ones, validated."""
 
-    SCOPED_CSS = False  # MODAL_CSS styles the screen itself (align), which scoping would skip
-    DEFAULT_CSS = MODAL_CSS + """
+    DEFAULT_CSS = """
     SetScreen Grid { grid-size: 2; grid-columns: 22 1fr; grid-rows: 1; grid-gutter: 1 1; height: auto; }
     """
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
@@ -140,11 +147,9 @@ class SetScreen(ModalScreen[dict[str, Any] | None]):
         self.dismiss(None)
 
 
-class PromptScreen(ModalScreen[str | None]):
+class PromptScreen(Modal[str | None]):
     """Ask for one line of text (a config path, say)."""
 
-    SCOPED_CSS = False  # MODAL_CSS styles the screen itself (align), which scoping would skip
-    DEFAULT_CSS = MODAL_CSS
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
     def __init__(self, question: str, value: str = "") -> None:
