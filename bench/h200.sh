@@ -6,7 +6,7 @@
 # of mlx-lm's fixed-length batch (for the memory comparison), and tunetop at batch 16; part
 # "ablation": tunetop on variable-length data with mlx-lm's float32 LoRA products; part "memory":
 # the issue's memory condition and speed goal in one run (below); "memory-sweep": the settings
-# that led there; part "attention":
+# that led there; part "engine": `tunetop train` and `tunetop test` end to end; part "attention":
 # bench/attention_paths.py (fused vs unfused attention by length). Memory capped
 # at 100 GB. Every tunetop-only run prints a RESULT line (JSON); the summary lists them.
 set -uo pipefail
@@ -17,8 +17,11 @@ export TUNETOP_CACHE=/tmp/tunetop-cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())' | tee -a "$out/gpu.txt"
 [ -d /tmp/bench1b/model ] || python3 bench/make_bench_model.py /tmp/bench1b --shape llama-1b --rows 3000 2>&1 | tail -2
-peak=$(python3 bench/throughput.py --measure-peak | awk '/^PEAK/ {print $2}')
-echo "bf16 matmul peak: $peak TFLOP/s" | tee -a "$out/gpu.txt"
+peak=0
+if [ "$part" != engine ]; then  # the denominator of MFU, for the throughput parts
+  peak=$(python3 bench/throughput.py --measure-peak | awk '/^PEAK/ {print $2}')
+  echo "bf16 matmul peak: $peak TFLOP/s" | tee -a "$out/gpu.txt"
+fi
 common=(--model /tmp/bench1b/model --num-layers 16 --rank 8 --memory-limit-gb 100 --scratch /tmp/tt-scratch --peak-tflops "$peak")
 if [ "$part" = all ] || [ "$part" = variable ]; then
   python3 bench/throughput.py "${common[@]}" --batch-size 8 --data /tmp/bench1b/variable --iters 200 --report 20 2>&1 | tee "$out/variable.txt" | tail -6
@@ -61,6 +64,40 @@ if [ "$part" = memory-sweep ]; then
   for flags in "" "--memory-limit-gb 15" "--memory-limit-gb 13"; do
     # shellcheck disable=SC2086
     echo "fixed512 $flags $(python3 bench/throughput.py "${common[@]}" --which ours --batch-size 8 --data /tmp/bench1b/fixed512 --iters 150 --report 15 $flags 2>&1 | grep RESULT)" | tee -a "$out/memory-sweep.txt"
+  done
+fi
+# The engine end to end on the GPU: `tunetop train` (its own process, journal, checkpoints) with the
+# memory settings of the "memory" part, then `tunetop test` on the saved adapters and the base model.
+if [ "$part" = engine ]; then
+  export TUNETOP_HOME=/tmp/tt-home
+  cat > /tmp/e2e.toml <<TOML
+[model]
+path = "/tmp/bench1b/model"
+[data]
+path = "/tmp/bench1b/variable"
+[lora]
+num_layers = 16
+rank = 8
+[training]
+batch_size = 4
+iterations = 30
+steps_per_report = 10
+steps_per_eval = 30
+validation_batches = 4
+memory_limit_gb = 15
+ce_chunk_tokens = 2048
+grad_checkpoint = true
+grad_checkpoint_blocks = 6
+[optimizer]
+learning_rate = 5e-4
+[checkpoints]
+save_every = 15
+TOML
+  python3 -m engine.cli train /tmp/e2e.toml > "$out/engine-train.txt" 2>&1; echo "train exit $?"
+  python3 -m engine.cli events | grep -E '"type":"(train|validation|save|finished)"' | cut -c1-240 | tee "$out/engine-events.txt"
+  for flags in "" "--checkpoint 15" "--base"; do
+    # shellcheck disable=SC2086
+    echo "test --split valid $flags: $(python3 -m engine.cli test --split valid --batches 10 $flags 2>&1 | tail -1)" | tee -a "$out/engine-test.txt"
   done
 fi
 if [ "$part" = all ] || [ "$part" = attention ]; then
