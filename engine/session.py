@@ -126,11 +126,14 @@ class Engine:
         if kind == "train":
             status.update(iteration=event["iteration"], loss=event["loss"])
         elif kind == "validation":
-            status.update(val_loss=event["loss"])
+            status.update(iteration=event["iteration"], val_loss=event["loss"])
         elif kind == "state":
             status.update(state=event["state"])
+        elif kind in ("save", "resumed"):  # a resume goes back to its checkpoint's iteration
+            status.update(iteration=event["iteration"])
         elif kind == "finished":
-            status.update(reason=event["reason"])
+            # The last steps may not have reached a report (steps_per_report), so `ls` would lag.
+            status.update(reason=event["reason"], iteration=event["iteration"])
         else:
             return
         status["updated"] = event["ts"]

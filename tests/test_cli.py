@@ -88,6 +88,14 @@ def test_init_then_train_headless(tmp_path: Path) -> None:
     assert events[-1]["type"] == "finished"
 
 
+def test_ls_shows_the_iteration_a_run_ended_at_between_reports(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "run.toml", training={"iterations": 7, "steps_per_report": 5, "steps_per_eval": 100})
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    assert run.summary()["iter"] == "7/7"  # the last report was at 5
+    assert "7/7" in tunetop("ls", check=True).stdout.splitlines()[1].split()
+
+
 def test_ctrl_c_saves_the_adapter_and_exits_130(tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.toml", training={"iterations": 100_000, "steps_per_report": 1})
     process = subprocess.Popen(
