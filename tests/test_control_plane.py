@@ -159,6 +159,13 @@ def test_set_save_evaluate_and_stop(engine_run: RunDir) -> None:
     assert send_command(engine_run, "save").ok
     evaluated = send_command(engine_run, "evaluate")
     assert evaluated.ok and evaluated.result["loss"] > 0
+
+    def reported_since_the_change() -> bool:  # else a fast stop can come before the next report
+        events = list(read_events(engine_run.journal))
+        changed = next((e["seq"] for e in events if e["type"] == "config_changed"), None)
+        return changed is not None and any(e["type"] == "train" and e["seq"] > changed for e in events)
+
+    wait_for(reported_since_the_change, timeout=60)
     assert send_command(engine_run, "stop").ok
     wait_for(lambda: not engine_run.is_alive(), timeout=60)
     events = list(read_events(engine_run.journal))
