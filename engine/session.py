@@ -558,8 +558,7 @@ def build_trainer(
     ``report`` receives progress lines while a model downloads.
     """
     from .adapters import adapter_config, apply_fine_tuning, count_parameters
-    from .data import load_splits
-    from .demo import embedded_data_path
+    from .datasource import load_run_splits
     from .optimizers import build_optimizer, build_schedule
     from .trainer import Trainer, TrainingParameters, seed_everything
 
@@ -570,8 +569,7 @@ def build_trainer(
             f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
         )
     model, tokenizer, model_path = load_model_and_tokenizer(cfg, report)
-    data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
-    splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt)
+    splits = load_run_splits(cfg, tokenizer)
     # The LoRA weights are drawn from the global streams: seed them here, not before loading,
     # because loading may have drawn (a first run builds the embedded model in this process).
     seed_everything(cfg.training.seed)
