@@ -15,7 +15,6 @@ import queue
 import signal
 import threading
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +107,14 @@ class Engine:
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
         self._sampled_at = -1
+        self._warnings: Any = None  # run_warnings.WarningSink while the run is active
 
     # -- events --------------------------------------------------------------------------
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
         assert self.events is not None
+        if type_ == "finished" and self._warnings is not None:
+            self._warnings.flush()  # the totals of repeated warnings come before the end
         event = self.events.emit(type_, **fields)
         self._update_status(event)
         if type_ == "save":  # a crash later costs a reader only the events since this save
@@ -394,8 +396,12 @@ class Engine:
             shard = self._start_world(text)
         except Exception as error:  # WorldError, or the backend refusing to start
             return self._fail_world(f"the ranks could not start: {error}")
+        from .run_warnings import WarningSink
+
         try:
-            return self._train(text, shard)
+            # From loading the model and data to the end: every warning is a journaled event.
+            with WarningSink(self.emit) as self._warnings:
+                return self._train(text, shard)
         finally:
             if self.world is not None:
                 self.world.close()
@@ -493,12 +499,6 @@ class Engine:
         self.set_state("running")
         from .trainer import run_loop
 
-        previous_showwarning = warnings.showwarning
-        # Warnings from the data layer and mlx-lm become events the moment they happen.
-        def show_warning(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
-            self.emit("warning", message=str(message))
-
-        warnings.showwarning = show_warning
         try:
             result = run_loop(trainer, self._progress, self._control)
         except Exception as error:
@@ -509,8 +509,6 @@ class Engine:
             self.set_state("failed")
             self.emit("finished", reason="failed", iteration=trainer.iteration)
             return EXIT_FAILED
-        finally:
-            warnings.showwarning = previous_showwarning
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
         self.set_state("finished")

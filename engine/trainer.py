@@ -279,7 +279,9 @@ class Trainer:
                 raise ValueError("packed training uses the default loss; set pack_width=0 to train with a custom loss")
             # Packing needs the default loss's meaning (mean over counted tokens); validation
             # stays unpacked, with ``loss``.
-            self.train_plan = PackPlan(train_set, parameters.batch_size, parameters.pack_width, parameters.seed)
+            self.train_plan = PackPlan(
+                train_set, parameters.batch_size, parameters.pack_width, parameters.seed, parameters.max_seq_length
+            )
             self.train_loss = partial(packed_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
             prepare_model(model)
         else:
