@@ -557,13 +557,10 @@ def build_trainer(
 
     ``report`` receives progress lines while a model downloads.
     """
-    import mlx.core as mx
-
     from .adapters import adapter_config, apply_fine_tuning, count_parameters
-    from .data import load_splits
-    from .demo import embedded_data_path
+    from .datasource import load_run_splits
     from .optimizers import build_optimizer, build_schedule
-    from .trainer import Trainer, TrainingParameters
+    from .trainer import Trainer, TrainingParameters, seed_everything
 
     config_module.check_paths(cfg)
     if shard is not None and cfg.training.batch_size % shard.size:
@@ -571,10 +568,11 @@ def build_trainer(
             f"{cfg.source or 'config'}: training.batch_size = {cfg.training.batch_size} does not split over "
             f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
         )
-    mx.random.seed(cfg.training.seed)
     model, tokenizer, model_path = load_model_and_tokenizer(cfg, report)
-    data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
-    splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt)
+    splits = load_run_splits(cfg, tokenizer)
+    # The LoRA weights are drawn from the global streams: seed them here, not before loading,
+    # because loading may have drawn (a first run builds the embedded model in this process).
+    seed_everything(cfg.training.seed)
     apply_fine_tuning(model, cfg.lora)
     trainable, total = count_parameters(model)
     t = cfg.training

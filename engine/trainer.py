@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -211,6 +212,17 @@ def _recomputing_class(cls: type) -> type:
         namespace = {"__call__": checkpointed, "recomputes_activations": True, "__module__": cls.__module__}
         _RECOMPUTING[cls] = type(f"Recomputing{cls.__name__}", (cls,), namespace)
     return _RECOMPUTING[cls]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every random stream a run can draw from: ``mlx.random``, Python's and numpy's global ones.
+
+    Called right before the LoRA weights are drawn, so a seed fixes the run whatever the process
+    drew before (building the embedded model in the same process, a library user's own draws).
+    """
+    mx.random.seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 @dataclass
