@@ -7,7 +7,9 @@ or ``.txt``. JSONL rows are one of:
 * ``{"prompt": ..., "completion": ...}`` rendered with the chat template when the tokenizer has one
 * ``{"messages": [{"role", "content"}]}`` rendered with the tokenizer's chat template
 
-``.txt`` files hold one example per line, as in mlx-swift-lm. ``mask_prompt`` trains on the
+``.txt`` files hold one example per line, as in mlx-swift-lm. A split remembers how its prompts
+were formatted (:attr:`Dataset.prompt_format`), so a prompt sampled from the trained model is put
+to it the same way (:func:`prompt_tokens`). ``mask_prompt`` trains on the
 completion (or last message) only: each example carries the offset where its loss starts.
 
 Batching sorts examples by their true token length (mlx-lm 0.32 sorts by the number of dict
@@ -56,12 +58,19 @@ class Example:
     offset: int = 0
 
 
+PROMPT_FORMATS = ("chat", "completion", "text")
+"""How a split's prompts were put to the model: in the chat template (chat rows, or prompt/completion
+rows with a tokenizer that has one), as plain prompt text before the completion, or raw text."""
+
+
 @dataclass
 class Dataset:
-    """A tokenized split. ``source`` names the file for messages."""
+    """A tokenized split. ``source`` names the file for messages; ``prompt_format`` is the format
+    most of its rows had (one of :data:`PROMPT_FORMATS`), for sampling."""
 
     examples: list[Example]
     source: str
+    prompt_format: str = "text"
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -85,9 +94,22 @@ def _with_eos(tokenizer: Tokenizer, tokens: list[int]) -> list[int]:
     return tokens
 
 
+def prompt_tokens(tokenizer: Tokenizer, prompt: str, prompt_format: str) -> list[int]:
+    """``prompt`` as the model saw prompts in data of ``prompt_format``: what it learned to continue.
+
+    ``chat``: one user message in the chat template, with the assistant's turn opened (what
+    ``mlx_lm.generate`` builds from a prompt on a model with a chat template); ``completion`` and
+    ``text``: the text as it is.
+    """
+    if prompt_format == "chat":
+        return _chat_tokens(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return list(tokenizer.encode(prompt))
+
+
 def _row_to_example(
     row: Any, tokenizer: Tokenizer, mask_prompt: bool, where: str
-) -> Example:
+) -> tuple[Example, str]:
+    """One row's example and its prompt format (see :data:`PROMPT_FORMATS`)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}.")
     if "messages" in row:
@@ -107,20 +129,19 @@ def _row_to_example(
             )
         tokens = _chat_tokens(tokenizer, messages)
         offset = len(_chat_tokens(tokenizer, messages[:-1], add_generation_prompt=True)) if mask_prompt else 0
-        return Example(tokens, offset)
+        return Example(tokens, offset), "chat"
     if "prompt" in row or "completion" in row:
         prompt, completion = row.get("prompt"), row.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise DataError(f"{where}: 'prompt' and 'completion' must both be strings.")
-        if _has_chat_template(tokenizer):
+        prompt_format = "chat" if _has_chat_template(tokenizer) else "completion"
+        head = prompt_tokens(tokenizer, prompt, prompt_format)
+        if prompt_format == "chat":
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
             tokens = _chat_tokens(tokenizer, messages)
-            offset = len(_chat_tokens(tokenizer, messages[:1], add_generation_prompt=True))
         else:
-            prompt_tokens = tokenizer.encode(prompt)
-            tokens = _with_eos(tokenizer, prompt_tokens + tokenizer.encode(completion))
-            offset = len(prompt_tokens)
-        return Example(tokens, offset if mask_prompt else 0)
+            tokens = _with_eos(tokenizer, head + tokenizer.encode(completion))
+        return Example(tokens, len(head) if mask_prompt else 0), prompt_format
     if "text" in row:
         if not isinstance(row["text"], str):
             raise DataError(f"{where}: 'text' must be a string.")
@@ -129,7 +150,7 @@ def _row_to_example(
                 f"{where}: mask_prompt needs prompt/completion or chat rows, but this row has 'text'. "
                 "Set data.mask_prompt = false or reformat the data."
             )
-        return Example(_with_eos(tokenizer, tokenizer.encode(row["text"])))
+        return Example(_with_eos(tokenizer, tokenizer.encode(row["text"]))), "text"
     raise DataError(
         f"{where}: a row needs 'text', 'prompt' and 'completion', or 'messages'; found keys "
         f"{', '.join(sorted(row)) or 'none'}."
@@ -151,6 +172,7 @@ def load_split(path: Path, tokenizer: Tokenizer, mask_prompt: bool = False) -> D
     """Tokenize one split file (.jsonl or .txt); raise :class:`DataError` naming file:line on bad rows."""
     lines = _read_lines(path)
     examples: list[Example] = []
+    formats = dict.fromkeys(PROMPT_FORMATS, 0)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -159,15 +181,18 @@ def load_split(path: Path, tokenizer: Tokenizer, mask_prompt: bool = False) -> D
             if mask_prompt:
                 raise DataError(f"{path}: mask_prompt needs .jsonl prompt/completion or chat data, not .txt.")
             examples.append(Example(_with_eos(tokenizer, tokenizer.encode(line))))
+            formats["text"] += 1
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}).") from None
-        examples.append(_row_to_example(row, tokenizer, mask_prompt, where))
+        example, prompt_format = _row_to_example(row, tokenizer, mask_prompt, where)
+        examples.append(example)
+        formats[prompt_format] += 1
     if not examples:
         raise DataError(f"{path}: the split is empty. Add at least one example per line.")
-    return Dataset(examples, str(path))
+    return Dataset(examples, str(path), max(formats, key=lambda name: formats[name]))
 
 
 def find_split(folder: Path, name: str) -> Path | None:
