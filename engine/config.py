@@ -18,7 +18,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, get_type_hints
 
 import tomli_w
@@ -349,6 +349,38 @@ def _check_consistency(config: RunConfig, text: str) -> None:
             f"{_where(source, line)}: 'data.path' is empty. Give a directory holding train and valid "
             f"files, or {EMBEDDED!r} for the built-in dataset."
         )
+    problem = adapter_path_problem(config.checkpoints.adapter_path)
+    if problem:
+        line = _find_line(text, "checkpoints", "adapter_path")
+        raise ConfigError(
+            f"{_where(source, line)}: 'checkpoints.adapter_path' = {config.checkpoints.adapter_path!r} {problem}. "
+            "It names a folder inside the run folder (default 'adapters'); to put an adapter anywhere "
+            "else, use `tunetop export RUN --format mlx --output DIR`."
+        )
+
+
+def adapter_path_problem(value: str) -> str:
+    """Why ``checkpoints.adapter_path`` cannot be used ("" when it can).
+
+    The engine writes and prunes adapter files there, so it must stay inside the run folder:
+    an absolute path or a ``..`` once wrote (and with ``keep_last`` deleted) another folder's
+    files. Under ``checkpoints/`` checkpoint retention would delete the adapter. One rule for
+    the config load, the TUI editor and :attr:`engine.runs.RunDir.adapters`.
+    """
+    if not value.strip():
+        return "is empty"
+    if "\x00" in value:
+        return "holds a NUL character"
+    if value.startswith("~"):
+        return "starts with '~', which is not expanded: it is a path relative to the run folder"
+    path = PurePosixPath(value)
+    if path.is_absolute():
+        return "is an absolute path, outside the run folder"
+    if ".." in path.parts:
+        return "climbs out of the run folder with '..'"
+    if path.parts and path.parts[0] == "checkpoints":
+        return "is inside the run's checkpoints/ folder, which checkpoint retention prunes"
+    return ""
 
 
 def load(path: str | Path) -> RunConfig:
