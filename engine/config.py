@@ -45,6 +45,13 @@ class DataConfig:
     mask_prompt: bool = field(default=False, metadata={"help": "Train on completions only (prompt/chat data)"})
     packing: str = field(default="auto", metadata={"help": "Several examples per row: auto (when rows hold 2+), on, off"})
     pack_length: int = field(default=0, metadata={"help": "Packed row width in tokens; 0 = the p95 length's power of two"})
+    chat_template: str = field(
+        default="", metadata={"help": "Chat template: a Jinja file, a tokenizer's template name, or the text; empty = the tokenizer's"}
+    )
+    text_feature: str = field(default="text", metadata={"help": "Row key of plain text"})
+    prompt_feature: str = field(default="prompt", metadata={"help": "Row key of the prompt"})
+    completion_feature: str = field(default="completion", metadata={"help": "Row key of the completion"})
+    chat_feature: str = field(default="messages", metadata={"help": "Row key of chat messages"})
 
 
 @dataclass
@@ -401,6 +408,9 @@ def load(path: str | Path) -> RunConfig:
             candidate = base / section.path
             if candidate.exists():
                 section.path = str(candidate)
+    template = config.data.chat_template
+    if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
+        config.data.chat_template = str(base / template)
     return config
 
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED, RunConfig
+from .config import RunConfig
 from .runs import RunDir
 
 
@@ -86,11 +85,10 @@ def _saved_adapter(run: RunDir, checkpoint: int | None) -> tuple[str, int | None
 
 
 def _split(cfg: RunConfig, tokenizer: Any, split: str) -> Any:
-    from .data import load_splits
-    from .demo import embedded_data_path
+    from .datasource import data_folder, load_run_splits
 
-    data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
-    splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt, required=())
+    data_path = data_folder(cfg)
+    splits = load_run_splits(cfg, tokenizer, required=())
     if split not in splits:
         raise EvaluationError(
             f"{data_path}: has no {split} split ({split}.jsonl or {split}.txt); "

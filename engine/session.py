@@ -564,8 +564,7 @@ def build_trainer(
     ``report`` receives progress lines while a model downloads.
     """
     from .adapters import adapter_config, apply_fine_tuning, count_parameters
-    from .data import load_splits
-    from .demo import embedded_data_path
+    from .datasource import load_run_splits
     from .optimizers import build_optimizer, build_schedule
     from .trainer import Trainer, TrainingParameters, seed_everything
 
@@ -576,8 +575,7 @@ def build_trainer(
             f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
         )
     model, tokenizer, model_path = load_model_and_tokenizer(cfg, report)
-    data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
-    splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt)
+    splits = load_run_splits(cfg, tokenizer)
     # The LoRA weights are drawn from the global streams: seed them here, not before loading,
     # because loading may have drawn (a first run builds the embedded model in this process).
     seed_everything(cfg.training.seed)
@@ -612,8 +610,7 @@ def build_trainer(
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
     trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, shard=shard)
-    trainer.tokenizer = tokenizer  # for samples from the live adapter, with prompts formatted as in training
-    trainer.prompt_format = splits["train"].prompt_format
+    trainer.tokenizer = tokenizer  # for samples from the live adapter (prompts formatted as the training data's)
     if pack_width and report is not None:
         report(trainer.train_plan.describe())  # type: ignore[union-attr]
     return trainer, model_path, trainable, total
@@ -673,4 +670,4 @@ def sampling_prompt(trainer: Any, prompt: str, raw: bool = False) -> list[int] |
 
     if raw:
         return prompt
-    return prompt_tokens(trainer.tokenizer, prompt, trainer.prompt_format)
+    return prompt_tokens(trainer.tokenizer, prompt, trainer.prompt_format, trainer.row_format)

@@ -73,7 +73,7 @@ PROMPT = "Where does Ada live?"
 def test_each_split_remembers_how_its_prompts_were_formatted(tmp_path: Path) -> None:
     from mlx_lm.utils import load_tokenizer
 
-    from engine.data import load_split, prompt_tokens
+    from engine.data import RowFormat, load_split, prompt_tokens
     from engine.demo import embedded_model_path
 
     chat_tokenizer = load_tokenizer(embedded_model_path())
@@ -104,6 +104,13 @@ def test_each_split_remembers_how_its_prompts_were_formatted(tmp_path: Path) -> 
     templated = chat_tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     assert prompt_tokens(chat_tokenizer, PROMPT, "chat") == chat_tokenizer.encode(templated, add_special_tokens=False)
     assert prompt_tokens(chat_tokenizer, PROMPT, "text") == chat_tokenizer.encode(PROMPT)
+    # data.chat_template: the run's own template formats the samples too
+    other = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    path = tmp_path / "own.jsonl"
+    path.write_text(json.dumps(pair) + "\n")
+    own = load_split(path, chat_tokenizer, row_format=RowFormat(chat_template=other))
+    assert own.prompt_format == "chat" and own.row_format.chat_template == other
+    assert prompt_tokens(chat_tokenizer, PROMPT, "chat", own.row_format) == chat_tokenizer.encode(f"Q: {PROMPT}\nA:", add_special_tokens=False)
 
 
 def _mlx_lm_generate(model: str, adapter: Path, prompt: str, *flags: str) -> str:
