@@ -71,17 +71,13 @@ def score(
 
 def _saved_adapter(run: RunDir, checkpoint: int | None) -> tuple[str, int | None]:
     """The weights file of the latest adapter or a checkpoint's, and the iteration it was saved at."""
-    from .adapters import numbered_checkpoints
-    from .export import ExportError, adapter_source
+    from .export import ExportError, adapter_source, saved_iteration
 
     try:
         weights_file, _adapter_config = adapter_source(run, checkpoint)
     except ExportError as error:
         raise EvaluationError(str(error)) from None
-    if checkpoint is not None:
-        return str(weights_file), checkpoint
-    saved = numbered_checkpoints(run.adapters)  # every save writes a numbered copy too
-    return str(weights_file), saved[-1][0] if saved else None
+    return str(weights_file), saved_iteration(run, checkpoint)
 
 
 def _split(cfg: RunConfig, tokenizer: Any, split: str) -> Any:

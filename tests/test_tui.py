@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 from textual.widgets import Checkbox, DataTable, Input, TextArea
+from textual.widgets._footer import FooterKey
 
 from engine.client_sync import send_command
 from engine.journal import read_events
@@ -44,8 +45,14 @@ async def test_recorded_run_opens_read_only_with_its_whole_history(isolated_stat
         assert screen.query_one("#checkpoint-table", DataTable).row_count == 4
         assert screen.query_one(RunHeader).read_only
         assert screen.run_state.state == "finished"
+        # the controls that need an engine are not offered: not in the footer, not in the palette
+        await settle(pilot, lambda: {"m", "w", "c", "g", "q"} <= {key.key for key in screen.query(FooterKey)})
+        assert not {key.key for key in screen.query(FooterKey)} & {"p", "s", "e", "x", "l"}
+        titles = [c.title for c in app.get_system_commands(screen)]
+        assert "Detach" in titles and not {"Pause or resume", "Save checkpoint now", "Stop run"} & set(titles)
         await pilot.press("p")
-        await settle(pilot, lambda: "not live" in screen.last_reply)
+        await pilot.pause(0.2)
+        assert screen.last_reply == ""  # nothing was sent
         chart = screen.query_one(LossChart)
         smoothing = chart.smoothing
         await pilot.press("m")
@@ -117,6 +124,7 @@ async def test_detach_leaves_the_engine_training(engine_run: RunDir) -> None:
         screen = app.screen
         await settle(pilot, lambda: screen.run_state.iteration >= 2)
         await pilot.press("ctrl+d")
+    assert "goes on training" in app.exit_note and f"tunetop attach {engine_run.id}" in app.exit_note
     before = int(send_command(engine_run, "status").result["iteration"])
     wait_for(lambda: int(send_command(engine_run, "status").result["iteration"]) > before)
 
@@ -155,6 +163,9 @@ async def test_config_editor_validates_as_you_type_and_saves(tmp_path: Path) -> 
         assert "run.toml:4" in message and "Did you mean 'batch_size'?" in message
         await pilot.press("ctrl+s")
         assert "batch_sise" not in path.read_text()  # invalid text is not saved
+        editor.text = '[lora]\nrnak = 4\n'
+        await pilot.pause()
+        assert "Valid keys in [lora] are:" in str(app.screen.query_one("#validation").render())  # text, not markup
         editor.text = '# my comment\n[training]\niterations = 20\n'
         await pilot.pause()
         await pilot.press("ctrl+s")
@@ -181,13 +192,15 @@ async def test_theme_choice_is_applied_and_remembered(isolated_state: Path, tmp_
         assert again.theme == "tunetop-high-contrast"
 
 
-async def test_palette_offers_the_run_commands(isolated_state: Path) -> None:
-    run = write_recorded_run(isolated_state)
-    app = TunetopApp(run)
-    async with app.run_test(size=SIZE):
-        titles = [c.title for c in app.get_system_commands(app.screen)]
+async def test_palette_offers_the_run_commands(engine_run: RunDir) -> None:
+    app = TunetopApp(engine_run)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await settle(pilot, lambda: screen.run_state.state == "running")
+        titles = [c.title for c in app.get_system_commands(screen)]
         for title in ("Pause or resume", "Save checkpoint now", "Evaluate now", "Stop run", "Detach", "Theme"):
             assert any(title in t for t in titles), title
+        await settle(pilot, lambda: {"p", "s", "e", "x", "l", "q"} <= {key.key for key in screen.query(FooterKey)})
 
 
 def test_playground_columns_group_samples_by_prompt_newest_first() -> None:
