@@ -301,6 +301,8 @@ class Trainer:
         self.last_nonfinite: NonFinite | None = None
         self.journal_seq: Callable[[], int] = lambda: 0
         self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
+        self.prompt_format = train_set.prompt_format  # how the training data put its prompts, for samples
+        self.row_format = train_set.row_format  # and how its rows were read (the chat template)
         # Runs first in every step, with the learning rate chosen: a distributed run's rank 0
         # tells the other ranks here which step to take.
         self.before_step: Callable[[Trainer], None] | None = None
