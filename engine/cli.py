@@ -438,7 +438,7 @@ def cmd_control(args: argparse.Namespace) -> int:
         except ValueError as error:
             return _fail(str(error))
     elif args.command == "sample":
-        command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
+        command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "raw": args.raw}
     if not run.is_alive():
         return _fail(f"run {run.id} has no live engine; `tunetop ls` shows its state.", EXIT_UNREACHABLE)
     try:
@@ -624,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt as it is; by default it is formatted as the run's data was (the chat template for chat data)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="sample")

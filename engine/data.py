@@ -13,7 +13,9 @@ against the installed mlx-lm), except that tunetop picks the format per row rath
 first row, and renders prompt/completion rows without a chat template as plain text.
 
 ``.txt`` files hold one example per line, as in mlx-swift-lm. ``mask_prompt`` trains on the
-completion (or last message) only: each example carries the offset where its loss starts.
+completion (or last message) only: each example carries the offset where its loss starts. A split
+remembers how its prompts were put to the model (:attr:`Dataset.prompt_format`), so a prompt
+sampled from the trained model is put to it the same way (:func:`prompt_tokens`).
 
 Batching sorts examples by their true token length (mlx-lm 0.32 sorts by the number of dict
 keys, its issue #596), and pads every batch up to one of a few bucket widths, because each new
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,6 +43,15 @@ BUCKET_WIDTHS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 307
 
 class DataError(ValueError):
     """Bad or missing data, with file and line in the message."""
+
+
+class DataWarning(UserWarning):
+    """Something about the data worth knowing (examples cut short...); ``count`` is how many
+    examples it concerns, so a run reports each cause once."""
+
+    def __init__(self, message: str, count: int = 1) -> None:
+        super().__init__(message)
+        self.count = count
 
 
 class Tokenizer(Protocol):
@@ -78,12 +89,21 @@ class Example:
     offset: int = 0
 
 
+PROMPT_FORMATS = ("chat", "completion", "text")
+"""How a split's prompts were put to the model: in the chat template (chat rows, or prompt/completion
+rows with a chat template), as plain prompt text before the completion, or raw text."""
+
+
 @dataclass
 class Dataset:
-    """A tokenized split. ``source`` names the file for messages."""
+    """A tokenized split. ``source`` names the file for messages; ``prompt_format`` is the format
+    most of its rows had (one of :data:`PROMPT_FORMATS`) and ``row_format`` how they were read,
+    for putting a sampled prompt to the model the same way (:func:`prompt_tokens`)."""
 
     examples: list[Example]
     source: str
+    prompt_format: str = "text"
+    row_format: RowFormat = field(default_factory=RowFormat)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -145,8 +165,23 @@ def _tools(row: dict[str, Any], where: str) -> Any:
     return tools
 
 
-def _row_to_example(row: Any, tokenizer: Tokenizer, fmt: RowFormat, where: str) -> Example:
-    """One row as mlx-lm's datasets make it: completion keys first, then chat, then text."""
+def prompt_tokens(tokenizer: Tokenizer, prompt: str, prompt_format: str, fmt: RowFormat | None = None) -> list[int]:
+    """``prompt`` as the model saw prompts in data of ``prompt_format`` read with ``fmt``: what it
+    learned to continue.
+
+    ``chat``: one user message in the chat template (``fmt``'s, else the tokenizer's), with the
+    assistant's turn opened: what ``mlx_lm.generate`` builds from a prompt on a model with a chat
+    template. ``completion`` and ``text``: the text as it is.
+    """
+    if prompt_format == "chat":
+        user = [{"role": "user", "content": prompt}]
+        return _chat_tokens(tokenizer, fmt or RowFormat(), user, None, add_generation_prompt=True)
+    return list(tokenizer.encode(prompt))
+
+
+def _row_to_example(row: Any, tokenizer: Tokenizer, fmt: RowFormat, where: str) -> tuple[Example, str]:
+    """One row as mlx-lm's datasets make it (completion keys first, then chat, then text), and its
+    prompt format (see :data:`PROMPT_FORMATS`)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}.")
     prompt_key, completion_key, chat_key = fmt.prompt_feature, fmt.completion_feature, fmt.chat_feature
@@ -159,11 +194,12 @@ def _row_to_example(row: Any, tokenizer: Tokenizer, fmt: RowFormat, where: str) 
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
             tokens = _chat_tokens(tokenizer, fmt, messages, tools)
             offset = len(_chat_tokens(tokenizer, fmt, messages[:1], tools, add_generation_prompt=True))
+            kind = "chat"
         else:
-            prompt_tokens = tokenizer.encode(prompt)
-            tokens = _with_eos(tokenizer, prompt_tokens + tokenizer.encode(completion))
-            offset = len(prompt_tokens)
-        return Example(tokens, offset if fmt.mask_prompt else 0)
+            head = prompt_tokens(tokenizer, prompt, "completion")
+            tokens = _with_eos(tokenizer, head + tokenizer.encode(completion))
+            offset, kind = len(head), "completion"
+        return Example(tokens, offset if fmt.mask_prompt else 0), kind
     if chat_key in row:
         messages = row[chat_key]
         if (
@@ -183,12 +219,12 @@ def _row_to_example(row: Any, tokenizer: Tokenizer, fmt: RowFormat, where: str) 
         tools = _tools(row, where)
         tokens = _chat_tokens(tokenizer, fmt, messages, tools)
         if not fmt.mask_prompt:
-            return Example(tokens)
+            return Example(tokens), "chat"
         # As mlx-lm: the prompt is every message but the last, with the assistant's header when
         # the last message is the assistant's.
         header = messages[-1].get("role") == "assistant"
         offset = len(_chat_tokens(tokenizer, fmt, messages[:-1], tools, add_generation_prompt=header))
-        return Example(tokens, offset)
+        return Example(tokens, offset), "chat"
     if prompt_key in row or completion_key in row:
         raise DataError(f"{where}: '{prompt_key}' and '{completion_key}' must both be strings.")
     if fmt.text_feature in row:
@@ -199,7 +235,7 @@ def _row_to_example(row: Any, tokenizer: Tokenizer, fmt: RowFormat, where: str) 
                 f"{where}: mask_prompt needs prompt/completion or chat rows, but this row has '{fmt.text_feature}'. "
                 "Set data.mask_prompt = false or reformat the data."
             )
-        return Example(_with_eos(tokenizer, tokenizer.encode(row[fmt.text_feature])))
+        return Example(_with_eos(tokenizer, tokenizer.encode(row[fmt.text_feature]))), "text"
     raise DataError(
         f"{where}: a row needs '{fmt.text_feature}', '{prompt_key}' and '{completion_key}', or '{chat_key}'; "
         f"found keys {', '.join(sorted(row)) or 'none'}."
@@ -209,10 +245,16 @@ def _row_to_example(row: Any, tokenizer: Tokenizer, fmt: RowFormat, where: str) 
 def rows_to_dataset(rows: Any, tokenizer: Tokenizer, fmt: RowFormat, source: str) -> Dataset:
     """Tokenize rows (dicts, e.g. a Hugging Face dataset's) into a :class:`Dataset`; errors name
     ``source`` and the row number (from 1)."""
-    examples = [_row_to_example(row, tokenizer, fmt, f"{source}: row {number}") for number, row in enumerate(rows, 1)]
-    if not examples:
+    made = [_row_to_example(row, tokenizer, fmt, f"{source}: row {number}") for number, row in enumerate(rows, 1)]
+    if not made:
         raise DataError(f"{source}: the split is empty.")
-    return Dataset(examples, source)
+    return _dataset([example for example, _ in made], source, [kind for _, kind in made], fmt)
+
+
+def _dataset(examples: list[Example], source: str, kinds: list[str], fmt: RowFormat) -> Dataset:
+    """A split whose prompt format is the one most of its rows had."""
+    prompt_format = max(PROMPT_FORMATS, key=kinds.count)  # ties go to the first: chat
+    return Dataset(examples, source, prompt_format, fmt)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -237,6 +279,7 @@ def load_split(
     mask_prompt = fmt.mask_prompt
     lines = _read_lines(path)
     examples: list[Example] = []
+    kinds: list[str] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -245,15 +288,18 @@ def load_split(
             if mask_prompt:
                 raise DataError(f"{path}: mask_prompt needs .jsonl prompt/completion or chat data, not .txt.")
             examples.append(Example(_with_eos(tokenizer, tokenizer.encode(line))))
+            kinds.append("text")
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}).") from None
-        examples.append(_row_to_example(row, tokenizer, fmt, where))
+        example, kind = _row_to_example(row, tokenizer, fmt, where)
+        examples.append(example)
+        kinds.append(kind)
     if not examples:
         raise DataError(f"{path}: the split is empty. Add at least one example per line.")
-    return Dataset(examples, str(path))
+    return _dataset(examples, str(path), kinds, fmt)
 
 
 def find_split(folder: Path, name: str) -> Path | None:
@@ -284,6 +330,24 @@ def load_splits(
             continue
         out[name] = load_split(path, tokenizer, mask_prompt, row_format)
     return out
+
+
+def warn_truncated(dataset: Dataset, max_seq_length: int) -> int:
+    """Warn once (a :class:`DataWarning` with the count) when examples are longer than
+    ``max_seq_length``; returns how many are."""
+    long = [len(e.tokens) for e in dataset.examples if len(e.tokens) > max_seq_length]
+    if long:
+        many = len(long) > 1
+        warnings.warn(
+            DataWarning(
+                f"{dataset.source}: {len(long)} example{'s' if many else ''} longer than data.max_seq_length = "
+                f"{max_seq_length} tokens (the longest has {max(long):,}) {'are' if many else 'is'} cut to its first "
+                f"{max_seq_length} tokens. Raise data.max_seq_length or split long examples.",
+                count=len(long),
+            ),
+            stacklevel=3,
+        )
+    return len(long)
 
 
 def bucket_width(length: int, max_seq_length: int) -> int:
@@ -346,7 +410,7 @@ class BatchPlan:
         # Training drops the ragged tail so every step sees a full batch; evaluation keeps it.
         stop = len(order) - batch_size + 1 if drop_last else len(order)
         self.batches = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
-        self._warned_long = False
+        warn_truncated(dataset, max_seq_length)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -356,17 +420,9 @@ class BatchPlan:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))
 
     def make_batch(self, members: list[int]) -> Batch:
-        """Pad the given examples to a bucket width; truncation to max_seq_length warns once."""
+        """Pad the given examples to a bucket width, each cut to max_seq_length (warned at start)."""
         examples = [self.dataset.examples[i] for i in members]
         longest = max(len(e.tokens) for e in examples)
-        if longest > self.max_seq_length and not self._warned_long:
-            self._warned_long = True
-            warnings.warn(
-                f"{self.dataset.source}: some sequences are longer than max_seq_length="
-                f"{self.max_seq_length} tokens (longest {longest}); they are truncated. "
-                "Raise data.max_seq_length or split long examples.",
-                stacklevel=2,
-            )
         width = bucket_width(longest, self.max_seq_length)
         tokens = np.zeros((len(examples), width), dtype=np.int32)
         lengths = np.zeros((len(examples), 2), dtype=np.int32)

@@ -45,7 +45,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "heartbeat": ("iteration", "state"),
     "config_changed": ("changes",),
     "finished": ("reason", "iteration"),
-    "sample": ("iteration", "prompt", "completion", "max_tokens", "temperature"),
+    "sample": ("iteration", "prompt", "completion", "max_tokens", "temperature", "prompt_format"),
 }
 
 RUN_STATES = ("starting", "running", "paused", "stopping", "finished", "failed")

@@ -15,7 +15,6 @@ import queue
 import signal
 import threading
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +107,14 @@ class Engine:
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
         self._sampled_at = -1
+        self._warnings: Any = None  # run_warnings.WarningSink while the run is active
 
     # -- events --------------------------------------------------------------------------
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
         assert self.events is not None
+        if type_ == "finished" and self._warnings is not None:
+            self._warnings.flush()  # the totals of repeated warnings come before the end
         event = self.events.emit(type_, **fields)
         self._update_status(event)
         if type_ == "save":  # a crash later costs a reader only the events since this save
@@ -210,14 +212,19 @@ class Engine:
                     return
                 max_tokens = command.args.get("max_tokens", self.cfg.sampling.max_tokens)
                 temperature = command.args.get("temperature", self.cfg.sampling.temperature)
+                raw = command.args.get("raw", False)
+                if not isinstance(raw, bool):
+                    respond(Reply(command.id, False, "sample's args.raw must be true or false"))
+                    return
                 try:
                     max_tokens = config_module.coerce_field("sampling", "max_tokens", max_tokens, "sample")
                     temperature = config_module.coerce_field("sampling", "temperature", temperature, "sample")
                 except ConfigError as error:
                     respond(Reply(command.id, False, str(error)))
                     return
-                event = self._sample(prompt, max_tokens, temperature)
-                respond(Reply(command.id, True, result={"iteration": event["iteration"], "completion": event["completion"]}))
+                event = self._sample(prompt, max_tokens, temperature, raw)
+                result = {key: event[key] for key in ("iteration", "completion", "prompt_format")}
+                respond(Reply(command.id, True, result=result))
             else:
                 respond(Reply(command.id, False, f"command {name!r} is not handled by the training loop"))
         except ConfigError as error:
@@ -226,8 +233,8 @@ class Engine:
             self.emit("error", message=f"command {name} failed: {type(error).__name__}: {error}")
             respond(Reply(command.id, False, f"{type(error).__name__}: {error}"))
 
-    def _sample(self, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
-        completion = sample(self.trainer, prompt, max_tokens, temperature)
+    def _sample(self, prompt: str, max_tokens: int, temperature: float, raw: bool = False) -> dict[str, Any]:
+        completion = sample(self.trainer, prompt, max_tokens, temperature, raw)
         return self.emit(
             "sample",
             iteration=self.trainer.iteration,
@@ -235,6 +242,7 @@ class Engine:
             completion=completion,
             max_tokens=max_tokens,
             temperature=temperature,
+            prompt_format="raw" if raw else self.trainer.prompt_format,
         )
 
     def _scheduled_samples(self, trainer: Any) -> None:
@@ -394,8 +402,12 @@ class Engine:
             shard = self._start_world(text)
         except Exception as error:  # WorldError, or the backend refusing to start
             return self._fail_world(f"the ranks could not start: {error}")
+        from .run_warnings import WarningSink
+
         try:
-            return self._train(text, shard)
+            # From loading the model and data to the end: every warning is a journaled event.
+            with WarningSink(self.emit) as self._warnings:
+                return self._train(text, shard)
         finally:
             if self.world is not None:
                 self.world.close()
@@ -493,12 +505,6 @@ class Engine:
         self.set_state("running")
         from .trainer import run_loop
 
-        previous_showwarning = warnings.showwarning
-        # Warnings from the data layer and mlx-lm become events the moment they happen.
-        def show_warning(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
-            self.emit("warning", message=str(message))
-
-        warnings.showwarning = show_warning
         try:
             result = run_loop(trainer, self._progress, self._control)
         except Exception as error:
@@ -509,8 +515,6 @@ class Engine:
             self.set_state("failed")
             self.emit("finished", reason="failed", iteration=trainer.iteration)
             return EXIT_FAILED
-        finally:
-            warnings.showwarning = previous_showwarning
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
         self.set_state("finished")
@@ -604,7 +608,7 @@ def build_trainer(
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
     trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, shard=shard)
-    trainer.tokenizer = tokenizer  # for samples from the live adapter
+    trainer.tokenizer = tokenizer  # for samples from the live adapter (prompts formatted as the training data's)
     if pack_width and report is not None:
         report(trainer.train_plan.describe())  # type: ignore[union-attr]
     return trainer, model_path, trainable, total
@@ -633,11 +637,14 @@ def choose_pack_width(cfg: RunConfig, train_set: Any, model: Any, report: Callab
     return width
 
 
-def sample(trainer: Any, prompt: str, max_tokens: int, temperature: float) -> str:
+def sample(trainer: Any, prompt: str, max_tokens: int, temperature: float, raw: bool = False) -> str:
     """Complete ``prompt`` with the weights as they are now (mlx-lm's generation).
 
-    Training state is untouched: the model goes back to train mode, the compiled step is a
-    separate function, and the trainer reseeds mx.random before every step anyway.
+    The prompt is formatted as the run's training data formatted its prompts (the chat template
+    for chat data and for prompt/completion data on a tokenizer that has one, :func:`sampling_prompt`);
+    ``raw`` sends the text as it is. Training state is untouched: the model goes back to train
+    mode, the compiled step is a separate function, and the trainer reseeds mx.random before
+    every step anyway.
     """
     from mlx_lm import generate
     from mlx_lm.sample_utils import make_sampler
@@ -645,6 +652,20 @@ def sample(trainer: Any, prompt: str, max_tokens: int, temperature: float) -> st
     model = trainer.model
     model.eval()
     try:
-        return str(generate(model, trainer.tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
+        tokens = sampling_prompt(trainer, prompt, raw)
+        return str(generate(model, trainer.tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
     finally:
         model.train()
+
+
+def sampling_prompt(trainer: Any, prompt: str, raw: bool = False) -> list[int] | str:
+    """What generation starts from: the prompt's tokens in the run's prompt format, or the raw text.
+
+    Raw text goes to mlx-lm as a string, which tokenizes it as ``mlx_lm.generate
+    --ignore-chat-template`` does.
+    """
+    from .data import prompt_tokens
+
+    if raw:
+        return prompt
+    return prompt_tokens(trainer.tokenizer, prompt, trainer.prompt_format, trainer.row_format)

@@ -280,7 +280,9 @@ class Trainer:
                 raise ValueError("packed training uses the default loss; set pack_width=0 to train with a custom loss")
             # Packing needs the default loss's meaning (mean over counted tokens); validation
             # stays unpacked, with ``loss``.
-            self.train_plan = PackPlan(train_set, parameters.batch_size, parameters.pack_width, parameters.seed)
+            self.train_plan = PackPlan(
+                train_set, parameters.batch_size, parameters.pack_width, parameters.seed, parameters.max_seq_length
+            )
             self.train_loss = partial(packed_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
             prepare_model(model)
         else:
@@ -300,6 +302,8 @@ class Trainer:
         self.last_nonfinite: NonFinite | None = None
         self.journal_seq: Callable[[], int] = lambda: 0
         self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
+        self.prompt_format = train_set.prompt_format  # how the training data put its prompts, for samples
+        self.row_format = train_set.row_format  # and how its rows were read (the chat template)
         # Runs first in every step, with the learning rate chosen: a distributed run's rank 0
         # tells the other ranks here which step to take.
         self.before_step: Callable[[Trainer], None] | None = None

@@ -6,7 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
-from textual.widgets import DataTable, Input, TextArea
+from textual.widgets import Checkbox, DataTable, Input, TextArea
 from textual.widgets._footer import FooterKey
 
 from engine.adapters import numbered_checkpoints
@@ -233,9 +233,15 @@ async def test_palette_offers_the_run_commands(engine_run: RunDir) -> None:
 
 
 def test_playground_columns_group_samples_by_prompt_newest_first() -> None:
-    samples = [(10, "a", "1"), (10, "b", "2"), (20, "a", "3"), (30, "c", "4"), (40, "a", "5")]
-    assert columns(samples) == [("a", [(40, "5"), (20, "3"), (10, "1")]), ("c", [(30, "4")]), ("b", [(10, "2")])]
-    assert [prompt for prompt, _ in columns(samples, limit=2)] == ["a", "c"]
+    samples = [(10, "a", "1", False), (10, "b", "2", False), (20, "a", "3", False), (30, "c", "4", False),
+               (40, "a", "5", False), (50, "b", "6", True)]
+    assert columns(samples) == [
+        (("b", True), [(50, "6")]),  # a raw prompt has a column of its own
+        (("a", False), [(40, "5"), (20, "3"), (10, "1")]),
+        (("c", False), [(30, "4")]),
+        (("b", False), [(10, "2")]),
+    ]
+    assert [key for key, _ in columns(samples, limit=2)] == [("b", True), ("a", False)]
 
 
 async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
@@ -246,6 +252,8 @@ async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
         await pilot.press("g")
         playground = app.screen
         assert isinstance(playground, PlaygroundScreen)
+        labels = [str(label.render()) for label in playground.query(".field-label")]
+        assert labels == ["max tokens", "temperature"]  # the boxes say what they hold once filled
         playground.query_one("#max-tokens", Input).value = "8"
         await pilot.click("#prompt")
         await pilot.press(*"The river")
@@ -259,6 +267,17 @@ async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
         send_command(engine_run, "sample", {"prompt": "A lantern", "max_tokens": 4}, timeout=60)
         await settle(pilot, lambda: len(playground.query(".column")) == 2)
         assert [c.border_title for c in playground.query(".column")] == ["A lantern", "The river"]
+        assert "prompt in the chat template" in playground.status_text
+        # ctrl+t: the same prompt sent as typed, in a column of its own
+        await pilot.press("ctrl+t")
+        assert playground.query_one("#raw", Checkbox).value
+        await pilot.click("#prompt")
+        await pilot.press("enter")
+        await settle(pilot, lambda: len(playground.query(".column")) == 3, timeout=60)
+        assert playground.query(".column").first().border_title == "raw: The river"
+        await settle(pilot, lambda: "prompt raw, as typed" in playground.status_text)
+        formats = [(e["prompt"], e["prompt_format"]) for e in read_events(engine_run.journal) if e["type"] == "sample"]
+        assert formats == [("The river", "chat"), ("A lantern", "chat"), ("The river", "raw")]
         await pilot.press("escape")
         assert app.screen is dashboard
         await pilot.press("q")
