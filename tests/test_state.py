@@ -133,3 +133,20 @@ def test_live_changes_update_the_config_the_set_form_shows() -> None:
     assert s.memory_cap == 12.0  # the throughput panel shows the peak against it
     s.apply({"seq": 1000, "ts": T0 + 101, "run": "r", "type": "config_changed", "changes": {"memory_limit_gb": 0.0}})
     assert s.memory_cap is None
+
+
+def test_checkpoint_rows_follow_retention_and_take_only_their_own_validation() -> None:
+    s = folded()  # saves at 100..400, each with a validation at the same iteration
+    assert [c.iteration for c in s.checkpoints] == [100, 200, 300, 400]
+
+    def event(seq: int, type_: str, **fields: object) -> dict:
+        return {"seq": seq, "ts": T0 + seq, "run": "r", "type": type_, **fields}
+
+    s.apply(event(1001, "save", iteration=431, path="a", kind="adapter", removed=[100, 200]))
+    assert [c.iteration for c in s.checkpoints] == [300, 400, 431]
+    assert s.checkpoints[-1].validation_loss is None  # the last validation was at 400, not of these weights
+    assert "removed the checkpoints of iterations 100, 200" in s.logs[-1].message
+    s.apply(event(1002, "validation", iteration=431, loss=1.25, seconds=0.1))
+    assert s.checkpoints[-1].validation_loss == 1.25  # evaluated after saving: the same weights
+    s.apply(event(1003, "save", iteration=431, path="a", kind="adapter", removed=[]))
+    assert [c.iteration for c in s.checkpoints] == [300, 400, 431]  # a second save at 431 replaces the first
