@@ -18,7 +18,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, get_type_hints
 
 import tomli_w
@@ -45,6 +45,13 @@ class DataConfig:
     mask_prompt: bool = field(default=False, metadata={"help": "Train on completions only (prompt/chat data)"})
     packing: str = field(default="auto", metadata={"help": "Several examples per row: auto (when rows hold 2+), on, off"})
     pack_length: int = field(default=0, metadata={"help": "Packed row width in tokens; 0 = the p95 length's power of two"})
+    chat_template: str = field(
+        default="", metadata={"help": "Chat template: a Jinja file, a tokenizer's template name, or the text; empty = the tokenizer's"}
+    )
+    text_feature: str = field(default="text", metadata={"help": "Row key of plain text"})
+    prompt_feature: str = field(default="prompt", metadata={"help": "Row key of the prompt"})
+    completion_feature: str = field(default="completion", metadata={"help": "Row key of the completion"})
+    chat_feature: str = field(default="messages", metadata={"help": "Row key of chat messages"})
 
 
 @dataclass
@@ -351,6 +358,38 @@ def _check_consistency(config: RunConfig, text: str) -> None:
             f"{_where(source, line)}: 'data.path' is empty. Give a directory holding train and valid "
             f"files, or {EMBEDDED!r} for the built-in dataset."
         )
+    problem = adapter_path_problem(config.checkpoints.adapter_path)
+    if problem:
+        line = _find_line(text, "checkpoints", "adapter_path")
+        raise ConfigError(
+            f"{_where(source, line)}: 'checkpoints.adapter_path' = {config.checkpoints.adapter_path!r} {problem}. "
+            "It names a folder inside the run folder (default 'adapters'); to put an adapter anywhere "
+            "else, use `tunetop export RUN --format mlx --output DIR`."
+        )
+
+
+def adapter_path_problem(value: str) -> str:
+    """Why ``checkpoints.adapter_path`` cannot be used ("" when it can).
+
+    The engine writes and prunes adapter files there, so it must stay inside the run folder:
+    an absolute path or a ``..`` once wrote (and with ``keep_last`` deleted) another folder's
+    files. Under ``checkpoints/`` checkpoint retention would delete the adapter. One rule for
+    the config load, the TUI editor and :attr:`engine.runs.RunDir.adapters`.
+    """
+    if not value.strip():
+        return "is empty"
+    if "\x00" in value:
+        return "holds a NUL character"
+    if value.startswith("~"):
+        return "starts with '~', which is not expanded: it is a path relative to the run folder"
+    path = PurePosixPath(value)
+    if path.is_absolute():
+        return "is an absolute path, outside the run folder"
+    if ".." in path.parts:
+        return "climbs out of the run folder with '..'"
+    if path.parts and path.parts[0] == "checkpoints":
+        return "is inside the run's checkpoints/ folder, which checkpoint retention prunes"
+    return ""
 
 
 def load(path: str | Path) -> RunConfig:
@@ -371,6 +410,9 @@ def load(path: str | Path) -> RunConfig:
             candidate = base / section.path
             if candidate.exists():
                 section.path = str(candidate)
+    template = config.data.chat_template
+    if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
+        config.data.chat_template = str(base / template)
     return config
 
 

@@ -45,7 +45,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "heartbeat": ("iteration", "state"),
     "config_changed": ("changes",),
     "finished": ("reason", "iteration"),
-    "sample": ("iteration", "prompt", "completion", "max_tokens", "temperature"),
+    "sample": ("iteration", "prompt", "completion", "max_tokens", "temperature", "prompt_format"),
 }
 
 RUN_STATES = ("starting", "running", "paused", "stopping", "finished", "failed")
@@ -54,7 +54,7 @@ COMMANDS = ("pause", "resume", "stop", "save", "evaluate", "set", "sample", "rep
 """Commands the engine accepts. ``replay``, ``history`` and ``hello`` are answered by the server thread."""
 
 COMMAND_ARGS: dict[str, tuple[str, ...] | None] = {
-    "sample": ("prompt", "max_tokens", "temperature"),
+    "sample": ("prompt", "max_tokens", "temperature", "raw"),
     "replay": ("since",),
     "set": None,  # any key: each is checked against the live fields (config.coerce_live)
 }

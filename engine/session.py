@@ -17,7 +17,6 @@ import signal
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,11 +124,14 @@ class Engine:
         # lasts long enough on the tiny embedded model for a pause, stop or signal to land inside it.
         self._slow_sample = float(os.environ.get("TUNETOP_FAULT_SLOW_SAMPLE") or 0)
         self._server_failure = ""  # set by the server thread as it ends; read by the loop
+        self._warnings: Any = None  # run_warnings.WarningSink while the run is active
 
     # -- events --------------------------------------------------------------------------
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
         assert self.events is not None
+        if type_ == "finished" and self._warnings is not None:
+            self._warnings.flush()  # the totals of repeated warnings come before the end
         event = self.events.emit(type_, **fields)
         self._update_status(event)
         if type_ == "save":  # a crash later costs a reader only the events since this save
@@ -221,13 +223,14 @@ class Engine:
             elif name == "status":
                 respond(Reply(command.id, True, result=self.status_result()))
             elif name == "sample":
-                prompt, max_tokens, temperature = self._sample_args(command.args)
+                prompt, max_tokens, temperature, raw = self._sample_args(command.args)
                 try:
-                    event = self._sample(prompt, max_tokens, temperature)
+                    event = self._sample(prompt, max_tokens, temperature, raw)
                 except (SampleError, SampleInterrupted) as error:
                     respond(Reply(command.id, False, str(error)))
                     return
-                respond(Reply(command.id, True, result={"iteration": event["iteration"], "completion": event["completion"]}))
+                result = {key: event[key] for key in ("iteration", "completion", "prompt_format")}
+                respond(Reply(command.id, True, result=result))
             else:
                 respond(Reply(command.id, False, f"command {name!r} is not handled by the training loop"))
         except ConfigError as error:
@@ -236,19 +239,22 @@ class Engine:
             self.emit("error", message=f"command {name} failed: {type(error).__name__}: {error}")
             respond(Reply(command.id, False, f"{type(error).__name__}: {error}"))
 
-    def _sample_args(self, args: dict[str, Any]) -> tuple[str, int, float]:
-        """A ``sample`` command's prompt, max_tokens and temperature, checked; ConfigError says what is wrong."""
+    def _sample_args(self, args: dict[str, Any]) -> tuple[str, int, float, bool]:
+        """A ``sample`` command's prompt, max_tokens, temperature and raw, checked; ConfigError says what is wrong."""
         prompt = args.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise ConfigError("sample needs args.prompt, a non-empty string")
         max_tokens = args.get("max_tokens", self.cfg.sampling.max_tokens)
         temperature = args.get("temperature", self.cfg.sampling.temperature)
+        raw = args.get("raw", False)
+        if not isinstance(raw, bool):
+            raise ConfigError("sample's args.raw must be true or false")
         max_tokens = config_module.coerce_field("sampling", "max_tokens", max_tokens, "sample")
         temperature = config_module.coerce_field("sampling", "temperature", temperature, "sample")
-        return prompt, max_tokens, temperature
+        return prompt, max_tokens, temperature, raw
 
-    def _sample(self, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
-        completion = sample(self.trainer, prompt, max_tokens, temperature, should_stop=self._between_tokens)
+    def _sample(self, prompt: str, max_tokens: int, temperature: float, raw: bool = False) -> dict[str, Any]:
+        completion = sample(self.trainer, prompt, max_tokens, temperature, raw, should_stop=self._between_tokens)
         return self.emit(
             "sample",
             iteration=self.trainer.iteration,
@@ -256,6 +262,7 @@ class Engine:
             completion=completion,
             max_tokens=max_tokens,
             temperature=temperature,
+            prompt_format="raw" if raw else self.trainer.prompt_format,
         )
 
     def _scheduled_samples(self, trainer: Any) -> None:
@@ -507,8 +514,12 @@ class Engine:
             shard = self._start_world(text)
         except Exception as error:  # WorldError, or the backend refusing to start
             return self._fail_world(f"the ranks could not start: {error}")
+        from .run_warnings import WarningSink
+
         try:
-            return self._train(text, shard)
+            # From loading the model and data to the end: every warning is a journaled event.
+            with WarningSink(self.emit) as self._warnings:
+                return self._train(text, shard)
         finally:
             if self.world is not None:
                 self.world.close()
@@ -606,12 +617,6 @@ class Engine:
         self.set_state("running")
         from .trainer import run_loop
 
-        previous_showwarning = warnings.showwarning
-        # Warnings from the data layer and mlx-lm become events the moment they happen.
-        def show_warning(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
-            self.emit("warning", message=str(message))
-
-        warnings.showwarning = show_warning
         try:
             result = run_loop(trainer, self._progress, self._control)
         except Exception as error:
@@ -623,8 +628,6 @@ class Engine:
             self.emit("finished", reason="failed", iteration=trainer.iteration)
             self._refuse_waiting("the run has failed")
             return EXIT_FAILED
-        finally:
-            warnings.showwarning = previous_showwarning
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
         self.set_state("failed" if reason == "server_failed" else "finished")
@@ -668,13 +671,10 @@ def build_trainer(
 
     ``report`` receives progress lines while a model downloads.
     """
-    import mlx.core as mx
-
     from .adapters import adapter_config, apply_fine_tuning, count_parameters
-    from .data import load_splits
-    from .demo import embedded_data_path
+    from .datasource import load_run_splits
     from .optimizers import build_optimizer, build_schedule
-    from .trainer import Trainer, TrainingParameters
+    from .trainer import Trainer, TrainingParameters, seed_everything
 
     config_module.check_paths(cfg)
     if shard is not None and cfg.training.batch_size % shard.size:
@@ -682,10 +682,11 @@ def build_trainer(
             f"{cfg.source or 'config'}: training.batch_size = {cfg.training.batch_size} does not split over "
             f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
         )
-    mx.random.seed(cfg.training.seed)
     model, tokenizer, model_path = load_model_and_tokenizer(cfg, report)
-    data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
-    splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt)
+    splits = load_run_splits(cfg, tokenizer)
+    # The LoRA weights are drawn from the global streams: seed them here, not before loading,
+    # because loading may have drawn (a first run builds the embedded model in this process).
+    seed_everything(cfg.training.seed)
     apply_fine_tuning(model, cfg.lora)
     trainable, total = count_parameters(model)
     t = cfg.training
@@ -717,7 +718,7 @@ def build_trainer(
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
     trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, shard=shard)
-    trainer.tokenizer = tokenizer  # for samples from the live adapter
+    trainer.tokenizer = tokenizer  # for samples from the live adapter (prompts formatted as the training data's)
     if pack_width and report is not None:
         report(trainer.train_plan.describe())  # type: ignore[union-attr]
     return trainer, model_path, trainable, total
@@ -777,22 +778,26 @@ def sample(
     prompt: str,
     max_tokens: int,
     temperature: float,
+    raw: bool = False,
     should_stop: Callable[[], bool] | None = None,
 ) -> str:
     """Complete ``prompt`` with the weights as they are now (mlx-lm's generation).
 
-    Training state is untouched: the model goes back to train mode, the compiled step is a
-    separate function, and the trainer reseeds mx.random before every step anyway.
-    ``should_stop`` is asked after every prefill chunk and every token; True raises
-    :class:`SampleInterrupted`. A prompt over :func:`prompt_limit` raises :class:`SampleError`.
+    The prompt is formatted as the run's training data formatted its prompts (the chat template
+    for chat data and for prompt/completion data on a tokenizer that has one, :func:`sampling_prompt`);
+    ``raw`` sends the text as it is. Training state is untouched: the model goes back to train
+    mode, the compiled step is a separate function, and the trainer reseeds mx.random before
+    every step anyway. ``should_stop`` is asked after every prefill chunk and every token; True
+    raises :class:`SampleInterrupted`. A prompt over :func:`prompt_limit` raises :class:`SampleError`.
     """
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     tokenizer = trainer.tokenizer
-    # As mlx-lm's generate does with text: a BOS unless the prompt starts with one.
-    add_special_tokens = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
-    tokens = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    tokens = sampling_prompt(trainer, prompt, raw)
+    if isinstance(tokens, str):  # raw text, tokenized as mlx-lm's generate does: a BOS unless it starts with one
+        add_special_tokens = tokenizer.bos_token is None or not tokens.startswith(tokenizer.bos_token)
+        tokens = tokenizer.encode(tokens, add_special_tokens=add_special_tokens)
     limit, source = prompt_limit(trainer)
     if len(tokens) > limit:
         raise SampleError(f"the prompt is {len(tokens)} tokens long; a sample takes at most {limit} ({source}). "
@@ -815,3 +820,16 @@ def sample(
         return completion
     finally:
         model.train()
+
+
+def sampling_prompt(trainer: Any, prompt: str, raw: bool = False) -> list[int] | str:
+    """What generation starts from: the prompt's tokens in the run's prompt format, or the raw text.
+
+    Raw text goes to mlx-lm as a string, which tokenizes it as ``mlx_lm.generate
+    --ignore-chat-template`` does.
+    """
+    from .data import prompt_tokens
+
+    if raw:
+        return prompt
+    return prompt_tokens(trainer.tokenizer, prompt, trainer.prompt_format, trainer.row_format)

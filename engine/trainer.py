@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -213,6 +214,17 @@ def _recomputing_class(cls: type) -> type:
     return _RECOMPUTING[cls]
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every random stream a run can draw from: ``mlx.random``, Python's and numpy's global ones.
+
+    Called right before the LoRA weights are drawn, so a seed fixes the run whatever the process
+    drew before (building the embedded model in the same process, a library user's own draws).
+    """
+    mx.random.seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 @dataclass
 class Shard:
     """This process's share of a data-parallel run: ``rank`` of ``size`` in ``group``.
@@ -267,7 +279,9 @@ class Trainer:
                 raise ValueError("packed training uses the default loss; set pack_width=0 to train with a custom loss")
             # Packing needs the default loss's meaning (mean over counted tokens); validation
             # stays unpacked, with ``loss``.
-            self.train_plan = PackPlan(train_set, parameters.batch_size, parameters.pack_width, parameters.seed)
+            self.train_plan = PackPlan(
+                train_set, parameters.batch_size, parameters.pack_width, parameters.seed, parameters.max_seq_length
+            )
             self.train_loss = partial(packed_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
             prepare_model(model)
         else:
@@ -287,6 +301,8 @@ class Trainer:
         self.last_nonfinite: NonFinite | None = None
         self.journal_seq: Callable[[], int] = lambda: 0
         self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
+        self.prompt_format = train_set.prompt_format  # how the training data put its prompts, for samples
+        self.row_format = train_set.row_format  # and how its rows were read (the chat template)
         # Runs first in every step, with the learning rate chosen: a distributed run's rank 0
         # tells the other ranks here which step to take.
         self.before_step: Callable[[Trainer], None] | None = None

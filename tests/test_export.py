@@ -60,6 +60,21 @@ def test_peft_layout(trained_run: RunDir, tmp_path: Path) -> None:
     assert {"q_proj", "v_proj", "down_proj"} <= set(config["target_modules"])
 
 
+def test_export_says_what_it_wrote_and_keeps_a_folder_that_holds_files(trained_run: RunDir, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = tunetop("export", trained_run.id, "--format", "mlx", "--output", str(out), check=True)
+    assert "iteration 10 " in result.stdout and str(out) in result.stdout
+    (out / "notes.txt").write_text("mine")
+    before = (out / "adapters.safetensors").read_bytes()
+    refused = tunetop("export", trained_run.id, "--format", "mlx", "--checkpoint", "5", "--output", str(out))
+    assert refused.returncode == 2 and "is not empty" in refused.stderr and "--force" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert (out / "adapters.safetensors").read_bytes() == before
+    forced = tunetop("export", trained_run.id, "--format", "mlx", "--checkpoint", "5", "--output", str(out), "--force", check=True)
+    assert "iteration 5 " in forced.stdout and (out / "notes.txt").read_text() == "mine"
+    assert (out / "adapters.safetensors").read_bytes() != before
+
+
 def test_metrics_export(trained_run: RunDir) -> None:
     rows = list(csv.DictReader(io.StringIO(tunetop("export-metrics", trained_run.id, check=True).stdout)))
     assert [r["iteration"] for r in rows if r["type"] == "train"] == ["5", "10"]

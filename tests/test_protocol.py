@@ -108,7 +108,7 @@ def test_loads_many_decodes_and_leaves_the_collector_as_it_was(enabled: bool) ->
         (b'{"v":' + b"9" * 5000 + b',"cmd":"pause"}', "not a JSON object"),
         (b'{"v":true,"cmd":"pause"}', "protocol version True is not supported"),
         (b'{"v":1,"cmd":"pause","args":{"force":1}}', "unknown argument 'force' for 'pause'; it takes no arguments"),
-        (b'{"v":1,"cmd":"sample","args":{"prompt":"x","max_token":3}}', "it takes prompt, max_tokens, temperature"),
+        (b'{"v":1,"cmd":"sample","args":{"prompt":"x","max_token":3}}', "it takes prompt, max_tokens, temperature, raw"),
         (b'{"v":1,"cmd":"' + b"y" * 5000 + b'"}', r"unknown command 'yyy.*\.\.\.; known"),
     ],
 )

@@ -68,7 +68,7 @@ class RunState:
     checkpoints: list[CheckpointRow] = field(default_factory=list)
     logs: deque[LogLine] = field(default_factory=lambda: deque(maxlen=2000))
     log_total: int = 0  # lines ever logged; the deque keeps only the last 2000
-    samples: list[tuple[int, str, str]] = field(default_factory=list)  # (iteration, prompt, completion)
+    samples: list[tuple[int, str, str, bool]] = field(default_factory=list)  # (iteration, prompt, completion, raw)
     last_seq: int = 0
     events_applied: int = 0
     engine_state_from_heartbeat: str = ""
@@ -179,8 +179,10 @@ class RunState:
         self._note(e, f"resumed at iteration {iteration} from {e.get('checkpoint', '')}")
 
     def _on_sample(self, e: dict[str, Any]) -> None:
-        self.samples.append((int(e.get("iteration") or 0), str(e.get("prompt", "")), str(e.get("completion", ""))))
-        self._note(e, f"sample @ {e.get('iteration')}: {e.get('prompt', '')!r} -> {e.get('completion', '')!r}")
+        raw = e.get("prompt_format") == "raw"
+        self.samples.append((int(e.get("iteration") or 0), str(e.get("prompt", "")), str(e.get("completion", "")), raw))
+        how = " (raw)" if raw else ""
+        self._note(e, f"sample @ {e.get('iteration')}{how}: {e.get('prompt', '')!r} -> {e.get('completion', '')!r}")
 
     def _on_nonfinite(self, e: dict[str, Any]) -> None:
         pass  # the warning event that follows carries the message
