@@ -33,7 +33,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
         "peak_memory",
     ),
     "validation": ("iteration", "loss", "seconds"),
-    "save": ("iteration", "path", "kind", "checkpoint"),
+    "save": ("iteration", "path", "kind", "checkpoint", "removed"),
     "resumed": ("iteration", "checkpoint", "from_seq"),
     "nonfinite": ("iteration", "loss", "epoch", "batch", "action"),
     "world": ("size", "backend"),

@@ -100,6 +100,7 @@ class Save:
     path: str
     kind: str = "adapter"
     checkpoint: str = ""  # the full-state checkpoint folder written with it, if any
+    removed: list[int] = field(default_factory=list)  # iterations whose checkpoints retention deleted with this save
 
 
 @dataclass
@@ -443,29 +444,32 @@ class Trainer:
             raise CheckpointError(f"writing failed at iteration {self.iteration}: {error}") from None
 
     def _save(self) -> Save:
-        from .checkpoint import TrainerState, prune, write_checkpoint
+        from .checkpoint import TrainerState, list_checkpoints, prune, write_checkpoint
 
         p = self.parameters
         path = save_adapters(self.model, p.adapter_path, p.adapter_config, iteration=self.iteration)
-        prune_numbered(p.adapter_path, p.keep_last)
-        checkpoint = ""
-        if p.checkpoint_path is not None:
-            state = TrainerState(
-                iteration=self.iteration,
-                trained_tokens=self.trained_tokens,
-                epoch=self.epoch,
-                position=self.position,
-                learning_rate_override=self.learning_rate_override,
-                validation_loss=self.last_validation_loss,
-                seq=self.journal_seq(),
-                config_hash=p.config_hash,
-                saved_at=time.time(),
-                config=p.config_values,
-            )
-            folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
-            prune(p.checkpoint_path, p.keep_last)
-            checkpoint = str(folder)
-        return Save(self.iteration, str(path), checkpoint=checkpoint)
+        if p.checkpoint_path is None:
+            removed = [iteration for iteration, _path in prune_numbered(p.adapter_path, p.keep_last)]
+            return Save(self.iteration, str(path), removed=removed)
+        state = TrainerState(
+            iteration=self.iteration,
+            trained_tokens=self.trained_tokens,
+            epoch=self.epoch,
+            position=self.position,
+            learning_rate_override=self.learning_rate_override,
+            validation_loss=self.last_validation_loss,
+            seq=self.journal_seq(),
+            config_hash=p.config_hash,
+            saved_at=time.time(),
+            config=p.config_values,
+        )
+        folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
+        removed = sorted(int(gone.name) for gone in prune(p.checkpoint_path, p.keep_last))
+        # The numbered adapter copies follow the checkpoints (the best one stays with its checkpoint).
+        kept = {int(kept.name) for kept in list_checkpoints(p.checkpoint_path)}
+        prune_numbered(p.adapter_path, p.keep_last, keep=kept)
+        # The event says what retention deleted, so a client (perhaps on another machine) lists what exists.
+        return Save(self.iteration, str(path), checkpoint=str(folder), removed=removed)
 
     def restore(self, folder: Path) -> Any:
         """Continue from a full checkpoint: weights, optimizer, position, counters. Returns its state."""

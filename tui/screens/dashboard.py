@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from typing import Any
 
@@ -79,8 +80,8 @@ class DashboardScreen(Screen[None]):
         self._dirty = True
         self._dirty_header = True
         self._header_painted = 0.0
-        self._shown_validations = 0
-        self._shown_checkpoints = 0
+        self._shown_validations: tuple[int, int] = (0, 0)
+        self._shown_checkpoints: list[tuple[int, float | None, float]] = []
         self._shown_logs = 0
         self._steerable = self.live
         self.source: EventSource
@@ -230,7 +231,8 @@ class DashboardScreen(Screen[None]):
     def _refresh_tables(self) -> None:
         """Newest first, so the latest rows are always in view without scrolling."""
         s = self.run_state
-        if len(s.validations) != self._shown_validations:
+        shown_validations = (len(s.validations), id(s.validations[-1]) if s.validations else 0)
+        if shown_validations != self._shown_validations:
             table = self.query_one("#validation-table", DataTable)
             best = s.best_validation
             table.clear()
@@ -238,16 +240,18 @@ class DashboardScreen(Screen[None]):
                 change = "" if row.change is None else f"{row.change:+.4f}"
                 mark = "★best" if best is not None and row is best else ""
                 table.add_row(str(row.iteration), f"{row.loss:.4f}", change, f"{row.seconds:.2f}", mark)
-            self._shown_validations = len(s.validations)
-        if len(s.checkpoints) != self._shown_checkpoints:
+            self._shown_validations = shown_validations
+        # Rows come and go (retention) and gain a validation loss later: compare what they show.
+        shown_checkpoints = [(c.iteration, c.validation_loss, c.ts) for c in s.checkpoints]
+        if shown_checkpoints != self._shown_checkpoints:
             checkpoints = self.query_one("#checkpoint-table", DataTable)
             checkpoints.clear()
             for saved in reversed(s.checkpoints[-200:]):
-                size = _file_size(saved.path)
+                weights = os.path.join(saved.checkpoint, "adapters.safetensors") if saved.checkpoint else saved.path
                 val = f"{saved.validation_loss:.4f}" if saved.validation_loss is not None else "-"
                 stamp = time.strftime("%H:%M:%S", time.localtime(saved.ts))
-                checkpoints.add_row(str(saved.iteration), saved.kind, size, val, stamp)
-            self._shown_checkpoints = len(s.checkpoints)
+                checkpoints.add_row(str(saved.iteration), Text(saved.kind), _file_size(weights), val, stamp)
+            self._shown_checkpoints = shown_checkpoints
 
     # -- commands out ----------------------------------------------------------------------
 
@@ -348,8 +352,6 @@ class DashboardScreen(Screen[None]):
 
 
 def _file_size(path: str) -> str:
-    import os
-
     try:
         size = os.path.getsize(path)
     except OSError:
