@@ -87,7 +87,7 @@ def save_adapters(
 ) -> Path:
     """Write the adapter (and a numbered copy when ``iteration`` is given); return the weights path."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # adapters are private to their owner
     weights = trainable_weights(model)
     mx.eval(weights)
     write_text_atomic(directory / ADAPTER_CONFIG, json.dumps(config_json, indent=2))
