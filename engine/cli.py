@@ -61,7 +61,11 @@ def _start_run(
         if warning := exposure_warning(listen):
             print(f"tunetop: warning: {warning}", file=sys.stderr)
     run = create_run()
-    write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
+    try:
+        write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
+    except OSError:
+        run.path.rmdir()  # no half-made run for `tunetop ls` to show (a full disk)
+        raise
     extra = (["--listen", listen] if listen else []) + (world or [])
     if detach:
         from .daemon import EngineStartError, spawn_engine

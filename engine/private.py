@@ -68,6 +68,11 @@ def write_private(path: Path, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        if error.filename is None and error.errno is not None:  # os.write's errors name no file
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
