@@ -111,15 +111,16 @@ def numbered_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_numbered(directory: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` numbered checkpoints (0 keeps all)."""
+def prune_numbered(directory: str | Path, keep_last: int, keep: set[int] | None = None) -> list[tuple[int, Path]]:
+    """Delete all but the newest ``keep_last`` numbered copies (0 keeps all), or with ``keep`` all but
+    those iterations (the run's remaining full checkpoints); returns ``(iteration, path)`` of each deleted."""
     if keep_last <= 0:
         return []
-    removed = []
-    for _iteration, path in numbered_checkpoints(directory)[:-keep_last]:
+    found = numbered_checkpoints(directory)
+    doomed = found[:-keep_last] if keep is None else [(i, path) for i, path in found if i not in keep]
+    for _iteration, path in doomed:
         path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
+    return doomed
 
 
 def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:

@@ -25,6 +25,18 @@ from .runs import RunError
 
 EXIT_UNREACHABLE = 3
 
+CONTROL_HELP = {
+    "pause": "pause a live run between two steps (`resume` continues it)",
+    "resume": "continue a paused run",
+    "stop": "save a live run's adapter, then end the run",
+    "save": "write a live run's adapter and checkpoint now",
+    "evaluate": "run a validation pass on a live run now and print its loss",
+    "status": "print a live run's state and iteration",
+}
+"""The commands that steer a live engine, each with its help line."""
+
+RUN_HELP = "run id, a unique prefix of one, or a run name (default: the latest run)"
+
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"tunetop: {message}", file=sys.stderr)
@@ -443,7 +455,7 @@ def cmd_control(args: argparse.Namespace) -> int:
         except ValueError as error:
             return _fail(str(error))
     elif args.command == "sample":
-        command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
+        command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "raw": args.raw}
     if not run.is_alive():
         return _fail(f"run {run.id} has no live engine; `tunetop ls` shows its state.", EXIT_UNREACHABLE)
     try:
@@ -452,7 +464,12 @@ def cmd_control(args: argparse.Namespace) -> int:
         return _fail(str(error), EXIT_UNREACHABLE)
     if not reply.ok:
         return _fail(f"{args.command} refused: {reply.error}", EXIT_UNREACHABLE)
-    print(json.dumps({"ok": True, **reply.result}))
+    if args.json:
+        print(json.dumps({"ok": True, **reply.result}))
+    else:
+        from .replies import describe
+
+        print(describe(args.command, reply))
     return 0
 
 
@@ -477,15 +494,20 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import EXPORTERS, ExportError
+    from .export import EXPORTERS, ExportError, check_output, saved_iteration
     from .runs import resolve
 
     run = resolve(args.run)
+    output = Path(args.output).expanduser().absolute()
     try:
-        out = EXPORTERS[args.format](run, Path(args.output), args.checkpoint)
+        check_output(output, args.force)
+        out = EXPORTERS[args.format](run, output, args.checkpoint)
     except ExportError as error:
         return _fail(str(error))
-    print(f"exported {args.format} to {out}")
+    iteration = saved_iteration(run, args.checkpoint)
+    what = f"the adapter of iteration {iteration:,}" if iteration is not None else "the latest adapter"
+    source = f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the latest save"
+    print(f"exported {what} ({source}) of run {run.id} as {args.format} to {out}")
     return 0
 
 
@@ -525,9 +547,50 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout without the bare ``COMMAND`` line above the list of commands."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        text = super()._format_action(action)
+        if isinstance(action, argparse._SubParsersAction):
+            return text.split("\n", 1)[1]
+        return text
+
+
+def public_commands(parser: argparse.ArgumentParser) -> list[str]:
+    """The commands ``tunetop --help`` lists (the internal ones have no help line)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        if isinstance(action, argparse._SubParsersAction):
+            return [choice.dest for choice in action._choices_actions]
+    return []
+
+
+def _unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """A sentence for a first word that is no command ("" when it is one, or an option)."""
+    if not argv or argv[0].startswith("-"):
+        return ""
+    subparsers = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))  # type: ignore[union-attr]
+    if argv[0] in subparsers.choices:
+        return ""
+    import difflib
+
+    commands = public_commands(parser)
+    near = difflib.get_close_matches(argv[0], commands, n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    return f"'{argv[0]}' is not a tunetop command.{hint} Commands: {', '.join(commands)} (`tunetop --help` says what each does)."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunetop", description="LoRA fine-tuning on MLX you can watch and steer.")
-    sub = parser.add_subparsers(dest="name")
+    parser = argparse.ArgumentParser(
+        prog="tunetop",
+        formatter_class=_HelpFormatter,
+        description="LoRA fine-tuning on MLX you can watch and steer. `tunetop` alone opens the runs list.",
+        epilog="RUN is a run id, a unique prefix of one, or a run name; it defaults to the latest run. "
+        "`tunetop COMMAND --help` describes a command's options.",
+    )
+    # The metavar keeps the internal commands (_engine, _follower, _remote-info) out of the usage
+    # line; they are added without help= so they get no line of their own either.
+    sub = parser.add_subparsers(dest="name", metavar="COMMAND", title="commands")
 
     p = sub.add_parser("train", help="start a run from a TOML config, or continue one with --resume")
     p.add_argument("config", nargs="?")
@@ -551,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("attach", help="open the TUI on a run: RUN, or user@host[:port]:RUN over ssh")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--theme")
     p.set_defaults(func=cmd_attach)
 
@@ -561,32 +624,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("events", help="print a run's events as JSON lines")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--since", type=int, default=0)
     p.add_argument("--follow", action="store_true")
     p.add_argument("--digest", action="store_true", help="a long run's digest: rare events whole, train events thinned")
     p.set_defaults(func=cmd_events)
 
-    for name in ("pause", "resume", "stop", "save", "evaluate", "status"):
-        p = sub.add_parser(name, help=f"{name} a running run")
-        p.add_argument("run", nargs="?")
+    for name, what in CONTROL_HELP.items():
+        p = sub.add_parser(name, help=what)
+        p.add_argument("run", nargs="?", help=RUN_HELP)
         p.add_argument("--timeout", type=float, default=30.0)
+        p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
         p.set_defaults(func=cmd_control, command=name)
-    p = sub.add_parser("sample", help="complete a prompt with the run's current weights (between steps)")
-    p.add_argument("run", nargs="?")
+    p = sub.add_parser("sample", help="complete a prompt with a live run's current weights (between steps)")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt as it is; by default it is formatted as the run's data was (the chat template for chat data)")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="sample")
-    p = sub.add_parser("set", help="change live fields: " + ", ".join(LIVE_FIELDS))
-    p.add_argument("run", nargs="?")
+    p = sub.add_parser("set", help="change a live run's settings: " + ", ".join(LIVE_FIELDS))
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="set")
 
     p = sub.add_parser("test", help="score a run's saved adapter on its test split (or another): loss and perplexity")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--split", choices=["test", "valid", "train"], default="test")
     p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
     p.add_argument("--batches", type=int, default=0, help="batches of training.batch_size to score; 0 = the whole split")
@@ -595,14 +663,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("export", help="export a run's adapter: mlx (adapter folder), peft, or fused (merged model)")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--format", choices=["mlx", "peft", "fused"], required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --output folder (same-named files are replaced)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("export-metrics", help="a run's training and validation metrics as CSV or JSON lines")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--format", choices=["csv", "jsonl", "tensorboard"], default="csv")
     p.add_argument("--output")
     p.set_defaults(func=cmd_export_metrics)
@@ -616,11 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="make and print your client key for TCP listeners")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("_remote-info", help=argparse.SUPPRESS)
+    p = sub.add_parser("_remote-info")
     p.add_argument("run", nargs="?", default="")
     p.set_defaults(func=cmd_remote_info)
 
-    p = sub.add_parser("_engine", help=argparse.SUPPRESS)
+    p = sub.add_parser("_engine")
     p.add_argument("run_dir")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--from", dest="start_from", type=int)
@@ -631,9 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launched", action="store_true", help="started by mlx.launch: MLX_RANK says which rank")
     p.set_defaults(func=cmd_engine)
 
-    p = sub.add_parser("_follower", help=argparse.SUPPRESS)
+    p = sub.add_parser("_follower")
     p.add_argument("--backend", default="ring")
     p.set_defaults(func=cmd_follower)
+    for choice in sub._choices_actions:  # `tunetop X --help` starts with the line `tunetop --help` gives X
+        sub.choices[choice.dest].description = choice.help
     return parser
 
 
@@ -643,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     # `tunetop set KEY=VALUE` without a run: argparse would take KEY=VALUE as the run.
     if len(argv) >= 2 and argv[0] == "set" and "=" in argv[1]:
         argv = ["set", "", *argv[1:]]
+    unknown = _unknown_command(parser, argv)
+    if unknown:
+        return _fail(unknown)
     args = parser.parse_args(argv)
     if args.name is None:
         return _attach(None, None, runs_list=True)

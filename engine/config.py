@@ -18,7 +18,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, get_type_hints
 
 import tomli_w
@@ -45,6 +45,13 @@ class DataConfig:
     mask_prompt: bool = field(default=False, metadata={"help": "Train on completions only (prompt/chat data)"})
     packing: str = field(default="auto", metadata={"help": "Several examples per row: auto (when rows hold 2+), on, off"})
     pack_length: int = field(default=0, metadata={"help": "Packed row width in tokens; 0 = the p95 length's power of two"})
+    chat_template: str = field(
+        default="", metadata={"help": "Chat template: a Jinja file, a tokenizer's template name, or the text; empty = the tokenizer's"}
+    )
+    text_feature: str = field(default="text", metadata={"help": "Row key of plain text"})
+    prompt_feature: str = field(default="prompt", metadata={"help": "Row key of the prompt"})
+    completion_feature: str = field(default="completion", metadata={"help": "Row key of the completion"})
+    chat_feature: str = field(default="messages", metadata={"help": "Row key of chat messages"})
 
 
 @dataclass
@@ -172,7 +179,9 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("training", "ce_chunk_tokens"): (0, None),
     ("training", "clear_cache_gb"): (-1.0, None),
     ("training", "grad_checkpoint_blocks"): (-1, None),
-    ("training", "memory_limit_gb"): (0.0, None),
+    # MLX takes the cap in bytes as a 64-bit size: past ~1.8e10 GB it cannot be expressed at all,
+    # and a million GB is already no cap on any machine.
+    ("training", "memory_limit_gb"): (0.0, 1_000_000.0),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),
@@ -349,6 +358,38 @@ def _check_consistency(config: RunConfig, text: str) -> None:
             f"{_where(source, line)}: 'data.path' is empty. Give a directory holding train and valid "
             f"files, or {EMBEDDED!r} for the built-in dataset."
         )
+    problem = adapter_path_problem(config.checkpoints.adapter_path)
+    if problem:
+        line = _find_line(text, "checkpoints", "adapter_path")
+        raise ConfigError(
+            f"{_where(source, line)}: 'checkpoints.adapter_path' = {config.checkpoints.adapter_path!r} {problem}. "
+            "It names a folder inside the run folder (default 'adapters'); to put an adapter anywhere "
+            "else, use `tunetop export RUN --format mlx --output DIR`."
+        )
+
+
+def adapter_path_problem(value: str) -> str:
+    """Why ``checkpoints.adapter_path`` cannot be used ("" when it can).
+
+    The engine writes and prunes adapter files there, so it must stay inside the run folder:
+    an absolute path or a ``..`` once wrote (and with ``keep_last`` deleted) another folder's
+    files. Under ``checkpoints/`` checkpoint retention would delete the adapter. One rule for
+    the config load, the TUI editor and :attr:`engine.runs.RunDir.adapters`.
+    """
+    if not value.strip():
+        return "is empty"
+    if "\x00" in value:
+        return "holds a NUL character"
+    if value.startswith("~"):
+        return "starts with '~', which is not expanded: it is a path relative to the run folder"
+    path = PurePosixPath(value)
+    if path.is_absolute():
+        return "is an absolute path, outside the run folder"
+    if ".." in path.parts:
+        return "climbs out of the run folder with '..'"
+    if path.parts and path.parts[0] == "checkpoints":
+        return "is inside the run's checkpoints/ folder, which checkpoint retention prunes"
+    return ""
 
 
 def load(path: str | Path) -> RunConfig:
@@ -369,6 +410,9 @@ def load(path: str | Path) -> RunConfig:
             candidate = base / section.path
             if candidate.exists():
                 section.path = str(candidate)
+    template = config.data.chat_template
+    if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
+        config.data.chat_template = str(base / template)
     return config
 
 
@@ -478,18 +522,45 @@ def coerce_field(section: str, name: str, value: Any, where: str) -> Any:
     return _coerce(section, name, value, expected, where)
 
 
+MAX_LIVE_TEXT = 100
+"""Characters a live value given as text may have: every live field's value fits in far fewer."""
+
+
 def coerce_live(key: str, value: Any) -> Any:
-    """Validate one live change (``set KEY=VALUE``) with the same rules as the file."""
-    if key not in LIVE_FIELDS:
+    """Validate one live change (``set KEY=VALUE``) with the same rules as the file.
+
+    The one rule for the TUI's form and the engine's ``set``: any value at all gives the
+    coerced value or a :class:`ConfigError` saying what the field takes, and the engine
+    stores nothing before every value of a ``set`` has passed here.
+    """
+    if not isinstance(key, str) or key not in LIVE_FIELDS:
+        shown = _shown(key)
         raise ConfigError(
-            f"'{key}' cannot be changed while a run trains.{_suggest(key, list(LIVE_FIELDS))} "
+            f"{shown} cannot be changed while a run trains.{_suggest(str(key), list(LIVE_FIELDS))} "
             f"Live-editable fields: {', '.join(LIVE_FIELDS)}."
         )
     section, name = LIVE_FIELDS[key]
     expected = get_type_hints(SECTIONS[section])[name]
+    help_text = next(f.metadata.get("help", "") for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    takes = f"{key} takes {'an integer' if expected is int else 'a number'}: {help_text}."
     if isinstance(value, str):
+        if len(value) > MAX_LIVE_TEXT:
+            raise ConfigError(f"'{key}': a value of {len(value)} characters is not a value for it. {takes}")
         try:
             value = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}).") from None
-    return coerce_field(section, name, value, "set")
+        except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # ValueError: integers past 4,300 digits
+            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}). {takes}") from None
+    try:
+        return coerce_field(section, name, value, "set")
+    except ConfigError as error:
+        raise ConfigError(f"{_shorten(str(error))} {takes}") from None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = f"'{value}'" if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _shorten(message: str, limit: int = 400) -> str:
+    """A message quoting a huge value (a 60 KB string sent to ``set``) cut to a readable size."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."

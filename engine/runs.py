@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import adapter_path_problem
 from .journal import JOURNAL_NAME
 from .private import open_private, private_dir, tighten, tighten_tree, write_private
 
@@ -74,13 +75,17 @@ class RunDir:
     @property
     def adapters(self) -> Path:
         """Where the engine saves adapters: ``checkpoints.adapter_path`` of the run's config,
-        relative to the run folder (default ``adapters``)."""
+        relative to the run folder (default ``adapters``). A value that would leave the run folder
+        (engine.config.adapter_path_problem; a config that old tunetop versions accepted) reads
+        as the default: nothing outside the run folder is ever its adapter."""
         try:
             sections = tomllib.loads(self.config.read_text(encoding="utf-8"))
             folder = sections.get("checkpoints", {}).get("adapter_path", "adapters")
         except (OSError, tomllib.TOMLDecodeError, AttributeError):
             folder = "adapters"
-        return self.path / (folder if isinstance(folder, str) and folder else "adapters")
+        if not isinstance(folder, str) or adapter_path_problem(folder):
+            folder = "adapters"
+        return self.path / folder
 
     @property
     def checkpoints(self) -> Path:

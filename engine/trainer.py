@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Save:
     path: str
     kind: str = "adapter"
     checkpoint: str = ""  # the full-state checkpoint folder written with it, if any
+    removed: list[int] = field(default_factory=list)  # iterations whose checkpoints retention deleted with this save
 
 
 @dataclass
@@ -213,6 +215,17 @@ def _recomputing_class(cls: type) -> type:
     return _RECOMPUTING[cls]
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every random stream a run can draw from: ``mlx.random``, Python's and numpy's global ones.
+
+    Called right before the LoRA weights are drawn, so a seed fixes the run whatever the process
+    drew before (building the embedded model in the same process, a library user's own draws).
+    """
+    mx.random.seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 @dataclass
 class Shard:
     """This process's share of a data-parallel run: ``rank`` of ``size`` in ``group``.
@@ -267,7 +280,9 @@ class Trainer:
                 raise ValueError("packed training uses the default loss; set pack_width=0 to train with a custom loss")
             # Packing needs the default loss's meaning (mean over counted tokens); validation
             # stays unpacked, with ``loss``.
-            self.train_plan = PackPlan(train_set, parameters.batch_size, parameters.pack_width, parameters.seed)
+            self.train_plan = PackPlan(
+                train_set, parameters.batch_size, parameters.pack_width, parameters.seed, parameters.max_seq_length
+            )
             self.train_loss = partial(packed_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
             prepare_model(model)
         else:
@@ -287,6 +302,8 @@ class Trainer:
         self.last_nonfinite: NonFinite | None = None
         self.journal_seq: Callable[[], int] = lambda: 0
         self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
+        self.prompt_format = train_set.prompt_format  # how the training data put its prompts, for samples
+        self.row_format = train_set.row_format  # and how its rows were read (the chat template)
         # Runs first in every step, with the learning rate chosen: a distributed run's rank 0
         # tells the other ranks here which step to take.
         self.before_step: Callable[[Trainer], None] | None = None
@@ -427,29 +444,32 @@ class Trainer:
             raise CheckpointError(f"writing failed at iteration {self.iteration}: {error}") from None
 
     def _save(self) -> Save:
-        from .checkpoint import TrainerState, prune, write_checkpoint
+        from .checkpoint import TrainerState, list_checkpoints, prune, write_checkpoint
 
         p = self.parameters
         path = save_adapters(self.model, p.adapter_path, p.adapter_config, iteration=self.iteration)
-        prune_numbered(p.adapter_path, p.keep_last)
-        checkpoint = ""
-        if p.checkpoint_path is not None:
-            state = TrainerState(
-                iteration=self.iteration,
-                trained_tokens=self.trained_tokens,
-                epoch=self.epoch,
-                position=self.position,
-                learning_rate_override=self.learning_rate_override,
-                validation_loss=self.last_validation_loss,
-                seq=self.journal_seq(),
-                config_hash=p.config_hash,
-                saved_at=time.time(),
-                config=p.config_values,
-            )
-            folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
-            prune(p.checkpoint_path, p.keep_last)
-            checkpoint = str(folder)
-        return Save(self.iteration, str(path), checkpoint=checkpoint)
+        if p.checkpoint_path is None:
+            removed = [iteration for iteration, _path in prune_numbered(p.adapter_path, p.keep_last)]
+            return Save(self.iteration, str(path), removed=removed)
+        state = TrainerState(
+            iteration=self.iteration,
+            trained_tokens=self.trained_tokens,
+            epoch=self.epoch,
+            position=self.position,
+            learning_rate_override=self.learning_rate_override,
+            validation_loss=self.last_validation_loss,
+            seq=self.journal_seq(),
+            config_hash=p.config_hash,
+            saved_at=time.time(),
+            config=p.config_values,
+        )
+        folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
+        removed = sorted(int(gone.name) for gone in prune(p.checkpoint_path, p.keep_last))
+        # The numbered adapter copies follow the checkpoints (the best one stays with its checkpoint).
+        kept = {int(kept.name) for kept in list_checkpoints(p.checkpoint_path)}
+        prune_numbered(p.adapter_path, p.keep_last, keep=kept)
+        # The event says what retention deleted, so a client (perhaps on another machine) lists what exists.
+        return Save(self.iteration, str(path), checkpoint=str(folder), removed=removed)
 
     def restore(self, folder: Path) -> Any:
         """Continue from a full checkpoint: weights, optimizer, position, counters. Returns its state."""

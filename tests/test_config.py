@@ -109,9 +109,73 @@ def test_round_trip_through_tomli_w() -> None:
 
 
 def test_live_fields_are_coerced_and_others_refused() -> None:
-    assert config.coerce_live("learning_rate", "1e-4") == pytest.approx(1e-4)
+    assert config.coerce_live("learning_rate", "1e-4") == 1e-4  # parsed as Python parses the literal: the same double
     assert config.coerce_live("steps_per_eval", 50) == 50
     with pytest.raises(ConfigError, match="must be at least 1"):
         config.coerce_live("save_every", "0")
     with pytest.raises(ConfigError, match="cannot be changed while a run trains.*Live-editable fields"):
         config.coerce_live("batch_size", "8")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # 1e300 and 1e12 GB passed, then MLX raised OverflowError / TypeError with the value stored.
+        ("memory_limit_gb", 1e300, r"'training.memory_limit_gb' must be between 0.0 and 1000000.0, got 1e\+300\. "
+         "memory_limit_gb takes a number: Soft cap"),
+        ("memory_limit_gb", 1e12, "must be between 0.0 and 1000000.0, got 1000000000000.0"),
+        ("memory_limit_gb", "1e12", "must be between 0.0 and 1000000.0"),
+        ("memory_limit_gb", "1" * 5000, "a value of 5000 characters is not a value for it"),
+        ("memory_limit_gb", "[" * 90, "is not a value"),
+        ("learning_rate", {"x": "y" * 10_000}, "must be a finite number, got dict"),
+        ("steps_per_eval", [1], "must be an integer, got a list"),
+    ],
+)
+def test_live_values_are_refused_with_a_sentence(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        config.coerce_live(key, value)
+    assert len(str(caught.value)) < 600
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("../../../x", "climbs out of the run folder"),
+        ("adapters/../../x", "climbs out of the run folder"),
+        ("/tmp/elsewhere", "is an absolute path"),
+        ("~/adapters", "starts with '~'"),
+        ("", "is empty"),
+        ("checkpoints/mine", "checkpoint retention prunes"),
+    ],
+)
+def test_adapter_path_must_stay_inside_the_run_folder(value: str, why: str) -> None:
+    text = f'[checkpoints]\nsave_every = 5\nadapter_path = "{value}"\n'
+    with pytest.raises(ConfigError, match=r"run.toml:3: 'checkpoints.adapter_path' = .*" + why) as raised:
+        config.parse(text, "run.toml")
+    assert "tunetop export" in str(raised.value)
+
+
+def test_adapter_paths_inside_the_run_folder_are_fine() -> None:
+    for value in ("adapters", "out", "out/lora", ".", "./adapters", "my..adapters"):
+        assert config.parse(f'[checkpoints]\nadapter_path = "{value}"\n').checkpoints.adapter_path == value
+
+
+def test_train_refuses_an_escaping_adapter_path_and_writes_nothing_outside(tmp_path: Path) -> None:
+    from engine.runs import RunDir
+    from tests.conftest import tunetop, write_config
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "adapters.safetensors").write_bytes(b"someone else's file")
+    for value in ("../../../outside", str(outside)):
+        path = write_config(tmp_path / "run.toml", checkpoints={"save_every": 1, "keep_last": 1, "adapter_path": value})
+        result = tunetop("train", str(path))
+        assert result.returncode == 2, result.stderr
+        assert "'checkpoints.adapter_path'" in result.stderr and "Traceback" not in result.stderr
+        assert sorted(p.name for p in outside.iterdir()) == ["adapters.safetensors"]
+        assert (outside / "adapters.safetensors").read_bytes() == b"someone else's file"
+    # A run folder whose config escapes (written by an older version) reads its adapters inside.
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.config.write_text(f'[checkpoints]\nadapter_path = "{outside}"\n')
+    assert run.adapters == run.path / "adapters"

@@ -1,4 +1,9 @@
-"""RunState folds events into what the screen shows, without a terminal."""
+"""RunState folds events into what the screen shows, without a terminal.
+
+The numbers here are Python floats (doubles) through a few operations: pytest.approx's default
+(rel=1e-6) covers their rounding (1.1e-16 each; 2.4e-7 absolute for a timestamp near 1.8e9,
+1e-8 of the 21 s elapsed) with room to spare.
+"""
 
 from __future__ import annotations
 
@@ -94,8 +99,9 @@ def test_downsample_keeps_the_shape() -> None:
     xs = list(range(1_000_000))
     ys = [float(x % 100) for x in xs]
     dx, dy = downsample(xs, ys, 200)
-    assert len(dx) == 200 and dx[0] == pytest.approx(2499.5)
-    assert all(abs(y - 49.5) < 1e-6 for y in dy)
+    # Sums of integers below 2**53 and a division with an exact result: exact in doubles.
+    assert len(dx) == 200 and dx[0] == 2499.5
+    assert all(y == 49.5 for y in dy)
 
 
 def test_formatting() -> None:
@@ -127,3 +133,20 @@ def test_live_changes_update_the_config_the_set_form_shows() -> None:
     assert s.memory_cap == 12.0  # the throughput panel shows the peak against it
     s.apply({"seq": 1000, "ts": T0 + 101, "run": "r", "type": "config_changed", "changes": {"memory_limit_gb": 0.0}})
     assert s.memory_cap is None
+
+
+def test_checkpoint_rows_follow_retention_and_take_only_their_own_validation() -> None:
+    s = folded()  # saves at 100..400, each with a validation at the same iteration
+    assert [c.iteration for c in s.checkpoints] == [100, 200, 300, 400]
+
+    def event(seq: int, type_: str, **fields: object) -> dict:
+        return {"seq": seq, "ts": T0 + seq, "run": "r", "type": type_, **fields}
+
+    s.apply(event(1001, "save", iteration=431, path="a", kind="adapter", removed=[100, 200]))
+    assert [c.iteration for c in s.checkpoints] == [300, 400, 431]
+    assert s.checkpoints[-1].validation_loss is None  # the last validation was at 400, not of these weights
+    assert "removed the checkpoints of iterations 100, 200" in s.logs[-1].message
+    s.apply(event(1002, "validation", iteration=431, loss=1.25, seconds=0.1))
+    assert s.checkpoints[-1].validation_loss == 1.25  # evaluated after saving: the same weights
+    s.apply(event(1003, "save", iteration=431, path="a", kind="adapter", removed=[]))
+    assert [c.iteration for c in s.checkpoints] == [300, 400, 431]  # a second save at 431 replaces the first

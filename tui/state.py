@@ -26,11 +26,15 @@ class ValidationRow:
 
 @dataclass
 class CheckpointRow:
+    """A save whose checkpoint still exists (``save`` events add rows; their ``removed`` field takes
+    away the ones that retention deleted)."""
+
     iteration: int
     path: str
     kind: str
     ts: float
-    validation_loss: float | None  # the latest validation at or before this save
+    validation_loss: float | None  # measured at this very iteration; None when no validation ran there
+    checkpoint: str = ""  # the full-state checkpoint folder
 
 
 @dataclass
@@ -68,7 +72,7 @@ class RunState:
     checkpoints: list[CheckpointRow] = field(default_factory=list)
     logs: deque[LogLine] = field(default_factory=lambda: deque(maxlen=2000))
     log_total: int = 0  # lines ever logged; the deque keeps only the last 2000
-    samples: list[tuple[int, str, str]] = field(default_factory=list)  # (iteration, prompt, completion)
+    samples: list[tuple[int, str, str, bool]] = field(default_factory=list)  # (iteration, prompt, completion, raw)
     last_seq: int = 0
     events_applied: int = 0
     engine_state_from_heartbeat: str = ""
@@ -125,15 +129,28 @@ class RunState:
         loss = float(e["loss"]) if e.get("loss") is not None else math.nan
         previous = self.validations[-1].loss if self.validations else None
         change = loss - previous if previous is not None else None
-        self.validations.append(ValidationRow(int(e["iteration"]), loss, float(e.get("seconds") or 0.0), change))
+        iteration = int(e["iteration"])
+        self.validations.append(ValidationRow(iteration, loss, float(e.get("seconds") or 0.0), change))
+        for saved in self.checkpoints:  # `save` then `evaluate` at one iteration: the same weights
+            if saved.iteration == iteration:
+                saved.validation_loss = loss
 
     def _on_save(self, e: dict[str, Any]) -> None:
         iteration = int(e["iteration"])
-        validation = next((v.loss for v in reversed(self.validations) if v.iteration <= iteration), None)
+        # A validation loss belongs to the weights it measured: only one at this very iteration.
+        validation = next((v.loss for v in reversed(self.validations) if v.iteration == iteration), None)
+        removed = set(e.get("removed") or ()) | {iteration}  # a second save at one iteration replaces the first
+        self.checkpoints = [c for c in self.checkpoints if c.iteration not in removed]
         self.checkpoints.append(
-            CheckpointRow(iteration, str(e.get("path", "")), str(e.get("kind", "adapter")), float(e.get("ts") or 0), validation)
+            CheckpointRow(iteration, str(e.get("path", "")), str(e.get("kind", "adapter")), float(e.get("ts") or 0),
+                          validation, str(e.get("checkpoint") or ""))
         )
-        self._note(e, f"saved {e.get('kind', 'adapter')} at iteration {iteration}: {e.get('path', '')}")
+        self.checkpoints.sort(key=lambda c: c.iteration)  # a resume from an earlier checkpoint saves below later ones
+        where = e.get("checkpoint") or e.get("path", "")
+        self._note(e, f"saved {e.get('kind', 'adapter')} at iteration {iteration}: {where}")
+        if e.get("removed"):
+            gone = ", ".join(str(i) for i in sorted(e["removed"]))
+            self._note(e, f"checkpoints.keep_last removed the checkpoints of iterations {gone}")
 
     def _note(self, e: dict[str, Any], message: str, level: str = "log") -> None:
         self.logs.append(LogLine(float(e.get("ts") or 0), level, message))
@@ -179,8 +196,10 @@ class RunState:
         self._note(e, f"resumed at iteration {iteration} from {e.get('checkpoint', '')}")
 
     def _on_sample(self, e: dict[str, Any]) -> None:
-        self.samples.append((int(e.get("iteration") or 0), str(e.get("prompt", "")), str(e.get("completion", ""))))
-        self._note(e, f"sample @ {e.get('iteration')}: {e.get('prompt', '')!r} -> {e.get('completion', '')!r}")
+        raw = e.get("prompt_format") == "raw"
+        self.samples.append((int(e.get("iteration") or 0), str(e.get("prompt", "")), str(e.get("completion", "")), raw))
+        how = " (raw)" if raw else ""
+        self._note(e, f"sample @ {e.get('iteration')}{how}: {e.get('prompt', '')!r} -> {e.get('completion', '')!r}")
 
     def _on_nonfinite(self, e: dict[str, Any]) -> None:
         pass  # the warning event that follows carries the message
