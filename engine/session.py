@@ -148,7 +148,9 @@ class Engine:
     def set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
-            self.emit("state", state=state)
+            # The iteration too: a pause lands between reports, and a screen shows where it stopped.
+            at = {} if self.trainer is None else {"iteration": self.trainer.iteration}
+            self.emit("state", state=state, **at)
 
     # -- commands ------------------------------------------------------------------------
 
