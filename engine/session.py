@@ -8,12 +8,14 @@ between steps by the loop's control hook, so training never waits on a client.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
 import queue
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,13 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+
+HEAVY_COMMANDS = ("sample", "evaluate")
+"""Commands that run the model: one per step boundary while training, so a queue of them cannot hold the loop."""
+QUICK_COMMANDS = ("pause", "resume", "stop", "set", "status")
+"""Commands applied as soon as they are seen, even between the tokens of a sample."""
+MAX_WAITING_HEAVY = 32
+"""Samples and evaluations that may wait their turn; more are refused with a 'busy' reply."""
 
 
 class ModelError(RuntimeError):
@@ -107,6 +116,14 @@ class Engine:
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
         self._sampled_at = -1
+        # Commands taken off the queue but not applied yet (the loop's thread only): heavy ones wait
+        # for their step boundary while quick ones that came later are applied.
+        self._waiting: collections.deque[PendingCommand] = collections.deque()
+        self._heavy_waiting = 0
+        # Fault injection for tests: seconds to wait at each of a sample's checks, so that a sample
+        # lasts long enough on the tiny embedded model for a pause, stop or signal to land inside it.
+        self._slow_sample = float(os.environ.get("TUNETOP_FAULT_SLOW_SAMPLE") or 0)
+        self._server_failure = ""  # set by the server thread as it ends; read by the loop
         self._warnings: Any = None  # run_warnings.WarningSink while the run is active
 
     # -- events --------------------------------------------------------------------------
@@ -208,23 +225,12 @@ class Engine:
             elif name == "status":
                 respond(Reply(command.id, True, result=self.status_result()))
             elif name == "sample":
-                prompt = command.args.get("prompt")
-                if not isinstance(prompt, str) or not prompt:
-                    respond(Reply(command.id, False, "sample needs args.prompt, a non-empty string"))
-                    return
-                max_tokens = command.args.get("max_tokens", self.cfg.sampling.max_tokens)
-                temperature = command.args.get("temperature", self.cfg.sampling.temperature)
-                raw = command.args.get("raw", False)
-                if not isinstance(raw, bool):
-                    respond(Reply(command.id, False, "sample's args.raw must be true or false"))
-                    return
+                prompt, max_tokens, temperature, raw = self._sample_args(command.args)
                 try:
-                    max_tokens = config_module.coerce_field("sampling", "max_tokens", max_tokens, "sample")
-                    temperature = config_module.coerce_field("sampling", "temperature", temperature, "sample")
-                except ConfigError as error:
+                    event = self._sample(prompt, max_tokens, temperature, raw)
+                except (SampleError, SampleInterrupted) as error:
                     respond(Reply(command.id, False, str(error)))
                     return
-                event = self._sample(prompt, max_tokens, temperature, raw)
                 result = {key: event[key] for key in ("iteration", "completion", "prompt_format")}
                 respond(Reply(command.id, True, result=result))
             else:
@@ -235,8 +241,22 @@ class Engine:
             self.emit("error", message=f"command {name} failed: {type(error).__name__}: {error}")
             respond(Reply(command.id, False, f"{type(error).__name__}: {error}"))
 
+    def _sample_args(self, args: dict[str, Any]) -> tuple[str, int, float, bool]:
+        """A ``sample`` command's prompt, max_tokens, temperature and raw, checked; ConfigError says what is wrong."""
+        prompt = args.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError("sample needs args.prompt, a non-empty string")
+        max_tokens = args.get("max_tokens", self.cfg.sampling.max_tokens)
+        temperature = args.get("temperature", self.cfg.sampling.temperature)
+        raw = args.get("raw", False)
+        if not isinstance(raw, bool):
+            raise ConfigError("sample's args.raw must be true or false")
+        max_tokens = config_module.coerce_field("sampling", "max_tokens", max_tokens, "sample")
+        temperature = config_module.coerce_field("sampling", "temperature", temperature, "sample")
+        return prompt, max_tokens, temperature, raw
+
     def _sample(self, prompt: str, max_tokens: int, temperature: float, raw: bool = False) -> dict[str, Any]:
-        completion = sample(self.trainer, prompt, max_tokens, temperature, raw)
+        completion = sample(self.trainer, prompt, max_tokens, temperature, raw, should_stop=self._between_tokens)
         return self.emit(
             "sample",
             iteration=self.trainer.iteration,
@@ -254,26 +274,51 @@ class Engine:
         if due and self._sampled_at != trainer.iteration:
             self._sampled_at = trainer.iteration
             for prompt in s.sample_prompts:
-                self._sample(prompt, s.max_tokens, s.temperature)
+                try:
+                    self._sample(prompt, s.max_tokens, s.temperature)
+                except SampleError as error:  # a config's prompt too long for the run: say so, train on
+                    self.emit("warning", message=f"sampling.sample_prompts: {error}")
+                except SampleInterrupted:
+                    return
+
+    def _between_tokens(self) -> bool:
+        """A sample's check after each token (and prefill chunk): True to cut it short.
+
+        Quick commands are applied here, so ``pause`` and ``stop`` are answered within a token,
+        and a stop (a command, SIGTERM or Ctrl-C) ends the sample at once.
+        """
+        if self._slow_sample:
+            time.sleep(self._slow_sample)
+        self._take_incoming()
+        for pending in [w for w in self._waiting if w.command.cmd in QUICK_COMMANDS]:
+            self._waiting.remove(pending)
+            self._apply(pending)
+        self._stop_if_deaf()
+        return bool(self.control.stop_reason)
 
     def _apply_set(self, args: dict[str, Any]) -> dict[str, Any]:
         if not args:
             raise ConfigError("set needs at least one KEY=VALUE; live fields: " + ", ".join(config_module.LIVE_FIELDS))
         values = {key: config_module.coerce_live(key, value) for key, value in args.items()}  # all or nothing
         p = self.trainer.parameters
+        if "memory_limit_gb" in values:  # the one change that can still fail (in MLX): first, undone on failure
+            # A run sharing a GPU can be made to yield memory without a restart.
+            before = p.memory_limit_gb
+            p.memory_limit_gb = values["memory_limit_gb"]
+            try:
+                self.trainer.apply_memory_limit()
+            except Exception as error:
+                p.memory_limit_gb = before
+                self.trainer.apply_memory_limit()
+                raise ConfigError(f"memory_limit_gb = {values['memory_limit_gb']} was refused by MLX ({error}); "
+                                  f"it stays {before}. Give a cap in GB within the machine's memory.") from None
         for key, value in values.items():
             section, name = config_module.LIVE_FIELDS[key]
             setattr(getattr(self.cfg, section), name, value)
             if key == "learning_rate":
                 # From now on a constant rate: the user took the wheel from the schedule.
                 self.trainer.set_learning_rate(value)
-            elif key == "save_every":
-                p.save_every = value
-            elif key == "memory_limit_gb":
-                # A run sharing a GPU can be made to yield memory without a restart.
-                p.memory_limit_gb = value
-                self.trainer.apply_memory_limit()
-            else:
+            elif key != "memory_limit_gb":  # applied above
                 setattr(p, key, value)
         self.emit("config_changed", changes=values)
         return values
@@ -287,24 +332,91 @@ class Engine:
             "seq": self.events.last_seq if self.events else 0,
         }
 
+    def server_died(self, why: str) -> None:
+        """The command server ended (called from its thread): the loop saves and stops at the next step.
+
+        Without it nothing can pause, stop or watch the run; training on deaf would hold the GPU
+        until a SIGTERM, with `tunetop ls` saying all is well.
+        """
+        self._server_failure = why or "unknown error"
+
+    def _stop_if_deaf(self) -> None:
+        if self._server_failure and self.control.stop_reason != "server_failed":
+            self.emit("error", message=f"the command server stopped ({self._server_failure}); nothing can pause, "
+                      "stop or watch this run any more, so it saves and stops. Continue it with "
+                      f"`tunetop train --resume {self.run_dir.id}`.")
+            self.control.stop_reason = "server_failed"
+            self.control.exit_code = EXIT_FAILED
+            self.control.paused = False
+
     def _control(self, trainer: Any) -> Any:
-        """The loop's between-steps hook: apply commands, idle while paused."""
+        """The loop's between-steps hook: apply commands, idle while paused.
+
+        While training, at most one heavy command (a sample or an evaluation) runs per step
+        boundary: a queue of them slows training down but never holds it.
+        """
         from .trainer import Disposition
 
         self._scheduled_samples(trainer)
+        heavy_ran = False
         while True:
+            self._stop_if_deaf()
             if self.world is not None:
                 self.world.check()  # a rank that died while this one idled ends the run now
-            try:
-                pending = self.commands.get(timeout=0.2 if self.control.paused else 0)
-            except queue.Empty:
-                pending = None
-            if pending is not None:
-                self._apply(pending)
             if self.control.stop_reason:
                 return Disposition.STOP
-            if not self.control.paused and self.commands.empty():
+            self._take_incoming()
+            pending = self._next_waiting(heavy=self.control.paused or not heavy_ran)
+            if pending is not None:
+                heavy_ran = heavy_ran or pending.command.cmd in HEAVY_COMMANDS
+                self._apply(pending)
+                continue
+            if not self.control.paused:
                 return Disposition.MORE
+            with contextlib.suppress(queue.Empty):  # paused with nothing to do: wait for a command
+                self._enqueue(self.commands.get(timeout=0.2))
+
+    def _enqueue(self, pending: PendingCommand) -> None:
+        if pending.command.cmd == "sample":  # bad arguments are answered now, not after the queue's wait
+            try:
+                self._sample_args(pending.command.args)
+            except ConfigError as error:
+                pending.respond(Reply(pending.command.id, False, str(error)))
+                return
+        if pending.command.cmd in HEAVY_COMMANDS:
+            if self._heavy_waiting >= MAX_WAITING_HEAVY:
+                pending.respond(Reply(pending.command.id, False, f"busy: {MAX_WAITING_HEAVY} samples and evaluations "
+                                      "are already waiting their turn; ask again once some are answered"))
+                return
+            self._heavy_waiting += 1
+        self._waiting.append(pending)
+
+    def _take_incoming(self) -> None:
+        """Move what the server thread queued to ``_waiting`` (refusing heavy commands past the limit)."""
+        while True:
+            try:
+                self._enqueue(self.commands.get_nowait())
+            except queue.Empty:
+                return
+
+    def _next_waiting(self, heavy: bool) -> PendingCommand | None:
+        """The oldest waiting command, skipping heavy ones unless ``heavy``."""
+        for index, pending in enumerate(self._waiting):
+            if pending.command.cmd in HEAVY_COMMANDS:
+                if not heavy:
+                    continue
+                self._heavy_waiting -= 1
+            del self._waiting[index]
+            return pending
+        return None
+
+    def _refuse_waiting(self, why: str) -> None:
+        """Answer every command still waiting: the loop that would apply them has ended."""
+        self._take_incoming()
+        while self._waiting:
+            pending = self._waiting.popleft()
+            pending.respond(Reply(pending.command.id, False, why))
+        self._heavy_waiting = 0
 
     # -- the run -------------------------------------------------------------------------
 
@@ -516,15 +628,13 @@ class Engine:
             self.emit("log", message=traceback.format_exc())
             self.set_state("failed")
             self.emit("finished", reason="failed", iteration=trainer.iteration)
+            self._refuse_waiting("the run has failed")
             return EXIT_FAILED
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
-        self.set_state("finished")
+        self.set_state("failed" if reason == "server_failed" else "finished")
         self.emit("finished", reason=reason, iteration=trainer.iteration)
-        # Commands that arrived after the last step still get an answer.
-        while not self.commands.empty():
-            pending = self.commands.get_nowait()
-            pending.respond(Reply(pending.command.id, False, "the run has finished"))
+        self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code
 
     @staticmethod
@@ -639,23 +749,77 @@ def choose_pack_width(cfg: RunConfig, train_set: Any, model: Any, report: Callab
     return width
 
 
-def sample(trainer: Any, prompt: str, max_tokens: int, temperature: float, raw: bool = False) -> str:
+class SampleError(ValueError):
+    """A sample that cannot be taken (a prompt too long for the run); the text says why and what to do."""
+
+
+class SampleInterrupted(Exception):
+    """A sample cut short because the run is stopping."""
+
+
+PREFILL_TOKENS = 256
+"""Prompt tokens run at a time before a sample's first token; each chunk is a chance to stop."""
+
+
+def prompt_limit(trainer: Any) -> tuple[int, str]:
+    """The longest prompt a sample takes, in tokens, and where that limit comes from.
+
+    The run's ``data.max_seq_length``: what the adapter was trained on, and a bound on the
+    time and memory the prompt costs (a 60,000-token prompt held the loop for many minutes).
+    The model's own context (``max_position_embeddings``) when that is shorter.
+    """
+    limit, source = int(trainer.parameters.max_seq_length), "data.max_seq_length"
+    context = getattr(getattr(trainer.model, "args", None), "max_position_embeddings", None)
+    if isinstance(context, int) and 0 < context < limit:
+        limit, source = context, "the model's max_position_embeddings"
+    return limit, source
+
+
+def sample(
+    trainer: Any,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    raw: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> str:
     """Complete ``prompt`` with the weights as they are now (mlx-lm's generation).
 
     The prompt is formatted as the run's training data formatted its prompts (the chat template
     for chat data and for prompt/completion data on a tokenizer that has one, :func:`sampling_prompt`);
     ``raw`` sends the text as it is. Training state is untouched: the model goes back to train
     mode, the compiled step is a separate function, and the trainer reseeds mx.random before
-    every step anyway.
+    every step anyway. ``should_stop`` is asked after every prefill chunk and every token; True
+    raises :class:`SampleInterrupted`. A prompt over :func:`prompt_limit` raises :class:`SampleError`.
     """
-    from mlx_lm import generate
+    from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
+
+    tokenizer = trainer.tokenizer
+    tokens = sampling_prompt(trainer, prompt, raw)
+    if isinstance(tokens, str):  # raw text, tokenized as mlx-lm's generate does: a BOS unless it starts with one
+        add_special_tokens = tokenizer.bos_token is None or not tokens.startswith(tokenizer.bos_token)
+        tokens = tokenizer.encode(tokens, add_special_tokens=add_special_tokens)
+    limit, source = prompt_limit(trainer)
+    if len(tokens) > limit:
+        raise SampleError(f"the prompt is {len(tokens)} tokens long; a sample takes at most {limit} ({source}). "
+                          "Shorten the prompt.")
+
+    def check(*_progress: int) -> None:
+        if should_stop is not None and should_stop():
+            raise SampleInterrupted("the sample was cut short: the run is stopping")
 
     model = trainer.model
     model.eval()
     try:
-        tokens = sampling_prompt(trainer, prompt, raw)
-        return str(generate(model, trainer.tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
+        completion = ""
+        for response in stream_generate(
+            model, tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(temp=temperature),
+            prefill_step_size=PREFILL_TOKENS, prompt_progress_callback=check,
+        ):
+            completion += response.text
+            check()
+        return completion
     finally:
         model.train()
 
