@@ -313,7 +313,9 @@ class Engine:
     def set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
-            self.emit("state", state=state)
+            # The iteration too: a pause lands between reports, and a screen shows where it stopped.
+            at = {} if self.trainer is None else {"iteration": self.trainer.iteration}
+            self.emit("state", state=state, **at)
 
     # -- commands ------------------------------------------------------------------------
 
@@ -856,7 +858,7 @@ def build_trainer(
     from .adapters import adapter_config, apply_fine_tuning, count_parameters
     from .datasource import load_run_splits
     from .optimizers import build_optimizer, build_schedule
-    from .trainer import Trainer, TrainingParameters, seed_everything
+    from .trainer import Trainer, TrainingParameters, default_loss, seed_everything
 
     config_module.check_paths(cfg)
     if shard is not None and cfg.training.batch_size % shard.size:
@@ -864,6 +866,11 @@ def build_trainer(
             f"{cfg.source or 'config'}: training.batch_size = {cfg.training.batch_size} does not split over "
             f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
         )
+    loss = default_loss
+    if cfg.training.loss:  # checked before the model loads: a typo fails in a second
+        from .custom_loss import load_loss
+
+        loss = load_loss(cfg.training.loss, cfg.source)
     model, tokenizer, model_path = load_model_and_tokenizer(cfg, report)
     splits = load_run_splits(cfg, tokenizer)
     # The LoRA weights are drawn from the global streams: seed them here, not before loading,
@@ -872,7 +879,7 @@ def build_trainer(
     apply_fine_tuning(model, cfg.lora)
     trainable, total = count_parameters(model)
     t = cfg.training
-    pack_width = choose_pack_width(cfg, splits["train"], model, report)
+    pack_width = choose_pack_width(cfg, splits["train"], model, report, loss)
     parameters = TrainingParameters(
         batch_size=t.batch_size,
         iterations=t.iterations,
@@ -899,21 +906,34 @@ def build_trainer(
     )
     optimizer = build_optimizer(cfg.optimizer)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
-    trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, shard=shard)
+    trainer = Trainer(
+        model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, loss=loss, shard=shard
+    )
     trainer.tokenizer = tokenizer  # for samples from the live adapter (prompts formatted as the training data's)
     if pack_width and report is not None:
         report(trainer.train_plan.describe())  # type: ignore[union-attr]
     return trainer, model_path, trainable, total
 
 
-def choose_pack_width(cfg: RunConfig, train_set: Any, model: Any, report: Callable[[str], None] | None) -> int:
+def choose_pack_width(
+    cfg: RunConfig, train_set: Any, model: Any, report: Callable[[str], None] | None, loss: Any = None
+) -> int:
     """The packed row width for this run, or 0 for padded batches (``data.packing``)."""
     import mlx.nn as nn
 
+    from .custom_loss import accepts_segments
     from .packing import helps, pack_width
 
     mode = cfg.data.packing
     if mode == "off":
+        return 0
+    if cfg.training.loss and loss is not None and not accepts_segments(loss):
+        if mode == "on":
+            raise ConfigError(f"{cfg.source or 'config'}: data.packing = \"on\" needs training.loss = {cfg.training.loss!r} "
+                              "to take the example boundaries: add a segments=None parameter (README, 'As a library'), "
+                              "or set data.packing = \"off\".")
+        if report is not None:
+            report(f"packing off: training.loss = {cfg.training.loss!r} takes no segments parameter (data.packing = \"auto\")")
         return 0
     width = min(cfg.data.pack_length or pack_width(train_set, cfg.data.max_seq_length), cfg.data.max_seq_length)
     has_rope = any(isinstance(getattr(m, "rope", None), nn.Module) for _n, m in model.named_modules())
