@@ -632,8 +632,11 @@ class Engine:
             return Disposition.MORE
         if isinstance(event, SaveFailed):
             self._save_failed(event.iteration, event.error)
-            # Wait here rather than at the next step: the run's last save has no next step.
-            return self._control(self.trainer)
+            if self.trouble is not None and self.trouble.save_iteration == event.iteration:
+                # A full disk: wait for room here rather than at the next step, since the run's
+                # last save has no next step. Other failures (NaN weights) pause at the next one.
+                return self._control(self.trainer)
+            return Disposition.MORE
 
         if isinstance(event, Train):
             fields = dict(event.__dict__)
