@@ -49,6 +49,45 @@ def adapter_config(config: LoRAConfig, model_path: str, extra: dict[str, Any] | 
     return out
 
 
+def describe_fine_tuning(model: nn.Module, model_path: str = "") -> dict[str, Any]:
+    """The ``adapter_config.json`` of a model as it is adapted now, read from its layers.
+
+    Works for models adapted by :func:`apply_fine_tuning` or by mlx-lm's ``linear_to_lora_layers``:
+    LoRA (or DoRA) modules give the rank, scale, dropout and keys, the blocks that hold them give
+    ``num_layers`` (counted from the last, as mlx-lm counts); without any, the blocks with trainable
+    parameters make it a ``full`` fine-tune.
+    """
+    blocks = list(model.layers)  # type: ignore[attr-defined]
+    found: dict[str, Any] = {}
+    keys: set[str] = set()
+    first = len(blocks)
+    for number, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Module) and "lora_a" in module and "lora_b" in module:
+                keys.add(name)
+                first = min(first, number)
+                found = found or {
+                    "dora": "m" in module,
+                    "rank": int(module.lora_a.shape[-2] if module.lora_a.ndim == 3 else module.lora_a.shape[-1]),
+                    "scale": float(module.scale),
+                    "dropout": round(1.0 - float(getattr(module.dropout, "_p_1", 1.0)), 6),
+                }
+    if found:
+        out: dict[str, Any] = {
+            "fine_tune_type": "dora" if found["dora"] else "lora",
+            "num_layers": len(blocks) - first,
+            "lora_parameters": {
+                "rank": found["rank"], "scale": found["scale"], "dropout": found["dropout"], "keys": sorted(keys)
+            },
+        }
+    else:
+        trained = [n for n, block in enumerate(blocks) if tree_flatten(block.trainable_parameters())]
+        out = {"fine_tune_type": "full", "num_layers": len(blocks) - min(trained, default=len(blocks))}
+    if model_path:
+        out["model"] = model_path
+    return out
+
+
 def apply_fine_tuning(model: nn.Module, config: LoRAConfig) -> None:
     """Freeze the base model and make the chosen parameters trainable, in place."""
     model.freeze()
@@ -101,7 +140,7 @@ def save_adapters(
 ) -> Path:
     """Write the adapter (and a numbered copy when ``iteration`` is given); return the weights path."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # adapters are private to their owner
     weights = trainable_weights(model)
     mx.eval(weights)
     write_text_atomic(directory / ADAPTER_CONFIG, json.dumps(config_json, indent=2))

@@ -88,6 +88,9 @@ class TrainingConfig:
     memory_limit_gb: float = field(
         default=0.0, metadata={"help": "Soft cap: past it MLX waits for queued GPU work to finish; 0 = MLX's default"}
     )
+    loss: str = field(
+        default="", metadata={"help": "A custom loss, \"package.module:function\" or \"file.py:function\"; empty = the default"}
+    )
 
 
 @dataclass
@@ -410,6 +413,9 @@ def load(path: str | Path) -> RunConfig:
             candidate = base / section.path
             if candidate.exists():
                 section.path = str(candidate)
+    module, _, function = config.training.loss.rpartition(":")
+    if module.endswith(".py") and not Path(module).is_absolute() and (base / module).is_file():
+        config.training.loss = f"{base / module}:{function}"
     template = config.data.chat_template
     if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
         config.data.chat_template = str(base / template)
