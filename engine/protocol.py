@@ -38,7 +38,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "nonfinite": ("iteration", "loss", "epoch", "batch", "action"),
     "world": ("size", "backend"),
     "rank_failed": ("ranks", "iteration", "message"),
-    "state": ("state",),
+    "state": ("state", "iteration"),
     "log": ("message",),
     "warning": ("message",),
     "error": ("message",),

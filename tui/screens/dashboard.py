@@ -27,7 +27,7 @@ from engine.runs import RunDir
 from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
 from tui.source import EventSource, JournalSource, LiveSource
 from tui.state import ACTIVE_STATES, RunState
-from tui.widgets.chart import LossChart
+from tui.widgets.chart import Y_MODES, LossChart
 from tui.widgets.panels import RunHeader, ThroughputPanel
 
 REFRESH_HZ = 8
@@ -65,6 +65,7 @@ class DashboardScreen(Screen[None]):
         Binding("l", "set_form", "Set LR/intervals"),
         Binding("m", "smoothing", "Smoothing"),
         Binding("w", "window", "Window"),
+        Binding("y", "y_range", "Y range"),
         Binding("c", "edit_config", "Config"),
         Binding("g", "playground", "Playground"),
         Binding("question_mark", "help", "Help", key_display="?"),
@@ -88,13 +89,15 @@ class DashboardScreen(Screen[None]):
         if remote is not None and remote.tunnel is not None:
             from tui.client import RunClient
 
-            self.source = LiveSource(RunClient(remote.tunnel.local, self._on_events, self._on_status))
+            self.source = LiveSource(
+                RunClient(remote.tunnel.local, self._on_events, self._on_status, on_heartbeat=self._on_heartbeat)
+            )
         elif remote is not None:
             from tui.source import CommandSource
 
             self.source = CommandSource(remote.history_command(), self._on_events, self._on_status)
         elif self.live:
-            self.source = LiveSource.for_run(run, self._on_events, self._on_status)
+            self.source = LiveSource.for_run(run, self._on_events, self._on_status, self._on_heartbeat)
         else:
             self.source = JournalSource(run.journal, self._on_events, self._on_status)
         self._source_task: asyncio.Task[None] | None = None
@@ -159,6 +162,10 @@ class DashboardScreen(Screen[None]):
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         self.run_state.apply_all(events)
         self._dirty = True
+
+    def _on_heartbeat(self, event: dict[str, Any]) -> None:
+        self.run_state.apply(event)  # the engine's iteration now, between reports
+        self._dirty_header = True
 
     def _on_status(self, status: str, detail: str) -> None:
         header = self.query_one(RunHeader)
@@ -225,6 +232,8 @@ class DashboardScreen(Screen[None]):
         chart = self.query_one(LossChart)
         theme = self.app.current_theme
         window = "whole run" if chart.window == 0 else f"last {chart.window:,} iterations"
+        if chart.y_mode == "full":
+            window += ", every value"
         train, val = theme.accent or theme.primary, theme.warning or "yellow"
         return f"loss · [{train}]━ train (EMA {chart.smoothing:g})[/] · [{val}]● validation[/] · {window}"
 
@@ -306,6 +315,12 @@ class DashboardScreen(Screen[None]):
         chart = self.query_one(LossChart)
         index = WINDOW_STEPS.index(chart.window) if chart.window in WINDOW_STEPS else 0
         chart.window = WINDOW_STEPS[(index + 1) % len(WINDOW_STEPS)]
+        self._dirty = True
+
+    def action_y_range(self) -> None:
+        """Toggle the loss chart's y-axis: fitted to the recent curve (an early spike clipped), or all of it."""
+        chart = self.query_one(LossChart)
+        chart.y_mode = Y_MODES[(Y_MODES.index(chart.y_mode) + 1) % len(Y_MODES)] if chart.y_mode in Y_MODES else Y_MODES[0]
         self._dirty = True
 
     def action_edit_config(self) -> None:
