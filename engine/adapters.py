@@ -110,10 +110,24 @@ def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) logical parameter counts.
+
+    A quantized layer stores its weight packed into 32-bit words, plus a scale (and a bias) per
+    group: it counts as the weights it stands for (``words x 32 / bits``), its scales and biases
+    not at all, so a 4-bit 8B model counts 8B, not the 1.2B words that hold it.
+    """
+    sizes = {name: int(v.size) for name, v in tree_flatten(model.parameters())}  # type: ignore[misc,union-attr,str-unpack]
+    for name, module in model.named_modules():
+        bits = getattr(module, "bits", None)
+        weight = module.get("weight") if isinstance(module, dict) else None
+        if not isinstance(bits, int) or not isinstance(weight, mx.array) or weight.dtype != mx.uint32:
+            continue
+        prefix = f"{name}." if name else ""
+        for part in ("weight", "scales", "biases"):
+            sizes.pop(prefix + part, None)
+        sizes[prefix + "weight"] = int(weight.size) * 32 // bits
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))  # type: ignore[misc,union-attr,str-unpack]
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))  # type: ignore[misc,union-attr,str-unpack]
-    return int(trainable), int(total)
+    return int(trainable), sum(sizes.values())
 
 
 def _save_safetensors_atomic(path: Path, weights: dict[str, mx.array]) -> None:
@@ -126,7 +140,7 @@ def save_adapters(
 ) -> Path:
     """Write the adapter (and a numbered copy when ``iteration`` is given); return the weights path."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # adapters are private to their owner
     weights = trainable_weights(model)
     mx.eval(weights)
     write_text_atomic(directory / ADAPTER_CONFIG, json.dumps(config_json, indent=2))

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .curve import CurveServer
-from .endpoints import Endpoints, endpoints_for
+from .endpoints import Endpoints, SocketError, endpoints_for
 from .journal import frame, read_range
+from .private import write_private
 from .protocol import (
     END_MARKER,
     HISTORY_END_MARKER,
@@ -94,8 +95,16 @@ class Server:
         self._wake()
 
     def start(self) -> None:
+        """Bind the sockets; SocketError says why they could not be."""
         self._thread.start()
         self._ready.wait(10)
+        if isinstance(self._error, SocketError):
+            raise self._error
+        if isinstance(self._error, (OSError, zmq.ZMQError)):
+            address = ", ".join(
+                [self.endpoints.events, self.endpoints.commands] + ([self.tcp.events, self.tcp.commands] if self.tcp else [])
+            )
+            raise SocketError(f"the engine cannot open its sockets ({address}): {self._error}") from self._error
         if self._error is not None:
             raise self._error
 
@@ -206,7 +215,10 @@ class Server:
         engine = self.engine
         last_seq = engine.events.last_seq if engine.events else 0
         iteration = engine.trainer.iteration if engine.trainer is not None else 0
-        event = make_event(engine.run_dir.id, last_seq, "heartbeat", iteration=iteration, state=engine.state)
+        # While writes fail (a full disk) the heartbeat carries the notice the journal cannot hold yet.
+        text = getattr(engine, "notice", "")  # stand-in engines (tests, tools) may have none
+        notice: dict[str, Any] = {"notice": text} if text else {}
+        event = make_event(engine.run_dir.id, last_seq, "heartbeat", iteration=iteration, state=engine.state, **notice)
         payload = encode(event)
         for pub in pubs:
             pub.send_multipart([b"evt", payload], zmq.NOBLOCK)
@@ -352,7 +364,8 @@ def attach_server(engine: Engine, tcp: CurveServer | None = None) -> Server:
     assert engine.events is not None
     engine.events.subscribers.append(server.publish)
     engine.on_close.append(lambda _engine: server.close())
-    engine.run_dir.endpoints_file.write_text(
+    write_private(
+        engine.run_dir.endpoints_file,
         json.dumps(
             {
                 "events": server.endpoints.events,
@@ -360,6 +373,6 @@ def attach_server(engine: Engine, tcp: CurveServer | None = None) -> Server:
                 "protocol": PROTOCOL_VERSION,
                 **({"tcp_events": tcp.events, "tcp_commands": tcp.commands, "server_key": tcp.public_key.decode()} if tcp else {}),
             }
-        )
+        ).encode(),
     )
     return server

@@ -3,17 +3,21 @@
 ``Engine.run()`` loads the model, tokenizer and data named by the config, applies LoRA, and
 drives :func:`engine.trainer.run_loop`. Every progress event becomes a journaled protocol event.
 Commands arrive on a thread-safe queue (filled by the ZeroMQ server thread) and are applied
-between steps by the loop's control hook, so training never waits on a client.
+between steps by the loop's control hook, so training never waits on a client. A write that
+fails (a full disk) pauses the run; what could not be written waits in memory and is written,
+and the run resumed, when there is room again (engine.write_trouble).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import math
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -25,10 +29,12 @@ from typing import Any
 from . import config as config_module
 from .config import EMBEDDED, ConfigError, RunConfig
 from .data import DataError
+from .endpoints import SocketError
 from .events import EventLog
 from .journal import JournalWriter
 from .protocol import Command, Reply
 from .runs import RunDir, RunLock
+from .write_trouble import ROOM_BYTES, WriteTrouble, free_bytes, reason
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -116,6 +122,12 @@ class Engine:
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
         self._sampled_at = -1
+        self.trouble: WriteTrouble | None = None  # writes that failed; the run is paused until they succeed
+        self._status_dirty = False  # status.json could not be written
+        self._digest_dirty = False  # nor the history digest
+        self._unsaved: int | None = None  # the iteration of a save that failed
+        self._save_bytes = 0
+        self._tensorboard: Any = None
         # Commands taken off the queue but not applied yet (the loop's thread only): heavy ones wait
         # for their step boundary while quick ones that came later are applied.
         self._waiting: collections.deque[PendingCommand] = collections.deque()
@@ -135,9 +147,20 @@ class Engine:
         event = self.events.emit(type_, **fields)
         self._update_status(event)
         if type_ == "save":  # a crash later costs a reader only the events since this save
-            with contextlib.suppress(OSError):
-                self.events.write_digest()
+            self._write_digest()
         return event
+
+    def _write_digest(self) -> bool:
+        assert self.events is not None
+        try:
+            self.events.write_digest()
+        except OSError as error:
+            self._digest_dirty = True
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):  # a cache, but a full disk is everyone's trouble
+                self._write_failed("history.ttj", error)
+            return False
+        self._digest_dirty = False
+        return True
 
     def _update_status(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -157,7 +180,132 @@ class Engine:
             return
         status["updated"] = event["ts"]
         status["seq"] = event["seq"]
-        self.run_dir.write_status(status)
+        self._write_status()
+
+    def _write_status(self) -> bool:
+        try:
+            self.run_dir.write_status(self._status)
+        except OSError as error:
+            self._status_dirty = True
+            self._write_failed(self.run_dir.status_file.name, error)
+            return False
+        self._status_dirty = False
+        return True
+
+    # -- writes that fail ----------------------------------------------------------------
+
+    @property
+    def notice(self) -> str:
+        """While writes fail: what failed and what the engine does about it ("" otherwise).
+
+        Published in heartbeats and ``status`` replies, since the journal may not hold it yet."""
+        trouble = self.trouble
+        return trouble.notice(self.events.held if self.events else 0) if trouble else ""
+
+    def _write_failed(self, what: str, error: OSError) -> None:
+        """A write failed (the journal, a subscriber, status, digest): pause, and say so once."""
+        if self.trouble is not None:
+            self.trouble.add(what)
+            return
+        self.trouble = WriteTrouble(what, reason(error), auto_resume=not self.control.paused)
+        self.control.paused = True
+        notice = self.notice
+        with contextlib.suppress(OSError):  # stderr is engine.log, likely on the same full disk
+            print(f"tunetop: {notice}", file=sys.stderr, flush=True)
+        self.emit("warning", message=notice)  # held with the rest until the journal has room
+        self.set_state("paused")
+
+    def _room(self) -> int | None:
+        """The least free space where the run writes (its folder, checkpoints, adapters)."""
+        run = self.run_dir
+        free = [f for f in (free_bytes(run.path), free_bytes(run.checkpoints), free_bytes(run.adapters)) if f is not None]
+        return min(free) if free else None
+
+    def _save_room(self) -> int:
+        """About what a save writes: the adapter and its numbered copy, and a checkpoint (weights and
+        optimizer moments), while the previous files still stand."""
+        if not self._save_bytes and self.trainer is not None:
+            from .adapters import trainable_weights
+
+            weights = sum(v.nbytes for v in trainable_weights(self.trainer.model).values())
+            self._save_bytes = 5 * weights + ROOM_BYTES
+        return self._save_bytes or ROOM_BYTES
+
+    def _recover(self, by_user: bool = False) -> bool:
+        """Write what is held; True when all of it is written. The run then resumes if the engine
+        paused it for this. ``by_user``: a `resume` command, which tries whatever the free space."""
+        trouble = self.trouble
+        assert trouble is not None and self.events is not None
+        trouble.last_try = time.monotonic()
+        room = self._room()
+        if not by_user and room is not None and room < trouble.room_needed:
+            return False
+        held = self.events.held
+        if not self.events.retry():
+            return False
+        if self._status_dirty and not self._write_status():
+            return False
+        if self._tensorboard is not None:
+            try:
+                self._tensorboard.flush()
+            except OSError:
+                return False
+        if self._digest_dirty and not self._write_digest():
+            return False
+        save: Any = None
+        if not by_user and trouble.save_iteration is not None and self.trainer is not None:
+            from .checkpoint import CheckpointError
+
+            try:
+                save = self.trainer.save()
+            except (OSError, CheckpointError):
+                return False
+            self._unsaved = None
+        self.trouble = None  # before the events below: if they fail, that is a new trouble
+        if save is not None:
+            self.emit("save", **save.__dict__)
+        self.emit("log", message=trouble.recovered(held, save.iteration if save is not None else None))
+        if trouble.auto_resume and not by_user and self.trouble is None and not self.control.stop_reason:
+            self.control.paused = False
+            self.set_state("running")
+        return True
+
+    def _retry_unsaved(self) -> str:
+        """On `resume` after a failed save: save again once; a note if it fails again."""
+        iteration, self._unsaved = self._unsaved, None
+        if iteration is None or self.trainer is None or iteration != self.trainer.iteration:
+            return ""
+        from .checkpoint import CheckpointError
+
+        try:
+            save = self.trainer.save()
+        except (OSError, CheckpointError) as error:
+            note = f"the save at iteration {iteration} failed again ({error}); training goes on and the next save tries again"
+            self.emit("warning", message=note)
+            return note
+        self.emit("save", **save.__dict__)
+        return ""
+
+    def _finish_writes(self) -> None:
+        """The run is over but some writes are held: wait for room, then let the engine exit.
+
+        Commands are answered (they can do nothing now); a signal gives up waiting."""
+        if self.trouble is None:
+            return
+        self.trouble.ended = True
+        self.trouble.auto_resume = False
+        with contextlib.suppress(OSError):
+            print(f"tunetop: {self.notice}", file=sys.stderr, flush=True)
+        before = self.control.stop_reason
+        while self.trouble is not None and self.control.stop_reason == before:
+            self._refuse_waiting(f"the run has ended: {self.notice}")
+            time.sleep(0.2)
+            if self.trouble.due():
+                self._recover()
+        if self.events is not None and self.events.held:
+            with contextlib.suppress(OSError):
+                print(f"tunetop: gave up waiting for room: {self.events.held} event(s) were never journaled.",
+                      file=sys.stderr, flush=True)
 
     def _log_line(self, message: str) -> None:
         self.emit("log", message=message)
@@ -181,6 +329,8 @@ class Engine:
         name = command.cmd
         try:
             if name == "pause":
+                if self.trouble is not None:  # paused for a full disk: from now on, paused by the user too
+                    self.trouble.auto_resume = False
                 if self.control.paused:
                     respond(Reply(command.id, True, result={"state": "paused", "note": "already paused"}))
                     return
@@ -189,9 +339,13 @@ class Engine:
                 respond(Reply(command.id, True, result={"state": "paused", "iteration": trainer.iteration}))
             elif name == "resume":
                 was = self.control.paused
+                if self.trouble is not None and not self._recover(by_user=True):
+                    respond(Reply(command.id, False, f"cannot resume yet: {self.notice}"))
+                    return
+                retried = self._retry_unsaved()
                 self.control.paused = False
                 self.set_state("running")
-                note = {} if was else {"note": "was not paused"}
+                note = {"note": retried} if retried else {} if was else {"note": "was not paused"}
                 respond(Reply(command.id, True, result={"state": "running", **note}))
             elif name == "stop":
                 self.control.stop_reason = "stopped"
@@ -325,11 +479,13 @@ class Engine:
 
     def status_result(self) -> dict[str, Any]:
         trainer = self.trainer
+        notice = self.notice
         return {
             "state": self.state,
             "iteration": trainer.iteration if trainer else 0,
             "iterations": self.cfg.training.iterations,
             "seq": self.events.last_seq if self.events else 0,
+            **({"notice": notice} if notice else {}),
         }
 
     def server_died(self, why: str) -> None:
@@ -363,6 +519,8 @@ class Engine:
             self._stop_if_deaf()
             if self.world is not None:
                 self.world.check()  # a rank that died while this one idled ends the run now
+            if self.trouble is not None and self.trouble.due():
+                self._recover()
             if self.control.stop_reason:
                 return Disposition.STOP
             self._take_incoming()
@@ -440,8 +598,18 @@ class Engine:
         signal.signal(signal.SIGTERM, on_signal)
 
     def _save_failed(self, iteration: int, error: str) -> None:
+        self._unsaved = iteration
+        needed = self._save_room()
+        room = self._room()
+        full = room is not None and room < needed
+        by_itself = " It saves and resumes by itself once there is room (checked every few seconds)." if full else ""
         self.emit("error", message=f"could not save at iteration {iteration}: {error}. The previous checkpoint "
-                  "is intact; the run is paused: free space or fix the folder, then resume.")
+                  f"is intact; the run is paused: free space or fix the folder, then resume.{by_itself}")
+        if full:  # a full disk: wait for room, then save again (engine.write_trouble)
+            if self.trouble is None:
+                self.trouble = WriteTrouble(f"the save of iteration {iteration}", error, auto_resume=not self.control.paused)
+            self.trouble.room_needed = max(self.trouble.room_needed, needed)
+            self.trouble.save_iteration = iteration
         self.control.paused = True
         self.set_state("paused")
 
@@ -464,6 +632,10 @@ class Engine:
             return Disposition.MORE
         if isinstance(event, SaveFailed):
             self._save_failed(event.iteration, event.error)
+            if self.trouble is not None and self.trouble.save_iteration == event.iteration:
+                # A full disk: wait for room here rather than at the next step, since the run's
+                # last save has no next step. Other failures (NaN weights) pause at the next one.
+                return self._control(self.trainer)
             return Disposition.MORE
 
         if isinstance(event, Train):
@@ -479,30 +651,43 @@ class Engine:
 
     def run(self) -> int:
         """Train to the end; return the process exit code (see README, 'Exit codes')."""
+        self.run_dir.make_private()  # a run made by an older version was 0755 / 0644
         self.lock.acquire()
         try:
             from .history import History
 
             self.events = EventLog(self.run_dir.id, JournalWriter(self.run_dir.journal, history=History()))
+            self.events.on_trouble = self._write_failed
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
-            tensorboard = None
+            if self.lock.replaced:
+                with contextlib.suppress(OSError):
+                    print(f"tunetop: warning: {self.lock.replaced}", file=sys.stderr, flush=True)
+                self.emit("warning", message=self.lock.replaced)
             if self.cfg.metrics.tensorboard:
                 from .tensorboard import TensorBoardWriter
 
-                tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard")
-                self.events.subscribers.append(tensorboard.on_event)
-            for hook in self.on_ready:
-                hook(self)
-            self._install_signal_handlers()
+                self._tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard", private=True)
+                self.events.subscribers.append(self._tensorboard.on_event)
             try:
-                return self._run()
+                try:
+                    for hook in self.on_ready:
+                        hook(self)
+                except SocketError as error:  # a socket folder that is not private, an address in use
+                    self.emit("error", message=str(error))
+                    self.set_state("failed")
+                    self.emit("finished", reason="bad_input", iteration=0)
+                    return EXIT_BAD_INPUT
+                self._install_signal_handlers()
+                code = self._run()
+                self._finish_writes()
+                return code
             finally:
                 for hook in self.on_close:
                     hook(self)
                 self.events.close()
-                if tensorboard is not None:
-                    tensorboard.close()
+                if self._tensorboard is not None:
+                    self._tensorboard.close()
         finally:
             self.lock.release()
 
