@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -250,7 +251,8 @@ class RestartingRoPE(nn.Module):
 
 
 def prepare_model(model: nn.Module) -> bool:
-    """Wrap every attention layer's RoPE; False when the model has none (packing cannot restart
+    """Wrap every attention layer's RoPE, and let the module holding the blocks take the block
+    mask from :func:`packed_forward`; False when the model has no RoPE (packing cannot restart
     its positions, so it is not used)."""
     found = False
     for _name, module in model.named_modules():
@@ -260,7 +262,63 @@ def prepare_model(model: nn.Module) -> bool:
         elif isinstance(rope, nn.Module):
             module.rope = RestartingRoPE(rope)
             found = True
+        if isinstance(module.get("layers"), list) and _takes_cache(type(module)):
+            module.__class__ = _masking_class(type(module))
     return found
+
+
+class _Packed:
+    """The block mask of the packed forward pass being traced (None outside :func:`packed_forward`)."""
+
+    mask: mx.array | None = None
+
+
+@contextlib.contextmanager
+def packed_forward(segments: mx.array, positions: mx.array) -> Iterator[None]:
+    """Inside, a prepared model called without a cache (``model(inputs)``, as a custom loss calls
+    it) runs packed: attention within each example, positions restarting per example."""
+    _Packed.mask = block_causal_mask(segments)
+    try:
+        with restarting_positions(positions):
+            yield
+    finally:
+        _Packed.mask = None
+
+
+def runs_packed(model: nn.Module) -> bool:
+    """Whether :func:`packed_forward` reaches this (prepared) model's attention."""
+    return any(getattr(type(m), "takes_packed_mask", False) for _n, m in model.named_modules())
+
+
+def _takes_cache(cls: type) -> bool:
+    try:
+        return "cache" in inspect.signature(cls.__call__).parameters  # type: ignore[operator]
+    except (TypeError, ValueError):
+        return False
+
+
+_MASKING: dict[type, type] = {}
+
+
+def _masking_class(cls: type) -> type:
+    """``cls`` (a module holding the blocks) whose call without a cache uses the packed mask."""
+    if getattr(cls, "takes_packed_mask", False):
+        return cls
+    if cls not in _MASKING:
+        forward = cls.__call__  # type: ignore[operator]
+        signature = inspect.signature(forward)
+
+        def call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if _Packed.mask is None:
+                return forward(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
+            if bound.arguments.get("cache") is None:
+                bound.arguments["cache"] = [PackedCache(_Packed.mask) for _ in self.layers]  # type: ignore[attr-defined]
+            return forward(*bound.args, **bound.kwargs)
+
+        namespace = {"__call__": call, "takes_packed_mask": True, "__module__": cls.__module__}
+        _MASKING[cls] = type(f"Packing{cls.__name__}", (cls,), namespace)
+    return _MASKING[cls]
 
 
 class PackedCache:
@@ -284,6 +342,19 @@ def block_causal_mask(segments: mx.array) -> mx.array:
     same = segments[:, None, :, None] == segments[:, None, None, :]
     causal = mx.tril(mx.ones((length, length), dtype=mx.bool_))
     return mx.logical_and(same, causal)
+
+
+def packed_custom_loss(loss: Any) -> Any:
+    """A custom loss (engine.custom_loss) on packed batches: ``loss(model, tokens, targets,
+    segments=segments)`` inside :func:`packed_forward`."""
+
+    def call(
+        model: nn.Module, tokens: mx.array, segments: mx.array, positions: mx.array, targets: mx.array
+    ) -> tuple[mx.array, mx.array]:
+        with packed_forward(segments, positions):
+            return loss(model, tokens, targets, segments=segments)  # type: ignore[no-any-return]
+
+    return call
 
 
 def packed_loss(

@@ -274,3 +274,25 @@ def test_memory_limit_gb_sets_mlx_soft_memory_cap(tmp_path: Path) -> None:
         assert mx.get_memory_limit() == previous
     finally:
         mx.set_memory_limit(previous)
+
+
+def test_parameter_counts_are_logical_for_quantized_layers(tmp_path: Path) -> None:
+    """A quantized model counts the weights its packed words stand for, not the words (issue 22)."""
+    from mlx_lm import load
+
+    from engine.adapters import apply_fine_tuning, count_parameters
+    from engine.demo import embedded_model_path
+
+    model, _tokenizer = load(str(embedded_model_path()))
+    _, full = count_parameters(model)
+    assert full == sum(v.size for _, v in tree_flatten(model.parameters()))
+    for bits in (4, 8):
+        quantized, _ = load(str(embedded_model_path()))
+        nn.quantize(quantized, group_size=32, bits=bits)
+        assert isinstance(quantized.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+        assert count_parameters(quantized)[1] == full, bits
+        cfg = make_cfg()
+        apply_fine_tuning(quantized, cfg.lora)
+        trainable, total = count_parameters(quantized)
+        assert trainable == sum(v.size for _, v in tree_flatten(quantized.trainable_parameters())) > 0
+        assert total == full + trainable  # the LoRA weights are parameters of the model too
