@@ -13,6 +13,9 @@ folder is renamed into place, the parent folder is fsynced, and only then is the
 pointer replaced atomically. A crash at any moment leaves the previous checkpoints intact and
 at worst a ``.tmp-*`` folder, which the next save removes. The random state needs no saving:
 the trainer reseeds ``mx.random`` from (seed, iteration) before every step.
+
+Finding and listing checkpoints imports no mlx (the TUI resumes runs on machines without it):
+only writing and reading the arrays does.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import mlx.core as mx
-from mlx.utils import tree_flatten
+from typing import TYPE_CHECKING, Any
 
 from .atomic import fsync_dir, fsync_file, write_text_atomic
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -90,6 +93,9 @@ def write_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     final = directory / checkpoint_name(state.iteration)
     temp = directory / f".tmp-{checkpoint_name(state.iteration)}-{os.getpid()}"
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     temp.mkdir(mode=0o700)
     try:
         flat_optimizer = {k: v for k, v in tree_flatten(optimizer_state) if isinstance(v, mx.array)}  # type: ignore[misc,str-unpack]
@@ -155,6 +161,8 @@ def find_checkpoint(directory: Path, iteration: int | None) -> Path:
 
 def read_checkpoint(folder: Path) -> tuple[TrainerState, dict[str, mx.array], dict[str, mx.array]]:
     """(state, trainable weights, flat optimizer state) of one checkpoint."""
+    import mlx.core as mx
+
     try:
         state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
         weights = mx.load(str(folder / WEIGHTS_FILE))
