@@ -75,6 +75,7 @@ def _start_run(
         try:
             spawn_engine(run, extra_args=extra)
         except EngineStartError as error:
+            mark_failed_start(run, str(error), cfg.name)
             print(f"tunetop: {error}", file=sys.stderr)
             return error.code, run.id
         return 0, run.id
@@ -152,14 +153,26 @@ def _run_engine(
         try:
             tcp = prepare(listen, run.path)
         except CurveError as error:
+            mark_failed_start(run, str(error), cfg.name)
             return _fail(str(error))
     engine.on_ready.append(lambda owner: attach_server(owner, tcp))
     if foreground:
         print(f"run {run.id} in {run.path}", flush=True)
     try:
         return engine.run()
+    except (RunError, ConfigError) as error:  # before the journal opened: no event can say it
+        mark_failed_start(run, str(error), cfg.name)
+        raise
     finally:
         reporter.close()
+
+
+def mark_failed_start(run: Any, message: str, name: str = "") -> None:
+    """Record in status.json that a run's engine failed before it wrote any status of its own, so
+    `tunetop ls` shows it as failed (never trained) rather than in an unknown state."""
+    status = run.status()
+    if not status.get("state"):  # a run that has a state (one being resumed, a live one) keeps it
+        run.write_status({"name": name, **status, "state": "failed", "reason": "bad_input", "error": message})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -357,25 +370,35 @@ def cmd_ls(args: argparse.Namespace) -> int:
         from tui.remote import RemoteError, parse_target, run_remote
 
         try:
-            print(run_remote(parse_target(args.host, with_run=False), ["ls", *(["--json"] if args.json else [])]), end="")
+            flags = [*(["--json"] if args.json else []), *(["--all"] if args.all else [])]
+            print(run_remote(parse_target(args.host, with_run=False), ["ls", *flags]), end="")
         except RemoteError as error:
             return _fail(str(error), EXIT_UNREACHABLE)
         return 0
 
     rows = []
+    trained = []
+    hidden = 0
     for run in list_runs():
         s = run.summary()
+        if s["failed_before_training"] and not args.all:  # a config or data mistake: nothing to see
+            hidden += 1
+            continue
         rows.append(
             (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
         )
+        trained.append(s["trained"])
     header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
     if args.json:
-        for row in rows:
-            print(json.dumps(dict(zip([h.lower() for h in header], row, strict=True))))
+        for row, was_trained in zip(rows, trained, strict=True):
+            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), "trained": was_trained}))
         return 0
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    for row in (header, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    for number, row in enumerate((header, *rows)):
+        line = "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        if number == 0 and hidden:
+            line += f"   ({hidden} run{'s' if hidden > 1 else ''} that failed before training hidden; `tunetop ls --all` shows them)"
+        print(line)
     return 0
 
 
@@ -477,16 +500,19 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import EXPORTERS, ExportError, check_output, saved_iteration
+    from .export import EXPORTERS, ExportError, check_output, check_outside_run, saved_iteration
     from .runs import resolve
 
     run = resolve(args.run)
     output = Path(args.output).expanduser().absolute()
     try:
+        check_outside_run(run, output)
         check_output(output, args.force)
         out = EXPORTERS[args.format](run, output, args.checkpoint)
     except ExportError as error:
         return _fail(str(error))
+    except OSError as error:  # a folder that cannot be written, a full disk
+        return _fail(f"cannot export to {output}: {error.strerror or error}. Choose a folder you can write to.")
     iteration = saved_iteration(run, args.checkpoint)
     what = f"the adapter of iteration {iteration:,}" if iteration is not None else "the latest adapter"
     source = f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the latest save"
@@ -504,12 +530,24 @@ def cmd_export_metrics(args: argparse.Namespace) -> int:
 
         if not args.output:
             return _fail("--format tensorboard needs --output DIR (the folder to point `tensorboard --logdir` at).")
-        path = write_from_events(list(read_events(resolve(args.run).journal)), Path(args.output))
+        folder = Path(args.output)
+        if folder.exists() and not folder.is_dir():
+            return _fail(f"{folder} is a file; --format tensorboard writes into a folder: give a folder's path.")
+        try:
+            path = write_from_events(list(read_events(resolve(args.run).journal)), folder)
+        except OSError as error:
+            return _fail(f"cannot write to {folder}: {error.strerror or error}. Choose a folder you can write to.")
         print(f"wrote {path}")
         return 0
     text = metrics_text(resolve(args.run), args.format)
     if args.output:
-        Path(args.output).write_text(text)
+        output = Path(args.output)
+        if output.is_dir():
+            return _fail(f"{output} is a folder; --output names the file to write, e.g. {output / ('metrics.' + args.format)}.")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as error:
+            return _fail(f"cannot write {output}: {error.strerror or error}. Choose a path you can write to.")
     else:
         sys.stdout.write(text)
     return 0
@@ -523,10 +561,19 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.force:
         return _fail(f"{output} already exists; pass --force to overwrite it.")
-    config_module.save(cfg, output)
+    if output.is_dir():
+        return _fail(f"{output} is a folder; --output names the TOML file to write, e.g. {output / 'run.toml'}.")
+    try:
+        config_module.save(cfg, output)
+    except OSError as error:
+        return _fail(f"cannot write {output}: {error.strerror or error}. Choose a path you can write to.")
     print(f"wrote {output}")
     for note in notes:
         print(f"  not carried over: {note}")
+    if cfg.model.trust_remote_code:
+        print(f"  warning: trust_remote_code: true was carried over (model.trust_remote_code in {output}): training "
+              f"will run the Python code that comes with {cfg.model.path}. Keep it only if you trust that code; "
+              "otherwise set it to false.")
     return 0
 
 
@@ -604,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list runs, here or on HOST (user@host[:port], over ssh)")
     p.add_argument("host", nargs="?")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="also the runs that failed before training (hidden by default)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("events", help="print a run's events as JSON lines")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_module
+from .userfiles import not_a_regular_file
 
 # mlx_lm.lora key -> (section, our key); values copied as they are.
 DIRECT: dict[str, tuple[str, str]] = {
@@ -62,36 +63,58 @@ def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     for key, value in raw.items():
         if value is None:
             continue
-        if key in DIRECT:
-            section, ours = DIRECT[key]
-            if key == "val_batches" and value == -1:
-                value = 0  # mlx-lm's "all" is our 0
-            if key == "optimizer":
-                value = str(value).lower()
-            put(section, ours, value)
-        elif key == "lora_parameters":
-            for name in ("rank", "scale", "dropout", "keys"):
-                if name in value:
-                    put("lora", name, value[name])
-            extra = set(value) - {"rank", "scale", "dropout", "keys"}
-            if extra:
-                notes.append(f"lora_parameters: {', '.join(sorted(extra))} not used")
-        elif key == "optimizer_config":
-            for name, options in (value or {}).items():
-                for option, setting in (options or {}).items():
-                    if option in ("weight_decay", "momentum"):
-                        put("optimizer", option, setting)
-                    else:
-                        notes.append(f"optimizer_config.{name}.{option}: not used by tunetop")
-        elif key == "lr_schedule":
-            notes.extend(_schedule(value, put))
-        elif key == "clear_cache_threshold":  # bytes in mlx-lm
-            put("training", "clear_cache_gb", float(value) / 1e9)
-        elif key in NOT_USED:
-            notes.append(f"{key}: {NOT_USED[key]}")
-        else:
-            notes.append(f"{key}: unknown to mlx_lm.lora 0.32 and to tunetop; ignored")
+        if key in MAPPINGS and not isinstance(value, dict):
+            raise config_module.ConfigError(
+                f"'{key}' must be a mapping ({MAPPINGS[key]}), got {type(value).__name__} ({value!r:.60})."
+            )
+        try:
+            _convert_key(key, value, put, notes)
+        except (TypeError, ValueError, AttributeError) as error:  # a nested value of the wrong kind
+            raise config_module.ConfigError(
+                f"'{key}' = {value!r:.80} is not what mlx_lm.lora takes there ({error}). Fix that key."
+            ) from None
     return out, notes
+
+
+# Keys whose value is a mapping in mlx_lm.lora's configs, and what it holds.
+MAPPINGS = {
+    "lora_parameters": "rank, scale, dropout, keys",
+    "optimizer_config": "optimizer name -> its options",
+    "lr_schedule": "name, arguments, warmup, warmup_init",
+}
+
+
+def _convert_key(key: str, value: Any, put: Any, notes: list[str]) -> None:
+    """Carry one mlx_lm.lora key over with ``put``, or add a note on why it is not."""
+    if key in DIRECT:
+        section, ours = DIRECT[key]
+        if key == "val_batches" and value == -1:
+            value = 0  # mlx-lm's "all" is our 0
+        if key == "optimizer":
+            value = str(value).lower()
+        put(section, ours, value)
+    elif key == "lora_parameters":
+        for name in ("rank", "scale", "dropout", "keys"):
+            if name in value:
+                put("lora", name, value[name])
+        extra = set(value) - {"rank", "scale", "dropout", "keys"}
+        if extra:
+            notes.append(f"lora_parameters: {', '.join(sorted(extra))} not used")
+    elif key == "optimizer_config":
+        for name, options in (value or {}).items():
+            for option, setting in (options or {}).items():
+                if option in ("weight_decay", "momentum"):
+                    put("optimizer", option, setting)
+                else:
+                    notes.append(f"optimizer_config.{name}.{option}: not used by tunetop")
+    elif key == "lr_schedule":
+        notes.extend(_schedule(value, put))
+    elif key == "clear_cache_threshold":  # bytes in mlx-lm
+        put("training", "clear_cache_gb", float(value) / 1e9)
+    elif key in NOT_USED:
+        notes.append(f"{key}: {NOT_USED[key]}")
+    else:
+        notes.append(f"{key}: unknown to mlx_lm.lora 0.32 and to tunetop; ignored")
 
 
 def _schedule(value: dict[str, Any], put: Any) -> list[str]:
@@ -129,13 +152,30 @@ def import_yaml(path: Path) -> tuple[config_module.RunConfig, list[str]]:
 
     # mlx-lm's own loader reads 1e-5 as a number, as mlx_lm.lora does (plain YAML 1.1 would not).
     from mlx_lm.lora import yaml_loader as loader
+    kind = not_a_regular_file(path)
+    if kind:
+        raise config_module.ConfigError(f"{path}: is {kind}, not a YAML file. Give the path of an mlx_lm.lora config.")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise config_module.ConfigError(f"{path}: no such file.") from None
+    except UnicodeDecodeError:
+        raise config_module.ConfigError(f"{path}: not a UTF-8 text file; an mlx_lm.lora config is YAML text.") from None
+    except OSError as error:
+        raise config_module.ConfigError(f"{path}: cannot read it: {error.strerror}.") from None
+    try:
+        raw = yaml.load(text, Loader=loader) or {}
     except yaml.YAMLError as error:
         raise config_module.ConfigError(f"{path}: not valid YAML: {error}") from None
+    except (RecursionError, ValueError):  # nesting too deep, an integer of thousands of digits
+        raise config_module.ConfigError(
+            f"{path}: holds a value nested too deeply or a number too long to read; fix it (mlx_lm.lora "
+            "options are flat values, lists and small mappings)."
+        ) from None
     if not isinstance(raw, dict):
         raise config_module.ConfigError(f"{path}: expected a mapping of mlx_lm.lora options at the top level.")
-    data, notes = convert(raw)
+    try:
+        data, notes = convert(raw)
+    except config_module.ConfigError as error:
+        raise config_module.ConfigError(f"{path}: {error}") from None
     return config_module.from_dict(data, source=str(path)), notes

@@ -27,7 +27,7 @@ from .data import DataError
 from .events import EventLog
 from .journal import JournalWriter
 from .protocol import Command, Reply
-from .runs import RunDir, RunLock
+from .runs import RunDir, RunError, RunLock
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -53,6 +53,31 @@ class ControlState:
     paused: bool = False
     stop_reason: str = ""
     exit_code: int = EXIT_OK
+
+
+def nonfinite_message(event: Any) -> str:
+    """What an unusable step (``trainer.NonFinite``) was and what happens next, in a sentence or two."""
+    where = f"at iteration {event.iteration} (epoch {event.epoch}, batch {event.batch})"
+    cause = {
+        "loss": f"the loss is {event.loss} {where}",
+        "gradients": f"the gradients hold NaN or infinity {where} (loss {event.loss:.4f})",
+        "update": f"the update {where} would make the weights NaN or infinite (loss {event.loss:.4f}); "
+        "the learning rate is likely too high",
+    }.get(event.cause, f"step {where} is not finite")
+    if event.action == "skipped":
+        return f"{cause}: the batch was skipped and its update undone."
+    undone = "its update was undone, the weights are those before this batch"
+    if event.action == "stop":
+        return f"{cause}: {undone}; the run stops (training.on_nonfinite = \"stop\")."
+    if event.streak > 1:
+        return (
+            f"{cause}: {event.streak} steps in a row could not be used, so skipping cannot recover; {undone}. "
+            "The run is paused: lower the learning rate (`tunetop set learning_rate=...`) and resume, or stop it."
+        )
+    return (
+        f"{cause}: {undone}. The run is paused (training.on_nonfinite = \"pause\"): resume to go on, "
+        "perhaps with a lower learning rate (`tunetop set learning_rate=...`), or stop it."
+    )
 
 
 def load_model_and_tokenizer(cfg: RunConfig, report: Callable[[str], None] | None = None) -> tuple[Any, Any, str]:
@@ -105,9 +130,13 @@ class Engine:
         self.state = ""
         # The pid tells a starter waiting on status.json that this engine, not an earlier one, wrote it.
         self._status: dict[str, Any] = {"name": cfg.name, "iterations": cfg.training.iterations, "pid": os.getpid()}
+        if resume:  # until the checkpoint is restored, `ls` keeps showing where the run stood
+            previous = run.status()
+            self._status.update({k: previous[k] for k in ("iteration", "loss", "val_loss", "trained") if k in previous})
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
         self._sampled_at = -1
+        self._first_iteration: int | None = None  # where this engine's loop began
 
     # -- events --------------------------------------------------------------------------
 
@@ -288,6 +317,13 @@ class Engine:
         from .trainer import Disposition
 
         self._scheduled_samples(trainer)
+        if self._first_iteration is None:
+            self._first_iteration = trainer.iteration
+        elif trainer.iteration > self._first_iteration and not self._status.get("stepped"):
+            # This engine's first step ran: `train --detach` knows the engine got past it, and
+            # `ls` no longer counts the run among those that failed before training.
+            self._status.update(stepped=True, trained=True)
+            self.run_dir.write_status(self._status)
         while True:
             if self.world is not None:
                 self.world.check()  # a rank that died while this one idled ends the run now
@@ -323,9 +359,21 @@ class Engine:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
 
+    def _last_checkpoint(self) -> str:
+        """A sentence naming the run's latest complete checkpoint, or saying there is none."""
+        from .checkpoint import latest_checkpoint
+
+        try:
+            latest = latest_checkpoint(self.run_dir.checkpoints)
+        except OSError:
+            latest = None
+        if latest is None:
+            return "No checkpoint has been saved yet."
+        return f"The last checkpoint, of iteration {int(latest.name):,}, is intact ({latest})."
+
     def _save_failed(self, iteration: int, error: str) -> None:
-        self.emit("error", message=f"could not save at iteration {iteration}: {error}. The previous checkpoint "
-                  "is intact; the run is paused: free space or fix the folder, then resume.")
+        self.emit("error", message=f"could not save at iteration {iteration}: {error}. {self._last_checkpoint()} "
+                  "The run is paused: free space or fix the folder, then resume.")
         self.control.paused = True
         self.set_state("paused")
 
@@ -334,12 +382,7 @@ class Engine:
 
         if isinstance(event, NonFinite):
             self.emit("nonfinite", **event.__dict__)
-            what = {"skipped": "the batch was skipped", "pause": "the run is paused", "stop": "the run stops"}
-            self.emit(
-                "warning",
-                message=f"loss is {event.loss} at iteration {event.iteration} (epoch {event.epoch}, batch "
-                f"{event.batch}): {what.get(event.action, event.action)}; the last good checkpoint is kept.",
-            )
+            self.emit("warning", message=f"{nonfinite_message(event)} {self._last_checkpoint()}")
             if event.action == "pause":
                 self.control.paused = True
                 self.set_state("paused")
@@ -366,8 +409,17 @@ class Engine:
         self.lock.acquire()
         try:
             from .history import History
+            from .journal import JournalError
 
-            self.events = EventLog(self.run_dir.id, JournalWriter(self.run_dir.journal, history=History()))
+            try:
+                journal = JournalWriter(self.run_dir.journal, history=History())
+            except JournalError as error:
+                raise RunError(
+                    f"{error} The run's event history cannot be read, so this engine cannot add to it. The "
+                    f"checkpoints are untouched: restore journal.ttj from a copy, or move it aside (the TUI "
+                    f"then shows only what happens from now on) and run `tunetop train --resume {self.run_dir.id}` again."
+                ) from None
+            self.events = EventLog(self.run_dir.id, journal)
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
             tensorboard = None
@@ -376,11 +428,13 @@ class Engine:
 
                 tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard")
                 self.events.subscribers.append(tensorboard.on_event)
-            for hook in self.on_ready:
-                hook(self)
-            self._install_signal_handlers()
             try:
+                for hook in self.on_ready:
+                    hook(self)
+                self._install_signal_handlers()
                 return self._run()
+            except Exception as error:  # a bug: the run still ends as failed, with one clear line
+                return self._crashed(error)
             finally:
                 for hook in self.on_close:
                     hook(self)
@@ -426,6 +480,16 @@ class Engine:
         self.world.setup(config_text, self.cfg.source or str(self.run_dir.config))
         self.emit("world", size=group.size(), backend=self.plan.backend)
         return Shard(group, group.rank(), group.size())
+
+    def _crashed(self, error: Exception) -> int:
+        """End the run as failed after an unexpected exception (a bug), its traceback in the log."""
+        when = "while starting" if self.state in ("", "starting") else f"at iteration {self.trainer.iteration if self.trainer else 0}"
+        self.emit("error", message=f"internal error {when}: {type(error).__name__}: {error}. This is a bug in "
+                  f"tunetop; `tunetop events {self.run_dir.id}` shows its traceback.")
+        self.emit("log", message=traceback.format_exc())
+        self.set_state("failed")
+        self.emit("finished", reason="failed", iteration=self.trainer.iteration if self.trainer else 0)
+        return EXIT_FAILED
 
     def _fail_world(self, message: str) -> int:
         self.emit("error", message=message)
@@ -579,7 +643,10 @@ def build_trainer(
     # The LoRA weights are drawn from the global streams: seed them here, not before loading,
     # because loading may have drawn (a first run builds the embedded model in this process).
     seed_everything(cfg.training.seed)
-    apply_fine_tuning(model, cfg.lora)
+    try:
+        apply_fine_tuning(model, cfg.lora)
+    except ConfigError as error:
+        raise ConfigError(f"{cfg.source or 'config'}: {error}") from None
     trainable, total = count_parameters(model)
     t = cfg.training
     pack_width = choose_pack_width(cfg, splits["train"], model, report)
