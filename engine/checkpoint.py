@@ -85,12 +85,12 @@ def write_checkpoint(
     directory: Path, state: TrainerState, weights: dict[str, mx.array], optimizer_state: dict[str, Any]
 ) -> Path:
     """Write one checkpoint atomically and point ``latest`` at it; return its folder."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the whole run (engine.private)
     for stale in directory.glob(".tmp-*"):  # leftovers of a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
     final = directory / checkpoint_name(state.iteration)
     temp = directory / f".tmp-{checkpoint_name(state.iteration)}-{os.getpid()}"
-    temp.mkdir()
+    temp.mkdir(mode=0o700)
     try:
         flat_optimizer = {k: v for k, v in tree_flatten(optimizer_state) if isinstance(v, mx.array)}  # type: ignore[misc,str-unpack]
         mx.eval(weights, flat_optimizer)

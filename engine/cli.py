@@ -9,6 +9,7 @@ by SIGTERM (adapter saved first).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -18,6 +19,8 @@ from typing import Any
 
 from .blas import preload_optimized_blas
 from .config import LIVE_FIELDS, ConfigError
+from .endpoints import SocketError, socket_dir
+from .private import ENGINE_UMASK, write_private
 from .runs import RunError
 
 EXIT_UNREACHABLE = 3
@@ -62,12 +65,19 @@ def _start_run(
     from . import config as config_module
     from .runs import create_run
 
+    socket_dir()  # a socket folder that is not private is refused before anything is created
     if listen:  # refuse an unsafe listener before anything is created
-        from .curve import check_listen
+        from .curve import check_listen, exposure_warning
 
         check_listen(listen)
+        if warning := exposure_warning(listen):
+            print(f"tunetop: warning: {warning}", file=sys.stderr)
     run = create_run()
-    config_module.save(cfg, run.config)
+    try:
+        write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
+    except OSError:
+        run.path.rmdir()  # no half-made run for `tunetop ls` to show (a full disk)
+        raise
     extra = (["--listen", listen] if listen else []) + (world or [])
     if detach:
         from .daemon import EngineStartError, spawn_engine
@@ -109,7 +119,7 @@ def _launch_mpi(args: argparse.Namespace, cfg: Any) -> int:
     except WorldError as error:
         return _fail(str(error))
     run = create_run()
-    config_module.save(cfg, run.config)
+    write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
     command = mpi_launch_command(run.path, hosts, [])
     print(f"run {run.id}: {' '.join(command)}", flush=True)
     if not args.detach:
@@ -139,6 +149,7 @@ def _run_engine(
     from .runs import RunDir
     from .session import Engine
 
+    os.umask(ENGINE_UMASK)  # what libraries write (checkpoints' safetensors) is private too
     preload_optimized_blas(warn=True)
     run = RunDir(run_path)
     cfg = config_module.load(run.config)
@@ -148,13 +159,16 @@ def _run_engine(
 
     tcp = None
     if listen:
-        from .curve import CurveError, prepare
+        from .curve import CurveError, exposure_warning, prepare
 
         try:
             tcp = prepare(listen, run.path)
+            warning = exposure_warning(listen)
         except CurveError as error:
             mark_failed_start(run, str(error), cfg.name)
             return _fail(str(error))
+        if warning:
+            engine.on_ready.append(lambda owner: owner.emit("warning", message=warning))
     engine.on_ready.append(lambda owner: attach_server(owner, tcp))
     if foreground:
         print(f"run {run.id} in {run.path}", flush=True)
@@ -217,6 +231,7 @@ def _resume(args: argparse.Namespace) -> int:
     from .runs import resolve
 
     run = resolve(args.resume or None)
+    socket_dir()
     if run.is_alive():
         return _fail(f"run {run.id} is still training (pid {run.engine_pid()}); nothing to resume.")
     try:
@@ -243,6 +258,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         from .distributed import follow, rank_from_env
 
         if rank_from_env() != 0:  # mlx.launch starts the same command on every host
+            os.umask(ENGINE_UMASK)
             preload_optimized_blas(warn=False)
             return follow(args.backend)
     return _run_engine(
@@ -259,6 +275,7 @@ def cmd_follower(args: argparse.Namespace) -> int:
     """Internal: ranks 1..N-1 of a distributed run (started by rank 0 or by mlx.launch)."""
     from .distributed import follow
 
+    os.umask(ENGINE_UMASK)
     preload_optimized_blas(warn=False)
     return follow(args.backend)
 
@@ -557,7 +574,7 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     from . import config as config_module
     from .import_config import import_yaml
 
-    cfg, notes = import_yaml(Path(args.yaml))
+    cfg, imported = import_yaml(Path(args.yaml))
     output = Path(args.output)
     if output.exists() and not args.force:
         return _fail(f"{output} already exists; pass --force to overwrite it.")
@@ -568,10 +585,16 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     except OSError as error:
         return _fail(f"cannot write {output}: {error.strerror or error}. Choose a path you can write to.")
     print(f"wrote {output}")
-    for note in notes:
-        print(f"  not carried over: {note}")
+    if imported.filled:
+        print("mlx_lm.lora's defaults for what the recipe leaves out (tunetop's own differ):")
+        for line in imported.filled:
+            print(f"  {line}")
+    if imported.notes:
+        print("not carried over, or carried with a difference:")
+        for note in imported.notes:
+            print(f"  {note}")
     if cfg.model.trust_remote_code:
-        print(f"  warning: trust_remote_code: true was carried over (model.trust_remote_code in {output}): training "
+        print(f"warning: trust_remote_code: true was carried over (model.trust_remote_code in {output}): training "
               f"will run the Python code that comes with {cfg.model.path}. Keep it only if you trust that code; "
               "otherwise set it to false.")
     return 0
@@ -755,8 +778,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as error:
         return _fail(str(error))
-    except RunError as error:
+    except (RunError, SocketError) as error:
         return _fail(str(error))
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        return _fail(f"cannot use{where}: {error.strerror}. Free some space (or fix the folder's permissions) "
+                     "and try again.", 1)
     except KeyboardInterrupt:
         return 130
 

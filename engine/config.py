@@ -90,14 +90,23 @@ class TrainingConfig:
     memory_limit_gb: float = field(
         default=0.0, metadata={"help": "Soft cap: past it MLX waits for queued GPU work to finish; 0 = MLX's default"}
     )
+    loss: str = field(
+        default="", metadata={"help": "A custom loss, \"package.module:function\" or \"file.py:function\"; empty = the default"}
+    )
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = field(default="adam", metadata={"help": "adam, adamw, sgd or adafactor"})
+    name: str = field(default="adam", metadata={"help": "adam, adamw, sgd, adafactor or muon"})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "adamw and sgd only"})
     momentum: float = field(default=0.0, metadata={"help": "sgd only"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "adam and adamw only"})
+    eps: float = field(default=1e-8, metadata={"help": "adam and adamw only"})
+    bias_correction: bool = field(default=False, metadata={"help": "adam and adamw only"})
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Other arguments of the mlx.optimizers class (muon, adafactor, sgd's nesterov...)"}
+    )
 
 
 @dataclass
@@ -168,7 +177,7 @@ SECTIONS: dict[str, type] = {
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("lora", "fine_tune_type"): ("lora", "dora", "full"),
-    ("optimizer", "name"): ("adam", "adamw", "sgd", "adafactor"),
+    ("optimizer", "name"): ("adam", "adamw", "sgd", "adafactor", "muon"),
     ("schedule", "name"): ("constant", "linear", "cosine"),
     ("training", "on_nonfinite"): ("pause", "stop", "skip"),
     ("data", "packing"): ("auto", "on", "off"),
@@ -181,8 +190,9 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("training", "ce_chunk_tokens"): (0, None),
     ("training", "clear_cache_gb"): (-1.0, None),
     ("training", "grad_checkpoint_blocks"): (-1, None),
-    # MLX takes the cap in bytes as a 64-bit integer; no machine has a petabyte of memory.
-    ("training", "memory_limit_gb"): (0.0, 1e6),
+    # MLX takes the cap in bytes as a 64-bit size: past ~1.8e10 GB it cannot be expressed at all,
+    # and a million GB is already no cap on any machine.
+    ("training", "memory_limit_gb"): (0.0, 1_000_000.0),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),
@@ -196,6 +206,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("optimizer", "learning_rate"): (0.0, None),
     ("optimizer", "weight_decay"): (0.0, None),
     ("optimizer", "momentum"): (0.0, 1.0),
+    ("optimizer", "eps"): (0.0, None),
     ("schedule", "warmup"): (0, None),
     ("schedule", "warmup_init"): (0.0, None),
     ("schedule", "end_learning_rate"): (0.0, None),
@@ -245,13 +256,10 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut short: a message quotes a value, it does not reprint a huge one."""
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError):  # an int past Python's digit limit, a list nested too deep
-        return f"a {type(value).__name__} too large to print"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _option_value(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> Any:
@@ -277,6 +285,17 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
     elif expected is str:
         ok = isinstance(value, str)
         want = "a string"
+    elif expected == list[float]:
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        want = "a list of numbers"
+        if ok:
+            try:
+                value = [float(v) for v in value]
+            except OverflowError:  # an integer beyond float's range
+                ok = False
+    elif expected == dict[str, Any]:
+        ok = isinstance(value, dict) and all(_option_value(v) for v in value.values())
+        want = "a table of numbers, booleans, strings or lists of numbers"
     else:  # list[str]
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         want = "a list of strings"
@@ -387,8 +406,29 @@ def from_dict(raw: dict[str, Any], source: str = "", text: str = "") -> RunConfi
     return config
 
 
+def _check_optimizer(config: RunConfig, text: str) -> None:
+    """Each optimizer key applies to the optimizers that have it; a key another one would
+    silently ignore is an error (weight_decay and momentum keep their old leniency for adam)."""
+    o, source = config.optimizer, config.source
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"{_where(source, _find_line(text, 'optimizer', 'betas'))}: 'optimizer.betas' must be "
+                          f"two numbers in [0, 1), got {o.betas!r}.")
+    adam = OptimizerConfig()
+    for key, applies in (("betas", ("adam", "adamw")), ("eps", ("adam", "adamw")), ("bias_correction", ("adam", "adamw")),
+                         ("weight_decay", ("adam", "adamw", "sgd")), ("momentum", ("adam", "adamw", "sgd"))):
+        if o.name not in applies and getattr(o, key) != getattr(adam, key):
+            raise ConfigError(
+                f"{_where(source, _find_line(text, 'optimizer', key))}: 'optimizer.{key}' does not apply to "
+                f"{o.name}. Set {o.name}'s arguments in optimizer.options (e.g. options = {{ {key} = ... }})."
+            )
+    if "learning_rate" in o.options:
+        raise ConfigError(f"{_where(source, _find_line(text, 'optimizer', 'options'))}: set the learning rate as "
+                          "optimizer.learning_rate, not in optimizer.options.")
+
+
 def _check_consistency(config: RunConfig, text: str) -> None:
     source = config.source
+    _check_optimizer(config, text)
     if config.training.grad_accumulation_steps > 1 and config.training.batch_size < 1:
         raise ConfigError(f"{_where(source, None)}: batch_size must be at least 1.")
     if not config.model.path:
@@ -458,6 +498,9 @@ def load(path: str | Path) -> RunConfig:
             candidate = base / section.path
             if candidate.exists():
                 section.path = str(candidate)
+    module, _, function = config.training.loss.rpartition(":")
+    if module.endswith(".py") and not Path(module).is_absolute() and (base / module).is_file():
+        config.training.loss = f"{base / module}:{function}"
     template = config.data.chat_template
     if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
         config.data.chat_template = str(base / template)
@@ -506,7 +549,8 @@ def starter_text() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             value = starter_overrides.get((section, f.name), default)
-            rendered = tomli_w.dumps({f.name: value}).strip()
+            # An empty table must stay inline: tomli-w would write a [header] for it.
+            rendered = f"{f.name} = {{}}" if value == {} else tomli_w.dumps({f.name: value}).strip()
             note = f.metadata.get("help", "")
             if (section, f.name) in starter_overrides:
                 note += f" (default {default!r}; starter value for the embedded demo)"
@@ -556,11 +600,17 @@ def computation_values(cfg: RunConfig) -> dict[str, Any]:
 
 
 def changed_values(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for each key whose value differs; a key one side lacks shows as unset."""
+    """``key: old -> new`` for each key whose value differs; a key one side lacks shows as unset.
+
+    A key ``before`` lacks (a checkpoint of a version without it) that holds its default computes
+    as before it existed, so it is no change.
+    """
+    defaults = computation_values(RunConfig())
     return [
         f"{key}: {before.get(key, 'unset')!r} -> {after.get(key, 'unset')!r}"
         for key in sorted(before.keys() | after.keys())
         if before.get(key, "unset") != after.get(key, "unset")
+        and not (key not in before and after.get(key) == defaults.get(key, "unset"))
     ]
 
 
@@ -570,18 +620,49 @@ def coerce_field(section: str, name: str, value: Any, where: str) -> Any:
     return _coerce(section, name, value, expected, where)
 
 
+MAX_LIVE_TEXT = 100
+"""Characters a live value given as text may have: every live field's value fits in far fewer."""
+
+
 def coerce_live(key: str, value: Any) -> Any:
-    """Validate one live change (``set KEY=VALUE``) with the same rules as the file."""
-    if key not in LIVE_FIELDS:
+    """Validate one live change (``set KEY=VALUE``) with the same rules as the file.
+
+    The one rule for the TUI's form and the engine's ``set``: any value at all gives the
+    coerced value or a :class:`ConfigError` saying what the field takes, and the engine
+    stores nothing before every value of a ``set`` has passed here.
+    """
+    if not isinstance(key, str) or key not in LIVE_FIELDS:
+        shown = _shown(key)
         raise ConfigError(
-            f"'{key}' cannot be changed while a run trains.{_suggest(key, list(LIVE_FIELDS))} "
+            f"{shown} cannot be changed while a run trains.{_suggest(str(key), list(LIVE_FIELDS))} "
             f"Live-editable fields: {', '.join(LIVE_FIELDS)}."
         )
     section, name = LIVE_FIELDS[key]
     expected = get_type_hints(SECTIONS[section])[name]
+    help_text = next(f.metadata.get("help", "") for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    takes = f"{key} takes {'an integer' if expected is int else 'a number'}: {help_text}."
     if isinstance(value, str):
+        if len(value) > MAX_LIVE_TEXT:
+            raise ConfigError(f"'{key}': a value of {len(value)} characters is not a value for it. {takes}")
         try:
             value = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}).") from None
-    return coerce_field(section, name, value, "set")
+        except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # ValueError: integers past 4,300 digits
+            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}). {takes}") from None
+    try:
+        return coerce_field(section, name, value, "set")
+    except ConfigError as error:
+        raise ConfigError(f"{_shorten(str(error))} {takes}") from None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as a message quotes it, cut short: it does not reprint a huge one."""
+    try:
+        text = f"'{value}'" if isinstance(value, str) else repr(value)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, a list nested too deep
+        return f"a {type(value).__name__} too large to print"
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _shorten(message: str, limit: int = 400) -> str:
+    """A message quoting a huge value (a 60 KB string sent to ``set``) cut to a readable size."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."

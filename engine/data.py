@@ -47,6 +47,15 @@ class DataError(ValueError):
     """Bad or missing data, with file and line in the message."""
 
 
+class DataWarning(UserWarning):
+    """Something about the data worth knowing (examples cut short...); ``count`` is how many
+    examples it concerns, so a run reports each cause once."""
+
+    def __init__(self, message: str, count: int = 1) -> None:
+        super().__init__(message)
+        self.count = count
+
+
 class Tokenizer(Protocol):
     """The part of a tokenizer the data layer uses (mlx-lm's TokenizerWrapper fits)."""
 
@@ -341,6 +350,24 @@ def load_splits(
     return out
 
 
+def warn_truncated(dataset: Dataset, max_seq_length: int) -> int:
+    """Warn once (a :class:`DataWarning` with the count) when examples are longer than
+    ``max_seq_length``; returns how many are."""
+    long = [len(e.tokens) for e in dataset.examples if len(e.tokens) > max_seq_length]
+    if long:
+        many = len(long) > 1
+        warnings.warn(
+            DataWarning(
+                f"{dataset.source}: {len(long)} example{'s' if many else ''} longer than data.max_seq_length = "
+                f"{max_seq_length} tokens (the longest has {max(long):,}) {'are' if many else 'is'} cut to its first "
+                f"{max_seq_length} tokens. Raise data.max_seq_length or split long examples.",
+                count=len(long),
+            ),
+            stacklevel=3,
+        )
+    return len(long)
+
+
 def bucket_width(length: int, max_seq_length: int) -> int:
     """The padded row width (tokens) for a batch whose longest example has ``length`` tokens.
 
@@ -401,7 +428,7 @@ class BatchPlan:
         # Training drops the ragged tail so every step sees a full batch; evaluation keeps it.
         stop = len(order) - batch_size + 1 if drop_last else len(order)
         self.batches = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
-        self._warned_long = False
+        warn_truncated(dataset, max_seq_length)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -411,17 +438,9 @@ class BatchPlan:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))
 
     def make_batch(self, members: list[int]) -> Batch:
-        """Pad the given examples to a bucket width; truncation to max_seq_length warns once."""
+        """Pad the given examples to a bucket width, each cut to max_seq_length (warned at start)."""
         examples = [self.dataset.examples[i] for i in members]
         longest = max(len(e.tokens) for e in examples)
-        if longest > self.max_seq_length and not self._warned_long:
-            self._warned_long = True
-            warnings.warn(
-                f"{self.dataset.source}: some sequences are longer than max_seq_length="
-                f"{self.max_seq_length} tokens (longest {longest}); they are truncated. "
-                "Raise data.max_seq_length or split long examples.",
-                stacklevel=2,
-            )
         width = bucket_width(longest, self.max_seq_length)
         tokens = np.zeros((len(examples), width), dtype=np.int32)
         lengths = np.zeros((len(examples), 2), dtype=np.int32)
