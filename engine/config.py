@@ -269,9 +269,10 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
         ok = isinstance(value, bool)
         want = "true or false"
     elif expected is int:
-        # Past 64 bits no setting means anything, and mlx and numpy cannot hold the value.
-        ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
-        want = "an integer (of at most 18 digits)"
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+        if ok and abs(value) >= 2**63:  # no setting means anything there, and mlx and numpy cannot hold it
+            ok, want = False, "an integer of at most 18 digits"
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         want = "a finite number"
