@@ -54,6 +54,10 @@ class DataConfig:
     prompt_feature: str = field(default="prompt", metadata={"help": "Row key of the prompt"})
     completion_feature: str = field(default="completion", metadata={"help": "Row key of the completion"})
     chat_feature: str = field(default="messages", metadata={"help": "Row key of chat messages"})
+    hf_dataset: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={"help": "Hugging Face datasets instead of data.path: [[data.hf_dataset]] path = \"owner/name\" (README, Data)"},
+    )
 
 
 @dataclass
@@ -262,6 +266,26 @@ def _option_value(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
+HF_DATASET_KEYS = {
+    "path": str, "config": dict, "train_split": str, "valid_split": str, "test_split": str,
+    "text_feature": str, "prompt_feature": str, "completion_feature": str, "chat_feature": str,
+}
+"""The keys of a data.hf_dataset entry (mlx_lm.lora's hf_dataset entries) and their types."""
+
+
+def _check_entry(full: str, number: int, entry: dict[str, Any], where: str) -> None:
+    name = f"{full} entry {number}" if number else full
+    for key, value in entry.items():
+        if key not in HF_DATASET_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}' in {name}.{_suggest(key, list(HF_DATASET_KEYS))} "
+                              f"Its keys: {', '.join(HF_DATASET_KEYS)}.")
+        if not isinstance(value, HF_DATASET_KEYS[key]):
+            kind = "a table (load_dataset's keyword arguments)" if HF_DATASET_KEYS[key] is dict else "a string"
+            raise ConfigError(f"{where}: '{key}' in {name} must be {kind}, got {_type_name(value)} ({value!r}).")
+    if not entry.get("path"):
+        raise ConfigError(f"{where}: {name} needs a 'path': a Hugging Face dataset id (owner/name) or a local folder.")
+
+
 def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> Any:
     """Check ``value`` against the dataclass field type; ints are accepted for floats."""
     full = f"{section}.{key}"
@@ -294,6 +318,14 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
                 value = [float(v) for v in value]
             except OverflowError:  # an integer beyond float's range
                 ok = False
+    elif expected == list[dict[str, Any]]:
+        if isinstance(value, dict):  # one [data.hf_dataset] table, or an array of them
+            value = [value]
+        ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
+        want = "a table or an array of tables"
+        if ok:
+            for number, entry in enumerate(value, start=1):
+                _check_entry(full, number if len(value) > 1 else 0, entry, where)
     elif expected == dict[str, Any]:
         ok = isinstance(value, dict) and all(_option_value(v) for v in value.values())
         want = "a table of numbers, booleans, strings or lists of numbers"
@@ -502,6 +534,10 @@ def load(path: str | Path) -> RunConfig:
     module, _, function = config.training.loss.rpartition(":")
     if module.endswith(".py") and not Path(module).is_absolute() and (base / module).is_file():
         config.training.loss = f"{base / module}:{function}"
+    for entry in config.data.hf_dataset:  # a local dataset folder next to the config
+        local = Path(entry["path"]).expanduser()
+        if not local.is_absolute() and (base / local).exists():
+            entry["path"] = str(base / local)
     template = config.data.chat_template
     if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
         config.data.chat_template = str(base / template)
@@ -510,6 +546,8 @@ def load(path: str | Path) -> RunConfig:
 
 def check_paths(config: RunConfig) -> None:
     """Fail early, naming the key, when a local data directory does not exist."""
+    if config.data.hf_dataset:
+        return  # data.path is not used; the datasets library says what it cannot load
     if config.data.path != EMBEDDED and not Path(config.data.path).is_dir():
         raise ConfigError(
             f"{_where(config.source, None)}: 'data.path' = {config.data.path!r} is not a directory. "

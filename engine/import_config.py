@@ -58,7 +58,6 @@ NOT_USED = {
     "report_to": "tunetop journals every event; `tunetop export-metrics` writes CSV or JSON lines",
     "project_name": "see 'report_to'",
     "config": "this file itself",
-    "hf_dataset": "Hugging Face datasets cannot be fetched here; point data at a local folder",
     "wandb": "see 'report_to'",
 }
 
@@ -136,8 +135,8 @@ def _mlx_lm_version() -> str:
         return "(unknown version)"
 
 
-def convert(raw: dict[str, Any]) -> Imported:
-    """Map an mlx_lm.lora recipe (its YAML as a dict) to our config."""
+def convert(raw: dict[str, Any], base: Path | None = None) -> Imported:
+    """Map an mlx_lm.lora recipe (its YAML as a dict) to our config; ``base`` is the recipe's folder."""
     result = Imported()
     recipe = {key: value for key, value in raw.items() if value is not None}
     defaults = mlx_lm_defaults()
@@ -170,6 +169,7 @@ def convert(raw: dict[str, Any]) -> Imported:
             raise config_module.ConfigError(
                 f"'{key}' must be a mapping ({holds}), got {type(recipe[key]).__name__} ({_shown(recipe[key])}). Fix that key."
             )
+    _checked("hf_dataset", recipe, lambda: _data(effective, recipe, result, base))
     _checked("lora_parameters", recipe, lambda: _lora(effective, recipe, result))
     _checked("optimizer_config", recipe, lambda: _optimizer(effective, recipe, result))
     _checked("clear_cache_threshold", recipe, lambda: _cache(effective, recipe, result))
@@ -178,7 +178,7 @@ def convert(raw: dict[str, Any]) -> Imported:
         if "learning_rate" in recipe:
             result.notes.append("learning_rate: mlx_lm.lora starts from lr_schedule's first argument instead")
 
-    handled = set(DIRECT) | {"lora_parameters", "optimizer_config", "clear_cache_threshold", "lr_schedule"}
+    handled = set(DIRECT) | {"lora_parameters", "optimizer_config", "clear_cache_threshold", "lr_schedule", "hf_dataset"}
     for key in recipe:
         if key in handled:
             continue
@@ -210,6 +210,28 @@ def _checked(key: str, recipe: dict[str, Any], step: Callable[[], Any]) -> Any:
         raise config_module.ConfigError(
             f"'{key}' = {_shown(recipe.get(key))} is not what mlx_lm.lora takes there ({error}). Fix that key."
         ) from None
+
+
+def _data(effective: dict[str, Any], recipe: dict[str, Any], result: Imported, base: Path | None) -> None:
+    """hf_dataset entries, or a ``data`` that is no local folder: mlx_lm.lora loads it from the Hub."""
+    if "hf_dataset" in recipe:
+        given = recipe["hf_dataset"]
+        entries = []
+        for entry in given if isinstance(given, list) else [given]:
+            kept = {key: value for key, value in dict(entry).items() if key in config_module.HF_DATASET_KEYS}
+            for key in sorted(set(entry) - set(kept)):
+                if key != "mask_prompt":  # mlx_lm.lora sets it from mask_prompt, as tunetop does
+                    result.notes.append(f"hf_dataset.{key}: not a key of an hf_dataset entry; ignored")
+            entries.append(kept)
+        result.put("data", "hf_dataset", entries)
+        return
+    path = str(effective.get("data", ""))
+    local = Path(path).expanduser().exists() or (base is not None and (base / path).exists())
+    if path and not local and "/" in path and not path.startswith((".", "/", "~")):
+        entry = {"path": path, "train_split": "train", "valid_split": "valid", "test_split": "test"}
+        result.put("data", "hf_dataset", [entry])
+        result.notes.append(f"data: {path!r} is no local folder, so mlx_lm.lora loads it from the Hugging Face Hub "
+                            "with its splits train, valid and test: data.hf_dataset says the same")
 
 
 def _lora(effective: dict[str, Any], recipe: dict[str, Any], result: Imported) -> None:
@@ -342,7 +364,7 @@ def import_yaml(path: Path) -> tuple[config_module.RunConfig, Imported]:
     if not isinstance(raw, dict):
         raise config_module.ConfigError(f"{path}: expected a mapping of mlx_lm.lora options at the top level.")
     try:
-        result = convert(raw)
+        result = convert(raw, path.resolve().parent)
     except config_module.ConfigError as error:
         raise config_module.ConfigError(f"{path}: {error}") from None
     return config_module.from_dict(result.data, source=str(path)), result

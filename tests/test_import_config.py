@@ -184,3 +184,16 @@ def test_optimizer_options_are_checked_against_the_class(tmp_path: Path) -> None
         build_optimizer(config_module.parse('[optimizer]\nname = "adamw"\noptions = { weight_decay = 0.1 }\n').optimizer)
     with pytest.raises(config_module.ConfigError, match=r"'optimizer.betas' must be two numbers in \[0, 1\)"):
         config_module.parse('[optimizer]\nbetas = [0.9, 1.5]\n')
+
+
+def test_hugging_face_datasets_are_carried(tmp_path: Path) -> None:
+    recipe = tmp_path / "lora.yaml"
+    entry = {"path": "owner/chats", "config": {"name": "en"}, "train_split": "train[:90%]", "valid_split": "train[-10%:]",
+             "chat_feature": "conversation", "mask_prompt": True}
+    recipe.write_text(yaml.safe_dump({"model": "some/model", "hf_dataset": entry}))
+    cfg, imported = import_yaml(recipe)
+    assert cfg.data.hf_dataset == [{key: value for key, value in entry.items() if key != "mask_prompt"}]
+    assert not any("hf_dataset" in note for note in imported.notes)
+    recipe.write_text(yaml.safe_dump({"model": "some/model", "data": "owner/sql"}))  # no such local folder
+    cfg, imported = import_yaml(recipe)
+    assert cfg.data.hf_dataset == [{"path": "owner/sql", "train_split": "train", "valid_split": "valid", "test_split": "test"}]
