@@ -128,6 +128,7 @@ class Engine:
         self._unsaved: int | None = None  # the iteration of a save that failed
         self._save_bytes = 0
         self._tensorboard: Any = None
+        self._trackers: list[Any] = []  # trackers.Tracker: W&B, SwanLab
         # Commands taken off the queue but not applied yet (the loop's thread only): heavy ones wait
         # for their step boundary while quick ones that came later are applied.
         self._waiting: collections.deque[PendingCommand] = collections.deque()
@@ -669,6 +670,7 @@ class Engine:
 
                 self._tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard", private=True)
                 self.events.subscribers.append(self._tensorboard.on_event)
+            code = EXIT_FAILED  # what the trackers hear if the run ends by an exception
             try:
                 try:
                     for hook in self.on_ready:
@@ -688,6 +690,8 @@ class Engine:
                 self.events.close()
                 if self._tensorboard is not None:
                     self._tensorboard.close()
+                for tracker in self._trackers:
+                    tracker.close(code)
         finally:
             self.lock.release()
 
@@ -760,6 +764,7 @@ class Engine:
 
         try:
             trainer, model_path, trainable, total = self._build(config_text, shard)
+            self._open_trackers()
         except (ConfigError, DataError, ModelError) as error:
             self.emit("error", message=str(error))
             self.set_state("failed")
@@ -821,6 +826,21 @@ class Engine:
         self.emit("finished", reason=reason, iteration=trainer.iteration)
         self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code
+
+    def _warn(self, message: str) -> None:
+        self.emit("warning", message=message)
+
+    def _open_trackers(self) -> None:
+        """W&B and SwanLab (metrics.wandb, metrics.swanlab): subscribers from here on, closed with the run."""
+        if not (self.cfg.metrics.wandb or self.cfg.metrics.swanlab):
+            return
+        from .trackers import open_trackers
+
+        assert self.events is not None
+        self._trackers = open_trackers(
+            self.cfg, self.run_dir.id, self.run_dir.path, self._warn
+        )
+        self.events.subscribers.extend(tracker.on_event for tracker in self._trackers)
 
     @staticmethod
     def _config_changes(restored: Any, parameters: Any) -> str:
