@@ -364,6 +364,8 @@ class Engine:
             self.events = EventLog(self.run_dir.id, JournalWriter(self.run_dir.journal, history=History()))
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
+            for repaired in self.events.journal.repairs:  # a damaged journal, mended on open
+                self.emit("warning", message=repaired)
             tensorboard = None
             if self.cfg.metrics.tensorboard:
                 from .tensorboard import TensorBoardWriter
