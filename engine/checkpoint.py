@@ -122,12 +122,12 @@ def write_checkpoint(
     The caller holds the run's lock (one writer). Each step ends at a fault point, so the tests
     can kill a save between any two of them.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the whole run (engine.private)
     recover(directory)  # a crash of an older version may have left the only copies in .tmp-*
     _remove_leftovers(directory)
     point("checkpoint.cleaned")
     temp = directory / f".tmp-{checkpoint_name(state.iteration)}-{os.getpid()}"
-    temp.mkdir()
+    temp.mkdir(mode=0o700)
     try:
         flat_optimizer = {k: v for k, v in tree_flatten(optimizer_state) if isinstance(v, mx.array)}  # type: ignore[misc,str-unpack]
         mx.eval(weights, flat_optimizer)

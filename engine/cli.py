@@ -10,6 +10,7 @@ terminated by SIGTERM (adapter saved first).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -19,10 +20,24 @@ from typing import Any
 
 from .blas import preload_optimized_blas
 from .config import LIVE_FIELDS, ConfigError
+from .endpoints import SocketError, socket_dir
+from .private import ENGINE_UMASK, write_private
 from .runs import RunError
 
 EXIT_UNREACHABLE = 3
 EXIT_DAMAGED = 4
+
+CONTROL_HELP = {
+    "pause": "pause a live run between two steps (`resume` continues it)",
+    "resume": "continue a paused run",
+    "stop": "save a live run's adapter, then end the run",
+    "save": "write a live run's adapter and checkpoint now",
+    "evaluate": "run a validation pass on a live run now and print its loss",
+    "status": "print a live run's state and iteration",
+}
+"""The commands that steer a live engine, each with its help line."""
+
+RUN_HELP = "run id, a unique prefix of one, or a run name (default: the latest run)"
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -52,12 +67,19 @@ def _start_run(
     from . import config as config_module
     from .runs import create_run
 
+    socket_dir()  # a socket folder that is not private is refused before anything is created
     if listen:  # refuse an unsafe listener before anything is created
-        from .curve import check_listen
+        from .curve import check_listen, exposure_warning
 
         check_listen(listen)
+        if warning := exposure_warning(listen):
+            print(f"tunetop: warning: {warning}", file=sys.stderr)
     run = create_run()
-    config_module.save(cfg, run.config)
+    try:
+        write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
+    except OSError:
+        run.path.rmdir()  # no half-made run for `tunetop ls` to show (a full disk)
+        raise
     extra = (["--listen", listen] if listen else []) + (world or [])
     if detach:
         from .daemon import EngineStartError, spawn_engine
@@ -98,7 +120,7 @@ def _launch_mpi(args: argparse.Namespace, cfg: Any) -> int:
     except WorldError as error:
         return _fail(str(error))
     run = create_run()
-    config_module.save(cfg, run.config)
+    write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
     command = mpi_launch_command(run.path, hosts, [])
     print(f"run {run.id}: {' '.join(command)}", flush=True)
     if not args.detach:
@@ -128,6 +150,7 @@ def _run_engine(
     from .runs import RunDir
     from .session import Engine
 
+    os.umask(ENGINE_UMASK)  # what libraries write (checkpoints' safetensors) is private too
     preload_optimized_blas(warn=True)
     run = RunDir(run_path)
     cfg = config_module.load(run.config)
@@ -137,12 +160,15 @@ def _run_engine(
 
     tcp = None
     if listen:
-        from .curve import CurveError, prepare
+        from .curve import CurveError, exposure_warning, prepare
 
         try:
             tcp = prepare(listen, run.path)
+            warning = exposure_warning(listen)
         except CurveError as error:
             return _fail(str(error))
+        if warning:
+            engine.on_ready.append(lambda owner: owner.emit("warning", message=warning))
     engine.on_ready.append(lambda owner: attach_server(owner, tcp))
     if foreground:
         print(f"run {run.id} in {run.path}", flush=True)
@@ -194,6 +220,7 @@ def _resume(args: argparse.Namespace) -> int:
     from .runs import resolve
 
     run = resolve(args.resume or None)
+    socket_dir()
     if run.is_alive():
         return _fail(f"run {run.id} is still training (pid {run.engine_pid()}); nothing to resume.")
     try:
@@ -220,6 +247,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         from .distributed import follow, rank_from_env
 
         if rank_from_env() != 0:  # mlx.launch starts the same command on every host
+            os.umask(ENGINE_UMASK)
             preload_optimized_blas(warn=False)
             return follow(args.backend)
     return _run_engine(
@@ -236,6 +264,7 @@ def cmd_follower(args: argparse.Namespace) -> int:
     """Internal: ranks 1..N-1 of a distributed run (started by rank 0 or by mlx.launch)."""
     from .distributed import follow
 
+    os.umask(ENGINE_UMASK)
     preload_optimized_blas(warn=False)
     return follow(args.backend)
 
@@ -452,7 +481,7 @@ def cmd_control(args: argparse.Namespace) -> int:
         except ValueError as error:
             return _fail(str(error))
     elif args.command == "sample":
-        command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
+        command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "raw": args.raw}
     if not run.is_alive():
         return _fail(f"run {run.id} has no live engine; `tunetop ls` shows its state.", EXIT_UNREACHABLE)
     try:
@@ -461,7 +490,12 @@ def cmd_control(args: argparse.Namespace) -> int:
         return _fail(str(error), EXIT_UNREACHABLE)
     if not reply.ok:
         return _fail(f"{args.command} refused: {reply.error}", EXIT_UNREACHABLE)
-    print(json.dumps({"ok": True, **reply.result}))
+    if args.json:
+        print(json.dumps({"ok": True, **reply.result}))
+    else:
+        from .replies import describe
+
+        print(describe(args.command, reply))
     return 0
 
 
@@ -486,15 +520,20 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import EXPORTERS, ExportError
+    from .export import EXPORTERS, ExportError, check_output, saved_iteration
     from .runs import resolve
 
     run = resolve(args.run)
+    output = Path(args.output).expanduser().absolute()
     try:
-        out = EXPORTERS[args.format](run, Path(args.output), args.checkpoint)
+        check_output(output, args.force)
+        out = EXPORTERS[args.format](run, output, args.checkpoint)
     except ExportError as error:
         return _fail(str(error))
-    print(f"exported {args.format} to {out}")
+    iteration = saved_iteration(run, args.checkpoint)
+    what = f"the adapter of iteration {iteration:,}" if iteration is not None else "the latest adapter"
+    source = f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the latest save"
+    print(f"exported {what} ({source}) of run {run.id} as {args.format} to {out}")
     return 0
 
 
@@ -534,9 +573,50 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout without the bare ``COMMAND`` line above the list of commands."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        text = super()._format_action(action)
+        if isinstance(action, argparse._SubParsersAction):
+            return text.split("\n", 1)[1]
+        return text
+
+
+def public_commands(parser: argparse.ArgumentParser) -> list[str]:
+    """The commands ``tunetop --help`` lists (the internal ones have no help line)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        if isinstance(action, argparse._SubParsersAction):
+            return [choice.dest for choice in action._choices_actions]
+    return []
+
+
+def _unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """A sentence for a first word that is no command ("" when it is one, or an option)."""
+    if not argv or argv[0].startswith("-"):
+        return ""
+    subparsers = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))  # type: ignore[union-attr]
+    if argv[0] in subparsers.choices:
+        return ""
+    import difflib
+
+    commands = public_commands(parser)
+    near = difflib.get_close_matches(argv[0], commands, n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    return f"'{argv[0]}' is not a tunetop command.{hint} Commands: {', '.join(commands)} (`tunetop --help` says what each does)."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunetop", description="LoRA fine-tuning on MLX you can watch and steer.")
-    sub = parser.add_subparsers(dest="name")
+    parser = argparse.ArgumentParser(
+        prog="tunetop",
+        formatter_class=_HelpFormatter,
+        description="LoRA fine-tuning on MLX you can watch and steer. `tunetop` alone opens the runs list.",
+        epilog="RUN is a run id, a unique prefix of one, or a run name; it defaults to the latest run. "
+        "`tunetop COMMAND --help` describes a command's options.",
+    )
+    # The metavar keeps the internal commands (_engine, _follower, _remote-info) out of the usage
+    # line; they are added without help= so they get no line of their own either.
+    sub = parser.add_subparsers(dest="name", metavar="COMMAND", title="commands")
 
     p = sub.add_parser("train", help="start a run from a TOML config, or continue one with --resume")
     p.add_argument("config", nargs="?")
@@ -560,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("attach", help="open the TUI on a run: RUN, or user@host[:port]:RUN over ssh")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--theme")
     p.set_defaults(func=cmd_attach)
 
@@ -570,32 +650,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("events", help="print a run's events as JSON lines")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--since", type=int, default=0)
     p.add_argument("--follow", action="store_true")
     p.add_argument("--digest", action="store_true", help="a long run's digest: rare events whole, train events thinned")
     p.set_defaults(func=cmd_events)
 
-    for name in ("pause", "resume", "stop", "save", "evaluate", "status"):
-        p = sub.add_parser(name, help=f"{name} a running run")
-        p.add_argument("run", nargs="?")
+    for name, what in CONTROL_HELP.items():
+        p = sub.add_parser(name, help=what)
+        p.add_argument("run", nargs="?", help=RUN_HELP)
         p.add_argument("--timeout", type=float, default=30.0)
+        p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
         p.set_defaults(func=cmd_control, command=name)
-    p = sub.add_parser("sample", help="complete a prompt with the run's current weights (between steps)")
-    p.add_argument("run", nargs="?")
+    p = sub.add_parser("sample", help="complete a prompt with a live run's current weights (between steps)")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt as it is; by default it is formatted as the run's data was (the chat template for chat data)")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="sample")
-    p = sub.add_parser("set", help="change live fields: " + ", ".join(LIVE_FIELDS))
-    p.add_argument("run", nargs="?")
+    p = sub.add_parser("set", help="change a live run's settings: " + ", ".join(LIVE_FIELDS))
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="set")
 
     p = sub.add_parser("test", help="score a run's saved adapter on its test split (or another): loss and perplexity")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--split", choices=["test", "valid", "train"], default="test")
     p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
     p.add_argument("--batches", type=int, default=0, help="batches of training.batch_size to score; 0 = the whole split")
@@ -604,14 +689,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("export", help="export a run's adapter: mlx (adapter folder), peft, or fused (merged model)")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--format", choices=["mlx", "peft", "fused"], required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --output folder (same-named files are replaced)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("export-metrics", help="a run's training and validation metrics as CSV or JSON lines")
-    p.add_argument("run", nargs="?")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--format", choices=["csv", "jsonl", "tensorboard"], default="csv")
     p.add_argument("--output")
     p.set_defaults(func=cmd_export_metrics)
@@ -625,11 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="make and print your client key for TCP listeners")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("_remote-info", help=argparse.SUPPRESS)
+    p = sub.add_parser("_remote-info")
     p.add_argument("run", nargs="?", default="")
     p.set_defaults(func=cmd_remote_info)
 
-    p = sub.add_parser("_engine", help=argparse.SUPPRESS)
+    p = sub.add_parser("_engine")
     p.add_argument("run_dir")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--from", dest="start_from", type=int)
@@ -640,9 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launched", action="store_true", help="started by mlx.launch: MLX_RANK says which rank")
     p.set_defaults(func=cmd_engine)
 
-    p = sub.add_parser("_follower", help=argparse.SUPPRESS)
+    p = sub.add_parser("_follower")
     p.add_argument("--backend", default="ring")
     p.set_defaults(func=cmd_follower)
+    for choice in sub._choices_actions:  # `tunetop X --help` starts with the line `tunetop --help` gives X
+        sub.choices[choice.dest].description = choice.help
     return parser
 
 
@@ -652,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     # `tunetop set KEY=VALUE` without a run: argparse would take KEY=VALUE as the run.
     if len(argv) >= 2 and argv[0] == "set" and "=" in argv[1]:
         argv = ["set", "", *argv[1:]]
+    unknown = _unknown_command(parser, argv)
+    if unknown:
+        return _fail(unknown)
     args = parser.parse_args(argv)
     if args.name is None:
         return _attach(None, None, runs_list=True)
@@ -659,8 +750,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as error:
         return _fail(str(error))
-    except RunError as error:
+    except (RunError, SocketError) as error:
         return _fail(str(error))
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        return _fail(f"cannot use{where}: {error.strerror}. Free some space (or fix the folder's permissions) "
+                     "and try again.", 1)
     except KeyboardInterrupt:
         return 130
 

@@ -45,6 +45,13 @@ class DataConfig:
     mask_prompt: bool = field(default=False, metadata={"help": "Train on completions only (prompt/chat data)"})
     packing: str = field(default="auto", metadata={"help": "Several examples per row: auto (when rows hold 2+), on, off"})
     pack_length: int = field(default=0, metadata={"help": "Packed row width in tokens; 0 = the p95 length's power of two"})
+    chat_template: str = field(
+        default="", metadata={"help": "Chat template: a Jinja file, a tokenizer's template name, or the text; empty = the tokenizer's"}
+    )
+    text_feature: str = field(default="text", metadata={"help": "Row key of plain text"})
+    prompt_feature: str = field(default="prompt", metadata={"help": "Row key of the prompt"})
+    completion_feature: str = field(default="completion", metadata={"help": "Row key of the completion"})
+    chat_feature: str = field(default="messages", metadata={"help": "Row key of chat messages"})
 
 
 @dataclass
@@ -80,6 +87,9 @@ class TrainingConfig:
     )
     memory_limit_gb: float = field(
         default=0.0, metadata={"help": "Soft cap: past it MLX waits for queued GPU work to finish; 0 = MLX's default"}
+    )
+    loss: str = field(
+        default="", metadata={"help": "A custom loss, \"package.module:function\" or \"file.py:function\"; empty = the default"}
     )
 
 
@@ -172,7 +182,9 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("training", "ce_chunk_tokens"): (0, None),
     ("training", "clear_cache_gb"): (-1.0, None),
     ("training", "grad_checkpoint_blocks"): (-1, None),
-    ("training", "memory_limit_gb"): (0.0, None),
+    # MLX takes the cap in bytes as a 64-bit size: past ~1.8e10 GB it cannot be expressed at all,
+    # and a million GB is already no cap on any machine.
+    ("training", "memory_limit_gb"): (0.0, 1_000_000.0),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),
@@ -401,6 +413,12 @@ def load(path: str | Path) -> RunConfig:
             candidate = base / section.path
             if candidate.exists():
                 section.path = str(candidate)
+    module, _, function = config.training.loss.rpartition(":")
+    if module.endswith(".py") and not Path(module).is_absolute() and (base / module).is_file():
+        config.training.loss = f"{base / module}:{function}"
+    template = config.data.chat_template
+    if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
+        config.data.chat_template = str(base / template)
     return config
 
 
@@ -510,18 +528,45 @@ def coerce_field(section: str, name: str, value: Any, where: str) -> Any:
     return _coerce(section, name, value, expected, where)
 
 
+MAX_LIVE_TEXT = 100
+"""Characters a live value given as text may have: every live field's value fits in far fewer."""
+
+
 def coerce_live(key: str, value: Any) -> Any:
-    """Validate one live change (``set KEY=VALUE``) with the same rules as the file."""
-    if key not in LIVE_FIELDS:
+    """Validate one live change (``set KEY=VALUE``) with the same rules as the file.
+
+    The one rule for the TUI's form and the engine's ``set``: any value at all gives the
+    coerced value or a :class:`ConfigError` saying what the field takes, and the engine
+    stores nothing before every value of a ``set`` has passed here.
+    """
+    if not isinstance(key, str) or key not in LIVE_FIELDS:
+        shown = _shown(key)
         raise ConfigError(
-            f"'{key}' cannot be changed while a run trains.{_suggest(key, list(LIVE_FIELDS))} "
+            f"{shown} cannot be changed while a run trains.{_suggest(str(key), list(LIVE_FIELDS))} "
             f"Live-editable fields: {', '.join(LIVE_FIELDS)}."
         )
     section, name = LIVE_FIELDS[key]
     expected = get_type_hints(SECTIONS[section])[name]
+    help_text = next(f.metadata.get("help", "") for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    takes = f"{key} takes {'an integer' if expected is int else 'a number'}: {help_text}."
     if isinstance(value, str):
+        if len(value) > MAX_LIVE_TEXT:
+            raise ConfigError(f"'{key}': a value of {len(value)} characters is not a value for it. {takes}")
         try:
             value = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}).") from None
-    return coerce_field(section, name, value, "set")
+        except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # ValueError: integers past 4,300 digits
+            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}). {takes}") from None
+    try:
+        return coerce_field(section, name, value, "set")
+    except ConfigError as error:
+        raise ConfigError(f"{_shorten(str(error))} {takes}") from None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = f"'{value}'" if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _shorten(message: str, limit: int = 400) -> str:
+    """A message quoting a huge value (a 60 KB string sent to ``set``) cut to a readable size."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."

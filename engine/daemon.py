@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .journal import read_events
+from .private import open_private
 from .runs import RunDir, RunError
 
 
@@ -46,7 +47,7 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str]
     Raises :class:`EngineStartError` with the engine's own error when it exits first (bad
     data, a model that will not load), so ``tunetop train --detach`` can report it.
     """
-    log = open(run.log, "ab")  # noqa: SIM115 (handed to the child)
+    log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
     env = dict(os.environ)
     # The child must import this same engine package, installed or not.
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -89,7 +90,7 @@ def spawn_command(run: RunDir, command: list[str], wait_seconds: float = 300.0) 
     (it holds the write end itself), since /dev/null would make that poll spin.
     """
     read_end, write_end = os.pipe()
-    log = open(run.log, "ab")  # noqa: SIM115 (handed to the child)
+    log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
     process = subprocess.Popen(
         command, stdin=read_end, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         cwd=str(run.path), pass_fds=(write_end,),

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED, RunConfig
+from .config import RunConfig
 from .runs import RunDir
 
 
@@ -72,25 +71,20 @@ def score(
 
 def _saved_adapter(run: RunDir, checkpoint: int | None) -> tuple[str, int | None]:
     """The weights file of the latest adapter or a checkpoint's, and the iteration it was saved at."""
-    from .adapters import numbered_checkpoints
-    from .export import ExportError, adapter_source
+    from .export import ExportError, adapter_source, saved_iteration
 
     try:
         weights_file, _adapter_config = adapter_source(run, checkpoint)
     except ExportError as error:
         raise EvaluationError(str(error)) from None
-    if checkpoint is not None:
-        return str(weights_file), checkpoint
-    saved = numbered_checkpoints(run.adapters)  # every save writes a numbered copy too
-    return str(weights_file), saved[-1][0] if saved else None
+    return str(weights_file), saved_iteration(run, checkpoint)
 
 
 def _split(cfg: RunConfig, tokenizer: Any, split: str) -> Any:
-    from .data import load_splits
-    from .demo import embedded_data_path
+    from .datasource import data_folder, load_run_splits
 
-    data_path = embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
-    splits = load_splits(data_path, tokenizer, cfg.data.mask_prompt, required=())
+    data_path = data_folder(cfg)
+    splits = load_run_splits(cfg, tokenizer, required=())
     if split not in splits:
         raise EvaluationError(
             f"{data_path}: has no {split} split ({split}.jsonl or {split}.txt); "

@@ -38,6 +38,40 @@ def adapter_source(run: RunDir, checkpoint: int | None) -> tuple[Path, dict[str,
     return folder / "adapters.safetensors", adapter_config
 
 
+def saved_iteration(run: RunDir, checkpoint: int | None) -> int | None:
+    """The iteration whose adapter ``adapter_source`` gives: the checkpoint's, or the latest save's.
+
+    Every save writes the adapter, then the full checkpoint and the ``latest`` pointer, so the
+    latest checkpoint names the iteration of ``adapters.safetensors``; a run without checkpoints
+    (the library's ``train``) has the numbered adapter copies to go by.
+    """
+    if checkpoint is not None:
+        return checkpoint
+    from .adapters import numbered_checkpoints
+    from .checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run.checkpoints)
+    if latest is not None:
+        return int(latest.name)
+    saved = numbered_checkpoints(run.adapters)
+    return saved[-1][0] if saved else None
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuse to write into a file, or into a folder that holds anything, unless ``force``."""
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"{output} is a file; --output names the folder to export into. Choose another path.")
+    if force or not output.is_dir():
+        return
+    entries = sorted(p.name for p in output.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ExportError(
+            f"{output} is not empty (it holds {shown}); export into a new or empty folder, "
+            "or pass --force to write into it (files of the same name are replaced)."
+        )
+
+
 def export_mlx(run: RunDir, output: Path, checkpoint: int | None = None) -> Path:
     """An adapter folder as mlx_lm.generate / fuse / server load it (``--adapter-path``)."""
     weights, adapter_config = adapter_source(run, checkpoint)

@@ -97,14 +97,12 @@ def write_digest(history: History, journal_path: Path, journal_end: int) -> None
     import json
 
     from .journal import MAGIC, frame
+    from .private import write_private
 
     upto, records = history.records()
     header = json.dumps({"upto": upto, "journal_end": journal_end}).encode()
     data = MAGIC + frame(0, header) + b"".join(frame(seq, payload) for seq, payload in records)
-    path = journal_path.with_name(DIGEST_NAME)
-    temp = path.with_suffix(".tmp")
-    temp.write_bytes(data)
-    temp.replace(path)
+    write_private(journal_path.with_name(DIGEST_NAME), data)  # a failed write leaves no partial temp file
 
 
 def _saved_digest(journal_path: Path) -> tuple[int, int, list[tuple[int, bytes]]] | None:

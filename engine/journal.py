@@ -19,6 +19,8 @@ No mlx import here.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .journal_index import IndexWriter, open_sealed, read_seal
+from .private import open_private
 
 if TYPE_CHECKING:
     from .history import History
@@ -196,7 +199,7 @@ class JournalWriter:
             self._crc = zlib.crc32(memoryview(data)[len(MAGIC) : good_end])
             self._fast_index = IndexWriter(self.path, offsets)
         else:
-            self._file = open(self.path, "wb")  # noqa: SIM115
+            self._file = os.fdopen(open_private(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")
             self._file.write(MAGIC)
             self._file.flush()
             self._count = 0
@@ -227,12 +230,11 @@ class JournalWriter:
             raise JournalError(f"journal seq gap: appending {seq} after {self.last_seq}")
         if payload is None:
             payload = json.dumps(event, separators=(",", ":")).encode("utf-8")
-        offset = self._file.tell()
+        offset = self.end_offset
+        record = frame(seq, payload)
+        self._write_at(offset, record)
         if self._count % 1024 == 0:
             self._index.append((seq, offset))
-        record = frame(seq, payload)
-        self._file.write(record)
-        self._file.flush()
         self._fast_index.add(offset)
         self._crc = zlib.crc32(record, self._crc)  # running CRC of the prefix, for the seal
         self._count += 1
@@ -241,6 +243,27 @@ class JournalWriter:
         if self.history is not None:
             self.history.add(seq, payload)
         return payload
+
+    def _write_at(self, offset: int, data: bytes) -> None:
+        """Write a whole record at ``offset`` or none of it.
+
+        A failed write (a full disk: ENOSPC, possibly after a short write) cuts the file back to
+        where the record began and raises, so a live engine never leaves a torn tail, and the
+        record can be appended again once there is space (engine.events holds it meanwhile).
+        Unbuffered, so no half-written record lingers in a buffer to be flushed later.
+        """
+        fd = self._file.fileno()
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view, offset = view[written:], offset + written
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self.end_offset)
+            raise
 
     def offset_before(self, seq: int) -> int:
         """A file offset at or before the record with ``seq`` (for fast replay)."""
@@ -264,9 +287,11 @@ class JournalWriter:
 
     def close(self) -> None:
         if not self._file.closed:
-            self.sync()
-            self._file.close()
-            self._fast_index.close()
+            try:
+                self.sync()
+            finally:
+                self._file.close()
+                self._fast_index.close()
 
 
 def read_payloads(

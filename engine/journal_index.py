@@ -24,13 +24,18 @@ numpy is imported only when a sealed journal is read.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
+import os
 import struct
 import zlib
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
+
+from .private import open_private, write_private
 
 if TYPE_CHECKING:
     import numpy as np
@@ -76,13 +81,13 @@ class IndexWriter:
         self.journal = journal
         self._pending = array("Q")
         path = index_path(journal)
-        temp = path.with_name(path.name + ".tmp")
-        with open(temp, "wb") as handle:
-            handle.write(INDEX_MAGIC)
-            if offsets is not None:
-                handle.write(offsets.tobytes() if offsets.itemsize == 8 else array("Q", offsets).tobytes())
-        temp.replace(path)
-        self._file = open(path, "ab")  # noqa: SIM115 (kept open for the journal's life)
+        head = INDEX_MAGIC
+        if offsets is not None:
+            head += offsets.tobytes() if offsets.itemsize == 8 else array("Q", offsets).tobytes()
+        write_private(path, head)
+        # Raw appends (no buffer): a failed one is cut off again, see seal().
+        self._fd = open_private(path, os.O_WRONLY | os.O_APPEND)
+        self._size = len(head)
 
     def add(self, offset: int) -> None:
         self._pending.append(offset)
@@ -92,18 +97,26 @@ class IndexWriter:
         end at ``end`` with ``crc``.
 
         Called after the journal's fsync, so the sealed prefix is durable before the seal exists.
+        A failed write (a full disk) leaves the index as it was and the offsets pending, for the
+        next seal.
         """
         if self._pending:
-            self._file.write(self._pending.tobytes())
-            self._file.flush()
+            data = self._pending.tobytes()
+            try:
+                written = os.write(self._fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, "short write to the journal index")
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+                raise
+            self._size += len(data)
             self._pending = array("Q")
-        path = seal_path(self.journal)
-        temp = path.with_name(path.name + ".tmp")
-        temp.write_bytes(_seal_bytes(end, records, last_seq, crc))
-        temp.replace(path)
+        write_private(seal_path(self.journal), _seal_bytes(end, records, last_seq, crc))
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
 
 def read_seal(journal: Path) -> Seal | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from array import array
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 from .atomic import fsync_dir, fsync_file, write_bytes_atomic
 from .journal import HEADER, MAGIC, MAX_RECORD, Damage, frame
 from .journal_index import Seal
+from .private import open_private
 
 
 def _side_file(path: Path, kind: str, offset: int) -> Path:
@@ -42,6 +42,14 @@ def _side_file(path: Path, kind: str, offset: int) -> Path:
         candidate = path.with_name(f"{path.name}.{kind}-{offset}.{number}")
         number += 1
     return candidate
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """``data`` into a new private file (0600, as the run's files: engine.private), fsynced."""
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        fsync_file(handle.fileno())
 
 
 def _field(data: bytes, offset: int, name: str) -> Any:
@@ -131,16 +139,11 @@ def repair(
     new = b"".join(parts)
 
     temp = path.with_name(path.name + ".repair")
-    with open(temp, "wb") as handle:
-        handle.write(new)
-        handle.flush()
-        fsync_file(handle.fileno())
+    _write_synced(temp, new)
     try:
         os.link(path, backup)  # the damaged file keeps a name before the journal's name moves on
     except OSError:  # a file system without hard links
-        shutil.copyfile(path, backup)
-        with open(backup, "rb") as handle:
-            fsync_file(handle.fileno())
+        _write_synced(backup, data)
     fsync_dir(path.parent)
     os.replace(temp, path)
     fsync_dir(path.parent)

@@ -15,12 +15,14 @@ trains, so ``tensorboard --logdir ~/.local/state/tunetop/runs`` shows every run;
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import socket
 import struct
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 
 def _crc32c_table() -> list[int]:
@@ -101,18 +103,47 @@ SCALARS = {
 
 
 class TensorBoardWriter:
-    """Appends scalars to one event file in ``folder``; flushed after every event."""
+    """Appends scalars to one event file in ``folder``, each record written at once.
 
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    A record that cannot be written (a full disk) is kept, in order, and written by the next
+    write or ``flush``; the failed write is cut off the file again, so no torn record is left.
+    ``private`` (the engine's own files) makes the folder 0700 and the file 0600.
+    """
+
+    name = "TensorBoard"
+
+    def __init__(self, folder: Path, private: bool = False) -> None:
+        folder.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
         now = time.time()
         self.path = folder / f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}.tunetop"
-        self._file: BinaryIO = open(self.path, "ab")  # noqa: SIM115 (closed in close())
-        self._write(encode_event(now, file_version="brain.Event:2"))
+        self._fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if private else 0o666)
+        self._size = os.fstat(self._fd).st_size
+        self._pending: list[bytes] = [frame(encode_event(now, file_version="brain.Event:2"))]
+        with contextlib.suppress(OSError):  # kept pending: the first scalar's write reports it
+            self.flush()
+
+    @property
+    def pending(self) -> int:
+        """Records waiting for space."""
+        return len(self._pending)
 
     def _write(self, event: bytes) -> None:
-        self._file.write(frame(event))
-        self._file.flush()
+        self._pending.append(frame(event))
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the pending records in order; OSError naming the file if one cannot be written."""
+        while self._pending:
+            record = self._pending[0]
+            try:
+                if os.write(self._fd, record) != len(record):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+                raise OSError(error.errno, error.strerror, str(self.path)) from None
+            self._size += len(record)
+            self._pending.pop(0)
 
     def scalars(self, step: int, values: dict[str, float], wall_time: float | None = None) -> None:
         self._write(encode_event(wall_time or time.time(), step=step, scalars=values))
@@ -127,7 +158,9 @@ class TensorBoardWriter:
             self.scalars(int(event.get("iteration", 0)), values, float(event.get("ts") or time.time()))
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):
+            self.flush()
+        os.close(self._fd)
 
 
 def write_from_events(events: list[dict[str, Any]], folder: Path) -> Path:

@@ -28,11 +28,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .adapters import prune_numbered, save_adapters, trainable_weights
+from .adapters import describe_fine_tuning, prune_numbered, save_adapters, trainable_weights
 from .chunked_loss import summed_cross_entropy
 from .data import Batch, BatchPlan, Dataset
 from .optimizers import Schedule
-from .packing import PackedBatch, PackPlan, packed_loss, prepare_model
+from .packing import PackedBatch, PackPlan, packed_custom_loss, packed_loss, prepare_model, runs_packed
 
 
 @dataclass
@@ -45,14 +45,14 @@ class TrainingParameters:
     steps_per_eval: int = 100
     validation_batches: int = 10  # 0 = the whole validation set
     save_every: int = 100
-    adapter_path: Path = Path("adapters")
+    adapter_path: Path | None = None  # None: nothing is saved (as LoRATrain without an adapter URL)
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
     grad_checkpoint_blocks: int = -1  # with grad_checkpoint: how many blocks recompute, from the first; -1 = all
     grad_accumulation_steps: int = 1
     seed: int = 0
     keep_last: int = 3
-    adapter_config: dict[str, Any] = field(default_factory=dict)
+    adapter_config: dict[str, Any] = field(default_factory=dict)  # empty: read from the adapted model
     checkpoint_path: Path | None = None  # full-state checkpoints for exact resume; None = adapters only
     on_nonfinite: str = "pause"  # pause | stop | skip: what a NaN or infinite loss does
     config_hash: str = ""
@@ -100,6 +100,7 @@ class Save:
     path: str
     kind: str = "adapter"
     checkpoint: str = ""  # the full-state checkpoint folder written with it, if any
+    removed: list[int] = field(default_factory=list)  # iterations whose checkpoints retention deleted with this save
 
 
 @dataclass
@@ -127,18 +128,22 @@ LossFunction = Callable[[nn.Module, mx.array, mx.array], tuple[mx.array, mx.arra
 
 
 def default_loss(
-    model: nn.Module, tokens: mx.array, lengths: mx.array, ce_chunk_tokens: int = 0
+    model: nn.Module, tokens: mx.array, lengths: mx.array, ce_chunk_tokens: int = 0, segments: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
     """Cross-entropy over real tokens only; returns (mean loss, token count).
 
     ``lengths`` holds ``(offset, length)`` per row: targets before ``offset`` (a masked
-    prompt) and at or past ``length`` (padding) do not count. ``ce_chunk_tokens`` > 0 scores
-    the vocabulary that many positions at a time (engine.chunked_loss).
+    prompt) and at or past ``length`` (padding) do not count. On packed rows (``segments``
+    given, engine.custom_loss) it is the 0/1 mask of counted targets instead. ``ce_chunk_tokens``
+    > 0 scores the vocabulary that many positions at a time (engine.chunked_loss).
     """
     inputs = tokens[:, :-1]
     targets = tokens[:, 1:]
-    steps = mx.arange(1, targets.shape[1] + 1)
-    mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+    if segments is not None:
+        mask = lengths
+    else:
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
     count = mask.sum()
     total = summed_cross_entropy(model, inputs, targets, mask, ce_chunk_tokens)
     return total / count, count
@@ -275,13 +280,24 @@ class Trainer:
             self.loss = loss
         self.train_loss: Callable[..., tuple[mx.array, mx.array]] = loss
         if parameters.pack_width > 0:
-            if self.loss is not default_loss and getattr(self.loss, "func", None) is not default_loss:
-                raise ValueError("packed training uses the default loss; set pack_width=0 to train with a custom loss")
-            # Packing needs the default loss's meaning (mean over counted tokens); validation
-            # stays unpacked, with ``loss``.
-            self.train_plan = PackPlan(train_set, parameters.batch_size, parameters.pack_width, parameters.seed)
-            self.train_loss = partial(packed_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
+            # Validation stays unpacked, with ``loss``.
+            self.train_plan = PackPlan(
+                train_set, parameters.batch_size, parameters.pack_width, parameters.seed, parameters.max_seq_length
+            )
             prepare_model(model)
+            if self.loss is default_loss or getattr(self.loss, "func", None) is default_loss:
+                self.train_loss = partial(packed_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
+            else:
+                from .custom_loss import accepts_segments
+
+                if not accepts_segments(self.loss):
+                    raise ValueError(
+                        "a custom loss trains packed rows only if it takes the example boundaries: add a "
+                        "segments=None parameter (engine.custom_loss), or set pack_width=0"
+                    )
+                if not runs_packed(model):
+                    raise ValueError("this model's blocks take no cache argument: a custom loss cannot run it packed")
+                self.train_loss = packed_custom_loss(self.loss)
         else:
             self.train_plan = BatchPlan(train_set, parameters.batch_size, parameters.max_seq_length, parameters.seed)
         self.valid_plan = (
@@ -299,6 +315,8 @@ class Trainer:
         self.last_nonfinite: NonFinite | None = None
         self.journal_seq: Callable[[], int] = lambda: 0
         self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
+        self.prompt_format = train_set.prompt_format  # how the training data put its prompts, for samples
+        self.row_format = train_set.row_format  # and how its rows were read (the chat template)
         # Runs first in every step, with the learning rate chosen: a distributed run's rank 0
         # tells the other ranks here which step to take.
         self.before_step: Callable[[Trainer], None] | None = None
@@ -423,6 +441,11 @@ class Trainer:
     def weights_finite(self) -> bool:
         return all(bool(mx.all(mx.isfinite(v)).item()) for v in trainable_weights(self.model).values())
 
+    @property
+    def saves(self) -> bool:
+        """Whether :meth:`save` writes anything (an adapter path or a checkpoint path is set)."""
+        return self.parameters.adapter_path is not None or self.parameters.checkpoint_path is not None
+
     def save(self) -> Save:
         """Write the adapter (mlx-lm layout, numbered copy beside it) and a full checkpoint.
 
@@ -439,29 +462,36 @@ class Trainer:
             raise CheckpointError(f"writing failed at iteration {self.iteration}: {error}") from None
 
     def _save(self) -> Save:
-        from .checkpoint import TrainerState, prune, write_checkpoint
+        from .checkpoint import TrainerState, list_checkpoints, prune, write_checkpoint
 
         p = self.parameters
-        path = save_adapters(self.model, p.adapter_path, p.adapter_config, iteration=self.iteration)
-        prune_numbered(p.adapter_path, p.keep_last)
-        checkpoint = ""
-        if p.checkpoint_path is not None:
-            state = TrainerState(
-                iteration=self.iteration,
-                trained_tokens=self.trained_tokens,
-                epoch=self.epoch,
-                position=self.position,
-                learning_rate_override=self.learning_rate_override,
-                validation_loss=self.last_validation_loss,
-                seq=self.journal_seq(),
-                config_hash=p.config_hash,
-                saved_at=time.time(),
-                config=p.config_values,
-            )
-            folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
-            prune(p.checkpoint_path, p.keep_last)
-            checkpoint = str(folder)
-        return Save(self.iteration, str(path), checkpoint=checkpoint)
+        path = ""
+        if p.adapter_path is not None:
+            adapter_config = p.adapter_config or describe_fine_tuning(self.model)
+            path = str(save_adapters(self.model, p.adapter_path, adapter_config, iteration=self.iteration))
+        if p.checkpoint_path is None:
+            pruned = prune_numbered(p.adapter_path, p.keep_last) if p.adapter_path is not None else []
+            return Save(self.iteration, path, removed=[iteration for iteration, _path in pruned])
+        state = TrainerState(
+            iteration=self.iteration,
+            trained_tokens=self.trained_tokens,
+            epoch=self.epoch,
+            position=self.position,
+            learning_rate_override=self.learning_rate_override,
+            validation_loss=self.last_validation_loss,
+            seq=self.journal_seq(),
+            config_hash=p.config_hash,
+            saved_at=time.time(),
+            config=p.config_values,
+        )
+        folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
+        removed = sorted(int(gone.name) for gone in prune(p.checkpoint_path, p.keep_last))
+        # The numbered adapter copies follow the checkpoints (the best one stays with its checkpoint).
+        kept = {int(kept.name) for kept in list_checkpoints(p.checkpoint_path)}
+        if p.adapter_path is not None:
+            prune_numbered(p.adapter_path, p.keep_last, keep=kept)
+        # The event says what retention deleted, so a client (perhaps on another machine) lists what exists.
+        return Save(self.iteration, path, checkpoint=str(folder), removed=removed)
 
     def restore(self, folder: Path) -> Any:
         """Continue from a full checkpoint: weights, optimizer, position, counters. Returns its state."""
@@ -571,6 +601,8 @@ def _save(trainer: Trainer, progress: ProgressCallback | None) -> bool:
     """Save, reporting a failure as an event instead of ending the run."""
     from .checkpoint import CheckpointError
 
+    if not trainer.saves:  # no adapter path: nothing is saved, as LoRATrain without an adapter URL
+        return False
     try:
         event: Progress = trainer.save()
     except (OSError, CheckpointError) as error:

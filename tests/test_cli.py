@@ -160,3 +160,29 @@ def test_console_output_respects_no_color_and_non_terminals(monkeypatch) -> None
     assert "\x1b" not in piped and "careful" in piped  # plain lines into a pipe or a file
     monkeypatch.setenv("NO_COLOR", "1")
     assert "\x1b[33m" not in output(Terminal())
+
+
+def test_help_lists_what_each_command_does_and_hides_the_internal_ones() -> None:
+    text = tunetop("--help", check=True).stdout
+    for internal in ("_engine", "_follower", "_remote-info", "SUPPRESS"):
+        assert internal not in text
+    assert "a running run" not in text  # "status a running run" said nothing
+    assert "run a validation pass on a live run" in text
+    wrong = tunetop("evaluat")
+    assert wrong.returncode == 2 and "Did you mean 'evaluate'?" in wrong.stderr and "_engine" not in wrong.stderr
+    assert tunetop("_engine", "--help").returncode == 0  # hidden, still there for the engine's own start
+
+
+def test_replies_read_as_sentences(engine_run) -> None:  # type: ignore[no-untyped-def]
+    from engine.client_sync import send_command
+    from tests.conftest import wait_for
+
+    wait_for(lambda: int(send_command(engine_run, "status").result["iteration"]) >= 2)
+    result = tunetop("evaluate", engine_run.id, check=True)
+    line = result.stdout.strip()
+    assert line.startswith("evaluate: ok — iteration ") and ", validation loss " in line
+    loss = line.rsplit(" ", 1)[1]
+    assert len(loss.replace(".", "").lstrip("0")) <= 4  # four significant digits, not a float's repr
+    data = json.loads(tunetop("status", engine_run.id, "--json", check=True).stdout)
+    assert data["ok"] and data["state"] == "running"
+    assert tunetop("pause", engine_run.id, check=True).stdout.startswith("pause: ok — paused at iteration ")

@@ -51,13 +51,16 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> 
     resume_seq = next(e["seq"] for e in events if e["type"] == "resumed")
     again = losses_after(events, resume_seq)
     assert sorted(again) == list(range(N + 1, 2 * N + 1))
+    # Exactly equal by construction: the checkpoint holds the weights, the optimizer state and
+    # the data position bit for bit, dropout's randomness is seeded per step, and the same
+    # operations on the same bits give the same bits on this machine.
     for iteration in again:
-        assert again[iteration] == pytest.approx(straight_losses[iteration], abs=1e-5), iteration
+        assert again[iteration] == straight_losses[iteration], iteration
     a = mx.load(str(straight.adapters / "adapters.safetensors"))
     b = mx.load(str(run.adapters / "adapters.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        assert np.allclose(np.array(a[key]), np.array(b[key]), atol=1e-6), key
+        assert np.array_equal(np.array(a[key]), np.array(b[key])), key
     assert events[-1]["type"] == "finished" and events[-1]["iteration"] == 2 * N
 
 

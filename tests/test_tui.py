@@ -6,12 +6,15 @@ import json
 import tomllib
 from pathlib import Path
 
-from textual.widgets import DataTable, Input, TextArea
+from textual.widgets import Checkbox, DataTable, Input, TextArea
+from textual.widgets._footer import FooterKey
 
+from engine.adapters import numbered_checkpoints
+from engine.checkpoint import list_checkpoints
 from engine.client_sync import send_command
 from engine.journal import read_events
-from engine.runs import RunDir
-from tests.conftest import wait_for
+from engine.runs import RunDir, list_runs
+from tests.conftest import tunetop, wait_for, write_config
 from tests.recorded import write_recorded_run
 from tui.app import TunetopApp
 from tui.screens.dashboard import DashboardScreen
@@ -44,8 +47,14 @@ async def test_recorded_run_opens_read_only_with_its_whole_history(isolated_stat
         assert screen.query_one("#checkpoint-table", DataTable).row_count == 4
         assert screen.query_one(RunHeader).read_only
         assert screen.run_state.state == "finished"
+        # the controls that need an engine are not offered: not in the footer, not in the palette
+        await settle(pilot, lambda: {"m", "w", "c", "g", "q"} <= {key.key for key in screen.query(FooterKey)})
+        assert not {key.key for key in screen.query(FooterKey)} & {"p", "s", "e", "x", "l"}
+        titles = [c.title for c in app.get_system_commands(screen)]
+        assert "Detach" in titles and not {"Pause or resume", "Save checkpoint now", "Stop run"} & set(titles)
         await pilot.press("p")
-        await settle(pilot, lambda: "not live" in screen.last_reply)
+        await pilot.pause(0.2)
+        assert screen.last_reply == ""  # nothing was sent
         chart = screen.query_one(LossChart)
         smoothing = chart.smoothing
         await pilot.press("m")
@@ -62,6 +71,33 @@ async def test_recorded_run_opens_read_only_with_its_whole_history(isolated_stat
         assert app.screen is screen
         await pilot.press("q")
     assert app.return_code in (0, None)
+
+
+async def test_checkpoint_panel_lists_what_retention_left_on_disk(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "run.toml", training={"iterations": 12, "steps_per_report": 2, "steps_per_eval": 4},
+                          checkpoints={"save_every": 2, "keep_last": 2})
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    on_disk = [int(folder.name) for folder in list_checkpoints(run.checkpoints)]
+    assert 2 <= len(on_disk) < 6  # saves at 2, 4, ..., 12; retention deleted some
+    assert sorted(i for i, _path in numbered_checkpoints(run.adapters)) == on_disk  # the numbered copies follow
+    app = TunetopApp(run)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        assert isinstance(screen, DashboardScreen)
+        await settle(pilot, lambda: screen.run_state.state == "finished")
+        screen.repaint()
+        table = screen.query_one("#checkpoint-table", DataTable)
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        assert sorted(int(row[0]) for row in rows) == on_disk
+        measured = {v.iteration: v.loss for v in screen.run_state.validations}
+        for row in rows:  # a validation loss only where one was measured (every 4), else "-"
+            iteration, shown = int(row[0]), str(row[3])
+            assert shown == (f"{measured[iteration]:.4f}" if iteration in measured else "-"), row
+        assert any(str(row[3]) == "-" for row in rows) or all(int(row[0]) % 4 == 0 for row in rows)
+    oldest = min(on_disk)
+    result = tunetop("export", run.id, "--format", "mlx", "--checkpoint", str(oldest), "--output", str(tmp_path / "x"))
+    assert result.returncode == 0, result.stderr
 
 
 async def test_keys_steer_a_live_engine(engine_run: RunDir) -> None:
@@ -111,12 +147,33 @@ async def test_keys_steer_a_live_engine(engine_run: RunDir) -> None:
     assert any(e["type"] == "config_changed" and e["changes"] == {"learning_rate": 2e-4} for e in events)
 
 
+async def test_the_header_is_current_between_reports_and_where_a_pause_landed(engine_run: RunDir) -> None:
+    wait_for(lambda: int(send_command(engine_run, "status").result["iteration"]) >= 2)
+    send_command(engine_run, "set", {"steps_per_report": 100_000})  # no more train events
+    app = TunetopApp(engine_run)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        assert isinstance(screen, DashboardScreen)
+        await settle(pilot, lambda: screen.run_state.train_iterations != [])
+        reported = screen.run_state.train_iterations[-1]
+        # heartbeats carry the engine's iteration: the header moves on without reports
+        await settle(pilot, lambda: screen.run_state.iteration > reported + 2, timeout=60)
+        await pilot.press("p")
+        await settle(pilot, lambda: "pause: ok — paused at iteration " in screen.last_reply)
+        paused_at = int(screen.last_reply.rsplit(" ", 1)[1].replace(",", ""))
+        await settle(pilot, lambda: f"iter {paused_at:,}/" in str(screen.query_one(RunHeader).render()))
+        shown = str(screen.query_one(RunHeader).render())
+        assert "training time" in shown and "elapsed" not in shown
+        await pilot.press("q")
+
+
 async def test_detach_leaves_the_engine_training(engine_run: RunDir) -> None:
     app = TunetopApp(engine_run)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.screen
         await settle(pilot, lambda: screen.run_state.iteration >= 2)
         await pilot.press("ctrl+d")
+    assert "goes on training" in app.exit_note and f"tunetop attach {engine_run.id}" in app.exit_note
     before = int(send_command(engine_run, "status").result["iteration"])
     wait_for(lambda: int(send_command(engine_run, "status").result["iteration"]) > before)
 
@@ -155,6 +212,9 @@ async def test_config_editor_validates_as_you_type_and_saves(tmp_path: Path) -> 
         assert "run.toml:4" in message and "Did you mean 'batch_size'?" in message
         await pilot.press("ctrl+s")
         assert "batch_sise" not in path.read_text()  # invalid text is not saved
+        editor.text = '[lora]\nrnak = 4\n'
+        await pilot.pause()
+        assert "Valid keys in [lora] are:" in str(app.screen.query_one("#validation").render())  # text, not markup
         editor.text = '# my comment\n[training]\niterations = 20\n'
         await pilot.pause()
         await pilot.press("ctrl+s")
@@ -181,19 +241,27 @@ async def test_theme_choice_is_applied_and_remembered(isolated_state: Path, tmp_
         assert again.theme == "tunetop-high-contrast"
 
 
-async def test_palette_offers_the_run_commands(isolated_state: Path) -> None:
-    run = write_recorded_run(isolated_state)
-    app = TunetopApp(run)
-    async with app.run_test(size=SIZE):
-        titles = [c.title for c in app.get_system_commands(app.screen)]
+async def test_palette_offers_the_run_commands(engine_run: RunDir) -> None:
+    app = TunetopApp(engine_run)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await settle(pilot, lambda: screen.run_state.state == "running")
+        titles = [c.title for c in app.get_system_commands(screen)]
         for title in ("Pause or resume", "Save checkpoint now", "Evaluate now", "Stop run", "Detach", "Theme"):
             assert any(title in t for t in titles), title
+        await settle(pilot, lambda: {"p", "s", "e", "x", "l", "q"} <= {key.key for key in screen.query(FooterKey)})
 
 
 def test_playground_columns_group_samples_by_prompt_newest_first() -> None:
-    samples = [(10, "a", "1"), (10, "b", "2"), (20, "a", "3"), (30, "c", "4"), (40, "a", "5")]
-    assert columns(samples) == [("a", [(40, "5"), (20, "3"), (10, "1")]), ("c", [(30, "4")]), ("b", [(10, "2")])]
-    assert [prompt for prompt, _ in columns(samples, limit=2)] == ["a", "c"]
+    samples = [(10, "a", "1", False), (10, "b", "2", False), (20, "a", "3", False), (30, "c", "4", False),
+               (40, "a", "5", False), (50, "b", "6", True)]
+    assert columns(samples) == [
+        (("b", True), [(50, "6")]),  # a raw prompt has a column of its own
+        (("a", False), [(40, "5"), (20, "3"), (10, "1")]),
+        (("c", False), [(30, "4")]),
+        (("b", False), [(10, "2")]),
+    ]
+    assert [key for key, _ in columns(samples, limit=2)] == [("b", True), ("a", False)]
 
 
 async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
@@ -204,6 +272,8 @@ async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
         await pilot.press("g")
         playground = app.screen
         assert isinstance(playground, PlaygroundScreen)
+        labels = [str(label.render()) for label in playground.query(".field-label")]
+        assert labels == ["max tokens", "temperature"]  # the boxes say what they hold once filled
         playground.query_one("#max-tokens", Input).value = "8"
         await pilot.click("#prompt")
         await pilot.press(*"The river")
@@ -217,6 +287,17 @@ async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
         send_command(engine_run, "sample", {"prompt": "A lantern", "max_tokens": 4}, timeout=60)
         await settle(pilot, lambda: len(playground.query(".column")) == 2)
         assert [c.border_title for c in playground.query(".column")] == ["A lantern", "The river"]
+        assert "prompt in the chat template" in playground.status_text
+        # ctrl+t: the same prompt sent as typed, in a column of its own
+        await pilot.press("ctrl+t")
+        assert playground.query_one("#raw", Checkbox).value
+        await pilot.click("#prompt")
+        await pilot.press("enter")
+        await settle(pilot, lambda: len(playground.query(".column")) == 3, timeout=60)
+        assert playground.query(".column").first().border_title == "raw: The river"
+        await settle(pilot, lambda: "prompt raw, as typed" in playground.status_text)
+        formats = [(e["prompt"], e["prompt_format"]) for e in read_events(engine_run.journal) if e["type"] == "sample"]
+        assert formats == [("The river", "chat"), ("A lantern", "chat"), ("The river", "raw")]
         await pilot.press("escape")
         assert app.screen is dashboard
         await pilot.press("q")

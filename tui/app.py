@@ -30,6 +30,8 @@ class TunetopApp(App[int]):
         self.requested_theme = theme
         self.remember = remember
         self._themes_ready = False
+        self.exit_note = ""
+        """Printed once the TUI has left the terminal (detaching says the run goes on, and how to reattach)."""
 
     def on_mount(self) -> None:
         for theme in load_themes():
@@ -60,18 +62,20 @@ class TunetopApp(App[int]):
 
         if isinstance(screen, DashboardScreen):
             for title, help_text, action in (
-                ("Pause or resume", "Pause the run, or resume a paused one", screen.action_toggle_pause),
-                ("Save checkpoint now", "Write the adapter now", screen.action_save),
-                ("Evaluate now", "Run validation now", screen.action_evaluate),
-                ("Stop run", "Save, then end the run (asks first)", screen.action_stop),
-                ("Set learning rate and intervals", "Live changes, applied between steps", screen.action_set_form),
-                ("Cycle loss smoothing", "EMA 0 / 0.6 / 0.9 / 0.99", screen.action_smoothing),
-                ("Cycle chart window", "Whole run / last 100 / 1000 / 10000 iterations", screen.action_window),
-                ("Edit config", "Open the run's config in the editor", screen.action_edit_config),
-                ("Playground", "Prompt the live adapter; samples side by side by iteration", screen.action_playground),
-                ("Detach", "Leave the run training and close the TUI", screen.action_detach),
+                ("Pause or resume", "Pause the run, or resume a paused one", "toggle_pause"),
+                ("Save checkpoint now", "Write the adapter now", "save"),
+                ("Evaluate now", "Run validation now", "evaluate"),
+                ("Stop run", "Save, then end the run (asks first)", "stop"),
+                ("Set learning rate and intervals", "Live changes, applied between steps", "set_form"),
+                ("Cycle loss smoothing", "EMA 0 / 0.6 / 0.9 / 0.99", "smoothing"),
+                ("Cycle chart window", "Whole run / last 100 / 1000 / 10000 iterations", "window"),
+                ("Toggle chart y-range", "Fit the recent curve (clip an early spike) / every value", "y_range"),
+                ("Edit config", "Open the run's config in the editor", "edit_config"),
+                ("Playground", "Prompt the live adapter; samples side by side by iteration", "playground"),
+                ("Detach", "Leave the run training and close the TUI", "detach"),
             ):
-                yield SystemCommand(title, help_text, action)
+                if screen.check_action(action, ()):  # a finished run offers no pause, save, ...
+                    yield SystemCommand(title, help_text, getattr(screen, f"action_{action}"))
 
 
 def start_detached_run(config_path: str | Path) -> str:
@@ -114,6 +118,8 @@ def run_remote_app(spec: str, theme: str | None = None) -> int:
         app.run()
     finally:
         remote.close()
+    if app.exit_note:
+        print(app.exit_note)
     return app.return_code or 0
 
 
@@ -140,4 +146,6 @@ def run_app(spec: str | None, theme: str | None = None, runs_list: bool = False)
     os.environ.setdefault("TEXTUAL_FPS", "30")
     app = TunetopApp(run, theme)
     app.run()
+    if app.exit_note:
+        print(app.exit_note)
     return app.return_code or 0

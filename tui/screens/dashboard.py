@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from typing import Any
 
@@ -21,14 +22,17 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
 
 from engine.config import LIVE_FIELDS
+from engine.replies import describe
 from engine.runs import RunDir
 from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
 from tui.source import EventSource, JournalSource, LiveSource
-from tui.state import RunState
-from tui.widgets.chart import LossChart
+from tui.state import ACTIVE_STATES, RunState
+from tui.widgets.chart import Y_MODES, LossChart
 from tui.widgets.panels import RunHeader, ThroughputPanel
 
 REFRESH_HZ = 8
+STEERING = frozenset({"toggle_pause", "save", "evaluate", "stop", "set_form"})
+"""Actions that send the engine a command: hidden when no engine can take one."""
 SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
 WINDOW_STEPS = (0, 100, 1000, 10000)
 
@@ -61,6 +65,7 @@ class DashboardScreen(Screen[None]):
         Binding("l", "set_form", "Set LR/intervals"),
         Binding("m", "smoothing", "Smoothing"),
         Binding("w", "window", "Window"),
+        Binding("y", "y_range", "Y range"),
         Binding("c", "edit_config", "Config"),
         Binding("g", "playground", "Playground"),
         Binding("question_mark", "help", "Help", key_display="?"),
@@ -76,20 +81,23 @@ class DashboardScreen(Screen[None]):
         self._dirty = True
         self._dirty_header = True
         self._header_painted = 0.0
-        self._shown_validations = 0
-        self._shown_checkpoints = 0
+        self._shown_validations: tuple[int, int] = (0, 0)
+        self._shown_checkpoints: list[tuple[int, float | None, float]] = []
         self._shown_logs = 0
+        self._steerable = self.live
         self.source: EventSource
         if remote is not None and remote.tunnel is not None:
             from tui.client import RunClient
 
-            self.source = LiveSource(RunClient(remote.tunnel.local, self._on_events, self._on_status))
+            self.source = LiveSource(
+                RunClient(remote.tunnel.local, self._on_events, self._on_status, on_heartbeat=self._on_heartbeat)
+            )
         elif remote is not None:
             from tui.source import CommandSource
 
             self.source = CommandSource(remote.history_command(), self._on_events, self._on_status)
         elif self.live:
-            self.source = LiveSource.for_run(run, self._on_events, self._on_status)
+            self.source = LiveSource.for_run(run, self._on_events, self._on_status, self._on_heartbeat)
         else:
             self.source = JournalSource(run.journal, self._on_events, self._on_status)
         self._source_task: asyncio.Task[None] | None = None
@@ -155,6 +163,10 @@ class DashboardScreen(Screen[None]):
         self.run_state.apply_all(events)
         self._dirty = True
 
+    def _on_heartbeat(self, event: dict[str, Any]) -> None:
+        self.run_state.apply(event)  # the engine's iteration now, between reports
+        self._dirty_header = True
+
     def _on_status(self, status: str, detail: str) -> None:
         header = self.query_one(RunHeader)
         if status == "disconnected" and self.run_state.state in ("finished", "failed"):
@@ -182,11 +194,26 @@ class DashboardScreen(Screen[None]):
             self._dirty_header = False
             self.query_one(RunHeader).refresh_from_state()
 
+    def can_steer(self) -> bool:
+        """Whether an engine may take commands: a live run that has not ended."""
+        if not self.is_mounted or not self.live or self.query_one(RunHeader).read_only:
+            return False
+        return self.run_state.state not in ("finished", "failed")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Pause, save, evaluate, stop and set leave the footer (and do nothing) once they cannot work."""
+        if action in STEERING:
+            return self.can_steer()
+        return True
+
     def repaint(self) -> None:
         """Bring every widget up to date with the run state now."""
         self._dirty = False
         self._dirty_header = True
         s = self.run_state
+        if self.can_steer() != self._steerable:
+            self._steerable = not self._steerable
+            self.refresh_bindings()
         self.query_one(ThroughputPanel).refresh_from_state()
         self.query_one(LossChart).refresh()
         self.query_one("#chart-box").border_title = self._chart_title()
@@ -205,13 +232,16 @@ class DashboardScreen(Screen[None]):
         chart = self.query_one(LossChart)
         theme = self.app.current_theme
         window = "whole run" if chart.window == 0 else f"last {chart.window:,} iterations"
+        if chart.y_mode == "full":
+            window += ", every value"
         train, val = theme.accent or theme.primary, theme.warning or "yellow"
         return f"loss · [{train}]━ train (EMA {chart.smoothing:g})[/] · [{val}]● validation[/] · {window}"
 
     def _refresh_tables(self) -> None:
         """Newest first, so the latest rows are always in view without scrolling."""
         s = self.run_state
-        if len(s.validations) != self._shown_validations:
+        shown_validations = (len(s.validations), id(s.validations[-1]) if s.validations else 0)
+        if shown_validations != self._shown_validations:
             table = self.query_one("#validation-table", DataTable)
             best = s.best_validation
             table.clear()
@@ -219,16 +249,18 @@ class DashboardScreen(Screen[None]):
                 change = "" if row.change is None else f"{row.change:+.4f}"
                 mark = "★best" if best is not None and row is best else ""
                 table.add_row(str(row.iteration), f"{row.loss:.4f}", change, f"{row.seconds:.2f}", mark)
-            self._shown_validations = len(s.validations)
-        if len(s.checkpoints) != self._shown_checkpoints:
+            self._shown_validations = shown_validations
+        # Rows come and go (retention) and gain a validation loss later: compare what they show.
+        shown_checkpoints = [(c.iteration, c.validation_loss, c.ts) for c in s.checkpoints]
+        if shown_checkpoints != self._shown_checkpoints:
             checkpoints = self.query_one("#checkpoint-table", DataTable)
             checkpoints.clear()
             for saved in reversed(s.checkpoints[-200:]):
-                size = _file_size(saved.path)
+                weights = os.path.join(saved.checkpoint, "adapters.safetensors") if saved.checkpoint else saved.path
                 val = f"{saved.validation_loss:.4f}" if saved.validation_loss is not None else "-"
                 stamp = time.strftime("%H:%M:%S", time.localtime(saved.ts))
-                checkpoints.add_row(str(saved.iteration), saved.kind, size, val, stamp)
-            self._shown_checkpoints = len(s.checkpoints)
+                checkpoints.add_row(str(saved.iteration), Text(saved.kind), _file_size(weights), val, stamp)
+            self._shown_checkpoints = shown_checkpoints
 
     # -- commands out ----------------------------------------------------------------------
 
@@ -242,12 +274,7 @@ class DashboardScreen(Screen[None]):
         """Send a command and show its reply, ok or the error."""
         self.show_reply(f"{cmd}: sent…")
         reply = await self.source.command(cmd, args)
-        if reply.ok:
-            detail = ", ".join(f"{k}={v}" for k, v in reply.result.items() if k != "note")
-            note = reply.result.get("note")
-            self.show_reply(f"{cmd}: ok" + (f" ({detail})" if detail else "") + (f"; {note}" if note else ""))
-        else:
-            self.show_reply(f"{cmd}: {reply.error}", error=True)
+        self.show_reply(describe(cmd, reply), error=not reply.ok)
 
     def action_toggle_pause(self) -> None:
         self.send("resume" if self.run_state.state == "paused" else "pause")
@@ -290,6 +317,12 @@ class DashboardScreen(Screen[None]):
         chart.window = WINDOW_STEPS[(index + 1) % len(WINDOW_STEPS)]
         self._dirty = True
 
+    def action_y_range(self) -> None:
+        """Toggle the loss chart's y-axis: fitted to the recent curve (an early spike clipped), or all of it."""
+        chart = self.query_one(LossChart)
+        chart.y_mode = Y_MODES[(Y_MODES.index(chart.y_mode) + 1) % len(Y_MODES)] if chart.y_mode in Y_MODES else Y_MODES[0]
+        self._dirty = True
+
     def action_edit_config(self) -> None:
         from tui.screens.editor import ConfigEditorScreen
 
@@ -312,12 +345,28 @@ class DashboardScreen(Screen[None]):
         if len(self.app.screen_stack) > 2:
             self.app.pop_screen()
         else:
+            self.app.exit_note = self.detach_note()  # type: ignore[attr-defined]
             self.app.exit()
+
+    def detach_note(self) -> str:
+        """What the terminal says once the TUI is gone: the run goes on, and how to come back."""
+        s = self.run_state
+        header = self.query_one(RunHeader)
+        if header.read_only or s.state not in ACTIVE_STATES:
+            return ""
+        target = f"{self.remote.target}:{s.run_id}" if self.remote is not None else s.run_id
+        run = f"run {s.run_id}" + (f" ({s.name})" if s.name else "")
+        reattach = f"Reattach with `tunetop attach {target}`."
+        if header.connection in ("disconnected", "incompatible"):
+            return f"Detached from {run}; its engine could not be reached ({header.connection}). " \
+                f"`tunetop ls` shows its state. {reattach}"
+        if s.state == "paused":
+            return f"Detached from {run}: it stays paused at iteration {s.iteration:,} " \
+                f"(`tunetop resume {s.run_id}` continues it). {reattach}"
+        return f"Detached from {run}: it goes on training (iteration {s.iteration:,} of {s.iterations:,}). {reattach}"
 
 
 def _file_size(path: str) -> str:
-    import os
-
     try:
         size = os.path.getsize(path)
     except OSError:

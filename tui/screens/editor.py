@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -43,7 +44,7 @@ class ConfigEditorScreen(Screen[None]):
         self.valid = False
 
     def compose(self) -> ComposeResult:
-        yield Static(f"config: {self.path}", id="path")
+        yield Static(f"config: {self.path}", id="path", markup=False)
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -68,7 +69,7 @@ class ConfigEditorScreen(Screen[None]):
         except ConfigError as error:
             self.valid = False
             label.set_classes("invalid")
-            label.update(str(error))
+            label.update(Text(str(error)))  # "[lora]" in a message is text, not Rich markup
             return
         self.valid = True
         label.set_classes("valid")
@@ -79,7 +80,7 @@ class ConfigEditorScreen(Screen[None]):
             self.notify("not saved: fix the error under the editor first", severity="error")
             return False
         self.path.write_text(self.query_one(TextArea).text, encoding="utf-8")
-        self.notify(f"saved {self.path}")
+        self.notify(f"saved {self.path}", markup=False)
         return True
 
     def action_format(self) -> None:
@@ -102,9 +103,9 @@ class ConfigEditorScreen(Screen[None]):
         try:
             run_id = start_detached_run(self.path)
         except Exception as error:  # shown to the user, never a traceback on screen
-            self.notify(f"could not start: {error}", severity="error", timeout=10)
+            self.notify(f"could not start: {error}", severity="error", timeout=10, markup=False)
             return
-        self.notify(f"started run {run_id}")
+        self.notify(f"started run {run_id}", markup=False)
 
     def action_resume_run(self) -> None:
         """Save, then resume the run this config belongs to from a chosen checkpoint."""
@@ -131,9 +132,9 @@ class ConfigEditorScreen(Screen[None]):
                 iteration = int(answer) if answer.strip() else None
                 resume_detached_run(run, iteration)
             except Exception as error:
-                self.notify(f"could not resume: {error}", severity="error", timeout=10)
+                self.notify(f"could not resume: {error}", severity="error", timeout=10, markup=False)
                 return
-            self.notify(f"resumed run {run.id}")
+            self.notify(f"resumed run {run.id}", markup=False)
 
         self.app.push_screen(PromptScreen(f"Resume from iteration (checkpoints: {have}; empty = latest):"), chosen)
 

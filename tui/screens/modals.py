@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
@@ -76,7 +77,7 @@ class ConfirmScreen(Modal[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.question, classes="title")
+            yield Label(self.question, classes="title", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("Yes (y)", id="yes", variant="error")
                 yield Button("No (n)", id="no", variant="primary")
@@ -130,7 +131,7 @@ class SetScreen(Modal[dict[str, Any] | None]):
         try:
             changes = self._changes()
         except ConfigError as error:
-            self.query_one("#set-error", Static).update(str(error))
+            self.query_one("#set-error", Static).update(Text(str(error)))  # the typed value, as text
             return
         self.dismiss(changes or None)
 
@@ -159,7 +160,7 @@ class PromptScreen(Modal[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.question, classes="title")
+            yield Label(self.question, classes="title", markup=False)
             yield Input(value=self.value, id="prompt-input")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:

@@ -1,9 +1,11 @@
 """The Playground: prompt the live adapter and watch the same prompts change as training goes.
 
-A prompt typed here becomes a ``sample`` command; the engine runs it between two steps with
-the weights as they are and publishes a ``sample`` event. Every sample of the run (typed here,
-by another client, or from ``sampling.sample_prompts``) is shown in one column per prompt,
-newest prompt first, each column listing its completions by iteration, latest on top.
+A prompt typed here becomes a ``sample`` command; the engine formats it as the run's training
+data put its prompts (the chat template for chat data), or sends it as typed when "raw" is
+ticked, runs it between two steps with the weights as they are and publishes a ``sample``
+event. Every sample of the run (typed here, by another client, or from
+``sampling.sample_prompts``) is shown in one column per prompt (raw prompts apart), newest
+prompt first, each column listing its completions by iteration, latest on top.
 """
 
 from __future__ import annotations
@@ -15,23 +17,35 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Label, Static
+from textual.widgets import Checkbox, Footer, Input, Label, Static
 
 if TYPE_CHECKING:
     from tui.screens.dashboard import DashboardScreen
 
 MAX_COLUMNS = 4  # prompts side by side; older prompts stay in the run's journal and log
+HINT = "prompts go to the model as the training data's did (the chat template for chat data); tick raw (ctrl+t) to send one as typed"
+FORMATS = {"chat": "in the chat template", "completion": "as a prompt", "text": "as text", "raw": "raw, as typed"}
 
 
-def columns(samples: list[tuple[int, str, str]], limit: int = MAX_COLUMNS) -> list[tuple[str, list[tuple[int, str]]]]:
-    """Samples grouped by prompt: the most recently sampled prompts first, completions newest first."""
-    by_prompt: dict[str, list[tuple[int, str]]] = {}
-    last_seen: dict[str, int] = {}
-    for index, (iteration, prompt, completion) in enumerate(samples):
-        by_prompt.setdefault(prompt, []).append((iteration, completion))
-        last_seen[prompt] = index
-    ordered = sorted(by_prompt, key=lambda prompt: last_seen[prompt], reverse=True)[:limit]
-    return [(prompt, list(reversed(by_prompt[prompt]))) for prompt in ordered]
+Column = tuple[tuple[str, bool], list[tuple[int, str]]]
+"""((prompt, raw), [(iteration, completion), ...])"""
+
+
+def columns(samples: list[tuple[int, str, str, bool]], limit: int = MAX_COLUMNS) -> list[Column]:
+    """Samples grouped by prompt and rawness: the most recently sampled first, completions newest first."""
+    by_key: dict[tuple[str, bool], list[tuple[int, str]]] = {}
+    last_seen: dict[tuple[str, bool], int] = {}
+    for index, (iteration, prompt, completion, raw) in enumerate(samples):
+        by_key.setdefault((prompt, raw), []).append((iteration, completion))
+        last_seen[(prompt, raw)] = index
+    ordered = sorted(by_key, key=lambda key: last_seen[key], reverse=True)[:limit]
+    return [(key, list(reversed(by_key[key]))) for key in ordered]
+
+
+def column_title(prompt: str, raw: bool) -> str:
+    """A column's title: the prompt, shortened, marked when it was sent raw."""
+    title = prompt if len(prompt) < 40 else prompt[:39] + "…"
+    return f"raw: {title}" if raw else title
 
 
 class PlaygroundScreen(Screen[None]):
@@ -40,8 +54,10 @@ class PlaygroundScreen(Screen[None]):
     DEFAULT_CSS = """
     PlaygroundScreen #form { height: 3; }
     PlaygroundScreen #prompt { width: 1fr; }
-    PlaygroundScreen #max-tokens { width: 16; }
-    PlaygroundScreen #temperature { width: 16; }
+    PlaygroundScreen .field-label { width: auto; padding: 1 0 0 1; color: $text-muted; }
+    PlaygroundScreen #max-tokens { width: 10; }
+    PlaygroundScreen #temperature { width: 10; }
+    PlaygroundScreen #raw { width: auto; }
     PlaygroundScreen #status { height: 1; padding: 0 1; }
     PlaygroundScreen #samples { height: 1fr; }
     PlaygroundScreen .column { width: 1fr; border: round $primary; padding: 0 1; }
@@ -51,6 +67,7 @@ class PlaygroundScreen(Screen[None]):
     BINDINGS = [
         Binding("escape", "back", "Dashboard"),
         Binding("ctrl+r", "resample", "Sample all again"),
+        Binding("ctrl+t", "toggle_raw", "Raw prompt"),
     ]
 
     def __init__(self, dashboard: DashboardScreen) -> None:
@@ -63,9 +80,12 @@ class PlaygroundScreen(Screen[None]):
         sampling = (self.dashboard.run_state.config or {}).get("sampling", {})
         with Horizontal(id="form"):
             yield Input(placeholder="prompt, then enter: completed between two steps with the current weights", id="prompt")
-            yield Input(str(sampling.get("max_tokens", 64)), placeholder="max tokens", id="max-tokens", type="integer")
-            yield Input(str(sampling.get("temperature", 0.0)), placeholder="temperature", id="temperature", type="number")
-        yield Static("", id="status")
+            yield Label("max tokens", classes="field-label")
+            yield Input(str(sampling.get("max_tokens", 64)), placeholder="64", id="max-tokens", type="integer")
+            yield Label("temperature", classes="field-label")
+            yield Input(str(sampling.get("temperature", 0.0)), placeholder="0.0", id="temperature", type="number")
+            yield Checkbox("raw", id="raw", tooltip="send the prompt as typed (ctrl+t); else formatted as the training data's prompts")
+        yield Static(HINT, id="status")
         yield Horizontal(id="samples")
         yield Footer()
 
@@ -89,9 +109,9 @@ class PlaygroundScreen(Screen[None]):
         if not samples:
             box.mount(Label("No samples yet: type a prompt above, or set sampling.sample_prompts in the config."))
             return
-        for prompt, completions in columns(samples):
+        for (prompt, raw), completions in columns(samples):
             column = VerticalScroll(classes="column")
-            column.border_title = prompt if len(prompt) < 40 else prompt[:39] + "…"
+            column.border_title = column_title(prompt, raw)
             box.mount(column)
             for iteration, completion in completions:
                 entry = Text()
@@ -105,7 +125,7 @@ class PlaygroundScreen(Screen[None]):
         if not prompt.strip():
             self.show_status("type a prompt first", error=True)
             return None
-        args: dict[str, Any] = {"prompt": prompt}
+        args: dict[str, Any] = {"prompt": prompt, "raw": self.query_one("#raw", Checkbox).value}
         try:
             args["max_tokens"] = int(self.query_one("#max-tokens", Input).value)
             args["temperature"] = float(self.query_one("#temperature", Input).value)
@@ -121,8 +141,12 @@ class PlaygroundScreen(Screen[None]):
 
     def action_resample(self) -> None:
         """Every prompt on screen again, with the weights as they are now."""
-        for prompt, _ in columns(self.dashboard.run_state.samples):
-            self.sample({"prompt": prompt})
+        for (prompt, raw), _ in columns(self.dashboard.run_state.samples):
+            self.sample({"prompt": prompt, "raw": raw})
+
+    def action_toggle_raw(self) -> None:
+        """Send prompts as typed, or formatted as the training data's prompts were."""
+        self.query_one("#raw", Checkbox).toggle()
 
     def sample(self, args: dict[str, Any]) -> None:
         self.run_worker(self._sample(args), exclusive=False)
@@ -131,7 +155,9 @@ class PlaygroundScreen(Screen[None]):
         self.show_status(f"sampling {args['prompt']!r} between two steps…")
         reply = await self.dashboard.source.command("sample", args)
         if reply.ok:
-            self.show_status(f"sample: ok, from the weights of iteration {reply.result.get('iteration')}")
+            how = FORMATS.get(str(reply.result.get("prompt_format")), "")
+            how = f", prompt {how}" if how else ""
+            self.show_status(f"sample: ok, from the weights of iteration {reply.result.get('iteration')}{how}")
         else:
             self.show_status(f"sample: {reply.error}", error=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -14,9 +15,11 @@ from tui.screens.modals import ConfirmScreen, PromptScreen
 from tui.state import format_duration
 
 
-def run_row(run: RunDir) -> tuple[str, ...]:
+def run_row(run: RunDir) -> tuple[Text, ...]:
+    """One row of the table; Text cells, since DataTable reads a str cell as Rich markup (names are the user's)."""
     s = run.summary()
-    return (s["run"], s["name"], s["state"], s["iter"], s["loss"], format_duration(s["age_seconds"]))
+    cells = (s["run"], s["name"], s["state"], s["iter"], s["loss"], format_duration(s["age_seconds"]))
+    return tuple(Text(str(cell)) for cell in cells)
 
 
 class RunsScreen(Screen[None]):
@@ -83,9 +86,9 @@ class RunsScreen(Screen[None]):
             try:
                 run_id = start_detached_run(path)
             except Exception as error:
-                self.notify(f"could not start: {error}", severity="error", timeout=10)
+                self.notify(f"could not start: {error}", severity="error", timeout=10, markup=False)
                 return
-            self.notify(f"started run {run_id}")
+            self.notify(f"started run {run_id}", markup=False)
             self.action_reload()
 
         self.app.push_screen(PromptScreen("Config file for the new run:", "run.toml"), chosen)
@@ -103,7 +106,7 @@ class RunsScreen(Screen[None]):
         try:
             resume_detached_run(run, None)
         except Exception as error:
-            self.notify(f"could not resume: {error}", severity="error", timeout=10)
+            self.notify(f"could not resume: {error}", severity="error", timeout=10, markup=False)
             return
         from tui.screens.dashboard import DashboardScreen
 
