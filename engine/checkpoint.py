@@ -87,11 +87,15 @@ def _order(name: str) -> tuple[int, int] | None:
 
 
 def checkpoint_iteration(folder: Path) -> int:
-    """The iteration a checkpoint folder holds, from its name."""
+    """The iteration a checkpoint folder holds: from its name (``0000005``, ``0000005.1``), or
+    for a copy a crash left in a ``.tmp-*`` folder (see ``recover``), from its state."""
     order = _order(folder.name)
-    if order is None:
-        raise CheckpointError(f"{folder}: not a checkpoint folder name")
-    return order[0]
+    if order is not None:
+        return order[0]
+    try:
+        return int(json.loads((folder / STATE_FILE).read_text())["iteration"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{folder}: not a checkpoint ({error})") from None
 
 
 def _fault_pause() -> None:
