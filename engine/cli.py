@@ -562,14 +562,20 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     from . import config as config_module
     from .import_config import import_yaml
 
-    cfg, notes = import_yaml(Path(args.yaml))
+    cfg, imported = import_yaml(Path(args.yaml))
     output = Path(args.output)
     if output.exists() and not args.force:
         return _fail(f"{output} already exists; pass --force to overwrite it.")
     config_module.save(cfg, output)
     print(f"wrote {output}")
-    for note in notes:
-        print(f"  not carried over: {note}")
+    if imported.filled:
+        print("mlx_lm.lora's defaults for what the recipe leaves out (tunetop's own differ):")
+        for line in imported.filled:
+            print(f"  {line}")
+    if imported.notes:
+        print("not carried over, or carried with a difference:")
+        for note in imported.notes:
+            print(f"  {note}")
     return 0
 
 

@@ -924,7 +924,7 @@ def build_trainer(
         memory_limit_gb=t.memory_limit_gb,
         config_values=config_module.computation_values(cfg),
     )
-    optimizer = build_optimizer(cfg.optimizer)
+    optimizer = build_optimizer(cfg.optimizer, cfg.source)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
     trainer = Trainer(
         model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, loss=loss, shard=shard
