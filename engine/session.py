@@ -661,6 +661,8 @@ class Engine:
             self.events.on_trouble = self._write_failed
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
+            for repaired in self.events.journal.repairs:  # a damaged journal, mended on open
+                self.emit("warning", message=repaired)
             if self.lock.replaced:
                 with contextlib.suppress(OSError):
                     print(f"tunetop: warning: {self.lock.replaced}", file=sys.stderr, flush=True)
@@ -772,6 +774,7 @@ class Engine:
             return EXIT_BAD_INPUT
         self.trainer = trainer
         trainer.journal_seq = lambda: self.events.last_seq if self.events else 0
+        self._clean_after_crash()
         if self.resume:
             from .checkpoint import CheckpointError, find_checkpoint
 
@@ -841,6 +844,20 @@ class Engine:
             self.cfg, self.run_dir.id, self.run_dir.path, self._warn
         )
         self.events.subscribers.extend(tracker.on_event for tracker in self._trackers)
+
+    def _clean_after_crash(self) -> None:
+        """Leftovers of an engine killed mid-write: temp files of adapter writes, and a ``latest``
+        checkpoint pointer that names nothing complete (engine.checkpoint.recover). Safe here:
+        this engine holds the run's lock and has not written yet."""
+        from .atomic import remove_stale_temps
+        from .checkpoint import recover
+
+        try:
+            remove_stale_temps(self.run_dir.adapters)
+            for folder in recover(self.run_dir.checkpoints):
+                self.emit("warning", message=f"recovered checkpoint {folder.name} from a save a crash interrupted")
+        except OSError as error:  # a read-only folder: the save that needs it reports it
+            self.emit("warning", message=f"could not clean up after the last crash: {error}")
 
     @staticmethod
     def _config_changes(restored: Any, parameters: Any) -> str:
