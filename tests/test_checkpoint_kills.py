@@ -78,6 +78,14 @@ def _assert_save(folder: Path, index: int) -> None:
     assert np.all(np.array(weights["w"]) == index) and np.all(np.array(optimizer["m"]) == index)
 
 
+# Budgets for a busy machine (tests/conftest.py): a step is one process started, killed and
+# checked, or one engine started, trained, saved twice and killed.
+SAVER_STEPS, SAVER_STEP_SECONDS = 60, 20
+ENGINE_STEPS, ENGINE_STEP_SECONDS = 20, 60
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SAVER_STEPS * SAVER_STEP_SECONDS)
 @pytest.mark.parametrize("keep_last", [1, 2])
 def test_a_kill_at_every_step_of_every_save_leaves_latest_complete(tmp_path: Path, keep_last: int) -> None:
     trace = tmp_path / "trace"
@@ -85,6 +93,7 @@ def test_a_kill_at_every_step_of_every_save_leaves_latest_complete(tmp_path: Pat
     assert traced.returncode == 0, traced.stderr
     steps = trace.read_text().splitlines()
     assert {"checkpoint.renamed", "checkpoint.old renamed", "atomic latest: replaced"} <= set(steps)
+    assert len(steps) < SAVER_STEPS  # the budget covers them
     _assert_save(find_checkpoint(tmp_path / "traced", None), len(PLAN))
 
     in_second_saves = 0
@@ -181,7 +190,8 @@ def _stale_temps(run: RunDir) -> list[str]:
     return [p.name for p in run.adapters.iterdir() if ".tmp" in p.name] if run.adapters.exists() else []
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
+@pytest.mark.timeout(ENGINE_STEPS * ENGINE_STEP_SECONDS)
 def test_an_engine_killed_at_every_step_of_a_second_save_at_one_iteration_resumes(tmp_path: Path) -> None:
     """The issue's case for real: keep_last = 1, a `save` at an iteration that already has one.
     One engine is traced through the second save; then, run after run, each engine is killed
@@ -198,6 +208,7 @@ def test_an_engine_killed_at_every_step_of_a_second_save_at_one_iteration_resume
     iteration = _pause_save_arm_save(run, armed, 0, killed=False)
     steps = trace.read_text().splitlines()
     assert "checkpoint.old renamed" in steps and any(s.startswith("atomic adapters.safetensors") for s in steps)
+    assert len(steps) + 2 <= ENGINE_STEPS  # the budget covers them (the traced run and the last resume)
     os.kill(run.engine_pid() or 0, signal.SIGKILL)
     wait_for(lambda: not run.is_alive(), timeout=20)
 
