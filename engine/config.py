@@ -140,6 +140,9 @@ class SamplingConfig:
 @dataclass
 class MetricsConfig:
     tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard event files to the run's tensorboard/ folder"})
+    wandb: bool = field(default=False, metadata={"help": "Also report to Weights & Biases (pip install 'tunetop[wandb]')"})
+    swanlab: bool = field(default=False, metadata={"help": "Also report to SwanLab (pip install 'tunetop[swanlab]')"})
+    project: str = field(default="", metadata={"help": "The W&B / SwanLab project; empty = tunetop"})
 
 
 @dataclass

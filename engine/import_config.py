@@ -55,10 +55,8 @@ NOT_USED = {
     "test_batches": "see 'test'",
     "adapter_path": "adapters live in the run folder; `tunetop export` copies them anywhere",
     "resume_adapter_file": "use `tunetop train --resume RUN`, which also restores the optimizer",
-    "report_to": "tunetop journals every event; `tunetop export-metrics` writes CSV or JSON lines",
-    "project_name": "see 'report_to'",
     "config": "this file itself",
-    "wandb": "see 'report_to'",
+    "wandb": "an old mlx_lm.lora key: report_to: wandb is metrics.wandb",
 }
 
 # Keys of [optimizer] that stand for an optimizer class's argument of the same name.
@@ -178,7 +176,10 @@ def convert(raw: dict[str, Any], base: Path | None = None) -> Imported:
         if "learning_rate" in recipe:
             result.notes.append("learning_rate: mlx_lm.lora starts from lr_schedule's first argument instead")
 
-    handled = set(DIRECT) | {"lora_parameters", "optimizer_config", "clear_cache_threshold", "lr_schedule", "hf_dataset"}
+    _report(recipe, result)
+    handled = set(DIRECT) | {
+        "lora_parameters", "optimizer_config", "clear_cache_threshold", "lr_schedule", "hf_dataset", "report_to", "project_name"
+    }
     for key in recipe:
         if key in handled:
             continue
@@ -210,6 +211,18 @@ def _checked(key: str, recipe: dict[str, Any], step: Callable[[], Any]) -> Any:
         raise config_module.ConfigError(
             f"'{key}' = {_shown(recipe.get(key))} is not what mlx_lm.lora takes there ({error}). Fix that key."
         ) from None
+
+
+def _report(recipe: dict[str, Any], result: Imported) -> None:
+    """report_to ("wandb", "swanlab" or both, comma-separated) and project_name -> [metrics]."""
+    for name in str(recipe.get("report_to") or "").split(","):
+        name = name.strip().lower()
+        if name in ("wandb", "swanlab"):
+            result.put("metrics", name, True)
+        elif name:
+            result.notes.append(f"report_to: {name!r} is neither wandb nor swanlab (mlx_lm.lora would stop there)")
+    if recipe.get("project_name"):
+        result.put("metrics", "project", str(recipe["project_name"]))
 
 
 def _data(effective: dict[str, Any], recipe: dict[str, Any], result: Imported, base: Path | None) -> None:

@@ -157,6 +157,7 @@ class Engine:
         self._unsaved: int | None = None  # the iteration of a save that failed
         self._save_bytes = 0
         self._tensorboard: Any = None
+        self._trackers: list[Any] = []  # trackers.Tracker: W&B, SwanLab
         # Commands taken off the queue but not applied yet (the loop's thread only): heavy ones wait
         # for their step boundary while quick ones that came later are applied.
         self._waiting: collections.deque[PendingCommand] = collections.deque()
@@ -712,6 +713,8 @@ class Engine:
             self.events.on_trouble = self._write_failed
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
+            for repaired in self.events.journal.repairs:  # a damaged journal, mended on open
+                self.emit("warning", message=repaired)
             if self.lock.replaced:
                 with contextlib.suppress(OSError):
                     print(f"tunetop: warning: {self.lock.replaced}", file=sys.stderr, flush=True)
@@ -721,6 +724,7 @@ class Engine:
 
                 self._tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard", private=True)
                 self.events.subscribers.append(self._tensorboard.on_event)
+            code = EXIT_FAILED  # what the trackers hear if the run ends by an exception
             try:
                 try:
                     for hook in self.on_ready:
@@ -742,6 +746,8 @@ class Engine:
                 self.events.close()
                 if self._tensorboard is not None:
                     self._tensorboard.close()
+                for tracker in self._trackers:
+                    tracker.close(code)
         finally:
             self.lock.release()
 
@@ -824,6 +830,7 @@ class Engine:
 
         try:
             trainer, model_path, trainable, total = self._build(config_text, shard)
+            self._open_trackers()
         except (ConfigError, DataError, ModelError) as error:
             self.emit("error", message=str(error))
             self.set_state("failed")
@@ -831,6 +838,7 @@ class Engine:
             return EXIT_BAD_INPUT
         self.trainer = trainer
         trainer.journal_seq = lambda: self.events.last_seq if self.events else 0
+        self._clean_after_crash()
         if self.resume:
             from .checkpoint import CheckpointError, find_checkpoint
 
@@ -885,6 +893,35 @@ class Engine:
         self.emit("finished", reason=reason, iteration=trainer.iteration)
         self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code
+
+    def _warn(self, message: str) -> None:
+        self.emit("warning", message=message)
+
+    def _open_trackers(self) -> None:
+        """W&B and SwanLab (metrics.wandb, metrics.swanlab): subscribers from here on, closed with the run."""
+        if not (self.cfg.metrics.wandb or self.cfg.metrics.swanlab):
+            return
+        from .trackers import open_trackers
+
+        assert self.events is not None
+        self._trackers = open_trackers(
+            self.cfg, self.run_dir.id, self.run_dir.path, self._warn
+        )
+        self.events.subscribers.extend(tracker.on_event for tracker in self._trackers)
+
+    def _clean_after_crash(self) -> None:
+        """Leftovers of an engine killed mid-write: temp files of adapter writes, and a ``latest``
+        checkpoint pointer that names nothing complete (engine.checkpoint.recover). Safe here:
+        this engine holds the run's lock and has not written yet."""
+        from .atomic import remove_stale_temps
+        from .checkpoint import recover
+
+        try:
+            remove_stale_temps(self.run_dir.adapters)
+            for folder in recover(self.run_dir.checkpoints):
+                self.emit("warning", message=f"recovered checkpoint {folder.name} from a save a crash interrupted")
+        except OSError as error:  # a read-only folder: the save that needs it reports it
+            self.emit("warning", message=f"could not clean up after the last crash: {error}")
 
     @staticmethod
     def _config_changes(restored: Any, parameters: Any) -> str:
