@@ -213,12 +213,17 @@ def test_ls_survives_a_status_file_that_is_not_utf8(trained_run: RunDir) -> None
 
 
 def test_resume_with_a_journal_of_bad_magic_says_what_to_do(trained_run: RunDir) -> None:
-    journal = trained_run.journal.read_bytes()
-    trained_run.journal.write_bytes(b"XXXXXXXX" + journal[8:])
+    # A damaged journal is repaired on open, with the seal beside it saying what it held
+    # (tests/test_journal_corruption.py); a file with no journal in it at all (another file copied
+    # over it) and no seal cannot be, and is refused.
+    not_a_journal = b"XXXXXXXX" + b"these bytes hold no journal record\n" * 50
+    trained_run.journal.write_bytes(not_a_journal)
+    for hint in trained_run.path.glob("journal.ttj.*"):
+        hint.unlink()
     for detach in ([], ["--detach"]):
         result = tunetop("train", "--resume", trained_run.id, *detach, timeout=240)
-        _clear(result, 2, str(trained_run.journal), "bad magic", "--resume")
-    assert trained_run.journal.read_bytes()[8:] == journal[8:]  # left as it was, for the user to restore
+        _clear(result, 2, str(trained_run.journal), "bad magic", "checkpoints are untouched", "--resume")
+    assert trained_run.journal.read_bytes() == not_a_journal  # left as it was, for the user to restore
     assert trained_run.summary()["state"] == "finished"  # the run's own state is not rewritten
 
 
