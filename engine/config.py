@@ -549,6 +549,9 @@ def starter_text() -> str:
             value = starter_overrides.get((section, f.name), default)
             # An empty table must stay inline: tomli-w would write a [header] for it.
             rendered = f"{f.name} = {{}}" if value == {} else tomli_w.dumps({f.name: value}).strip()
+            if isinstance(value, list) and value:  # one line, so the comment sits beside it
+                items = ", ".join(tomli_w.dumps({"v": item}).strip()[4:] for item in value)
+                rendered = f"{f.name} = [{items}]"
             note = f.metadata.get("help", "")
             if (section, f.name) in starter_overrides:
                 note += f" (default {default!r}; starter value for the embedded demo)"
