@@ -2,8 +2,9 @@
 
 Exit codes (also in README.md): 0 success; 1 internal failure (a bug: the engine log has the
 traceback); 2 bad input (config, data, model, arguments, unknown run); 3 the engine cannot be
-reached or refused a command; 130 interrupted by Ctrl-C (adapter saved first); 143 terminated
-by SIGTERM (adapter saved first).
+reached or refused a command; 4 ``events`` met damaged journal records (every intact one was
+printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter saved first); 143
+terminated by SIGTERM (adapter saved first).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .private import ENGINE_UMASK, write_private
 from .runs import RunError
 
 EXIT_UNREACHABLE = 3
+EXIT_DAMAGED = 4
 
 CONTROL_HELP = {
     "pause": "pause a live run between two steps (`resume` continues it)",
@@ -396,8 +398,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_damage(path: Path, damage: list[Any]) -> None:
+    for stretch in damage:
+        print(f"tunetop: warning: {path}: skipped {stretch.describe()}; every intact record is printed.", file=sys.stderr)
+
+
 def cmd_events(args: argparse.Namespace) -> int:
-    from .journal import JournalTail
+    """Print the journal; damaged records are skipped and named on stderr, and the exit code is
+    then EXIT_DAMAGED (after every intact record), so a script cannot take a damaged history for
+    a whole one."""
+    from .journal import Damage, JournalTail
     from .runs import resolve
 
     try:
@@ -408,23 +418,39 @@ def cmd_events(args: argparse.Namespace) -> int:
     if args.digest:  # what a screen needs of a long run: rare events whole, train events thinned
         from .history import read_history
 
-        _upto, records = read_history(run.journal)
+        damage: list[Damage] = []
+        _upto, records = read_history(run.journal, damage)
         for _seq, payload in records:
             out.write(payload.decode("utf-8") + "\n")
-        return 0
+        out.flush()
+        _warn_damage(run.journal, damage)
+        return EXIT_DAMAGED if damage else 0
     tail = JournalTail(run.journal, since=args.since)
+    reported = 0
+
+    def drain() -> None:
+        nonlocal reported
+        for _seq, payload in tail.poll():
+            out.write(payload.decode("utf-8") + "\n")
+        out.flush()
+        _warn_damage(run.journal, tail.damage[reported:])
+        reported = len(tail.damage)
+
+    def finish() -> int:
+        torn = tail.pending > 0 and not run.is_alive()
+        if torn:
+            print(f"tunetop: warning: {run.journal}: the last {tail.pending} bytes are not a complete record "
+                  "(a write cut short by a crash); `tunetop train --resume` moves them to a side file.", file=sys.stderr)
+        return EXIT_DAMAGED if reported or torn else 0
+
     try:
         while True:
-            for _seq, payload in tail.poll():
-                out.write(payload.decode("utf-8") + "\n")
-            out.flush()
+            drain()
             if not args.follow:
-                return 0
+                return finish()
             if not run.is_alive():
-                for _seq, payload in tail.poll():
-                    out.write(payload.decode("utf-8") + "\n")
-                out.flush()
-                return 0
+                drain()
+                return finish()
             time.sleep(0.2)
     except (BrokenPipeError, KeyboardInterrupt):
         return 0
@@ -536,14 +562,20 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     from . import config as config_module
     from .import_config import import_yaml
 
-    cfg, notes = import_yaml(Path(args.yaml))
+    cfg, imported = import_yaml(Path(args.yaml))
     output = Path(args.output)
     if output.exists() and not args.force:
         return _fail(f"{output} already exists; pass --force to overwrite it.")
     config_module.save(cfg, output)
     print(f"wrote {output}")
-    for note in notes:
-        print(f"  not carried over: {note}")
+    if imported.filled:
+        print("mlx_lm.lora's defaults for what the recipe leaves out (tunetop's own differ):")
+        for line in imported.filled:
+            print(f"  {line}")
+    if imported.notes:
+        print("not carried over, or carried with a difference:")
+        for note in imported.notes:
+            print(f"  {note}")
     return 0
 
 

@@ -54,6 +54,10 @@ class DataConfig:
     prompt_feature: str = field(default="prompt", metadata={"help": "Row key of the prompt"})
     completion_feature: str = field(default="completion", metadata={"help": "Row key of the completion"})
     chat_feature: str = field(default="messages", metadata={"help": "Row key of chat messages"})
+    hf_dataset: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={"help": "Hugging Face datasets instead of data.path: [[data.hf_dataset]] path = \"owner/name\" (README, Data)"},
+    )
 
 
 @dataclass
@@ -102,10 +106,16 @@ class TrainingConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = field(default="adam", metadata={"help": "adam, adamw, sgd or adafactor"})
+    name: str = field(default="adam", metadata={"help": "adam, adamw, sgd, adafactor or muon"})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "adamw and sgd only"})
     momentum: float = field(default=0.0, metadata={"help": "sgd only"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "adam and adamw only"})
+    eps: float = field(default=1e-8, metadata={"help": "adam and adamw only"})
+    bias_correction: bool = field(default=False, metadata={"help": "adam and adamw only"})
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Other arguments of the mlx.optimizers class (muon, adafactor, sgd's nesterov...)"}
+    )
 
 
 @dataclass
@@ -135,6 +145,9 @@ class SamplingConfig:
 @dataclass
 class MetricsConfig:
     tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard event files to the run's tensorboard/ folder"})
+    wandb: bool = field(default=False, metadata={"help": "Also report to Weights & Biases (pip install 'tunetop[wandb]')"})
+    swanlab: bool = field(default=False, metadata={"help": "Also report to SwanLab (pip install 'tunetop[swanlab]')"})
+    project: str = field(default="", metadata={"help": "The W&B / SwanLab project; empty = tunetop"})
 
 
 @dataclass
@@ -176,7 +189,7 @@ SECTIONS: dict[str, type] = {
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("lora", "fine_tune_type"): ("lora", "dora", "full"),
-    ("optimizer", "name"): ("adam", "adamw", "sgd", "adafactor"),
+    ("optimizer", "name"): ("adam", "adamw", "sgd", "adafactor", "muon"),
     ("schedule", "name"): ("constant", "linear", "cosine"),
     ("training", "on_nonfinite"): ("pause", "stop", "skip"),
     ("data", "packing"): ("auto", "on", "off"),
@@ -209,6 +222,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("optimizer", "learning_rate"): (0.0, None),
     ("optimizer", "weight_decay"): (0.0, None),
     ("optimizer", "momentum"): (0.0, 1.0),
+    ("optimizer", "eps"): (0.0, None),
     ("schedule", "warmup"): (0, None),
     ("schedule", "warmup_init"): (0.0, None),
     ("schedule", "end_learning_rate"): (0.0, None),
@@ -258,6 +272,32 @@ def _type_name(value: Any) -> str:
     )
 
 
+def _option_value(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+HF_DATASET_KEYS = {
+    "path": str, "config": dict, "train_split": str, "valid_split": str, "test_split": str,
+    "text_feature": str, "prompt_feature": str, "completion_feature": str, "chat_feature": str,
+}
+"""The keys of a data.hf_dataset entry (mlx_lm.lora's hf_dataset entries) and their types."""
+
+
+def _check_entry(full: str, number: int, entry: dict[str, Any], where: str) -> None:
+    name = f"{full} entry {number}" if number else full
+    for key, value in entry.items():
+        if key not in HF_DATASET_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}' in {name}.{_suggest(key, list(HF_DATASET_KEYS))} "
+                              f"Its keys: {', '.join(HF_DATASET_KEYS)}.")
+        if not isinstance(value, HF_DATASET_KEYS[key]):
+            kind = "a table (load_dataset's keyword arguments)" if HF_DATASET_KEYS[key] is dict else "a string"
+            raise ConfigError(f"{where}: '{key}' in {name} must be {kind}, got {_type_name(value)} ({value!r}).")
+    if not entry.get("path"):
+        raise ConfigError(f"{where}: {name} needs a 'path': a Hugging Face dataset id (owner/name) or a local folder.")
+
+
 def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> Any:
     """Check ``value`` against the dataclass field type; ints are accepted for floats."""
     full = f"{section}.{key}"
@@ -286,6 +326,22 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
     elif expected is str:
         ok = isinstance(value, str)
         want = "a string"
+    elif expected == list[float]:
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        want = "a list of numbers"
+        if ok:
+            value = [float(v) for v in value]
+    elif expected == list[dict[str, Any]]:
+        if isinstance(value, dict):  # one [data.hf_dataset] table, or an array of them
+            value = [value]
+        ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
+        want = "a table or an array of tables"
+        if ok:
+            for number, entry in enumerate(value, start=1):
+                _check_entry(full, number if len(value) > 1 else 0, entry, where)
+    elif expected == dict[str, Any]:
+        ok = isinstance(value, dict) and all(_option_value(v) for v in value.values())
+        want = "a table of numbers, booleans, strings or lists of numbers"
     else:  # list[str]
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         want = "a list of strings"
@@ -366,8 +422,29 @@ def from_dict(raw: dict[str, Any], source: str = "", text: str = "") -> RunConfi
     return config
 
 
+def _check_optimizer(config: RunConfig, text: str) -> None:
+    """Each optimizer key applies to the optimizers that have it; a key another one would
+    silently ignore is an error (weight_decay and momentum keep their old leniency for adam)."""
+    o, source = config.optimizer, config.source
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"{_where(source, _find_line(text, 'optimizer', 'betas'))}: 'optimizer.betas' must be "
+                          f"two numbers in [0, 1), got {o.betas!r}.")
+    adam = OptimizerConfig()
+    for key, applies in (("betas", ("adam", "adamw")), ("eps", ("adam", "adamw")), ("bias_correction", ("adam", "adamw")),
+                         ("weight_decay", ("adam", "adamw", "sgd")), ("momentum", ("adam", "adamw", "sgd"))):
+        if o.name not in applies and getattr(o, key) != getattr(adam, key):
+            raise ConfigError(
+                f"{_where(source, _find_line(text, 'optimizer', key))}: 'optimizer.{key}' does not apply to "
+                f"{o.name}. Set {o.name}'s arguments in optimizer.options (e.g. options = {{ {key} = ... }})."
+            )
+    if "learning_rate" in o.options:
+        raise ConfigError(f"{_where(source, _find_line(text, 'optimizer', 'options'))}: set the learning rate as "
+                          "optimizer.learning_rate, not in optimizer.options.")
+
+
 def _check_consistency(config: RunConfig, text: str) -> None:
     source = config.source
+    _check_optimizer(config, text)
     if config.training.grad_accumulation_steps > 1 and config.training.batch_size < 1:
         raise ConfigError(f"{_where(source, None)}: batch_size must be at least 1.")
     if not config.model.path:
@@ -437,6 +514,10 @@ def load(path: str | Path) -> RunConfig:
     module, _, function = config.training.loss.rpartition(":")
     if module.endswith(".py") and not Path(module).is_absolute() and (base / module).is_file():
         config.training.loss = f"{base / module}:{function}"
+    for entry in config.data.hf_dataset:  # a local dataset folder next to the config
+        local = Path(entry["path"]).expanduser()
+        if not local.is_absolute() and (base / local).exists():
+            entry["path"] = str(base / local)
     template = config.data.chat_template
     if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
         config.data.chat_template = str(base / template)
@@ -445,6 +526,8 @@ def load(path: str | Path) -> RunConfig:
 
 def check_paths(config: RunConfig) -> None:
     """Fail early, naming the key, when a local data directory does not exist."""
+    if config.data.hf_dataset:
+        return  # data.path is not used; the datasets library says what it cannot load
     if config.data.path != EMBEDDED and not Path(config.data.path).is_dir():
         raise ConfigError(
             f"{_where(config.source, None)}: 'data.path' = {config.data.path!r} is not a directory. "
@@ -485,7 +568,8 @@ def starter_text() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             value = starter_overrides.get((section, f.name), default)
-            rendered = tomli_w.dumps({f.name: value}).strip()
+            # An empty table must stay inline: tomli-w would write a [header] for it.
+            rendered = f"{f.name} = {{}}" if value == {} else tomli_w.dumps({f.name: value}).strip()
             note = f.metadata.get("help", "")
             if (section, f.name) in starter_overrides:
                 note += f" (default {default!r}; starter value for the embedded demo)"
@@ -536,11 +620,17 @@ def computation_values(cfg: RunConfig) -> dict[str, Any]:
 
 
 def changed_values(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for each key whose value differs; a key one side lacks shows as unset."""
+    """``key: old -> new`` for each key whose value differs; a key one side lacks shows as unset.
+
+    A key ``before`` lacks (a checkpoint of a version without it) that holds its default computes
+    as before it existed, so it is no change.
+    """
+    defaults = computation_values(RunConfig())
     return [
         f"{key}: {before.get(key, 'unset')!r} -> {after.get(key, 'unset')!r}"
         for key in sorted(before.keys() | after.keys())
         if before.get(key, "unset") != after.get(key, "unset")
+        and not (key not in before and after.get(key) == defaults.get(key, "unset"))
     ]
 
 

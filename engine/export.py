@@ -48,11 +48,11 @@ def saved_iteration(run: RunDir, checkpoint: int | None) -> int | None:
     if checkpoint is not None:
         return checkpoint
     from .adapters import numbered_checkpoints
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import checkpoint_iteration, latest_checkpoint
 
     latest = latest_checkpoint(run.checkpoints)
     if latest is not None:
-        return int(latest.name)
+        return checkpoint_iteration(latest)
     saved = numbered_checkpoints(run.adapters)
     return saved[-1][0] if saved else None
 

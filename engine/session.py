@@ -128,6 +128,7 @@ class Engine:
         self._unsaved: int | None = None  # the iteration of a save that failed
         self._save_bytes = 0
         self._tensorboard: Any = None
+        self._trackers: list[Any] = []  # trackers.Tracker: W&B, SwanLab
         # Commands taken off the queue but not applied yet (the loop's thread only): heavy ones wait
         # for their step boundary while quick ones that came later are applied.
         self._waiting: collections.deque[PendingCommand] = collections.deque()
@@ -632,8 +633,11 @@ class Engine:
             return Disposition.MORE
         if isinstance(event, SaveFailed):
             self._save_failed(event.iteration, event.error)
-            # Wait here rather than at the next step: the run's last save has no next step.
-            return self._control(self.trainer)
+            if self.trouble is not None and self.trouble.save_iteration == event.iteration:
+                # A full disk: wait for room here rather than at the next step, since the run's
+                # last save has no next step. Other failures (NaN weights) pause at the next one.
+                return self._control(self.trainer)
+            return Disposition.MORE
 
         if isinstance(event, Train):
             fields = dict(event.__dict__)
@@ -657,6 +661,8 @@ class Engine:
             self.events.on_trouble = self._write_failed
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
+            for repaired in self.events.journal.repairs:  # a damaged journal, mended on open
+                self.emit("warning", message=repaired)
             if self.lock.replaced:
                 with contextlib.suppress(OSError):
                     print(f"tunetop: warning: {self.lock.replaced}", file=sys.stderr, flush=True)
@@ -666,6 +672,7 @@ class Engine:
 
                 self._tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard", private=True)
                 self.events.subscribers.append(self._tensorboard.on_event)
+            code = EXIT_FAILED  # what the trackers hear if the run ends by an exception
             try:
                 try:
                     for hook in self.on_ready:
@@ -685,6 +692,8 @@ class Engine:
                 self.events.close()
                 if self._tensorboard is not None:
                     self._tensorboard.close()
+                for tracker in self._trackers:
+                    tracker.close(code)
         finally:
             self.lock.release()
 
@@ -757,6 +766,7 @@ class Engine:
 
         try:
             trainer, model_path, trainable, total = self._build(config_text, shard)
+            self._open_trackers()
         except (ConfigError, DataError, ModelError) as error:
             self.emit("error", message=str(error))
             self.set_state("failed")
@@ -764,6 +774,7 @@ class Engine:
             return EXIT_BAD_INPUT
         self.trainer = trainer
         trainer.journal_seq = lambda: self.events.last_seq if self.events else 0
+        self._clean_after_crash()
         if self.resume:
             from .checkpoint import CheckpointError, find_checkpoint
 
@@ -818,6 +829,35 @@ class Engine:
         self.emit("finished", reason=reason, iteration=trainer.iteration)
         self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code
+
+    def _warn(self, message: str) -> None:
+        self.emit("warning", message=message)
+
+    def _open_trackers(self) -> None:
+        """W&B and SwanLab (metrics.wandb, metrics.swanlab): subscribers from here on, closed with the run."""
+        if not (self.cfg.metrics.wandb or self.cfg.metrics.swanlab):
+            return
+        from .trackers import open_trackers
+
+        assert self.events is not None
+        self._trackers = open_trackers(
+            self.cfg, self.run_dir.id, self.run_dir.path, self._warn
+        )
+        self.events.subscribers.extend(tracker.on_event for tracker in self._trackers)
+
+    def _clean_after_crash(self) -> None:
+        """Leftovers of an engine killed mid-write: temp files of adapter writes, and a ``latest``
+        checkpoint pointer that names nothing complete (engine.checkpoint.recover). Safe here:
+        this engine holds the run's lock and has not written yet."""
+        from .atomic import remove_stale_temps
+        from .checkpoint import recover
+
+        try:
+            remove_stale_temps(self.run_dir.adapters)
+            for folder in recover(self.run_dir.checkpoints):
+                self.emit("warning", message=f"recovered checkpoint {folder.name} from a save a crash interrupted")
+        except OSError as error:  # a read-only folder: the save that needs it reports it
+            self.emit("warning", message=f"could not clean up after the last crash: {error}")
 
     @staticmethod
     def _config_changes(restored: Any, parameters: Any) -> str:
@@ -907,7 +947,7 @@ def build_trainer(
         memory_limit_gb=memory.memory_limit_gb,
         config_values=config_module.computation_values(cfg),
     )
-    optimizer = build_optimizer(cfg.optimizer)
+    optimizer = build_optimizer(cfg.optimizer, cfg.source)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
     trainer = Trainer(
         model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, loss=loss, shard=shard

@@ -462,7 +462,7 @@ class Trainer:
             raise CheckpointError(f"writing failed at iteration {self.iteration}: {error}") from None
 
     def _save(self) -> Save:
-        from .checkpoint import TrainerState, list_checkpoints, prune, write_checkpoint
+        from .checkpoint import TrainerState, checkpoint_iteration, list_checkpoints, prune, write_checkpoint
 
         p = self.parameters
         path = ""
@@ -485,9 +485,10 @@ class Trainer:
             config=p.config_values,
         )
         folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
-        removed = sorted(int(gone.name) for gone in prune(p.checkpoint_path, p.keep_last))
+        gone = {checkpoint_iteration(folder) for folder in prune(p.checkpoint_path, p.keep_last)}
         # The numbered adapter copies follow the checkpoints (the best one stays with its checkpoint).
-        kept = {int(kept.name) for kept in list_checkpoints(p.checkpoint_path)}
+        kept = {checkpoint_iteration(folder) for folder in list_checkpoints(p.checkpoint_path)}
+        removed = sorted(gone - kept)  # an iteration with a later save there (0000005.1) still exists
         if p.adapter_path is not None:
             prune_numbered(p.adapter_path, p.keep_last, keep=kept)
         # The event says what retention deleted, so a client (perhaps on another machine) lists what exists.

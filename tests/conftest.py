@@ -1,10 +1,11 @@
 """Shared fixtures, and how the suite runs: on a busy machine, in parallel, leaving nothing behind.
 
-- Parallel (``-n auto``, pytest-xdist): each test has its own runs folder, socket folder and
-  config folder (``isolated_state``); tmux servers are named by pid, sshd and TCP ports are
-  probed free. A new test file needs nothing more, as long as what it shares beyond these is
-  named per process (``os.getpid()``) or per test (``tmp_path``). Tests marked ``slow`` run
-  first, so a long one never starts last on a worker.
+- Parallel: one pytest-xdist worker per core (``-n auto --dist worksteal`` in pyproject.toml;
+  ``-n0`` runs in this process, for ``-s`` or ``--pdb``). Each test has its own runs folder,
+  socket folder and config folder (``isolated_state``); tmux servers are named by pid, sshd and
+  TCP ports are probed free. A new test file needs nothing more, as long as what it shares
+  beyond these is named per process (``os.getpid()``) or per test (``tmp_path``). Tests marked
+  ``slow`` run first, so a long one never starts last on a worker.
 - One embedded model for the whole run: built once (``embedded_cache``), under a file lock the
   workers share, into ``$TUNETOP_TEST_CACHE`` or the run's temporary folder.
 - Busy machines: a test is bounded by counts (iterations, kills), never by how much fits in a

@@ -68,7 +68,7 @@ def test_range_is_checked() -> None:
 
 
 def test_choice_is_checked_with_suggestion() -> None:
-    with pytest.raises(ConfigError, match=r"one of adam, adamw, sgd, adafactor, got 'adamm'. Did you mean 'adam'\?"):
+    with pytest.raises(ConfigError, match=r"one of adam, adamw, sgd, adafactor, muon, got 'adamm'. Did you mean 'adam'\?"):
         config.parse('[optimizer]\nname = "adamm"\n')
 
 

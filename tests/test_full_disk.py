@@ -239,3 +239,32 @@ def test_a_full_disk_pauses_the_engine_and_it_finishes_when_there_is_room(
     assert "Traceback" not in run.log.read_text(errors="replace")
     listed = tunetop("ls", check=True).stdout
     assert run.id in listed and "finished" in listed
+
+
+def test_a_last_save_that_does_not_fit_waits_for_room_and_is_written(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "run.toml",
+        training={"iterations": 24, "steps_per_report": 2, "steps_per_eval": 1000},
+        checkpoints={"save_every": 1000},  # the only save is the last one
+    )
+    run = resolve(tunetop("train", str(config), "--detach", check=True).stdout.strip())
+    run.checkpoints.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(run.checkpoints)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        _stop(run)
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        waiting = wait_for(lambda: (r := send_command(run, "status").result).get("notice") and r, timeout=180)
+        assert waiting["iteration"] == 24 and waiting["state"] == "paused" and run.is_alive()
+        assert "the save of iteration 24" in waiting["notice"]
+        subprocess.run(["mount", "-o", "remount,size=16m", str(run.checkpoints)], check=True)  # room again
+        wait_for(lambda: not run.is_alive(), timeout=60)
+        events = assert_intact(run.journal)
+        finished = events[-1] if events[-1]["type"] == "finished" else next(e for e in events if e["type"] == "finished")
+        assert (finished["reason"], finished["iteration"]) == ("completed", 24)
+        assert [e["iteration"] for e in events if e["type"] == "save"] == [24]
+        latest = latest_checkpoint(run.checkpoints)
+        assert latest is not None and latest.name == "0000024" and is_complete(latest)
+    finally:
+        _stop(run)
+        subprocess.run(["umount", str(run.checkpoints)], check=False)

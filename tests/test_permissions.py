@@ -8,6 +8,7 @@ distributions make it).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
@@ -24,6 +25,7 @@ import pytest
 from engine.journal import read_events
 from engine.runs import RunDir, RunError, RunLock, list_runs, resolve
 from tests.conftest import ROOT, tunetop, wait_for, write_config
+from tests.processes import OWNER
 
 INTRUDER = "tunetop-intruder"
 HOLD_LOCK = (
@@ -40,16 +42,19 @@ def intruder() -> tuple[int, int]:
     """(uid, gid) of a second local user, created if absent."""
     if os.geteuid() != 0:
         pytest.skip("acting as a second local user needs root (useradd, setpriv)")
-    try:
-        entry = pwd.getpwnam(INTRUDER)
-    except KeyError:
-        made = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", INTRUDER],
-            capture_output=True, text=True,
-        )
-        if made.returncode != 0 and "already exists" not in made.stderr:
-            pytest.skip(f"cannot create a second local user: {made.stderr.strip()}")
-        entry = pwd.getpwnam(INTRUDER)
+    # Parallel workers may both get here: one adds the user, the other then finds it.
+    with open(Path(tempfile.gettempdir()) / "tunetop-tests-useradd.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            entry = pwd.getpwnam(INTRUDER)
+        except KeyError:
+            made = subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", INTRUDER],
+                capture_output=True, text=True,
+            )
+            if made.returncode != 0 and "already exists" not in made.stderr:
+                pytest.skip(f"cannot create a second local user: {made.stderr.strip()}")
+            entry = pwd.getpwnam(INTRUDER)
     return entry.pw_uid, entry.pw_gid
 
 
@@ -85,6 +90,8 @@ def setpriv(ids: tuple[int, int], args: list[str]) -> list[str]:
 
 def intruder_env(home: Path | None) -> dict[str, str]:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "LANG": "C"}
+    if OWNER in os.environ:  # what the other user starts is this test's too (tests/processes.py)
+        env[OWNER] = os.environ[OWNER]
     if home is not None:
         env.update(HOME=str(home), TUNETOP_HOME=str(state_root(home)))
     return env

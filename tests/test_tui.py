@@ -92,9 +92,9 @@ async def test_checkpoint_panel_lists_what_retention_left_on_disk(tmp_path: Path
         assert sorted(int(row[0]) for row in rows) == on_disk
         measured = {v.iteration: v.loss for v in screen.run_state.validations}
         for row in rows:  # a validation loss only where one was measured (every 4), else "-"
-            iteration, shown = int(row[0]), str(row[3])
+            iteration, shown = int(row[0]), str(row[1])
             assert shown == (f"{measured[iteration]:.4f}" if iteration in measured else "-"), row
-        assert any(str(row[3]) == "-" for row in rows) or all(int(row[0]) % 4 == 0 for row in rows)
+        assert any(str(row[1]) == "-" for row in rows) or all(int(row[0]) % 4 == 0 for row in rows)
     oldest = min(on_disk)
     result = tunetop("export", run.id, "--format", "mlx", "--checkpoint", str(oldest), "--output", str(tmp_path / "x"))
     assert result.returncode == 0, result.stderr

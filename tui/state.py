@@ -164,8 +164,10 @@ class RunState:
         where = e.get("checkpoint") or e.get("path", "")
         self._note(e, f"saved {e.get('kind', 'adapter')} at iteration {iteration}: {where}")
         if e.get("removed"):
-            gone = ", ".join(str(i) for i in sorted(e["removed"]))
-            self._note(e, f"checkpoints.keep_last removed the checkpoints of iterations {gone}")
+            gone = sorted(e["removed"])
+            what = f"checkpoint of iteration {gone[0]}" if len(gone) == 1 else \
+                f"checkpoints of iterations {', '.join(str(i) for i in gone)}"
+            self._note(e, f"checkpoints.keep_last removed the {what}")
 
     def _note(self, e: dict[str, Any], message: str, level: str = "log") -> None:
         self.logs.append(LogLine(float(e.get("ts") or 0), level, message))
@@ -185,7 +187,8 @@ class RunState:
         if isinstance(e.get("iteration"), int):
             self.iteration = e["iteration"]
         self.state = new
-        self._note(e, f"state: {self.state}")
+        at = f" at iteration {e['iteration']:,}" if isinstance(e.get("iteration"), int) and new != "starting" else ""
+        self._note(e, f"state: {self.state}{at}")
 
     def _on_finished(self, e: dict[str, Any]) -> None:
         if self.running_since is not None:

@@ -126,11 +126,11 @@ class DashboardScreen(Screen[None]):
                 validations = Vertical(id="validations", classes="box")
                 validations.border_title = "validation"
                 with validations:
-                    yield DataTable(id="validation-table", cursor_type="row", zebra_stripes=True)
+                    yield DataTable(id="validation-table", cursor_type="row", zebra_stripes=True, cell_padding=0)
                 checkpoints = Vertical(id="checkpoints", classes="box")
                 checkpoints.border_title = "checkpoints"
                 with checkpoints:
-                    yield DataTable(id="checkpoint-table", cursor_type="row", zebra_stripes=True)
+                    yield DataTable(id="checkpoint-table", cursor_type="row", zebra_stripes=True, cell_padding=0)
         log = RichLog(id="log", classes="box", wrap=True, markup=False, max_lines=2000)
         log.border_title = "log"
         yield log
@@ -138,12 +138,13 @@ class DashboardScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        # Fixed widths: the layout stays put as rows stream in.
+        # Fixed widths, a space of gap built in (no cell padding): every column fits the right-hand
+        # panel at its narrowest (36 cells inside), so none hides behind a horizontal scrollbar.
         validation_table = self.query_one("#validation-table", DataTable)
-        for label, width in (("iter", 7), ("loss", 8), ("change", 8), ("secs", 6), ("", 6)):
+        for label, width in (("iter", 7), ("loss", 8), ("change", 9), ("secs", 6), ("", 5)):
             validation_table.add_column(label, width=width)
         checkpoint_table = self.query_one("#checkpoint-table", DataTable)
-        for label, width in (("iter", 7), ("kind", 8), ("size", 8), ("val loss", 8), ("time", 8)):
+        for label, width in (("iter", 7), ("val loss", 9), ("size", 9), ("saved", 8)):
             checkpoint_table.add_column(label, width=width)
         self.query_one(RunHeader).read_only = not self.live
         self._source_task = asyncio.create_task(self.source.run())
@@ -259,7 +260,7 @@ class DashboardScreen(Screen[None]):
                 weights = os.path.join(saved.checkpoint, "adapters.safetensors") if saved.checkpoint else saved.path
                 val = f"{saved.validation_loss:.4f}" if saved.validation_loss is not None else "-"
                 stamp = time.strftime("%H:%M:%S", time.localtime(saved.ts))
-                checkpoints.add_row(str(saved.iteration), Text(saved.kind), _file_size(weights), val, stamp)
+                checkpoints.add_row(str(saved.iteration), val, _file_size(weights), stamp)
             self._shown_checkpoints = shown_checkpoints
 
     # -- commands out ----------------------------------------------------------------------

@@ -190,7 +190,7 @@ def plot(series: list[Series], width: int, height: int, y_range: YRange | None =
         for col in range(plot_w):
             bits = cells[row][col]
             if row == 0 and not bits and col in above:
-                line.append("↑", style=above[col])
+                line.append("↑", style=f"{above[col]} dim")
                 continue
             line.append(chr(BRAILLE_BASE + bits) if bits else " ", style=styles[row][col] or "")
         lines.append(line)
