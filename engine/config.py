@@ -302,14 +302,14 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
     """Check ``value`` against the dataclass field type; ints are accepted for floats."""
     full = f"{section}.{key}"
     if (section, key) in AUTO_OR_NUMBER:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if number:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric:
             try:
                 value = float(value)
-                number = math.isfinite(value)
+                numeric = math.isfinite(value)
             except OverflowError:  # an integer of hundreds of digits
-                number = False
-        ok = number or value == AUTO
+                numeric = False
+        ok = numeric or value == AUTO
         want = f'"{AUTO}" or a number'
     elif expected is bool:
         ok = isinstance(value, bool)
