@@ -27,6 +27,8 @@ from .userfiles import not_a_regular_file
 
 EMBEDDED = "@embedded"
 """Model or data path that means: the small default model and dataset tunetop builds offline."""
+AUTO = "auto"
+"""A setting tunetop works out for the run (``training.memory_budget_gb``)."""
 
 
 class ConfigError(ValueError):
@@ -93,6 +95,11 @@ class TrainingConfig:
     )
     memory_limit_gb: float = field(
         default=0.0, metadata={"help": "Soft cap: past it MLX waits for queued GPU work to finish; 0 = MLX's default"}
+    )
+    memory_budget_gb: float | str = field(
+        default=AUTO,
+        metadata={"help": "GB a step may use: picks memory_limit_gb, ce_chunk_tokens, grad_checkpoint_blocks left at "
+                  "their defaults; auto = a safe share of the device, 0 = off"},
     )
     loss: str = field(
         default="", metadata={"help": "A custom loss, \"package.module:function\" or \"file.py:function\"; empty = the default"}
@@ -190,6 +197,9 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("data", "packing"): ("auto", "on", "off"),
 }
 
+# Keys that take AUTO or a number (the number within RANGES).
+AUTO_OR_NUMBER = {("training", "memory_budget_gb")}
+
 # (minimum, maximum) for numbers; None leaves that side open.
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "max_seq_length"): (2, None),
@@ -200,6 +210,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     # MLX takes the cap in bytes as a 64-bit size: past ~1.8e10 GB it cannot be expressed at all,
     # and a million GB is already no cap on any machine.
     ("training", "memory_limit_gb"): (0.0, 1_000_000.0),
+    ("training", "memory_budget_gb"): (0.0, 1_000_000.0),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),
@@ -292,7 +303,17 @@ def _check_entry(full: str, number: int, entry: dict[str, Any], where: str) -> N
 def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> Any:
     """Check ``value`` against the dataclass field type; ints are accepted for floats."""
     full = f"{section}.{key}"
-    if expected is bool:
+    if (section, key) in AUTO_OR_NUMBER:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric:
+            try:
+                value = float(value)
+                numeric = math.isfinite(value)
+            except OverflowError:  # an integer of hundreds of digits
+                numeric = False
+        ok = numeric or value == AUTO
+        want = f'"{AUTO}" or a number'
+    elif expected is bool:
         ok = isinstance(value, bool)
         want = "true or false"
     elif expected is int:
@@ -347,7 +368,7 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
             f"{_suggest(str(value), list(choices))}"
         )
     bounds = RANGES.get((section, key))
-    if bounds:
+    if bounds and not isinstance(value, str):
         low, high = bounds
         if (low is not None and value < low) or (high is not None and value > high):
             span = (
@@ -593,6 +614,9 @@ def starter_text() -> str:
             value = starter_overrides.get((section, f.name), default)
             # An empty table must stay inline: tomli-w would write a [header] for it.
             rendered = f"{f.name} = {{}}" if value == {} else tomli_w.dumps({f.name: value}).strip()
+            if isinstance(value, list) and value:  # one line, so the comment sits beside it
+                items = ", ".join(tomli_w.dumps({"v": item}).strip()[4:] for item in value)
+                rendered = f"{f.name} = [{items}]"
             note = f.metadata.get("help", "")
             if (section, f.name) in starter_overrides:
                 note += f" (default {default!r}; starter value for the embedded demo)"
@@ -621,6 +645,7 @@ WATCH_ONLY_KEYS = {
     ("training", "on_nonfinite"),
     ("training", "memory_limit_gb"),
     ("training", "clear_cache_gb"),
+    ("training", "memory_budget_gb"),
 }
 
 

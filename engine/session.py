@@ -987,6 +987,9 @@ def build_trainer(
     trainable, total = count_parameters(model)
     t = cfg.training
     pack_width = choose_pack_width(cfg, splits["train"], model, report, loss)
+    from .memory_budget import plan_run
+
+    memory = plan_run(cfg, model, splits["train"], pack_width, shard.size if shard is not None else 1, report)
     parameters = TrainingParameters(
         batch_size=t.batch_size,
         iterations=t.iterations,
@@ -996,8 +999,8 @@ def build_trainer(
         save_every=cfg.checkpoints.save_every,
         adapter_path=adapter_path,
         max_seq_length=cfg.data.max_seq_length,
-        grad_checkpoint=t.grad_checkpoint,
-        grad_checkpoint_blocks=t.grad_checkpoint_blocks,
+        grad_checkpoint=memory.grad_checkpoint,
+        grad_checkpoint_blocks=memory.grad_checkpoint_blocks,
         grad_accumulation_steps=t.grad_accumulation_steps,
         seed=t.seed,
         keep_last=cfg.checkpoints.keep_last,
@@ -1006,9 +1009,9 @@ def build_trainer(
         on_nonfinite=t.on_nonfinite,
         config_hash=config_hash,
         pack_width=pack_width,
-        ce_chunk_tokens=t.ce_chunk_tokens,
+        ce_chunk_tokens=memory.ce_chunk_tokens,
         clear_cache_gb=t.clear_cache_gb,
-        memory_limit_gb=t.memory_limit_gb,
+        memory_limit_gb=memory.memory_limit_gb,
         config_values=config_module.computation_values(cfg),
     )
     optimizer = build_optimizer(cfg.optimizer, cfg.source)

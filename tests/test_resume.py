@@ -211,6 +211,7 @@ def test_resume_warns_of_config_changes_that_change_the_computation_and_names_th
     # How the run is watched and fitted in memory: the resume stays exact, so no warning.
     edit("training", "steps_per_report", 2)
     edit("training", "memory_limit_gb", 8.0)
+    edit("training", "memory_budget_gb", 0.5)
     tunetop("train", "--resume", run.id, "--from", "5", check=True)
     assert config_warnings() == []
     # What it computes: the warning names the key, its old and new value, and nothing else.
@@ -218,4 +219,4 @@ def test_resume_warns_of_config_changes_that_change_the_computation_and_names_th
     tunetop("train", "--resume", run.id, "--from", "5", check=True)
     (message,) = config_warnings()
     assert "optimizer.learning_rate: " in message and "-> 0.002" in message and "not exact" in message
-    assert "steps_per_report" not in message and "memory_limit_gb" not in message
+    assert "steps_per_report" not in message and "memory_limit_gb" not in message and "memory_budget" not in message
