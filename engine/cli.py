@@ -2,8 +2,9 @@
 
 Exit codes (also in README.md): 0 success; 1 internal failure (a bug: the engine log has the
 traceback); 2 bad input (config, data, model, arguments, unknown run); 3 the engine cannot be
-reached or refused a command; 130 interrupted by Ctrl-C (adapter saved first); 143 terminated
-by SIGTERM (adapter saved first).
+reached or refused a command; 4 ``events`` met damaged journal records (every intact one was
+printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter saved first); 143
+terminated by SIGTERM (adapter saved first).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any
 from .blas import preload_optimized_blas
 from .config import LIVE_FIELDS, ConfigError
 from .endpoints import SocketError, socket_dir
+from .launch import mark_failed_start
 from .private import ENGINE_UMASK
 from .runs import RunError
 
 EXIT_UNREACHABLE = 3
+EXIT_DAMAGED = 4
 
 CONTROL_HELP = {
     "pause": "pause a live run between two steps (`resume` continues it)",
@@ -151,6 +154,7 @@ def _run_engine(
             tcp = prepare(listen, run.path)
             warning = exposure_warning(listen)
         except CurveError as error:
+            mark_failed_start(run, str(error), cfg.name)
             return _fail(str(error))
         if warning:
             engine.on_ready.append(lambda owner: owner.emit("warning", message=warning))
@@ -159,6 +163,9 @@ def _run_engine(
         print(f"run {run.id} in {run.path}", flush=True)
     try:
         return engine.run()
+    except (RunError, ConfigError) as error:  # before the journal opened: no event can say it
+        mark_failed_start(run, str(error), cfg.name)
+        raise
     finally:
         reporter.close()
 
@@ -343,30 +350,48 @@ def cmd_ls(args: argparse.Namespace) -> int:
         from .ssh import RemoteError, parse_target, run_remote
 
         try:
-            print(run_remote(parse_target(args.host, with_run=False), ["ls", *(["--json"] if args.json else [])]), end="")
+            flags = [*(["--json"] if args.json else []), *(["--all"] if args.all else [])]
+            print(run_remote(parse_target(args.host, with_run=False), ["ls", *flags]), end="")
         except RemoteError as error:
             return _fail(str(error), EXIT_UNREACHABLE)
         return 0
 
     rows = []
+    trained = []
+    hidden = 0
     for run in list_runs():
         s = run.summary()
+        if s["failed_before_training"] and not args.all:  # a config or data mistake: nothing to see
+            hidden += 1
+            continue
         rows.append(
             (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
         )
+        trained.append(s["trained"])
     header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
     if args.json:
-        for row in rows:
-            print(json.dumps(dict(zip([h.lower() for h in header], row, strict=True))))
+        for row, was_trained in zip(rows, trained, strict=True):
+            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), "trained": was_trained}))
         return 0
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    for row in (header, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    for number, row in enumerate((header, *rows)):
+        line = "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        if number == 0 and hidden:
+            line += f"   ({hidden} run{'s' if hidden > 1 else ''} that failed before training hidden; `tunetop ls --all` shows them)"
+        print(line)
     return 0
 
 
+def _warn_damage(path: Path, damage: list[Any]) -> None:
+    for stretch in damage:
+        print(f"tunetop: warning: {path}: skipped {stretch.describe()}; every intact record is printed.", file=sys.stderr)
+
+
 def cmd_events(args: argparse.Namespace) -> int:
-    from .journal import JournalTail
+    """Print the journal; damaged records are skipped and named on stderr, and the exit code is
+    then EXIT_DAMAGED (after every intact record), so a script cannot take a damaged history for
+    a whole one."""
+    from .journal import Damage, JournalTail
     from .runs import resolve
 
     try:
@@ -377,23 +402,39 @@ def cmd_events(args: argparse.Namespace) -> int:
     if args.digest:  # what a screen needs of a long run: rare events whole, train events thinned
         from .history import read_history
 
-        _upto, records = read_history(run.journal)
+        damage: list[Damage] = []
+        _upto, records = read_history(run.journal, damage)
         for _seq, payload in records:
             out.write(payload.decode("utf-8") + "\n")
-        return 0
+        out.flush()
+        _warn_damage(run.journal, damage)
+        return EXIT_DAMAGED if damage else 0
     tail = JournalTail(run.journal, since=args.since)
+    reported = 0
+
+    def drain() -> None:
+        nonlocal reported
+        for _seq, payload in tail.poll():
+            out.write(payload.decode("utf-8") + "\n")
+        out.flush()
+        _warn_damage(run.journal, tail.damage[reported:])
+        reported = len(tail.damage)
+
+    def finish() -> int:
+        torn = tail.pending > 0 and not run.is_alive()
+        if torn:
+            print(f"tunetop: warning: {run.journal}: the last {tail.pending} bytes are not a complete record "
+                  "(a write cut short by a crash); `tunetop train --resume` moves them to a side file.", file=sys.stderr)
+        return EXIT_DAMAGED if reported or torn else 0
+
     try:
         while True:
-            for _seq, payload in tail.poll():
-                out.write(payload.decode("utf-8") + "\n")
-            out.flush()
+            drain()
             if not args.follow:
-                return 0
+                return finish()
             if not run.is_alive():
-                for _seq, payload in tail.poll():
-                    out.write(payload.decode("utf-8") + "\n")
-                out.flush()
-                return 0
+                drain()
+                return finish()
             time.sleep(0.2)
     except (BrokenPipeError, KeyboardInterrupt):
         return 0
@@ -463,16 +504,19 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import EXPORTERS, ExportError, check_output, saved_iteration
+    from .export import EXPORTERS, ExportError, check_output, check_outside_run, saved_iteration
     from .runs import resolve
 
     run = resolve(args.run)
     output = Path(args.output).expanduser().absolute()
     try:
+        check_outside_run(run, output)
         check_output(output, args.force)
         out = EXPORTERS[args.format](run, output, args.checkpoint)
     except ExportError as error:
         return _fail(str(error))
+    except OSError as error:  # a folder that cannot be written, a full disk
+        return _fail(f"cannot export to {output}: {error.strerror or error}. Choose a folder you can write to.")
     iteration = saved_iteration(run, args.checkpoint)
     what = f"the adapter of iteration {iteration:,}" if iteration is not None else "the latest adapter"
     source = f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the latest save"
@@ -490,12 +534,24 @@ def cmd_export_metrics(args: argparse.Namespace) -> int:
 
         if not args.output:
             return _fail("--format tensorboard needs --output DIR (the folder to point `tensorboard --logdir` at).")
-        path = write_from_events(list(read_events(resolve(args.run).journal)), Path(args.output))
+        folder = Path(args.output)
+        if folder.exists() and not folder.is_dir():
+            return _fail(f"{folder} is a file; --format tensorboard writes into a folder: give a folder's path.")
+        try:
+            path = write_from_events(list(read_events(resolve(args.run).journal)), folder)
+        except OSError as error:
+            return _fail(f"cannot write to {folder}: {error.strerror or error}. Choose a folder you can write to.")
         print(f"wrote {path}")
         return 0
     text = metrics_text(resolve(args.run), args.format)
     if args.output:
-        Path(args.output).write_text(text)
+        output = Path(args.output)
+        if output.is_dir():
+            return _fail(f"{output} is a folder; --output names the file to write, e.g. {output / ('metrics.' + args.format)}.")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as error:
+            return _fail(f"cannot write {output}: {error.strerror or error}. Choose a path you can write to.")
     else:
         sys.stdout.write(text)
     return 0
@@ -509,7 +565,12 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.force:
         return _fail(f"{output} already exists; pass --force to overwrite it.")
-    config_module.save(cfg, output)
+    if output.is_dir():
+        return _fail(f"{output} is a folder; --output names the TOML file to write, e.g. {output / 'run.toml'}.")
+    try:
+        config_module.save(cfg, output)
+    except OSError as error:
+        return _fail(f"cannot write {output}: {error.strerror or error}. Choose a path you can write to.")
     print(f"wrote {output}")
     if imported.filled:
         print("mlx_lm.lora's defaults for what the recipe leaves out (tunetop's own differ):")
@@ -519,6 +580,10 @@ def cmd_import_config(args: argparse.Namespace) -> int:
         print("not carried over, or carried with a difference:")
         for note in imported.notes:
             print(f"  {note}")
+    if cfg.model.trust_remote_code:
+        print(f"warning: trust_remote_code: true was carried over (model.trust_remote_code in {output}): training "
+              f"will run the Python code that comes with {cfg.model.path}. Keep it only if you trust that code; "
+              "otherwise set it to false.")
     return 0
 
 
@@ -596,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list runs, here or on HOST (user@host[:port], over ssh)")
     p.add_argument("host", nargs="?")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="also the runs that failed before training (hidden by default)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("events", help="print a run's events as JSON lines")

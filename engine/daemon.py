@@ -28,16 +28,21 @@ class EngineStartError(RunError):
 
 
 def _failure_message(run: RunDir) -> str:
+    """One line saying why an engine ended: its last error event, else what its log says last."""
     try:
         errors = [e["message"] for e in read_events(run.journal) if e.get("type") == "error"]
-    except Exception:
+    except Exception:  # no journal, or one that cannot be read: the log says why
         errors = []
     if errors:
-        return errors[-1]
+        return str(errors[-1])
     try:
-        return " | ".join(run.log.read_text(errors="replace").strip().splitlines()[-5:])
-    except FileNotFoundError:
+        lines = [line.strip() for line in run.log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
         return "no log was written"
+    # The CLI's own error line (`tunetop: ...`), else a traceback's last line (the exception).
+    said = [line.removeprefix("tunetop: ") for line in lines if line.startswith("tunetop: ")]
+    last = said[-1] if said else lines[-1] if lines else "it wrote nothing"
+    return f"{last} (the engine's output is in {run.log})"
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +89,10 @@ def _wait_until_training(
         if code is not None:
             raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code, run.id)
         status = run.status()
-        started = status.get("state") in ("running", "paused", "stopping", "finished")
+        # Running is not enough: a first step that fails (a model the settings do not fit) is a
+        # failure to start too, and the command that started the run should say so.
+        state = status.get("state")
+        started = state in ("paused", "stopping", "finished") or (state == "running" and status.get("stepped"))
         if started and (engine_pid is None or status.get("pid") == engine_pid):
             return process.pid
         time.sleep(0.05)

@@ -57,6 +57,14 @@ def new_run(cfg: RunConfig) -> RunDir:
     return run
 
 
+def mark_failed_start(run: RunDir, message: str, name: str = "") -> None:
+    """Record in status.json that a run's engine failed before it wrote any status of its own, so
+    `tunetop ls` shows it as failed (never trained) rather than in an unknown state."""
+    status = run.status()
+    if not status.get("state"):  # a run that has a state (one being resumed, a live one) keeps it
+        run.write_status({"name": name, **status, "state": "failed", "reason": "bad_input", "error": message})
+
+
 def start_run(
     cfg: RunConfig, detach: bool, engine_args: list[str] | None = None, foreground: ForegroundEngine | None = None
 ) -> tuple[RunDir, int]:
@@ -65,8 +73,14 @@ def start_run(
     Detached: the code is 0 once the engine trains (EngineStartError if it fails to start).
     In the foreground (``foreground`` given): the engine's own exit code, after the run.
     """
+    from .daemon import EngineStartError
+
     run = new_run(cfg)
-    return run, _start_engine(run, engine_args or [], detach, foreground)
+    try:
+        return run, _start_engine(run, engine_args or [], detach, foreground)
+    except EngineStartError as error:
+        mark_failed_start(run, str(error), cfg.name)
+        raise
 
 
 def resume_run(

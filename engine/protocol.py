@@ -34,7 +34,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "validation": ("iteration", "loss", "seconds"),
     "save": ("iteration", "path", "kind", "checkpoint", "removed"),
     "resumed": ("iteration", "checkpoint", "from_seq"),
-    "nonfinite": ("iteration", "loss", "epoch", "batch", "action"),
+    "nonfinite": ("iteration", "loss", "epoch", "batch", "action", "cause", "streak"),
     "world": ("size", "backend"),
     "rank_failed": ("ranks", "iteration", "message"),
     "state": ("state", "iteration"),

@@ -50,7 +50,7 @@ FROM_CONFIG: dict[str, tuple[str, str]] = {
     "grad_accumulation_steps": ("training", "grad_accumulation_steps"),
     "seed": ("training", "seed"),
     "keep_last": ("checkpoints", "keep_last"),
-    "on_nonfinite": ("training", "on_nonfinite"),  # pause | stop | skip: what a NaN or infinite loss does
+    "on_nonfinite": ("training", "on_nonfinite"),  # pause | stop | skip: a NaN or infinite loss, gradient or update
     "ce_chunk_tokens": ("training", "ce_chunk_tokens"),  # > 0: cross-entropy this many positions at a time
     "clear_cache_gb": ("training", "clear_cache_gb"),  # >= 0: empty MLX's buffer cache past this many GB
     "memory_limit_gb": ("training", "memory_limit_gb"),  # > 0: mx.set_memory_limit (a soft cap)
@@ -88,6 +88,9 @@ class TrainingParameters:
     adapter_config: dict[str, Any] = field(default_factory=dict)  # empty: read from the adapted model
     checkpoint_path: Path | None = None  # full-state checkpoints for exact resume; None = adapters only
     on_nonfinite: str = _default("on_nonfinite")
+    # With "skip": this many unusable batches in a row pause the run (stop it without a control
+    # hook), since skipping cannot recover from a learning rate that breaks every step.
+    nonfinite_streak_limit: int = 10
     config_hash: str = ""
     config_values: dict[str, Any] = field(default_factory=dict)  # config.computation_values, kept in checkpoints
     pack_width: int = 0  # > 0: train on packed rows of this many tokens (engine.packing); 0 = padded batches
@@ -97,9 +100,11 @@ class TrainingParameters:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **rest: Any) -> TrainingParameters:
-        """The parameters of a run's config (:data:`FROM_CONFIG`), with ``rest`` for the others."""
-        given = {name: getattr(getattr(cfg, section), key) for name, (section, key) in FROM_CONFIG.items()}
-        return cls(**given, config_values=config_module.computation_values(cfg), **rest)
+        """The parameters of a run's config (:data:`FROM_CONFIG`); ``rest`` gives the others, and
+        overrides what the engine works out for the run (the memory plan's settings)."""
+        values = {name: getattr(getattr(cfg, section), key) for name, (section, key) in FROM_CONFIG.items()}
+        values["config_values"] = config_module.computation_values(cfg)
+        return cls(**{**values, **rest})
 
 
 class Disposition(enum.Enum):
@@ -147,14 +152,20 @@ class Save:
 
 @dataclass
 class NonFinite:
-    """A NaN or infinite training loss; ``action`` is what the trainer did about it."""
+    """A step that could not be used: its loss, gradients or update were NaN or infinite.
+
+    The update is always undone, so the weights stay those before the batch (finite);
+    ``action`` is what happens next.
+    """
 
     event_type: ClassVar[str] = "nonfinite"  # the protocol event it becomes (protocol.EVENT_FIELDS)
     iteration: int
     loss: float
     epoch: int
     batch: int  # index of the batch within its epoch's order
-    action: str  # "skipped" (the update was undone) or the policy to apply: "pause", "stop"
+    action: str  # "skipped" (training goes on), or the policy to apply: "pause", "stop"
+    cause: str = "loss"  # "loss", "gradients" (finite loss), or "update" (it would break the weights)
+    streak: int = 1  # unusable steps in a row, this one included
 
 
 @dataclass
@@ -356,6 +367,7 @@ class Trainer:
         self.learning_rate_override: float | None = None
         self.last_validation_loss: float | None = None
         self.last_nonfinite: NonFinite | None = None
+        self.nonfinite_streak = 0  # unusable steps in a row (engine.trainer.NonFinite)
         self.journal_seq: Callable[[], int] = lambda: 0
         self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
         self.prompt_format = train_set.prompt_format  # how the training data put its prompts, for samples
@@ -387,12 +399,18 @@ class Trainer:
                 value, count, grad = _combine_ranks(value, count, grad, shard)
             if previous is not None:
                 grad = tree_map(lambda a, b: a + b, grad, previous)
+            # (gradients finite, weights finite after the update): a finite loss can still come
+            # with an overflowing gradient, and a finite gradient times a huge learning rate can
+            # overflow the weights. Either way the step's caller undoes the update.
+            health = mx.array([True, True])
             if update:
                 if accumulation > 1:
                     grad = tree_map(lambda g: g / accumulation, grad)
+                grad_ok = _all_finite(grad)
                 self.optimizer.update(self.model, grad)
+                health = mx.stack([grad_ok, _all_finite(self.model.trainable_parameters())])
                 grad = None
-            return value, count, grad
+            return value, count, grad, health
 
         self._state = state
         return step
@@ -465,24 +483,37 @@ class Trainer:
             batch = self.next_batch()
             if self.shard is not None:
                 batch = self.shard.rows(batch)
-            value, count, self._accumulated = self._step(self._accumulated, micro == accumulation - 1, *batch.arrays())
-            mx.eval(self._state, value, count, self._accumulated)
+            value, count, self._accumulated, health = self._step(
+                self._accumulated, micro == accumulation - 1, *batch.arrays()
+            )
+            mx.eval(self._state, value, count, self._accumulated, health)
             tokens = int(count.item())
             total_loss += value.item() * tokens
             total_tokens += tokens
         self.iteration += 1
         loss = total_loss / max(total_tokens, 1)
+        grad_ok, weights_ok = (bool(flag) for flag in health.tolist())  # type: ignore[union-attr]
         self.last_nonfinite = None
-        if not math.isfinite(loss):
-            policy = self.parameters.on_nonfinite
-            if policy == "skip":
-                self.model.update(tree_unflatten(before_model))
-                _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer))
-                self._accumulated = None
+        if not (math.isfinite(loss) and grad_ok and weights_ok):
+            # Undone whatever the policy: the weights never hold NaN or infinity, so a pause can be
+            # resumed (with a lower learning rate) and every save stays possible.
+            self.model.update(tree_unflatten(before_model))
+            _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer))
+            self._accumulated = None
+            self.nonfinite_streak += 1
+            cause = "loss" if not math.isfinite(loss) else "gradients" if not grad_ok else "update"
+            action = self.parameters.on_nonfinite
+            if action == "skip":
+                action = "skipped"
+                if self.nonfinite_streak >= self.parameters.nonfinite_streak_limit:
+                    action = "pause"
             self.last_nonfinite = NonFinite(
-                self.iteration, loss, self.epoch, self.position - 1, "skipped" if policy == "skip" else policy
+                self.iteration, loss, self.epoch, self.position - 1, action, cause, self.nonfinite_streak
             )
+            if action == "pause":
+                self.nonfinite_streak = 0  # a resumed run gets the full allowance again
             return StepResult(loss, 0)
+        self.nonfinite_streak = 0
         self.trained_tokens += total_tokens
         # MLX keeps freed buffers for reuse. Emptying that cache also lowered a step's peak on the
         # H200 (19.6 -> 13.5 GB at 8 x 512 tokens): every allocation then goes to the driver,
@@ -529,7 +560,7 @@ class Trainer:
             raise CheckpointError(f"writing failed at iteration {self.iteration}: {error}") from None
 
     def _save(self) -> Save:
-        from .checkpoint import TrainerState, list_checkpoints, prune, write_checkpoint
+        from .checkpoint import TrainerState, checkpoint_iteration, list_checkpoints, prune, write_checkpoint
 
         p = self.parameters
         path = ""
@@ -552,9 +583,10 @@ class Trainer:
             config=p.config_values,
         )
         folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
-        removed = sorted(int(gone.name) for gone in prune(p.checkpoint_path, p.keep_last))
+        gone = {checkpoint_iteration(folder) for folder in prune(p.checkpoint_path, p.keep_last)}
         # The numbered adapter copies follow the checkpoints (the best one stays with its checkpoint).
-        kept = {int(kept.name) for kept in list_checkpoints(p.checkpoint_path)}
+        kept = {checkpoint_iteration(folder) for folder in list_checkpoints(p.checkpoint_path)}
+        removed = sorted(gone - kept)  # an iteration with a later save there (0000005.1) still exists
         if p.adapter_path is not None:
             prune_numbered(p.adapter_path, p.keep_last, keep=kept)
         # The event says what retention deleted, so a client (perhaps on another machine) lists what exists.
@@ -644,6 +676,14 @@ def _combine_ranks(value: mx.array, count: mx.array, grad: Any, shard: Shard) ->
     scale = weight * shard.size
     grad = nn.utils.average_gradients(tree_map(lambda g: mx.where(has_tokens, g * scale.astype(g.dtype), 0), grad), shard.group)
     return loss, total, grad
+
+
+def _all_finite(tree: Any) -> mx.array:
+    """One boolean: every array in ``tree`` holds finite values only."""
+    ok = mx.array(True)
+    for _name, leaf in tree_flatten(tree):  # type: ignore[misc,str-unpack]
+        ok = mx.logical_and(ok, mx.isfinite(leaf).all())  # type: ignore[arg-type]
+    return ok
 
 
 def _assign_in_place(target: Any, source: Any) -> None:
