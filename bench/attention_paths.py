@@ -6,7 +6,7 @@ Times forward + backward of ``mx.fast.scaled_dot_product_attention`` (bf16) and 
 peak memory above the inputs. On MLX's CUDA backend the fused (cuDNN) backward needs the query
 length to be a multiple of 128; at other lengths the backward is the unfused graph that
 materialises every score (B x H x L x L), which shows as time and memory. Hence tunetop's
-row widths (engine/data.py, engine/packing.py): inputs of 512, not 511.
+row widths (engine/training/data.py, engine/training/packing.py): inputs of 512, not 511.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import engine  # noqa: E402,F401  (first: OpenBLAS before mlx on Linux)
+import tunetop  # noqa: E402,F401  (first: OpenBLAS before mlx on Linux)
 
 
 def measure(batch: int, heads: int, kv_heads: int, dim: int, length: int, mask_kind: str, repeats: int) -> tuple[float, float]:

@@ -24,11 +24,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402,F401  (first: OpenBLAS before mlx)
+import tunetop  # noqa: E402,F401  (first: OpenBLAS before mlx)
 
 
 def _config(iters: int, report: int) -> Any:
-    from engine import config as config_module
+    from tunetop.training import config as config_module
 
     cfg = config_module.parse(config_module.starter_text())
     cfg.training.iterations = iters
@@ -39,8 +39,8 @@ def _config(iters: int, report: int) -> Any:
 
 
 def bare_loop(iters: int, report: int, scratch: Path) -> float:
-    from engine.session import build_trainer
-    from engine.trainer import run_loop
+    from tunetop.runs.engine import build_trainer
+    from tunetop.training.trainer import run_loop
 
     trainer, *_ = build_trainer(_config(iters, report), scratch / "bare")
     trainer.valid_plan = None
@@ -70,7 +70,7 @@ def subscriber_main(events_endpoint: str, commands_endpoint: str) -> None:
     """The client process: replay, then count live events until SIGINT; print the count."""
     import zmq
 
-    from engine.client_sync import replay
+    from tunetop.control.client_sync import replay
 
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -86,10 +86,10 @@ def subscriber_main(events_endpoint: str, commands_endpoint: str) -> None:
 
 
 def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[float, int]:
-    from engine.client_sync import run_endpoints
-    from engine.runs import RunDir
-    from engine.server import attach_server
-    from engine.session import Engine
+    from tunetop.control.client_sync import run_endpoints
+    from tunetop.control.server import attach_server
+    from tunetop.runs.engine import Engine
+    from tunetop.runs.folders import RunDir
 
     run = RunDir(scratch / f"run-{time.monotonic_ns()}")
     run.path.mkdir(parents=True)
@@ -147,10 +147,10 @@ def overhead(args: argparse.Namespace) -> None:
 def events(args: argparse.Namespace) -> None:
     import zmq
 
-    from engine.events import EventLog
-    from engine.journal import JournalWriter
-    from engine.runs import RunDir
-    from engine.server import Server
+    from tunetop.control.events import EventLog
+    from tunetop.control.journal import JournalWriter
+    from tunetop.control.server import Server
+    from tunetop.runs.folders import RunDir
 
     scratch = Path(tempfile.mkdtemp(prefix="tt-bench-"))
     run = RunDir(scratch / "events-run")
@@ -197,14 +197,14 @@ def events(args: argparse.Namespace) -> None:
 
 
 def replay_bench(args: argparse.Namespace) -> None:
-    from engine.client_sync import replay
-    from engine.events import EventLog
-    from engine.history import History, read_history, write_digest
-    from engine.journal import JournalWriter, read_payloads, scan
-    from engine.protocol import encode, loads, make_event
-    from engine.runs import RunDir
-    from engine.server import Server
-    from tui.state import RunState
+    from tunetop.control.client_sync import replay
+    from tunetop.control.events import EventLog
+    from tunetop.control.history import History, read_history, write_digest
+    from tunetop.control.journal import JournalWriter, read_payloads, scan
+    from tunetop.control.protocol import encode, loads, make_event
+    from tunetop.control.server import Server
+    from tunetop.runs.folders import RunDir
+    from tunetop.tui.state import RunState
 
     scratch = Path(tempfile.mkdtemp(prefix="tt-bench-"))
     run = RunDir(scratch / "replay-run")

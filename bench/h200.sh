@@ -95,11 +95,11 @@ learning_rate = 5e-4
 [checkpoints]
 save_every = 15
 TOML
-  python3 -m engine.cli train /tmp/e2e.toml > "$out/engine-train.txt" 2>&1; echo "train exit $?"
-  python3 -m engine.cli events | grep -E '"type":"(train|validation|save|finished)"' | cut -c1-240 | tee "$out/engine-events.txt"
+  python3 -m tunetop.cli train /tmp/e2e.toml > "$out/engine-train.txt" 2>&1; echo "train exit $?"
+  python3 -m tunetop.cli events | grep -E '"type":"(train|validation|save|finished)"' | cut -c1-240 | tee "$out/engine-events.txt"
   for flags in "" "--checkpoint 15" "--base"; do
     # shellcheck disable=SC2086
-    echo "test --split valid $flags: $(python3 -m engine.cli test --split valid --batches 10 $flags 2>&1 | tail -1)" | tee -a "$out/engine-test.txt"
+    echo "test --split valid $flags: $(python3 -m tunetop.cli test --split valid --batches 10 $flags 2>&1 | tail -1)" | tee -a "$out/engine-test.txt"
   done
 fi
 # Lean by default: `tunetop train` with training.memory_budget_gb and nothing else about memory; the
@@ -131,8 +131,8 @@ learning_rate = 1e-4
 [checkpoints]
 save_every = 1000
 TOML
-    python3 -m engine.cli train "/tmp/$1.toml" > "$out/$1.txt" 2>&1; echo "$1: train exit $?"
-    python3 -m engine.cli events "$1" | python3 bench/run_summary.py "$1" | tee -a "$out/$1.txt" "$out/budget.txt"
+    python3 -m tunetop.cli train "/tmp/$1.toml" > "$out/$1.txt" 2>&1; echo "$1: train exit $?"
+    python3 -m tunetop.cli events "$1" | python3 bench/run_summary.py "$1" | tee -a "$out/$1.txt" "$out/budget.txt"
   }
   budget_run budget-1b-20 /tmp/bench1b/model 8 20
   budget_run budget-8b-16 /tmp/bench8b/model 2 16

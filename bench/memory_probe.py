@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import engine  # noqa: E402,F401  (first: OpenBLAS before mlx on Linux)
+import tunetop  # noqa: E402,F401  (first: OpenBLAS before mlx on Linux)
 
 
 def main() -> None:
@@ -35,8 +35,8 @@ def main() -> None:
     import mlx.nn as nn
     from mlx_lm.tuner.trainer import default_loss as mlx_lm_loss
 
-    from engine import config as config_module
-    from engine.session import build_trainer
+    from tunetop.runs.engine import build_trainer
+    from tunetop.training import config as config_module
 
     mx.set_memory_limit(100 * 10**9)
     cfg = config_module.RunConfig()

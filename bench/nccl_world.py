@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402,F401
+import tunetop  # noqa: E402,F401
 
 
 def main() -> None:
@@ -31,14 +31,14 @@ def main() -> None:
     os.environ.setdefault("TUNETOP_HOME", str(home))
     os.environ.setdefault("TUNETOP_SOCKET_DIR", tempfile.mkdtemp(prefix="tt-", dir="/tmp"))
 
-    from engine.distributed import free_port as port
+    from tunetop.runs.distributed import free_port as port
 
     os.environ.update(MLX_RANK="0", MLX_WORLD_SIZE="1", NCCL_HOST_IP="127.0.0.1", NCCL_PORT=str(port()),
                       TUNETOP_DIST_CONTROL=f"tcp://127.0.0.1:{port()}")
-    from engine import config as config_module
-    from engine.cli import main as cli
-    from engine.journal import read_events
-    from engine.runs import create_run
+    from tunetop.cli import main as cli
+    from tunetop.control.journal import read_events
+    from tunetop.runs.folders import create_run
+    from tunetop.training import config as config_module
 
     cfg = config_module.parse(config_module.starter_text())
     cfg.training.iterations = args.iterations

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402,F401  (first: OpenBLAS before mlx)
+import tunetop  # noqa: E402,F401  (first: OpenBLAS before mlx)
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="tt-peft-"))
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, TUNETOP_HOME=str(home / "home"), PYTHONPATH=path)
-    cli = [sys.executable, "-m", "engine.cli"]
+    cli = [sys.executable, "-m", "tunetop.cli"]
     config = home / "run.toml"
     subprocess.run([*cli, "init", str(config)], env=env, check=True, capture_output=True)
     config.write_text(config.read_text().replace("iterations = 300", f"iterations = {args.iterations}"))

@@ -16,13 +16,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402,F401  (first: loads OpenBLAS before mlx, unless TUNETOP_BLAS=none)
+import tunetop  # noqa: E402,F401  (first: loads OpenBLAS before mlx, unless TUNETOP_BLAS=none)
 
 
 def measure(n: int, repeats: int) -> dict:
     import mlx.core as mx
 
-    from engine.blas import loaded_blas
+    from tunetop.blas import loaded_blas
 
     mx.set_default_device(mx.cpu)
     a = mx.random.normal((n, n))

@@ -22,7 +22,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402,F401  (first: loads OpenBLAS before mlx, unless TUNETOP_BLAS=none)
+import tunetop  # noqa: E402,F401  (first: loads OpenBLAS before mlx, unless TUNETOP_BLAS=none)
 
 
 def _steady(reports: list[dict[str, float]]) -> dict[str, float]:
@@ -72,9 +72,9 @@ class MemoryWatch:
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
-    from engine import config as config_module
-    from engine.session import build_trainer
-    from engine.trainer import Train, run_loop
+    from tunetop.runs.engine import build_trainer
+    from tunetop.training import config as config_module
+    from tunetop.training.trainer import Train, run_loop
 
     cfg = config_module.RunConfig()
     cfg.model.path, cfg.data.path = args.model, args.data
@@ -121,8 +121,8 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
     from mlx_lm import lora
     from mlx_lm.tuner.callbacks import TrainingCallback
 
-    from engine.config import EMBEDDED
-    from engine.demo import embedded_data_path, embedded_model_path
+    from tunetop.interop.embedded import embedded_data_path, embedded_model_path
+    from tunetop.training.config import EMBEDDED
 
     reports: list[dict[str, float]] = []
     state = {"tokens": 0.0}

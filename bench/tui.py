@@ -21,18 +21,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402,F401  (first: OpenBLAS before mlx)
+import tunetop  # noqa: E402,F401  (first: OpenBLAS before mlx)
 
 
 def reattach(args: argparse.Namespace) -> None:
     """A run with N journaled events, attached live (engine serving) and then opened finished."""
-    from engine.events import EventLog
-    from engine.history import History
-    from engine.journal import JournalWriter
-    from engine.runs import RunDir, RunLock
-    from engine.server import attach_server
-    from tui.app import TunetopApp
-    from tui.screens.dashboard import DashboardScreen
+    from tunetop.control.events import EventLog
+    from tunetop.control.history import History
+    from tunetop.control.journal import JournalWriter
+    from tunetop.control.server import attach_server
+    from tunetop.runs.folders import RunDir, RunLock
+    from tunetop.tui.app import TunetopApp
+    from tunetop.tui.screens.dashboard import DashboardScreen
 
     home = Path(tempfile.mkdtemp(prefix="tt-bench-tui-"))
     os.environ["TUNETOP_HOME"] = str(home)
@@ -99,7 +99,7 @@ def idle(args: argparse.Namespace) -> None:
     env = dict(os.environ, TUNETOP_HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), PYTHONPATH=str(ROOT))
     env.pop("COLUMNS", None)
     env.pop("LINES", None)
-    cli = [sys.executable, "-m", "engine.cli"]
+    cli = [sys.executable, "-m", "tunetop.cli"]
     config = home / "run.toml"
     subprocess.run([*cli, "init", str(config)], env=env, check=True, capture_output=True)
     config.write_text(config.read_text().replace("iterations = 300", "iterations = 100000"))

@@ -2,10 +2,10 @@
 
 Library use follows mlx-swift-lm's ``LoRATrain``::
 
-    from engine import train, evaluate, TrainingParameters, Disposition, apply_fine_tuning
+    from tunetop import train, evaluate, TrainingParameters, Disposition, apply_fine_tuning
 
-Importing this package loads an optimized BLAS first on Linux (see ``engine.blas``); the
-modules that need mlx are imported lazily, so ``engine.protocol`` and ``engine.config`` work
+Importing this package loads an optimized BLAS first on Linux (see ``tunetop.blas``); the
+modules that need mlx are imported lazily, so ``tunetop.control.protocol`` and ``tunetop.training.config`` work
 on machines without MLX.
 """
 
@@ -13,25 +13,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from .blas import preload_optimized_blas
+from tunetop.blas import preload_optimized_blas
 
 preload_optimized_blas(warn=False)
 
 _LAZY = {
-    "train": "trainer",
-    "evaluate": "trainer",
-    "default_loss": "trainer",
-    "TrainingParameters": "trainer",
-    "Disposition": "trainer",
-    "Train": "trainer",
-    "Validation": "trainer",
-    "Save": "trainer",
-    "Trainer": "trainer",
-    "apply_fine_tuning": "adapters",
-    "save_adapters": "adapters",
-    "load_adapters": "adapters",
-    "load_splits": "data",
-    "load_config": "config",
+    "train": "training.trainer",
+    "evaluate": "training.trainer",
+    "default_loss": "training.trainer",
+    "TrainingParameters": "training.trainer",
+    "Disposition": "training.trainer",
+    "Train": "training.trainer",
+    "Validation": "training.trainer",
+    "Save": "training.trainer",
+    "Trainer": "training.trainer",
+    "apply_fine_tuning": "training.adapters",
+    "save_adapters": "training.adapters",
+    "load_adapters": "training.adapters",
+    "load_splits": "training.data",
+    "load_config": "training.config",
 }
 
 __all__ = sorted(_LAZY)
@@ -40,7 +40,7 @@ __all__ = sorted(_LAZY)
 def __getattr__(name: str) -> Any:
     module_name = _LAZY.get(name)
     if module_name is None:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+        raise AttributeError(f"module 'tunetop' has no attribute {name!r}")
     import importlib
 
     module = importlib.import_module(f".{module_name}", __name__)

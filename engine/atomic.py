@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .faults import point
+from tunetop.faults import point
 
 
 def fsync_file(handle_fd: int) -> None:

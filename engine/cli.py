@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .blas import preload_optimized_blas
-from .config import LIVE_FIELDS, ConfigError
-from .endpoints import SocketError, socket_dir
-from .launch import mark_failed_start
-from .private import ENGINE_UMASK
-from .runs import RunError
+from tunetop.blas import preload_optimized_blas
+from tunetop.control.endpoints import SocketError, socket_dir
+from tunetop.private import ENGINE_UMASK
+from tunetop.runs.folders import RunError
+from tunetop.runs.launch import mark_failed_start
+from tunetop.training.config import LIVE_FIELDS, ConfigError
 
 EXIT_UNREACHABLE = 3
 EXIT_DAMAGED = 4
@@ -54,7 +54,7 @@ def _world_args(args: argparse.Namespace) -> list[str]:
 
 
 def _ranks(args: argparse.Namespace) -> int:
-    from .distributed import WorldError, parse_hosts
+    from tunetop.runs.distributed import WorldError, parse_hosts
 
     try:
         return len(parse_hosts(args.hosts)) if args.hosts else max(1, args.np)
@@ -63,12 +63,12 @@ def _ranks(args: argparse.Namespace) -> int:
 
 
 def _start_run(cfg: Any, detach: bool, listen: str = "", world: list[str] | None = None) -> tuple[int, str]:
-    """Start a run for ``cfg`` (engine.launch); (exit code, run id). Start failures are printed."""
-    from .daemon import EngineStartError
-    from .launch import start_run
+    """Start a run for ``cfg`` (tunetop.runs.launch); (exit code, run id). Start failures are printed."""
+    from tunetop.runs.daemon import EngineStartError
+    from tunetop.runs.launch import start_run
 
     if listen:  # refuse an unsafe listener before anything is created
-        from .curve import check_listen, exposure_warning
+        from tunetop.control.security import check_listen, exposure_warning
 
         socket_dir()  # a socket folder that is not private is refused first, as without --listen
         check_listen(listen)
@@ -92,7 +92,7 @@ def _engine_main(run_path: Path, extra: list[str]) -> int:
 
 
 def _plan(args: argparse.Namespace) -> Any:
-    from .distributed import Plan
+    from tunetop.runs.distributed import Plan
 
     return Plan(size=max(1, args.np), backend=args.backend, hosts=args.hosts, launched=args.launched)
 
@@ -101,8 +101,8 @@ def _launch_mpi(args: argparse.Namespace, cfg: Any) -> int:
     """``--hosts ... --backend mpi``: every rank started by mlx.launch (mpirun); rank 0 is here."""
     import subprocess
 
-    from .distributed import WorldError, mpi_launch_command, parse_hosts
-    from .launch import new_run
+    from tunetop.runs.distributed import WorldError, mpi_launch_command, parse_hosts
+    from tunetop.runs.launch import new_run
 
     try:
         hosts = parse_hosts(args.hosts)
@@ -113,7 +113,7 @@ def _launch_mpi(args: argparse.Namespace, cfg: Any) -> int:
     print(f"run {run.id}: {' '.join(command)}", flush=True)
     if not args.detach:
         return subprocess.call(command)
-    from .daemon import EngineStartError, spawn_command
+    from tunetop.runs.daemon import EngineStartError, spawn_command
 
     try:
         spawn_command(run, command)
@@ -133,10 +133,10 @@ def _run_engine(
     plan: Any = None,
 ) -> int:
     """Run the engine for an existing run folder in this process."""
-    from . import config as config_module
-    from .console import ConsoleReporter
-    from .runs import RunDir
-    from .session import Engine
+    from tunetop.runs.console import ConsoleReporter
+    from tunetop.runs.engine import Engine
+    from tunetop.runs.folders import RunDir
+    from tunetop.training import config as config_module
 
     os.umask(ENGINE_UMASK)  # what libraries write (checkpoints' safetensors) is private too
     preload_optimized_blas(warn=True)
@@ -144,11 +144,11 @@ def _run_engine(
     cfg = config_module.load(run.config)
     reporter = ConsoleReporter(cfg.training.iterations) if foreground else ConsoleReporter(cfg.training.iterations, sys.stdout)
     engine = Engine(cfg, run, echo=reporter, resume=resume, resume_from=resume_from, plan=plan)
-    from .server import attach_server
+    from tunetop.control.server import attach_server
 
     tcp = None
     if listen:
-        from .curve import CurveError, exposure_warning, prepare
+        from tunetop.control.security import CurveError, exposure_warning, prepare
 
         try:
             tcp = prepare(listen, run.path)
@@ -171,7 +171,7 @@ def _run_engine(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .launch import check_ranks, load_run_config
+    from tunetop.runs.launch import check_ranks, load_run_config
 
     if args.resume is not None:
         return _resume(args)
@@ -195,11 +195,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    """``tunetop train --resume RUN [--from ITERATION]``: continue a run in place (engine.launch)."""
-    from .checkpoint import CheckpointError
-    from .daemon import EngineStartError
-    from .launch import resume_run
-    from .runs import resolve
+    """``tunetop train --resume RUN [--from ITERATION]``: continue a run in place (tunetop.runs.launch)."""
+    from tunetop.runs.daemon import EngineStartError
+    from tunetop.runs.folders import resolve
+    from tunetop.runs.launch import resume_run
+    from tunetop.training.checkpoint import CheckpointError
 
     run = resolve(args.resume or None)
     try:
@@ -217,7 +217,7 @@ def _resume(args: argparse.Namespace) -> int:
 def cmd_engine(args: argparse.Namespace) -> int:
     """Internal: the detached engine's entry point (``tunetop _engine RUN_DIR``)."""
     if args.launched:
-        from .distributed import follow, rank_from_env
+        from tunetop.runs.distributed import follow, rank_from_env
 
         if rank_from_env() != 0:  # mlx.launch starts the same command on every host
             os.umask(ENGINE_UMASK)
@@ -235,7 +235,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
 def cmd_follower(args: argparse.Namespace) -> int:
     """Internal: ranks 1..N-1 of a distributed run (started by rank 0 or by mlx.launch)."""
-    from .distributed import follow
+    from tunetop.runs.distributed import follow
 
     os.umask(ENGINE_UMASK)
     preload_optimized_blas(warn=False)
@@ -244,7 +244,7 @@ def cmd_follower(args: argparse.Namespace) -> int:
 
 def cmd_keys(_args: argparse.Namespace) -> int:
     """Make (once) and print this user's client key for TCP listeners."""
-    from .curve import clients_dir, make_client_keys
+    from tunetop.control.security import clients_dir, make_client_keys
 
     public = make_client_keys()
     print(f"client public key: {public}")
@@ -253,7 +253,7 @@ def cmd_keys(_args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .config import starter_text
+    from tunetop.training.config import starter_text
 
     path = Path(args.path)
     if path.exists() and not args.force:
@@ -265,7 +265,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def demo_config() -> Any:
     """The embedded default run: small model, learnable data, loss visibly falling within a minute."""
-    from .config import parse, starter_text
+    from tunetop.training.config import parse, starter_text
 
     cfg = parse(starter_text())
     cfg.name = "demo"
@@ -275,7 +275,7 @@ def demo_config() -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import build_embedded
+    from tunetop.interop.embedded import build_embedded
 
     started = time.time()
     folder = build_embedded()
@@ -289,16 +289,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         code, _ = _start_run(cfg, detach=False)
         return code
     code, run_id = _start_run(cfg, detach=True)
-    from .runs import resolve
+    from tunetop.runs.folders import resolve
 
     return _attach(resolve(run_id).id, theme=None)
 
 
 def _attach(spec: str | None, theme: str | None, runs_list: bool = False) -> int:
     try:
-        from tui.app import run_app, run_remote_app
-
-        from .ssh import is_remote
+        from tunetop.runs.ssh import is_remote
+        from tunetop.tui.app import run_app, run_remote_app
     except ImportError as error:
         return _fail(f"the TUI cannot start: {error}")
     if is_remote(spec):
@@ -308,9 +307,9 @@ def _attach(spec: str | None, theme: str | None, runs_list: bool = False) -> int
 
 def cmd_remote_info(args: argparse.Namespace) -> int:
     """Internal, run over ssh by a remote client: where a run's sockets are, as JSON."""
-    from .client_sync import run_endpoints
-    from .protocol import PROTOCOL_VERSION
-    from .runs import resolve
+    from tunetop.control.client_sync import run_endpoints
+    from tunetop.control.protocol import PROTOCOL_VERSION
+    from tunetop.runs.folders import resolve
 
     run = resolve(args.run or None)
     endpoints = run_endpoints(run)
@@ -344,10 +343,10 @@ def _age(seconds: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .runs import list_runs
+    from tunetop.runs.folders import list_runs
 
     if args.host:
-        from .ssh import RemoteError, parse_target, run_remote
+        from tunetop.runs.ssh import RemoteError, parse_target, run_remote
 
         try:
             flags = [*(["--json"] if args.json else []), *(["--all"] if args.all else [])]
@@ -391,8 +390,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     """Print the journal; damaged records are skipped and named on stderr, and the exit code is
     then EXIT_DAMAGED (after every intact record), so a script cannot take a damaged history for
     a whole one."""
-    from .journal import Damage, JournalTail
-    from .runs import resolve
+    from tunetop.control.journal import Damage, JournalTail
+    from tunetop.runs.folders import resolve
 
     try:
         run = resolve(args.run)
@@ -400,7 +399,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         return _fail(str(error))
     out = sys.stdout
     if args.digest:  # what a screen needs of a long run: rare events whole, train events thinned
-        from .history import read_history
+        from tunetop.control.history import read_history
 
         damage: list[Damage] = []
         _upto, records = read_history(run.journal, damage)
@@ -451,8 +450,8 @@ def _parse_set_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    from .client_sync import send_command
-    from .runs import resolve
+    from tunetop.control.client_sync import send_command
+    from tunetop.runs.folders import resolve
 
     try:
         run = resolve(args.run)
@@ -477,18 +476,18 @@ def cmd_control(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": True, **reply.result}))
     else:
-        from .replies import describe
+        from tunetop.control.replies import describe
 
         print(describe(args.command, reply))
     return 0
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from . import config as config_module
-    from .data import DataError
-    from .evaluation import EvaluationError, score
-    from .runs import resolve
-    from .session import ModelError
+    from tunetop.runs.engine import ModelError
+    from tunetop.runs.folders import resolve
+    from tunetop.training import config as config_module
+    from tunetop.training.data import DataError
+    from tunetop.training.evaluation import EvaluationError, score
 
     run = resolve(args.run)
     cfg = config_module.load(run.config)
@@ -504,8 +503,14 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import EXPORTERS, ExportError, check_output, check_outside_run, saved_iteration
-    from .runs import resolve
+    from tunetop.interop.export import (
+        EXPORTERS,
+        ExportError,
+        check_output,
+        check_outside_run,
+        saved_iteration,
+    )
+    from tunetop.runs.folders import resolve
 
     run = resolve(args.run)
     output = Path(args.output).expanduser().absolute()
@@ -525,12 +530,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_export_metrics(args: argparse.Namespace) -> int:
-    from .export import metrics_text
-    from .runs import resolve
+    from tunetop.interop.export import metrics_text
+    from tunetop.runs.folders import resolve
 
     if args.format == "tensorboard":
-        from .journal import read_events
-        from .tensorboard import write_from_events
+        from tunetop.control.journal import read_events
+        from tunetop.interop.tensorboard import write_from_events
 
         if not args.output:
             return _fail("--format tensorboard needs --output DIR (the folder to point `tensorboard --logdir` at).")
@@ -558,8 +563,8 @@ def cmd_export_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_import_config(args: argparse.Namespace) -> int:
-    from . import config as config_module
-    from .import_config import import_yaml
+    from tunetop.interop.import_config import import_yaml
+    from tunetop.training import config as config_module
 
     cfg, imported = import_yaml(Path(args.yaml))
     output = Path(args.output)

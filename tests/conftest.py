@@ -38,8 +38,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import engine  # noqa: E402,F401  (loads OpenBLAS before anything imports mlx)
-from engine.runs import RunDir, resolve  # noqa: E402
+from tunetop import blas as _blas  # noqa: E402,F401  (the package loads OpenBLAS before anything imports mlx)
+from tunetop.runs.folders import RunDir, resolve  # noqa: E402
 
 pytest_plugins = ["tests.processes"]
 
@@ -58,7 +58,7 @@ def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = Path(os.environ.get("TUNETOP_TEST_CACHE") or run_folder / "embedded-cache")
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["TUNETOP_CACHE"] = str(cache)
-    from engine.demo import build_embedded
+    from tunetop.interop.embedded import build_embedded
 
     # One worker builds (20 s on an idle core, minutes on a busy one); the others wait for it.
     with open(cache / ".build.lock", "w") as lock:
@@ -141,7 +141,7 @@ def write_config(path: Path, **sections: dict) -> Path:
 def tunetop(*args: str, timeout: float = 300, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess."""
     result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "tunetop.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engine.journal import JournalWriter
-from engine.protocol import make_event
-from engine.runs import RunDir
+from tunetop.control.journal import JournalWriter
+from tunetop.control.protocol import make_event
+from tunetop.runs.folders import RunDir
 
 RUN_ID = "20261129-120000-abcd"
 T0 = 1_800_000_000.0

@@ -127,4 +127,4 @@ def remote_tunetop_command(env: dict[str, str], root: Path) -> str:
     # TUNETOP_TEST_OWNER: sshd gives a session a fresh environment; what it starts is the test's too.
     names = ("TUNETOP_HOME", "TUNETOP_CACHE", "TUNETOP_SOCKET_DIR", "XDG_CONFIG_HOME", "TUNETOP_TEST_OWNER")
     exports = " ".join(f"{name}={shlex.quote(env[name])}" for name in names if name in env)
-    return f"env {exports} PYTHONPATH={shlex.quote(str(root))} {shlex.quote(sys.executable)} -m engine.cli"
+    return f"env {exports} PYTHONPATH={shlex.quote(str(root))} {shlex.quote(sys.executable)} -m tunetop.cli"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.runs import RunDir, list_runs, runs_root
 from tests.conftest import tunetop, write_config
+from tunetop.runs.folders import RunDir, list_runs, runs_root
 
 HUGE = "9" * 5000  # past Python's 4300-digit limit for turning text into an int
 

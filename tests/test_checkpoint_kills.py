@@ -1,7 +1,7 @@
 """SIGKILL at every step of a save, second saves at one iteration included: ``latest`` always
 names a complete checkpoint, and the run resumes from it.
 
-The steps are engine.faults points: a traced run lists them, then a fresh process is killed at
+The steps are tunetop.faults points: a traced run lists them, then a fresh process is killed at
 each in turn (``TUNETOP_FAULT_KILL_AT=*#K``). The counts these tests print (run with -s) are
 recorded in docs/RELIABILITY.md.
 """
@@ -21,7 +21,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine.checkpoint import (
+from tests.conftest import ROOT, tunetop, wait_for, write_config
+from tunetop.control.client_sync import send_command
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import RunDir, resolve
+from tunetop.training.checkpoint import (
     LATEST,
     TrainerState,
     checkpoint_iteration,
@@ -33,20 +37,16 @@ from engine.checkpoint import (
     recover,
     write_checkpoint,
 )
-from engine.client_sync import send_command
-from engine.journal import read_events
-from engine.runs import RunDir, resolve
-from tests.conftest import ROOT, tunetop, wait_for, write_config
 
 # Saves in order: their iterations. Saves 3 and 4 are a second and third save at iteration 2.
 PLAN = [1, 2, 2, 2, 3]
 
 SAVER = """
 import json, sys
-import engine
+import tunetop
 import mlx.core as mx
 from pathlib import Path
-from engine.checkpoint import TrainerState, prune, write_checkpoint
+from tunetop.training.checkpoint import TrainerState, prune, write_checkpoint
 
 directory, keep_last, plan = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 for index, iteration in enumerate(plan, start=1):

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from engine.journal import read_events
-from engine.runs import list_runs
 from tests.conftest import ROOT, tunetop, write_config
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import list_runs
 
 
 def test_bad_config_exits_2_with_the_key_and_no_traceback(tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_a_model_id_that_is_not_cached_and_not_reachable_names_the_id(tmp_path: 
 def test_model_errors_explain_what_to_do() -> None:
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from engine.hub import explain
+    from tunetop.interop.hub import explain
 
     # The Hub's own exception type (built without an HTTP response, which only its __init__ reads).
     missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
@@ -99,7 +99,7 @@ def test_ls_shows_the_iteration_a_run_ended_at_between_reports(tmp_path: Path) -
 def test_ctrl_c_saves_the_adapter_and_exits_130(tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.toml", training={"iterations": 100_000, "steps_per_report": 1})
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "train", str(config)],
+        [sys.executable, "-m", "tunetop.cli", "train", str(config)],
         cwd=str(ROOT),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -137,7 +137,7 @@ def test_detached_run_survives_and_reports(tmp_path: Path) -> None:
 def test_console_output_respects_no_color_and_non_terminals(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import io
 
-    from engine.console import ConsoleReporter
+    from tunetop.runs.console import ConsoleReporter
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -174,8 +174,8 @@ def test_help_lists_what_each_command_does_and_hides_the_internal_ones() -> None
 
 
 def test_replies_read_as_sentences(engine_run) -> None:  # type: ignore[no-untyped-def]
-    from engine.client_sync import send_command
     from tests.conftest import wait_for
+    from tunetop.control.client_sync import send_command
 
     wait_for(lambda: int(send_command(engine_run, "status").result["iteration"]) >= 2)
     result = tunetop("evaluate", engine_run.id, check=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import config
-from engine.config import ConfigError
+from tunetop.training import config
+from tunetop.training.config import ConfigError
 
 
 def test_starter_config_validates_and_trains_the_embedded_default() -> None:
@@ -161,8 +161,8 @@ def test_adapter_paths_inside_the_run_folder_are_fine() -> None:
 
 
 def test_train_refuses_an_escaping_adapter_path_and_writes_nothing_outside(tmp_path: Path) -> None:
-    from engine.runs import RunDir
     from tests.conftest import tunetop, write_config
+    from tunetop.runs.folders import RunDir
 
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -11,11 +11,11 @@ from typing import Any
 
 import zmq
 
-from engine.client_sync import replay, run_endpoints, send_command
-from engine.journal import read_events
-from engine.runs import RunDir
 from tests.conftest import tunetop, wait_for
-from tui.client import RunClient
+from tunetop.control.client_sync import replay, run_endpoints, send_command
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import RunDir
+from tunetop.tui.client import RunClient
 
 
 def iteration(run: RunDir) -> int:
@@ -186,11 +186,11 @@ def test_first_attach_folds_the_digest_then_goes_on_gap_free(tmp_path: Path) -> 
     The journal and server are real; the engine behind them is a stand-in that only emits events
     (training 30,000 steps for real would take minutes here).
     """
-    from engine.events import EventLog
-    from engine.history import History
-    from engine.journal import JournalWriter
-    from engine.runs import RunDir
-    from engine.server import Server
+    from tunetop.control.events import EventLog
+    from tunetop.control.history import History
+    from tunetop.control.journal import JournalWriter
+    from tunetop.control.server import Server
+    from tunetop.runs.folders import RunDir
 
     run = RunDir(tmp_path / "long-run")
     run.path.mkdir()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.data import (
+from tunetop.training.data import (
     BUCKET_WIDTHS,
     BatchPlan,
     DataError,
@@ -26,7 +26,7 @@ from engine.data import (
 def tokenizer() -> Any:
     from mlx_lm.utils import load_tokenizer
 
-    from engine.demo import embedded_model_path
+    from tunetop.interop.embedded import embedded_model_path
 
     return load_tokenizer(embedded_model_path())
 

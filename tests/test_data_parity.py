@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from engine import config as config_module
-from engine.data import BatchPlan, DataError, RowFormat, load_split
-from engine.datasource import row_format
+from tunetop.training import config as config_module
+from tunetop.training.data import BatchPlan, DataError, RowFormat, load_split
+from tunetop.training.datasource import row_format
 
 # Renders a tools list, each message's role and content, and assistant tool calls.
 TOOLS_TEMPLATE = (
@@ -89,7 +89,7 @@ def tokenizer() -> Any:
     """The embedded model's tokenizer with a chat template that renders tools (for mlx-lm's side)."""
     from mlx_lm.utils import load_tokenizer
 
-    from engine.demo import embedded_model_path
+    from tunetop.interop.embedded import embedded_model_path
 
     tokenizer = load_tokenizer(embedded_model_path())
     tokenizer._tokenizer.chat_template = TOOLS_TEMPLATE
@@ -161,7 +161,7 @@ def test_a_chat_template_override_renders_as_the_tokenizer_would_with_it(tmp_pat
     """``data.chat_template`` as a file next to the config, and as a tokenizer's template name."""
     from mlx_lm.utils import load_tokenizer
 
-    from engine.demo import embedded_model_path
+    from tunetop.interop.embedded import embedded_model_path
 
     plain = load_tokenizer(embedded_model_path())  # the embedded template ignores tools and tool calls
     row = ROWS["tool calls and tools"]

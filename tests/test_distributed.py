@@ -15,11 +15,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine.client_sync import send_command
-from engine.journal import read_events
-from engine.runs import RunDir, list_runs, resolve
 from tests import sshd
 from tests.conftest import ROOT, tunetop, wait_for, write_config
+from tunetop.control.client_sync import send_command
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import RunDir, list_runs, resolve
 
 ITERATIONS = 4
 TRAINING = {"iterations": ITERATIONS, "steps_per_report": 1, "steps_per_eval": 100, "batch_size": 6}

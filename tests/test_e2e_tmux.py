@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.client_sync import send_command
-from engine.runs import RunDir
 from tests.conftest import ROOT, wait_for
+from tunetop.control.client_sync import send_command
+from tunetop.runs.folders import RunDir
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/setup installs it)")
 
@@ -57,7 +57,7 @@ def shown_iteration(screen: str) -> int:
 
 
 def test_attach_watch_pause_detach_and_reattach(engine_run: RunDir) -> None:
-    attach = f"{sys.executable} -m engine.cli attach {engine_run.id}"
+    attach = f"{sys.executable} -m tunetop.cli attach {engine_run.id}"
     tmux = Tmux("first")
     tmux.start(attach)
     try:
@@ -123,7 +123,7 @@ def test_no_color_makes_the_tui_monochrome(isolated_state: Path) -> None:
     seen = {}
     for name, extra in (("colour", "COLORTERM=truecolor"), ("nocolor", "COLORTERM=truecolor NO_COLOR=1")):
         tmux = Tmux(name)
-        tmux.start(f"{sys.executable} -m engine.cli attach {run.id}", extra_env=extra)
+        tmux.start(f"{sys.executable} -m tunetop.cli attach {run.id}", extra_env=extra)
         try:
             wait_for(lambda t=tmux: "FINISHED" in t.screen() and "validation" in t.screen(), timeout=60)
             seen[name] = screen_colors(tmux.screen(escapes=True))

@@ -7,10 +7,10 @@ import math
 import shutil
 from pathlib import Path
 
-from engine.demo import embedded_data_path
-from engine.journal import read_events
-from engine.runs import list_runs
 from tests.conftest import tunetop, write_config
+from tunetop.control.journal import read_events
+from tunetop.interop.embedded import embedded_data_path
+from tunetop.runs.folders import list_runs
 
 
 def scored(*args: str) -> dict:

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from engine.journal import read_events
-from engine.runs import RunDir, list_runs
 from tests.conftest import tunetop, write_config
 from tests.numerics import forward_rtol
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import RunDir, list_runs
 
 TOKENS = mx.array([[5, 17, 42, 99, 7, 3, 250, 11]])
 
@@ -159,7 +159,7 @@ mystery_key: 5
     source = tmp_path / "lora_config.yaml"
     source.write_text(yaml_text)
     result = tunetop("import-config", str(source), "--output", str(tmp_path / "run.toml"), check=True)
-    from engine import config as config_module
+    from tunetop.training import config as config_module
 
     cfg = config_module.parse((tmp_path / "run.toml").read_text())
     assert cfg.model.path == "mlx-community/Llama-3.2-1B-Instruct-4bit" and cfg.data.mask_prompt

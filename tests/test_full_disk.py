@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from engine.checkpoint import is_complete, latest_checkpoint
-from engine.client_sync import send_command
-from engine.events import EventLog
-from engine.journal import HEADER, MAGIC, JournalWriter, read_events, scan
-from engine.runs import resolve
-from engine.tensorboard import TensorBoardWriter
 from tests.conftest import tunetop, wait_for, write_config
+from tunetop.control.client_sync import send_command
+from tunetop.control.events import EventLog
+from tunetop.control.journal import HEADER, MAGIC, JournalWriter, read_events, scan
+from tunetop.interop.tensorboard import TensorBoardWriter
+from tunetop.runs.folders import resolve
+from tunetop.training.checkpoint import is_complete, latest_checkpoint
 
 
 @pytest.fixture
@@ -142,8 +142,8 @@ def heartbeat(run: Any) -> dict[str, Any]:
     """The next heartbeat the engine publishes."""
     import zmq
 
-    from engine.client_sync import run_endpoints
-    from engine.protocol import loads
+    from tunetop.control.client_sync import run_endpoints
+    from tunetop.control.protocol import loads
 
     socket = zmq.Context.instance().socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)

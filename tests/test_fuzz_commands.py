@@ -22,12 +22,19 @@ from typing import Any
 import pytest
 import zmq
 
-from engine.client_sync import run_endpoints, send_command
-from engine.config import LIVE_FIELDS, ConfigError, coerce_live
-from engine.journal import read_events
-from engine.protocol import COMMAND_ARGS, COMMANDS, MAX_COMMAND_BYTES, ProtocolError, Reply, parse_command
-from engine.runs import RunDir, resolve
 from tests.conftest import tunetop, wait_for, write_config
+from tunetop.control.client_sync import run_endpoints, send_command
+from tunetop.control.journal import read_events
+from tunetop.control.protocol import (
+    COMMAND_ARGS,
+    COMMANDS,
+    MAX_COMMAND_BYTES,
+    ProtocolError,
+    Reply,
+    parse_command,
+)
+from tunetop.runs.folders import RunDir, resolve
+from tunetop.training.config import LIVE_FIELDS, ConfigError, coerce_live
 
 TERMINAL = (b"REP", b"END", b"HEND")  # the frame kinds that end the answer to one message
 

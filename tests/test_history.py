@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.events import EventLog
-from engine.history import DIGEST_NAME, History, event_type, read_history
-from engine.journal import JournalWriter
-from engine.protocol import encode, loads, make_event
+from tunetop.control.events import EventLog
+from tunetop.control.history import DIGEST_NAME, History, event_type, read_history
+from tunetop.control.journal import JournalWriter
+from tunetop.control.protocol import encode, loads, make_event
 
 
 def train(log: EventLog, i: int) -> None:

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from engine import config as config_module
-from engine.demo import embedded_data_path, embedded_model_path
-from engine.import_config import DIRECT, NOT_USED, import_yaml
-from engine.optimizers import CLASSES, build_optimizer, build_schedule
 from tests.conftest import tunetop
+from tunetop.interop.embedded import embedded_data_path, embedded_model_path
+from tunetop.interop.import_config import DIRECT, NOT_USED, import_yaml
+from tunetop.training import config as config_module
+from tunetop.training.optimizers import CLASSES, build_optimizer, build_schedule
 
 HANDLED = set(DIRECT) | set(NOT_USED) | {
     "lora_parameters", "optimizer_config", "clear_cache_threshold", "lr_schedule", "hf_dataset", "report_to", "project_name"
@@ -158,7 +158,7 @@ def test_every_optimizer_mlx_lm_offers_trains(tmp_path: Path, optimizer: str) ->
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from engine.session import build_trainer
+    from tunetop.runs.engine import build_trainer
 
     recipe = tmp_path / "lora.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.journal import (
+from tunetop.control.journal import (
     MAGIC,
     Damage,
     JournalError,
@@ -18,8 +18,8 @@ from engine.journal import (
     read_payloads,
     scan,
 )
-from engine.journal_index import index_path, open_sealed
-from engine.protocol import make_event
+from tunetop.control.journal_index import index_path, open_sealed
+from tunetop.control.protocol import make_event
 
 
 def fill(writer: JournalWriter, count: int, run: str = "r") -> None:
@@ -121,7 +121,7 @@ def test_tail_follows_appends_and_skips_partial_records(tmp_path: Path) -> None:
     assert [s for s, _ in tail.poll()] == [4, 5]
 
 
-# The fast-read sidecars (engine.journal_index): a dense offsets index and a seal over the
+# The fast-read sidecars (tunetop.control.journal_index): a dense offsets index and a seal over the
 # synced prefix. Every test compares the fast read with the record-by-record walk (`scan`).
 
 

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from engine.journal import MAGIC, JournalTail, JournalWriter, RecordStream, read_events, read_payloads, scan
-from engine.protocol import make_event
 from tests.conftest import tunetop, write_config
+from tunetop.control.journal import (
+    MAGIC,
+    JournalTail,
+    JournalWriter,
+    RecordStream,
+    read_events,
+    read_payloads,
+    scan,
+)
+from tunetop.control.protocol import make_event
 
 ROUNDS = 600
 
@@ -191,7 +199,7 @@ def test_a_flipped_bit_mid_journal_on_a_real_run(tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.toml", training={"iterations": 20, "steps_per_report": 1, "steps_per_eval": 10},
                           checkpoints={"save_every": 10})
     tunetop("train", str(config), check=True)
-    from engine.runs import list_runs
+    from tunetop.runs.folders import list_runs
 
     (run,) = list_runs()
     original = run.journal.read_bytes()
@@ -227,7 +235,7 @@ def test_a_flipped_bit_mid_journal_on_a_real_run(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("where", ["magic", "tail"])
 def test_events_reports_a_damaged_magic_and_a_torn_tail(tmp_path: Path, where: str) -> None:
-    from engine.runs import RunDir
+    from tunetop.runs.folders import RunDir
 
     run = RunDir(tmp_path / "home" / "runs" / "20261129-101502-3fa9")
     run.path.mkdir(parents=True)

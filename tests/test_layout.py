@@ -26,16 +26,16 @@ NO_MLX = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, NoMLX())
-    import tui
-    names = ["tui"] + [m.name for m in pkgutil.walk_packages(tui.__path__, "tui.")]
-    names += ["engine.config", "engine.protocol", "engine.launch", "engine.checkpoint", "engine.runs",
-              "engine.daemon", "engine.client_sync", "engine.replies", "engine.ssh", "engine.journal",
-              "engine.history", "engine.export"]
+    import tunetop.tui
+    names = ["tunetop.tui"] + [m.name for m in pkgutil.walk_packages(tunetop.tui.__path__, "tunetop.tui.")]
+    names += ["tunetop.training.config", "tunetop.training.checkpoint", "tunetop.runs.launch", "tunetop.runs.folders",
+              "tunetop.runs.daemon", "tunetop.runs.ssh", "tunetop.control.protocol", "tunetop.control.client_sync",
+              "tunetop.control.replies", "tunetop.control.journal", "tunetop.control.history", "tunetop.interop.export"]
     for name in names:
         importlib.import_module(name)
-    from engine import config
+    from tunetop.training import config
     config.parse(config.starter_text(), source="starter.toml")
-    from engine.launch import load_run_config
+    from tunetop.runs.launch import load_run_config
     print(load_run_config(sys.argv[1]).name)
     assert not [m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm")]
     print("ok", len(names))
@@ -44,7 +44,7 @@ NO_MLX = textwrap.dedent(
 
 
 def test_tui_and_config_import_without_mlx(tmp_path: Path) -> None:
-    from engine.config import starter_text
+    from tunetop.training.config import starter_text
 
     config = tmp_path / "starter.toml"
     config.write_text(starter_text(), encoding="utf-8")

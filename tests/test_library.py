@@ -15,12 +15,12 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
 
-from engine import config
-from engine.config import ConfigError, LoRAConfig
-from engine.data import load_splits
-from engine.demo import embedded_data_path, embedded_model_path
-from engine.trainer import TrainingParameters, train
 from tests.conftest import ROOT, tunetop, write_config
+from tunetop.interop.embedded import embedded_data_path, embedded_model_path
+from tunetop.training import config
+from tunetop.training.config import ConfigError, LoRAConfig
+from tunetop.training.data import load_splits
+from tunetop.training.trainer import TrainingParameters, train
 
 
 def _load() -> tuple[Any, Any]:
@@ -33,7 +33,7 @@ def _load() -> tuple[Any, Any]:
 def test_train_writes_an_adapter_that_loads_in_engine_and_mlx_lm(tmp_path: Path, lora: LoRAConfig) -> None:
     from mlx_lm import load
 
-    from engine import apply_fine_tuning, load_adapters
+    from tunetop import apply_fine_tuning, load_adapters
 
     model, tokenizer = _load()
     apply_fine_tuning(model, lora)
@@ -61,7 +61,7 @@ def test_train_writes_an_adapter_that_loads_in_engine_and_mlx_lm(tmp_path: Path,
 
 
 def test_train_without_an_adapter_path_saves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import Save, apply_fine_tuning
+    from tunetop import Save, apply_fine_tuning
 
     monkeypatch.chdir(tmp_path)
     model, tokenizer = _load()
@@ -132,7 +132,7 @@ def _losses(tmp_path: Path) -> Path:
 
 
 def test_a_custom_loss_in_the_config_trains_packed_rows_as_the_default_does(tmp_path: Path) -> None:
-    from engine.session import build_trainer
+    from tunetop.runs.engine import build_trainer
 
     _losses(tmp_path)
     curves = []
@@ -162,7 +162,7 @@ def test_a_custom_loss_in_the_config_trains_packed_rows_as_the_default_does(tmp_
     ],
 )
 def test_a_bad_custom_loss_is_named_before_the_model_loads(tmp_path: Path, loss: str, message: str) -> None:
-    from engine.session import build_trainer
+    from tunetop.runs.engine import build_trainer
 
     _losses(tmp_path)
     cfg = config.load(write_config(tmp_path / "run.toml", training={"loss": loss}))
@@ -171,7 +171,7 @@ def test_a_bad_custom_loss_is_named_before_the_model_loads(tmp_path: Path, loss:
 
 
 def test_a_custom_loss_without_segments_trains_unpacked_or_is_refused_with_packing_on(tmp_path: Path) -> None:
-    from engine.session import build_trainer
+    from tunetop.runs.engine import build_trainer
 
     _losses(tmp_path)
     lines: list[str] = []

@@ -1,4 +1,4 @@
-"""LoRA products in the model's dtype (engine.lora_precision): same training signal, less memory."""
+"""LoRA products in the model's dtype (tunetop.training.lora_precision): same training signal, less memory."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm import load
 from mlx_lm.tuner.lora import LoRALinear
 
-from engine.adapters import apply_fine_tuning
-from engine.config import LoRAConfig
-from engine.data import BatchPlan, load_splits
-from engine.demo import embedded_data_path, embedded_model_path
-from engine.lora_precision import ModelPrecisionLoRALinear
-from engine.trainer import default_loss
+from tunetop.interop.embedded import embedded_data_path, embedded_model_path
+from tunetop.training.adapters import apply_fine_tuning
+from tunetop.training.config import LoRAConfig
+from tunetop.training.data import BatchPlan, load_splits
+from tunetop.training.lora_precision import ModelPrecisionLoRALinear
+from tunetop.training.trainer import default_loss
 
 
 def lora_model(dtype: mx.Dtype, model_precision: bool) -> nn.Module:

@@ -1,4 +1,4 @@
-"""training.memory_budget_gb: the pure plan (engine.memory_plan) and the engine applying it (issue 22)."""
+"""training.memory_budget_gb: the pure plan (tunetop.training.memory_plan) and the engine applying it (issue 22)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from engine import config
-from engine.memory_plan import GB, Fixed, ModelShape, Workload, plan_memory, step_need
+from tunetop.training import config
+from tunetop.training.memory_plan import GB, Fixed, ModelShape, Workload, plan_memory, step_need
 
 # Llama-3.2-1B's shape in bf16 with rank-8 LoRA on every linear layer of its 16 blocks (bench/make_bench_model.py).
 LORA_1B = 16 * (2 * 32768 + 2 * 20480 + 3 * 81920)
@@ -128,7 +128,7 @@ def test_memory_budget_gb_in_the_config() -> None:
 
 
 def _build(tmp_path: Path, lines: list[str], **training: object) -> object:
-    from engine.session import build_trainer
+    from tunetop.runs.engine import build_trainer
 
     cfg = config.parse(config.starter_text())
     cfg.training.batch_size = 4

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import tomli_w
 
-from engine.config import ConfigError, RunConfig
-from engine.journal import read_events
-from engine.runs import list_runs
-from engine.trackers import open_trackers
 from tests.conftest import tunetop, write_config
+from tunetop.control.journal import read_events
+from tunetop.interop.trackers import open_trackers
+from tunetop.runs.folders import list_runs
+from tunetop.training.config import ConfigError, RunConfig
 
 
 def wandb_records(path: Path) -> list[Any]:
@@ -143,7 +143,7 @@ def test_a_missing_tracker_library_says_what_to_install(tmp_path: Path, monkeypa
 
 
 def test_a_tracker_that_cannot_start_or_log_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.trackers import Tracker
+    from tunetop.interop.trackers import Tracker
 
     wandb = pytest.importorskip("wandb")
 

@@ -18,16 +18,24 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from engine import config
-from engine.adapters import apply_fine_tuning, trainable_weights
-from engine.checkpoint import read_checkpoint
-from engine.client_sync import send_command
-from engine.data import load_splits
-from engine.journal import read_events
-from engine.runs import resolve
-from engine.session import build_trainer
-from engine.trainer import NonFinite, Save, SaveFailed, TrainingParameters, default_loss, run_loop, train
 from tests.conftest import tunetop, wait_for, write_config
+from tunetop.control.client_sync import send_command
+from tunetop.control.journal import read_events
+from tunetop.runs.engine import build_trainer
+from tunetop.runs.folders import resolve
+from tunetop.training import config
+from tunetop.training.adapters import apply_fine_tuning, trainable_weights
+from tunetop.training.checkpoint import read_checkpoint
+from tunetop.training.data import load_splits
+from tunetop.training.trainer import (
+    NonFinite,
+    Save,
+    SaveFailed,
+    TrainingParameters,
+    default_loss,
+    run_loop,
+    train,
+)
 
 
 def _weights(model: Any) -> dict[str, np.ndarray]:
@@ -63,8 +71,8 @@ def test_a_nan_gradient_under_a_finite_loss_is_caught(tmp_path: Path) -> None:
     injected fault). Before, only the loss was checked, so this update went through."""
     from mlx_lm import load
 
-    from engine.config import LoRAConfig
-    from engine.demo import embedded_data_path, embedded_model_path
+    from tunetop.interop.embedded import embedded_data_path, embedded_model_path
+    from tunetop.training.config import LoRAConfig
 
     model, tokenizer = load(str(embedded_model_path()))  # type: ignore[misc]
     apply_fine_tuning(model, LoRAConfig(rank=4, num_layers=2))

@@ -9,9 +9,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from engine.data import Dataset, Example, load_splits
-from engine.demo import embedded_data_path, embedded_model_path
-from engine.packing import (
+from tests.numerics import float32_error, forward_rtol, gradient, sum_rtol
+from tunetop.interop.embedded import embedded_data_path, embedded_model_path
+from tunetop.training.data import Dataset, Example, load_splits
+from tunetop.training.packing import (
     PackedCache,
     PackPlan,
     block_causal_mask,
@@ -21,7 +22,6 @@ from engine.packing import (
     prepare_model,
     restarting_positions,
 )
-from tests.numerics import float32_error, forward_rtol, gradient, sum_rtol
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +111,10 @@ def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(
 
     from mlx_lm import load
 
-    from engine.adapters import apply_fine_tuning
-    from engine.config import LoRAConfig
-    from engine.data import BatchPlan
-    from engine.trainer import default_loss
+    from tunetop.training.adapters import apply_fine_tuning
+    from tunetop.training.config import LoRAConfig
+    from tunetop.training.data import BatchPlan
+    from tunetop.training.trainer import default_loss
 
     _shared, dataset = model_and_data
     model, _tokenizer = load(str(embedded_model_path()))  # its own copy: LoRA is applied in place

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.journal import read_events
-from engine.runs import RunDir, RunError, RunLock, list_runs, resolve
 from tests.conftest import ROOT, tunetop, wait_for, write_config
 from tests.processes import OWNER
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import RunDir, RunError, RunLock, list_runs, resolve
 
 INTRUDER = "tunetop-intruder"
 HOLD_LOCK = (
@@ -140,7 +140,7 @@ def test_another_user_reads_nothing_of_a_run(tmp_path: Path, victim: Path, intru
     locked = as_user(intruder, ["flock", "--nonblock", "--shared", str(run.lock_file), "true"])
     assert locked.returncode != 0, locked
     # Their tunetop says so in a sentence, not a traceback.
-    listing = as_user(intruder, [sys.executable, "-m", "engine.cli", "ls"], victim)
+    listing = as_user(intruder, [sys.executable, "-m", "tunetop.cli", "ls"], victim)
     assert listing.returncode == 2 and "Traceback" not in listing.stderr, listing
     assert "permission denied" in listing.stderr and "private" in listing.stderr and "root" in listing.stderr
     tunetop("train", "--resume", run.id, check=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.runs import resolve
+from tunetop.runs.folders import resolve
 from tests.conftest import tunetop, write_config
 
 PIDS = Path(os.environ["INNER_PIDS"])

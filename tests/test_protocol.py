@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.protocol import (
+from tunetop.control.protocol import (
     EVENT_FIELDS,
     MAX_COMMAND_BYTES,
     OPTIONAL_FIELDS,
@@ -70,7 +70,7 @@ def test_docs_protocol_documents_every_event_type_and_field() -> None:
 
 def test_trainer_progress_reports_are_the_protocol_events() -> None:
     """The trainer's progress dataclasses carry exactly their event type's fields."""
-    from engine.trainer import NonFinite, Save, Train, Validation
+    from tunetop.training.trainer import NonFinite, Save, Train, Validation
 
     for cls in (Train, Validation, Save, NonFinite):
         assert tuple(f.name for f in dataclasses.fields(cls)) == EVENT_FIELDS[cls.event_type], cls

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import config as config_module
-from engine.checkpoint import latest_checkpoint, read_checkpoint
-from engine.config import ConfigError
-from engine.journal import read_events
-from engine.runs import RunDir, list_runs, resolve
 from tests.conftest import tunetop, wait_for, write_config
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import RunDir, list_runs, resolve
+from tunetop.training import config as config_module
+from tunetop.training.checkpoint import latest_checkpoint, read_checkpoint
+from tunetop.training.config import ConfigError
 
 KILLS = 50
 STEP_SECONDS = 60

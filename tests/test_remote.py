@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from engine.client_sync import send_command
-from engine.journal import read_events
-from engine.runs import RunDir
 from tests import sshd
 from tests.conftest import ROOT, tunetop, wait_for
-from tui.app import TunetopApp
-from tui.remote import RemoteAttachment, RemoteError, parse_target, remote_info
-from tui.screens.dashboard import DashboardScreen
+from tunetop.control.client_sync import send_command
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import RunDir
+from tunetop.tui.app import TunetopApp
+from tunetop.tui.remote import RemoteAttachment, RemoteError, parse_target, remote_info
+from tunetop.tui.screens.dashboard import DashboardScreen
 
 pytestmark = pytest.mark.skipif(sshd.available() is not None, reason=str(sshd.available()))
 
@@ -142,9 +142,9 @@ def test_tcp_listener_needs_keys_and_delivers_only_to_authorized_clients(tmp_pat
     import zmq
     import zmq.auth
 
-    from engine.curve import client_options, clients_dir, make_client_keys
-    from engine.runs import list_runs, resolve
     from tests.conftest import write_config
+    from tunetop.control.security import client_options, clients_dir, make_client_keys
+    from tunetop.runs.folders import list_runs, resolve
 
     port = sshd.free_port()
     config = write_config(tmp_path / "run.toml", training={"iterations": 100_000, "steps_per_report": 1})

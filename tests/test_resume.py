@@ -11,11 +11,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
-from engine.client_sync import send_command
-from engine.journal import read_events
-from engine.runs import list_runs, resolve
 from tests.conftest import tunetop, wait_for, write_config
+from tunetop.control.client_sync import send_command
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import list_runs, resolve
+from tunetop.training.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 
 N = 20
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import Dataset, DataWarning, Example
-from engine.demo import embedded_data_path
-from engine.packing import PackPlan
-from engine.run_warnings import WarningSink
 from tests.conftest import tunetop, write_config
+from tunetop.interop.embedded import embedded_data_path
+from tunetop.runs.run_warnings import WarningSink
+from tunetop.training.data import Dataset, DataWarning, Example
+from tunetop.training.packing import PackPlan
 
 
 def test_a_long_example_keeps_max_seq_length_tokens_in_a_row_of_its_own() -> None:
@@ -82,7 +82,7 @@ def test_a_run_journals_its_truncation_and_tokenizer_warnings(tmp_path: Path) ->
     logs = [e["message"] for e in events if e["type"] == "log"]
     assert any("1 example longer than a row trains" in m or "rows of their own" in m for m in logs), logs
 
-    from tui.state import RunState
+    from tunetop.tui.state import RunState
 
     state = RunState()
     for event in events:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import OptimizerConfig, ScheduleConfig
-from engine.optimizers import build_schedule
+from tunetop.training.config import OptimizerConfig, ScheduleConfig
+from tunetop.training.optimizers import build_schedule
 
 
 def test_constant() -> None:

@@ -10,8 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine import config, session
-from engine.session import build_trainer
+from tunetop.runs import tunetop as session
+from tunetop.runs.engine import build_trainer
+from tunetop.training import config
 
 
 def _losses(tmp_path: Path, steps: int = 4) -> list[float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.recorded import write_recorded_run
-from tui.app import TunetopApp
+from tunetop.tui.app import TunetopApp
 
 
 def test_dashboard_of_a_recorded_run(snap_compare, isolated_state: Path) -> None:  # type: ignore[no-untyped-def]

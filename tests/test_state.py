@@ -12,8 +12,8 @@ import math
 import pytest
 
 from tests.recorded import T0, recorded_events
-from tui.state import RunState, downsample, ema, format_count, format_duration
-from tui.widgets.chart import AXIS_WIDTH, Series, YRange, fit_range, plot
+from tunetop.tui.state import RunState, downsample, ema, format_count, format_duration
+from tunetop.tui.widgets.chart import AXIS_WIDTH, Series, YRange, fit_range, plot
 
 
 def folded() -> RunState:

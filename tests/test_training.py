@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from engine import config
-from engine.data import BatchPlan, Dataset, Example
-from engine.session import build_trainer
-from engine.trainer import (
+from tests.numerics import float32_error, gradient, sum_rtol
+from tunetop.runs.engine import build_trainer
+from tunetop.training import config
+from tunetop.training.data import BatchPlan, Dataset, Example
+from tunetop.training.trainer import (
     Disposition,
     Save,
     Train,
@@ -24,7 +25,6 @@ from engine.trainer import (
     grad_checkpoint,
     run_loop,
 )
-from tests.numerics import float32_error, gradient, sum_rtol
 
 
 def make_cfg(**training: Any) -> config.RunConfig:
@@ -154,7 +154,7 @@ def test_gradient_accumulation_counts_every_micro_batch(tmp_path: Path) -> None:
 
 
 def test_skip_policy_undoes_nonfinite_updates(tmp_path: Path) -> None:
-    from engine.trainer import NonFinite
+    from tunetop.training.trainer import NonFinite
 
     cfg = make_cfg(iterations=12, steps_per_report=1, steps_per_eval=1000, on_nonfinite="skip")
     cfg.optimizer.name = "sgd"
@@ -177,7 +177,7 @@ def test_qlora_trains_on_a_4bit_base_and_loads_in_mlx_lm(tmp_path: Path) -> None
     """QLoRA: LoRA on a model quantized to 4 bits with mlx-lm's own convert."""
     from mlx_lm import convert, load
 
-    from engine.demo import embedded_model_path
+    from tunetop.interop.embedded import embedded_model_path
 
     quantized = tmp_path / "q4"
     convert(str(embedded_model_path()), mlx_path=str(quantized), quantize=True, q_bits=4, q_group_size=32)
@@ -284,8 +284,8 @@ def test_parameter_counts_are_logical_for_quantized_layers(tmp_path: Path) -> No
     """A quantized model counts the weights its packed words stand for, not the words (issue 22)."""
     from mlx_lm import load
 
-    from engine.adapters import apply_fine_tuning, count_parameters
-    from engine.demo import embedded_model_path
+    from tunetop.interop.embedded import embedded_model_path
+    from tunetop.training.adapters import apply_fine_tuning, count_parameters
 
     model, _tokenizer = load(str(embedded_model_path()))
     _, full = count_parameters(model)

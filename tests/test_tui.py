@@ -9,21 +9,21 @@ from pathlib import Path
 from textual.widgets import Checkbox, DataTable, Input, TextArea
 from textual.widgets._footer import FooterKey
 
-from engine.adapters import numbered_checkpoints
-from engine.checkpoint import list_checkpoints
-from engine.client_sync import send_command
-from engine.journal import read_events
-from engine.runs import RunDir, list_runs
 from tests.conftest import tunetop, wait_for, write_config
 from tests.recorded import write_recorded_run
-from tui.app import TunetopApp
-from tui.screens.dashboard import DashboardScreen
-from tui.screens.editor import ConfigEditorScreen
-from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
-from tui.screens.playground import PlaygroundScreen, columns
-from tui.screens.runs import RunsScreen
-from tui.widgets.chart import LossChart
-from tui.widgets.panels import RunHeader
+from tunetop.control.client_sync import send_command
+from tunetop.control.journal import read_events
+from tunetop.runs.folders import RunDir, list_runs
+from tunetop.training.adapters import numbered_checkpoints
+from tunetop.training.checkpoint import list_checkpoints
+from tunetop.tui.app import TunetopApp
+from tunetop.tui.screens.dashboard import DashboardScreen
+from tunetop.tui.screens.editor import ConfigEditorScreen
+from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
+from tunetop.tui.screens.playground import PlaygroundScreen, columns
+from tunetop.tui.screens.runs import RunsScreen
+from tunetop.tui.widgets.chart import LossChart
+from tunetop.tui.widgets.panels import RunHeader
 
 SIZE = (160, 45)
 

@@ -10,8 +10,15 @@ from typing import Any
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
-from engine.runs import RunDir, RunError, resolve
-from tui.themes import DEFAULT_THEME, SHORT_NAMES, ThemeError, load_themes, remember_theme, remembered_theme
+from tunetop.runs.folders import RunDir, RunError, resolve
+from tunetop.tui.themes import (
+    DEFAULT_THEME,
+    SHORT_NAMES,
+    ThemeError,
+    load_themes,
+    remember_theme,
+    remembered_theme,
+)
 
 
 class TunetopApp(App[int]):
@@ -41,8 +48,8 @@ class TunetopApp(App[int]):
         fallback = DEFAULT_THEME if DEFAULT_THEME in self.available_themes else "textual-dark"
         self.theme = wanted if wanted in self.available_themes else fallback
         self._themes_ready = True
-        from tui.screens.dashboard import DashboardScreen
-        from tui.screens.runs import RunsScreen
+        from tunetop.tui.screens.dashboard import DashboardScreen
+        from tunetop.tui.screens.runs import RunsScreen
 
         if self.remote is not None:
             self.push_screen(DashboardScreen(self.remote.run_dir, live=self.remote.alive, remote=self.remote))
@@ -57,7 +64,7 @@ class TunetopApp(App[int]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        from tui.screens.dashboard import DashboardScreen
+        from tunetop.tui.screens.dashboard import DashboardScreen
 
         if isinstance(screen, DashboardScreen):
             for title, help_text, action in (
@@ -79,7 +86,7 @@ class TunetopApp(App[int]):
 
 def run_remote_app(spec: str, theme: str | None = None) -> int:
     """``tunetop attach user@host[:port]:RUN``: the TUI here, the engine there, ssh between."""
-    from tui.remote import RemoteAttachment, RemoteError
+    from tunetop.tui.remote import RemoteAttachment, RemoteError
 
     try:
         remote = RemoteAttachment.open(spec)

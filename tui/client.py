@@ -20,9 +20,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from engine.endpoints import Endpoints
-from engine.journal import RecordStream
-from engine.protocol import (
+from tunetop.control.endpoints import Endpoints
+from tunetop.control.journal import RecordStream
+from tunetop.control.protocol import (
     END_MARKER,
     HISTORY_END_MARKER,
     PROTOCOL_VERSION,

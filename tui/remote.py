@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.endpoints import Endpoints, socket_dir
-from engine.protocol import PROTOCOL_VERSION
-from engine.ssh import (
+from tunetop.control.endpoints import Endpoints, socket_dir
+from tunetop.control.protocol import PROTOCOL_VERSION
+from tunetop.runs.ssh import (
     RemoteError,
     RemoteTarget,
     explain_ssh_failure,
@@ -147,7 +147,7 @@ class RemoteAttachment:
 
     @property
     def run_dir(self) -> Any:
-        from engine.runs import RunDir
+        from tunetop.runs.folders import RunDir
 
         # Only the id is used for a remote run; its folder lives on the other machine.
         return RunDir(Path("/nonexistent-remote") / str(self.info.get("run", "remote")))

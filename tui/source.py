@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.client_sync import run_endpoints
-from engine.history import read_history
-from engine.protocol import Reply, loads
-from engine.runs import RunDir
-from tui.client import ClientError, RunClient
+from tunetop.control.client_sync import run_endpoints
+from tunetop.control.history import read_history
+from tunetop.control.protocol import Reply, loads
+from tunetop.runs.folders import RunDir
+from tunetop.tui.client import ClientError, RunClient
 
 EventsCallback = Callable[[list[dict[str, Any]]], None]
 StatusCallback = Callable[[str, str], None]
@@ -44,7 +44,7 @@ class JournalSource(EventSource):
         self.on_status = on_status
 
     async def run(self) -> None:
-        # The digest (engine.history): every rare event, train events thinned; nothing else decoded.
+        # The digest (tunetop.control.history): every rare event, train events thinned; nothing else decoded.
         _upto, records = await asyncio.to_thread(read_history, self.journal)
         batch = [loads(payload) for _seq, payload in records]
         if batch:
@@ -79,7 +79,7 @@ class CommandSource(EventSource):
 
 
 class LiveSource(EventSource):
-    """Attached to a live engine through :class:`tui.client.RunClient`."""
+    """Attached to a live engine through :class:`tunetop.tui.client.RunClient`."""
 
     read_only = False
 

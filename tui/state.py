@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import LIVE_FIELDS
+from tunetop.training.config import LIVE_FIELDS
 
 ACTIVE_STATES = frozenset({"starting", "running", "paused", "stopping"})
 

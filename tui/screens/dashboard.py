@@ -21,15 +21,15 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
 
-from engine.config import LIVE_FIELDS
-from engine.replies import describe
-from engine.runs import RunDir
-from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
-from tui.source import EventSource, JournalSource, LiveSource
-from tui.state import ACTIVE_STATES, RunState
-from tui.themes import theme_color
-from tui.widgets.chart import Y_MODES, LossChart
-from tui.widgets.panels import RunHeader, ThroughputPanel
+from tunetop.control.replies import describe
+from tunetop.runs.folders import RunDir
+from tunetop.training.config import LIVE_FIELDS
+from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
+from tunetop.tui.source import EventSource, JournalSource, LiveSource
+from tunetop.tui.state import ACTIVE_STATES, RunState
+from tunetop.tui.themes import theme_color
+from tunetop.tui.widgets.chart import Y_MODES, LossChart
+from tunetop.tui.widgets.panels import RunHeader, ThroughputPanel
 
 REFRESH_HZ = 8
 STEERING = frozenset({"toggle_pause", "save", "evaluate", "stop", "set_form"})
@@ -88,13 +88,13 @@ class DashboardScreen(Screen[None]):
         self._steerable = self.live
         self.source: EventSource
         if remote is not None and remote.tunnel is not None:
-            from tui.client import RunClient
+            from tunetop.tui.client import RunClient
 
             self.source = LiveSource(
                 RunClient(remote.tunnel.local, self._on_events, self._on_status, on_heartbeat=self._on_heartbeat)
             )
         elif remote is not None:
-            from tui.source import CommandSource
+            from tunetop.tui.source import CommandSource
 
             self.source = CommandSource(remote.history_command(), self._on_events, self._on_status)
         elif self.live:
@@ -326,7 +326,7 @@ class DashboardScreen(Screen[None]):
         self._dirty = True
 
     def action_edit_config(self) -> None:
-        from tui.screens.editor import ConfigEditorScreen
+        from tunetop.tui.screens.editor import ConfigEditorScreen
 
         if self.remote is not None:
             self.show_reply("the config of a remote run lives on the remote machine: edit it there", error=True)
@@ -334,7 +334,7 @@ class DashboardScreen(Screen[None]):
         self.app.push_screen(ConfigEditorScreen(self.run_dir.config))
 
     def action_playground(self) -> None:
-        from tui.screens.playground import PlaygroundScreen
+        from tunetop.tui.screens.playground import PlaygroundScreen
 
         self.app.push_screen(PlaygroundScreen(self))
 

@@ -15,8 +15,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Static, TextArea
 
-from engine import config as config_module
-from engine.config import ConfigError
+from tunetop.training import config as config_module
+from tunetop.training.config import ConfigError
 
 
 class ConfigEditorScreen(Screen[None]):
@@ -98,7 +98,7 @@ class ConfigEditorScreen(Screen[None]):
     def action_start_run(self) -> None:
         if not self.action_save():
             return
-        from engine.launch import load_run_config, start_run
+        from tunetop.runs.launch import load_run_config, start_run
 
         try:
             run, _code = start_run(load_run_config(self.path), detach=True)
@@ -109,10 +109,10 @@ class ConfigEditorScreen(Screen[None]):
 
     def action_resume_run(self) -> None:
         """Save, then resume the run this config belongs to from a chosen checkpoint."""
-        from engine.checkpoint import checkpoint_iteration, list_checkpoints
-        from engine.launch import resume_run
-        from engine.runs import RunDir
-        from tui.screens.modals import PromptScreen
+        from tunetop.runs.folders import RunDir
+        from tunetop.runs.launch import resume_run
+        from tunetop.training.checkpoint import checkpoint_iteration, list_checkpoints
+        from tunetop.tui.screens.modals import PromptScreen
 
         run = RunDir(self.path.parent)
         if self.path.name != "config.toml" or not run.journal.exists():

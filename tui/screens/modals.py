@@ -12,7 +12,7 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
-from engine.config import LIVE_FIELDS, ConfigError, coerce_live
+from tunetop.training.config import LIVE_FIELDS, ConfigError, coerce_live
 
 MODAL_CSS = """
 ModalScreen { align: center middle; }

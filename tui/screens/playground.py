@@ -20,7 +20,7 @@ from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Input, Label, Static
 
 if TYPE_CHECKING:
-    from tui.screens.dashboard import DashboardScreen
+    from tunetop.tui.screens.dashboard import DashboardScreen
 
 MAX_COLUMNS = 4  # prompts side by side; older prompts stay in the run's journal and log
 HINT = "prompts go to the model as the training data's did (the chat template for chat data); tick raw (ctrl+t) to send one as typed"

@@ -10,9 +10,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from engine.runs import RunDir, list_runs
-from tui.screens.modals import ConfirmScreen, PromptScreen
-from tui.state import format_duration
+from tunetop.runs.folders import RunDir, list_runs
+from tunetop.tui.screens.modals import ConfirmScreen, PromptScreen
+from tunetop.tui.state import format_duration
 
 
 def run_row(run: RunDir) -> tuple[Text, ...]:
@@ -73,7 +73,7 @@ class RunsScreen(Screen[None]):
     def action_open(self) -> None:
         run = self._selected()
         if run is not None:
-            from tui.screens.dashboard import DashboardScreen
+            from tunetop.tui.screens.dashboard import DashboardScreen
 
             self.app.push_screen(DashboardScreen(run))
 
@@ -81,7 +81,7 @@ class RunsScreen(Screen[None]):
         def chosen(path: str | None) -> None:
             if not path:
                 return
-            from engine.launch import load_run_config, start_run
+            from tunetop.runs.launch import load_run_config, start_run
 
             try:
                 run, _code = start_run(load_run_config(path), detach=True)
@@ -101,14 +101,14 @@ class RunsScreen(Screen[None]):
         if run.is_alive():
             self.notify("that run is training already", severity="warning")
             return
-        from engine.launch import resume_run
+        from tunetop.runs.launch import resume_run
 
         try:
             resume_run(run, None, detach=True)
         except Exception as error:
             self.notify(f"could not resume: {error}", severity="error", timeout=10, markup=False)
             return
-        from tui.screens.dashboard import DashboardScreen
+        from tunetop.tui.screens.dashboard import DashboardScreen
 
         self.app.push_screen(DashboardScreen(run, live=True))
 

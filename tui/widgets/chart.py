@@ -1,7 +1,7 @@
 """A line chart drawn with braille characters: training and validation loss on one set of axes.
 
 ``plot`` is pure (series in, styled text lines out) so it is tested without a terminal; the
-``LossChart`` widget feeds it from :class:`tui.state.RunState` at the size it has.
+``LossChart`` widget feeds it from :class:`tunetop.tui.state.RunState` at the size it has.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from tui.state import RunState, downsample, ema
-from tui.themes import themed
+from tunetop.tui.state import RunState, downsample, ema
+from tunetop.tui.themes import themed
 
 BRAILLE_BASE = 0x2800
 # Dot bit for (x in 0..1, y in 0..3) inside one braille cell.

@@ -8,8 +8,8 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from tui.state import RunState, format_count, format_duration
-from tui.themes import themed
+from tunetop.tui.state import RunState, format_count, format_duration
+from tunetop.tui.themes import themed
 
 STATE_STYLES = {
     "running": "bold $success",

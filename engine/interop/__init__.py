@@ -1,0 +1,1 @@
+"""Interop: export, import of mlx_lm configs, metrics writers and trackers, the Hub, the embedded default."""

@@ -1,0 +1,1 @@
+"""Runs and processes: run folders, starting and resuming, the engine process, distributed ranks, ssh."""

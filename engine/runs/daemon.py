@@ -1,0 +1,118 @@
+"""Start an engine in the background, detached from the terminal, and wait until it serves.
+
+The child runs ``python -m tunetop.cli _engine RUN_DIR`` in a new session (so closing the
+terminal or logging out does not reach it), with stdin from /dev/null and stdout/stderr
+appended to the run's engine.log. No mlx import here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tunetop.control.journal import read_events
+from tunetop.private import open_private
+from tunetop.runs.folders import RunDir, RunError
+
+
+class EngineStartError(RunError):
+    """The detached engine exited before it started training; ``code`` is its exit code."""
+
+    def __init__(self, message: str, code: int, run_id: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.run_id = run_id
+
+
+def _failure_message(run: RunDir) -> str:
+    """One line saying why an engine ended: its last error event, else what its log says last."""
+    try:
+        errors = [e["message"] for e in read_events(run.journal) if e.get("type") == "error"]
+    except Exception:  # no journal, or one that cannot be read: the log says why
+        errors = []
+    if errors:
+        return str(errors[-1])
+    try:
+        lines = [line.strip() for line in run.log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log was written"
+    # The CLI's own error line (`tunetop: ...`), else a traceback's last line (the exception).
+    said = [line.removeprefix("tunetop: ") for line in lines if line.startswith("tunetop: ")]
+    last = said[-1] if said else lines[-1] if lines else "it wrote nothing"
+    return f"{last} (the engine's output is in {run.log})"
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a tunetop child process (an engine, a rank): ``base`` (default this
+    process's), with this source tree first on PYTHONPATH so that the child imports this same
+    engine package, installed or not, and unbuffered output for its log."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str] | None = None) -> int:
+    """Start the engine for ``run``; return its pid once it trains (or after ``wait_seconds``).
+
+    Raises :class:`EngineStartError` with the engine's own error when it exits first (bad
+    data, a model that will not load), so ``tunetop train --detach`` can report it.
+    """
+    log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
+    env = child_environment()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunetop.cli", "_engine", str(run.path), *(extra_args or [])],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=str(run.path),
+        env=env,
+    )
+    log.close()
+    return _wait_until_training(run, process, wait_seconds, engine_pid=process.pid)
+
+
+def _wait_until_training(
+    run: RunDir, process: subprocess.Popen[bytes], wait_seconds: float, engine_pid: int | None
+) -> int:
+    """Return ``process``'s pid once the run's status says it trains (written by ``engine_pid``,
+    when given); raise :class:`EngineStartError` if the process exits first."""
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code, run.id)
+        status = run.status()
+        # Running is not enough: a first step that fails (a model the settings do not fit) is a
+        # failure to start too, and the command that started the run should say so.
+        state = status.get("state")
+        started = state in ("paused", "stopping", "finished") or (state == "running" and status.get("stepped"))
+        if started and (engine_pid is None or status.get("pid") == engine_pid):
+            return process.pid
+        time.sleep(0.05)
+    return process.pid
+
+
+def spawn_command(run: RunDir, command: list[str], wait_seconds: float = 300.0) -> int:
+    """Start a launcher (``mlx.launch``) for ``run`` in the background; return once rank 0 trains.
+
+    mlx.launch forwards its stdin to every rank and polls it: it gets a pipe that never ends
+    (it holds the write end itself), since /dev/null would make that poll spin.
+    """
+    read_end, write_end = os.pipe()
+    log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
+    process = subprocess.Popen(
+        command, stdin=read_end, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=str(run.path), pass_fds=(write_end,),
+    )
+    os.close(read_end)
+    os.close(write_end)
+    log.close()
+    # Rank 0 is a grandchild here: any engine's status will do (this run has only this one).
+    return _wait_until_training(run, process, wait_seconds, engine_pid=None)
