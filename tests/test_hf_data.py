@@ -17,7 +17,7 @@ datasets = pytest.importorskip("datasets")
 
 from tests.conftest import tunetop, write_config  # noqa: E402
 from tests.test_data_parity import ROWS, TOOLS_TEMPLATE  # noqa: E402
-from tunetop import config as config_module  # noqa: E402
+from tunetop.training import config as config_module  # noqa: E402
 from tunetop.training.config import ConfigError  # noqa: E402
 from tunetop.training.data import DataError, RowFormat  # noqa: E402
 from tunetop.training.datasource import load_run_splits  # noqa: E402
