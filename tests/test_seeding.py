@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tunetop.runs import tunetop as session
+from tunetop.runs import engine as session
 from tunetop.runs.engine import build_trainer
 from tunetop.training import config
 
