@@ -39,7 +39,7 @@ def _config(iters: int, report: int) -> Any:
 
 
 def bare_loop(iters: int, report: int, scratch: Path) -> float:
-    from tunetop.runs.engine import build_trainer
+    from tunetop.training.build import build_trainer
     from tunetop.training.trainer import run_loop
 
     trainer, *_ = build_trainer(_config(iters, report), scratch / "bare")
@@ -70,7 +70,7 @@ def subscriber_main(events_endpoint: str, commands_endpoint: str) -> None:
     """The client process: replay, then count live events until SIGINT; print the count."""
     import zmq
 
-    from tunetop.control.client_sync import replay
+    from tunetop.runs.client_sync import replay
 
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -86,8 +86,8 @@ def subscriber_main(events_endpoint: str, commands_endpoint: str) -> None:
 
 
 def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[float, int]:
-    from tunetop.control.client_sync import run_endpoints
     from tunetop.control.server import attach_server
+    from tunetop.runs.client_sync import run_endpoints
     from tunetop.runs.engine import Engine
     from tunetop.runs.folders import RunDir
 
@@ -197,12 +197,12 @@ def events(args: argparse.Namespace) -> None:
 
 
 def replay_bench(args: argparse.Namespace) -> None:
-    from tunetop.control.client_sync import replay
     from tunetop.control.events import EventLog
     from tunetop.control.history import History, read_history, write_digest
     from tunetop.control.journal import JournalWriter, read_payloads, scan
     from tunetop.control.protocol import encode, loads, make_event
     from tunetop.control.server import Server
+    from tunetop.runs.client_sync import replay
     from tunetop.runs.folders import RunDir
     from tunetop.tui.state import RunState
 

@@ -75,7 +75,7 @@ def make_model(folder: Path, shape: str, dtype: str) -> None:
     from mlx.utils import tree_flatten, tree_map
     from mlx_lm.models import llama
 
-    from tunetop.interop.embedded import embedded_model_path
+    from tunetop.training.embedded import embedded_model_path
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {
@@ -113,7 +113,7 @@ def make_variable(folder: Path, rows: int, seed: int) -> None:
 def make_fixed(folder: Path, rows: int, tokens: int, seed: int) -> None:
     from mlx_lm.utils import load_tokenizer
 
-    from tunetop.interop.embedded import embedded_model_path
+    from tunetop.training.embedded import embedded_model_path
 
     tokenizer = load_tokenizer(embedded_model_path())
     rng = random.Random(seed)

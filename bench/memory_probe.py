@@ -35,8 +35,8 @@ def main() -> None:
     import mlx.nn as nn
     from mlx_lm.tuner.trainer import default_loss as mlx_lm_loss
 
-    from tunetop.runs.engine import build_trainer
     from tunetop.training import config as config_module
+    from tunetop.training.build import build_trainer
 
     mx.set_memory_limit(100 * 10**9)
     cfg = config_module.RunConfig()

@@ -72,8 +72,8 @@ class MemoryWatch:
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
-    from tunetop.runs.engine import build_trainer
     from tunetop.training import config as config_module
+    from tunetop.training.build import build_trainer
     from tunetop.training.trainer import Train, run_loop
 
     cfg = config_module.RunConfig()
@@ -121,8 +121,8 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
     from mlx_lm import lora
     from mlx_lm.tuner.callbacks import TrainingCallback
 
-    from tunetop.interop.embedded import embedded_data_path, embedded_model_path
     from tunetop.training.config import EMBEDDED
+    from tunetop.training.embedded import embedded_data_path, embedded_model_path
 
     reports: list[dict[str, float]] = []
     state = {"tokens": 0.0}

@@ -58,7 +58,7 @@ def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = Path(os.environ.get("TUNETOP_TEST_CACHE") or run_folder / "embedded-cache")
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["TUNETOP_CACHE"] = str(cache)
-    from tunetop.interop.embedded import build_embedded
+    from tunetop.training.embedded import build_embedded
 
     # One worker builds (20 s on an idle core, minutes on a busy one); the others wait for it.
     with open(cache / ".build.lock", "w") as lock:

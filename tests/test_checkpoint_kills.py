@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, tunetop, wait_for, write_config
-from tunetop.control.client_sync import send_command
 from tunetop.control.journal import read_events
+from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import RunDir, resolve
 from tunetop.training.checkpoint import (
     LATEST,

@@ -59,7 +59,7 @@ def test_a_model_id_that_is_not_cached_and_not_reachable_names_the_id(tmp_path: 
 def test_model_errors_explain_what_to_do() -> None:
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from tunetop.interop.hub import explain
+    from tunetop.training.hub import explain
 
     # The Hub's own exception type (built without an HTTP response, which only its __init__ reads).
     missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
@@ -175,7 +175,7 @@ def test_help_lists_what_each_command_does_and_hides_the_internal_ones() -> None
 
 def test_replies_read_as_sentences(engine_run) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import wait_for
-    from tunetop.control.client_sync import send_command
+    from tunetop.runs.client_sync import send_command
 
     wait_for(lambda: int(send_command(engine_run, "status").result["iteration"]) >= 2)
     result = tunetop("evaluate", engine_run.id, check=True)

@@ -12,8 +12,8 @@ from typing import Any
 import zmq
 
 from tests.conftest import tunetop, wait_for
-from tunetop.control.client_sync import replay, run_endpoints, send_command
 from tunetop.control.journal import read_events
+from tunetop.runs.client_sync import replay, run_endpoints, send_command
 from tunetop.runs.folders import RunDir
 from tunetop.tui.client import RunClient
 

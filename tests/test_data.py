@@ -26,7 +26,7 @@ from tunetop.training.data import (
 def tokenizer() -> Any:
     from mlx_lm.utils import load_tokenizer
 
-    from tunetop.interop.embedded import embedded_model_path
+    from tunetop.training.embedded import embedded_model_path
 
     return load_tokenizer(embedded_model_path())
 

@@ -89,7 +89,7 @@ def tokenizer() -> Any:
     """The embedded model's tokenizer with a chat template that renders tools (for mlx-lm's side)."""
     from mlx_lm.utils import load_tokenizer
 
-    from tunetop.interop.embedded import embedded_model_path
+    from tunetop.training.embedded import embedded_model_path
 
     tokenizer = load_tokenizer(embedded_model_path())
     tokenizer._tokenizer.chat_template = TOOLS_TEMPLATE
@@ -161,7 +161,7 @@ def test_a_chat_template_override_renders_as_the_tokenizer_would_with_it(tmp_pat
     """``data.chat_template`` as a file next to the config, and as a tokenizer's template name."""
     from mlx_lm.utils import load_tokenizer
 
-    from tunetop.interop.embedded import embedded_model_path
+    from tunetop.training.embedded import embedded_model_path
 
     plain = load_tokenizer(embedded_model_path())  # the embedded template ignores tools and tool calls
     row = ROWS["tool calls and tools"]

@@ -17,8 +17,8 @@ import pytest
 
 from tests import sshd
 from tests.conftest import ROOT, tunetop, wait_for, write_config
-from tunetop.control.client_sync import send_command
 from tunetop.control.journal import read_events
+from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import RunDir, list_runs, resolve
 
 ITERATIONS = 4

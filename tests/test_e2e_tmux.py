@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, wait_for
-from tunetop.control.client_sync import send_command
+from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import RunDir
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/setup installs it)")

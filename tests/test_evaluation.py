@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tests.conftest import tunetop, write_config
 from tunetop.control.journal import read_events
-from tunetop.interop.embedded import embedded_data_path
 from tunetop.runs.folders import list_runs
+from tunetop.training.embedded import embedded_data_path
 
 
 def scored(*args: str) -> dict:

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import tunetop, wait_for, write_config
-from tunetop.control.client_sync import send_command
 from tunetop.control.events import EventLog
 from tunetop.control.journal import HEADER, MAGIC, JournalWriter, read_events, scan
 from tunetop.interop.tensorboard import TensorBoardWriter
+from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import resolve
 from tunetop.training.checkpoint import is_complete, latest_checkpoint
 
@@ -142,8 +142,8 @@ def heartbeat(run: Any) -> dict[str, Any]:
     """The next heartbeat the engine publishes."""
     import zmq
 
-    from tunetop.control.client_sync import run_endpoints
     from tunetop.control.protocol import loads
+    from tunetop.runs.client_sync import run_endpoints
 
     socket = zmq.Context.instance().socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)

@@ -23,7 +23,6 @@ import pytest
 import zmq
 
 from tests.conftest import tunetop, wait_for, write_config
-from tunetop.control.client_sync import run_endpoints, send_command
 from tunetop.control.journal import read_events
 from tunetop.control.protocol import (
     COMMAND_ARGS,
@@ -33,6 +32,7 @@ from tunetop.control.protocol import (
     Reply,
     parse_command,
 )
+from tunetop.runs.client_sync import run_endpoints, send_command
 from tunetop.runs.folders import RunDir, resolve
 from tunetop.training.config import LIVE_FIELDS, ConfigError, coerce_live
 

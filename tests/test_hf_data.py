@@ -34,7 +34,7 @@ def private_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 def tokenizer() -> Any:
     from mlx_lm.utils import load_tokenizer
 
-    from tunetop.interop.embedded import embedded_model_path
+    from tunetop.training.embedded import embedded_model_path
 
     tokenizer = load_tokenizer(embedded_model_path())
     tokenizer._tokenizer.chat_template = TOOLS_TEMPLATE
@@ -114,7 +114,7 @@ def test_without_the_datasets_library_the_error_says_what_to_install(
 
 
 def test_a_run_trains_on_an_hf_dataset_and_an_uncached_one_offline_is_a_clear_error(tmp_path: Path) -> None:
-    from tunetop.interop.embedded import embedded_data_path
+    from tunetop.training.embedded import embedded_data_path
 
     rows = [json.loads(line) for line in (embedded_data_path() / "train.jsonl").read_text().splitlines()]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "facts" / "train.parquet"))

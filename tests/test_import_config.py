@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from tests.conftest import tunetop
-from tunetop.interop.embedded import embedded_data_path, embedded_model_path
 from tunetop.interop.import_config import DIRECT, NOT_USED, import_yaml
 from tunetop.training import config as config_module
+from tunetop.training.embedded import embedded_data_path, embedded_model_path
 from tunetop.training.optimizers import CLASSES, build_optimizer, build_schedule
 
 HANDLED = set(DIRECT) | set(NOT_USED) | {
@@ -158,7 +158,7 @@ def test_every_optimizer_mlx_lm_offers_trains(tmp_path: Path, optimizer: str) ->
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from tunetop.runs.engine import build_trainer
+    from tunetop.training.build import build_trainer
 
     recipe = tmp_path / "lora.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -29,7 +29,7 @@ NO_MLX = textwrap.dedent(
     import tunetop.tui
     names = ["tunetop.tui"] + [m.name for m in pkgutil.walk_packages(tunetop.tui.__path__, "tunetop.tui.")]
     names += ["tunetop.training.config", "tunetop.training.checkpoint", "tunetop.runs.launch", "tunetop.runs.folders",
-              "tunetop.runs.daemon", "tunetop.runs.ssh", "tunetop.control.protocol", "tunetop.control.client_sync",
+              "tunetop.runs.daemon", "tunetop.runs.ssh", "tunetop.control.protocol", "tunetop.runs.client_sync",
               "tunetop.control.replies", "tunetop.control.journal", "tunetop.control.history", "tunetop.interop.export"]
     for name in names:
         importlib.import_module(name)
@@ -53,3 +53,81 @@ def test_tui_and_config_import_without_mlx(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[:2] == ["starter", "ok"]
+
+
+MAY_IMPORT = {
+    "helpers": {"helpers"},
+    "control": {"helpers", "control"},
+    "training": {"helpers", "training"},
+    "runs": {"helpers", "control", "training", "runs"},
+    "interop": {"helpers", "control", "training", "interop", "runs.folders"},
+    "tui": {"helpers", "control", "runs", "training.config", "training.checkpoint", "tui"},
+    "cli": {"helpers", "control", "training", "runs", "interop", "cli"},
+}
+"""docs/ARCHITECTURE.md's table: what each package may import at module level (lazy imports
+inside functions are the exceptions the doc names)."""
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for folder, package in (("engine", "tunetop"), ("tui", "tunetop.tui")):
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if folder == "engine" and parts[0] == "tui":  # the alias of tui/
+                continue
+            found[".".join((package, *parts)).removesuffix(".__init__")] = path
+    return found
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("training", "control", "runs", "interop", "tui", "cli"):
+        return parts[1]
+    return "helpers"  # tunetop itself, blas, atomic, private, faults, userfiles
+
+
+def _module_level_imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    import ast
+
+    imports: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level only
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunetop"):
+                for alias in node.names:
+                    target = f"{node.module}.{alias.name}"
+                    found.add(target if target in modules else node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names if alias.name.startswith("tunetop"))
+        imports[name] = found - {name}
+    return imports
+
+
+def test_each_package_imports_only_what_the_architecture_allows() -> None:
+    modules = _modules()
+    wrong = []
+    for name, targets in _module_level_imports(modules).items():
+        allowed = MAY_IMPORT[_part(name)]
+        for target in targets:
+            short = target.removeprefix("tunetop.")
+            if _part(target) not in allowed and not any(short == a or short.startswith(a + ".") for a in allowed):
+                wrong.append(f"{name} imports {target}")
+    assert not wrong, "imports docs/ARCHITECTURE.md does not allow: " + "; ".join(sorted(wrong))
+
+
+def test_no_module_level_import_cycles() -> None:
+    imports = _module_level_imports(_modules())
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        seen[name] = 1
+        for target in sorted(imports.get(name, ())):
+            if seen.get(target) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(target):], target]))
+            if target not in seen:
+                visit(target, [*path, target])
+        seen[name] = 2
+
+    for name in sorted(imports):
+        if name not in seen:
+            visit(name, [name])

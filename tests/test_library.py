@@ -16,10 +16,10 @@ import mlx.optimizers as optim
 import pytest
 
 from tests.conftest import ROOT, tunetop, write_config
-from tunetop.interop.embedded import embedded_data_path, embedded_model_path
 from tunetop.training import config
 from tunetop.training.config import ConfigError, LoRAConfig
 from tunetop.training.data import load_splits
+from tunetop.training.embedded import embedded_data_path, embedded_model_path
 from tunetop.training.trainer import TrainingParameters, train
 
 
@@ -132,7 +132,7 @@ def _losses(tmp_path: Path) -> Path:
 
 
 def test_a_custom_loss_in_the_config_trains_packed_rows_as_the_default_does(tmp_path: Path) -> None:
-    from tunetop.runs.engine import build_trainer
+    from tunetop.training.build import build_trainer
 
     _losses(tmp_path)
     curves = []
@@ -162,7 +162,7 @@ def test_a_custom_loss_in_the_config_trains_packed_rows_as_the_default_does(tmp_
     ],
 )
 def test_a_bad_custom_loss_is_named_before_the_model_loads(tmp_path: Path, loss: str, message: str) -> None:
-    from tunetop.runs.engine import build_trainer
+    from tunetop.training.build import build_trainer
 
     _losses(tmp_path)
     cfg = config.load(write_config(tmp_path / "run.toml", training={"loss": loss}))
@@ -171,7 +171,7 @@ def test_a_bad_custom_loss_is_named_before_the_model_loads(tmp_path: Path, loss:
 
 
 def test_a_custom_loss_without_segments_trains_unpacked_or_is_refused_with_packing_on(tmp_path: Path) -> None:
-    from tunetop.runs.engine import build_trainer
+    from tunetop.training.build import build_trainer
 
     _losses(tmp_path)
     lines: list[str] = []

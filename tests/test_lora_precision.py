@@ -10,10 +10,10 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm import load
 from mlx_lm.tuner.lora import LoRALinear
 
-from tunetop.interop.embedded import embedded_data_path, embedded_model_path
 from tunetop.training.adapters import apply_fine_tuning
 from tunetop.training.config import LoRAConfig
 from tunetop.training.data import BatchPlan, load_splits
+from tunetop.training.embedded import embedded_data_path, embedded_model_path
 from tunetop.training.lora_precision import ModelPrecisionLoRALinear
 from tunetop.training.trainer import default_loss
 

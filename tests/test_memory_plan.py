@@ -128,7 +128,7 @@ def test_memory_budget_gb_in_the_config() -> None:
 
 
 def _build(tmp_path: Path, lines: list[str], **training: object) -> object:
-    from tunetop.runs.engine import build_trainer
+    from tunetop.training.build import build_trainer
 
     cfg = config.parse(config.starter_text())
     cfg.training.batch_size = 4

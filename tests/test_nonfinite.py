@@ -19,12 +19,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from tests.conftest import tunetop, wait_for, write_config
-from tunetop.control.client_sync import send_command
 from tunetop.control.journal import read_events
-from tunetop.runs.engine import build_trainer
+from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import resolve
 from tunetop.training import config
 from tunetop.training.adapters import apply_fine_tuning, trainable_weights
+from tunetop.training.build import build_trainer
 from tunetop.training.checkpoint import read_checkpoint
 from tunetop.training.data import load_splits
 from tunetop.training.trainer import (
@@ -71,8 +71,8 @@ def test_a_nan_gradient_under_a_finite_loss_is_caught(tmp_path: Path) -> None:
     injected fault). Before, only the loss was checked, so this update went through."""
     from mlx_lm import load
 
-    from tunetop.interop.embedded import embedded_data_path, embedded_model_path
     from tunetop.training.config import LoRAConfig
+    from tunetop.training.embedded import embedded_data_path, embedded_model_path
 
     model, tokenizer = load(str(embedded_model_path()))  # type: ignore[misc]
     apply_fine_tuning(model, LoRAConfig(rank=4, num_layers=2))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from tests.numerics import float32_error, forward_rtol, gradient, sum_rtol
-from tunetop.interop.embedded import embedded_data_path, embedded_model_path
 from tunetop.training.data import Dataset, Example, load_splits
+from tunetop.training.embedded import embedded_data_path, embedded_model_path
 from tunetop.training.packing import (
     PackedCache,
     PackPlan,

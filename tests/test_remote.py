@@ -12,8 +12,8 @@ import pytest
 
 from tests import sshd
 from tests.conftest import ROOT, tunetop, wait_for
-from tunetop.control.client_sync import send_command
 from tunetop.control.journal import read_events
+from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import RunDir
 from tunetop.tui.app import TunetopApp
 from tunetop.tui.remote import RemoteAttachment, RemoteError, parse_target, remote_info

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tunetop, write_config
-from tunetop.interop.embedded import embedded_data_path
 from tunetop.runs.run_warnings import WarningSink
 from tunetop.training.data import Dataset, DataWarning, Example
+from tunetop.training.embedded import embedded_data_path
 from tunetop.training.packing import PackPlan
 
 

@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 
 from tests.conftest import tunetop, wait_for, write_config
-from tunetop.control.client_sync import send_command
 from tunetop.control.journal import read_events
+from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import RunDir, list_runs, resolve
 
 
@@ -73,8 +73,8 @@ PROMPT = "Where does Ada live?"
 def test_each_split_remembers_how_its_prompts_were_formatted(tmp_path: Path) -> None:
     from mlx_lm.utils import load_tokenizer
 
-    from tunetop.interop.embedded import embedded_model_path
     from tunetop.training.data import RowFormat, load_split, prompt_tokens
+    from tunetop.training.embedded import embedded_model_path
 
     chat_tokenizer = load_tokenizer(embedded_model_path())
 
@@ -130,9 +130,10 @@ def test_samples_are_formatted_as_mlx_lm_generate_formats_them(tmp_path: Path) -
     completion as mlx_lm.generate on the same adapter; --raw as --ignore-chat-template."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-    from tunetop.runs.engine import build_trainer, sample, sampling_prompt
     from tunetop.training import config
     from tunetop.training.adapters import save_adapters
+    from tunetop.training.build import build_trainer
+    from tunetop.training.sampling import sample, sampling_prompt
 
     cfg = config.parse(config.starter_text())
     cfg.training.batch_size = 4

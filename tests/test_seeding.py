@@ -10,9 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tunetop.runs import engine as session
-from tunetop.runs.engine import build_trainer
+from tunetop.training import build as build_module
 from tunetop.training import config
+from tunetop.training.build import build_trainer
 
 
 def _losses(tmp_path: Path, steps: int = 4) -> list[float]:
@@ -36,14 +36,14 @@ def test_same_seed_same_losses_after_other_draws(tmp_path: Path, monkeypatch: py
     other losses from iteration 2 on. Draws before and during loading must change nothing."""
     quiet = _losses(tmp_path / "quiet")
 
-    load = session.load_model_and_tokenizer
+    load = build_module.load_model_and_tokenizer
 
     def loading_with_draws(*args: Any, **kwargs: Any) -> Any:
         out = load(*args, **kwargs)
         _draw_everything()  # as building the embedded model in this process does
         return out
 
-    monkeypatch.setattr(session, "load_model_and_tokenizer", loading_with_draws)
+    monkeypatch.setattr(build_module, "load_model_and_tokenizer", loading_with_draws)
     mx.random.seed(987)
     _draw_everything()
     busy = _losses(tmp_path / "busy")

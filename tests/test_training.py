@@ -12,8 +12,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from tests.numerics import float32_error, gradient, sum_rtol
-from tunetop.runs.engine import build_trainer
 from tunetop.training import config
+from tunetop.training.build import build_trainer
 from tunetop.training.data import BatchPlan, Dataset, Example
 from tunetop.training.trainer import (
     Disposition,
@@ -177,7 +177,7 @@ def test_qlora_trains_on_a_4bit_base_and_loads_in_mlx_lm(tmp_path: Path) -> None
     """QLoRA: LoRA on a model quantized to 4 bits with mlx-lm's own convert."""
     from mlx_lm import convert, load
 
-    from tunetop.interop.embedded import embedded_model_path
+    from tunetop.training.embedded import embedded_model_path
 
     quantized = tmp_path / "q4"
     convert(str(embedded_model_path()), mlx_path=str(quantized), quantize=True, q_bits=4, q_group_size=32)
@@ -284,8 +284,8 @@ def test_parameter_counts_are_logical_for_quantized_layers(tmp_path: Path) -> No
     """A quantized model counts the weights its packed words stand for, not the words (issue 22)."""
     from mlx_lm import load
 
-    from tunetop.interop.embedded import embedded_model_path
     from tunetop.training.adapters import apply_fine_tuning, count_parameters
+    from tunetop.training.embedded import embedded_model_path
 
     model, _tokenizer = load(str(embedded_model_path()))
     _, full = count_parameters(model)

@@ -11,8 +11,8 @@ from textual.widgets._footer import FooterKey
 
 from tests.conftest import tunetop, wait_for, write_config
 from tests.recorded import write_recorded_run
-from tunetop.control.client_sync import send_command
 from tunetop.control.journal import read_events
+from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import RunDir, list_runs
 from tunetop.training.adapters import numbered_checkpoints
 from tunetop.training.checkpoint import list_checkpoints

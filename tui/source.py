@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunetop.control.client_sync import run_endpoints
 from tunetop.control.history import read_history
 from tunetop.control.protocol import Reply, loads
+from tunetop.runs.client_sync import run_endpoints
 from tunetop.runs.folders import RunDir
 from tunetop.tui.client import ClientError, RunClient
 

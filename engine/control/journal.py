@@ -14,7 +14,8 @@ is repaired on open by tunetop.control.journal_repair. Plain framing over SQLite
 schema, appends are one ``write``, and the server can send stored payloads to clients without
 decoding them.
 
-No mlx import here.
+No mlx import here. Longer than most modules because the framing, its reader (with damage
+skipping) and its writer (with the torn-tail cut) must agree byte for byte; they stay together.
 """
 
 from __future__ import annotations

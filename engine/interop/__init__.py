@@ -1,1 +1,2 @@
-"""Interop: export, import of mlx_lm configs, metrics writers and trackers, the Hub, the embedded default."""
+"""Interop: what other tools read and write (export to mlx-lm and PEFT, scoring a saved adapter,
+mlx_lm.lora configs, TensorBoard and experiment trackers). docs/ARCHITECTURE.md."""

@@ -1,1 +1,2 @@
-"""Runs and processes: run folders, starting and resuming, the engine process, distributed ranks, ssh."""
+"""Runs and processes: run folders, starting and resuming, the engine process, distributed ranks,
+the blocking client, ssh. docs/ARCHITECTURE.md."""

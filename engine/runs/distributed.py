@@ -23,6 +23,9 @@ Rank 0 (the engine) starts ranks 1..N-1 itself (:class:`Ranks`): as child proces
 watches those processes, so a rank that dies is named at once. mlx.launch is used only for the
 mpi backend (:func:`mpi_launch_command`): it polls its children's stdin in a loop that keeps a
 core busy for the whole run, and it cannot tell rank 0 which rank died.
+
+Longer than most modules because it holds both sides of one protocol between ranks (rank
+0's Coordinator and Ranks, the followers' loop); apart, the two would drift.
 """
 
 from __future__ import annotations
@@ -500,7 +503,7 @@ def follow(backend: str) -> int:
         setup = channel.receive()
         if setup.get("op") != "setup":
             return 0  # rank 0 ended before the run began
-        from tunetop.runs.engine import build_trainer
+        from tunetop.training.build import build_trainer
 
         cfg = config_module.parse(setup["config"], source=setup["source"])
         scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"tunetop-rank{channel.rank}-{os.getpid()}"

@@ -6,6 +6,11 @@ Commands arrive on a thread-safe queue (filled by the ZeroMQ server thread) and 
 between steps by the loop's control hook, so training never waits on a client. A write that
 fails (a full disk) pauses the run; what could not be written waits in memory and is written,
 and the run resumed, when there is room again (tunetop.runs.write_trouble).
+
+Longer than most modules because Engine is one state machine: its events and status, the
+writes that fail, the command queue and the loop's hooks all read and change the same state
+(paused, stopping, the trouble held). What it builds and samples with lives in training.build
+and training.sampling; the sockets live in control.server.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from tunetop.control.endpoints import SocketError
@@ -33,8 +37,10 @@ from tunetop.control.protocol import Command, Reply
 from tunetop.runs.folders import RunDir, RunError, RunLock
 from tunetop.runs.write_trouble import ROOM_BYTES, WriteTrouble, free_bytes, reason
 from tunetop.training import config as config_module
-from tunetop.training.config import EMBEDDED, ConfigError, RunConfig
+from tunetop.training.build import ModelError, build_trainer
+from tunetop.training.config import ConfigError, RunConfig
 from tunetop.training.data import DataError
+from tunetop.training.sampling import SampleError, SampleInterrupted, sample
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -48,10 +54,6 @@ QUICK_COMMANDS = ("pause", "resume", "stop", "set")
 """Commands applied as soon as they are seen, even between the tokens of a sample."""
 MAX_WAITING_HEAVY = 32
 """Samples and evaluations that may wait their turn; more are refused with a 'busy' reply."""
-
-
-class ModelError(RuntimeError):
-    """A model that cannot be loaded; the message names it and says what to check."""
 
 
 @dataclass
@@ -92,29 +94,6 @@ def nonfinite_message(event: Any) -> str:
         f"{cause}: {undone}. The run is paused (training.on_nonfinite = \"pause\"): resume to go on, "
         "perhaps with a lower learning rate (`tunetop set learning_rate=...`), or stop it."
     )
-
-
-def load_model_and_tokenizer(cfg: RunConfig, report: Callable[[str], None] | None = None) -> tuple[Any, Any, str]:
-    """mlx-lm's loader on a local folder or a Hugging Face id (downloaded first, with progress).
-
-    The embedded default is built first. ``report`` receives download progress lines.
-    """
-    from mlx_lm import load
-
-    from tunetop.interop import hub
-    from tunetop.interop.embedded import embedded_model_path
-
-    path = str(embedded_model_path()) if cfg.model.path == EMBEDDED else cfg.model.path
-    where = f"model.path in {cfg.source or 'the config'}"
-    try:
-        if not hub.is_local(path) and "/" in path and not path.startswith((".", "/", "~")):
-            path = str(hub.fetch(path, cfg.model.revision or None, report or (lambda _line: None)))
-        model, tokenizer = load(  # type: ignore[misc]
-            path, revision=cfg.model.revision or None, trust_remote_code=cfg.model.trust_remote_code
-        )
-    except Exception as error:  # mlx-lm / huggingface_hub raise many types; all mean "cannot load"
-        raise ModelError(hub.explain(cfg.model.path, where, error)) from None
-    return model, tokenizer, path
 
 
 class Engine:
@@ -931,190 +910,3 @@ class Engine:
             shard=shard,
             report=self._log_line,
         )
-
-
-def build_trainer(
-    cfg: RunConfig,
-    adapter_path: Path,
-    checkpoint_path: Path | None = None,
-    config_hash: str = "",
-    shard: Any = None,
-    report: Callable[[str], None] | None = None,
-) -> tuple[Any, str, int, int]:
-    """Model, adapters, data, optimizer from a config: (trainer, model path, trainable, total).
-
-    ``report`` receives progress lines while a model downloads.
-    """
-    from tunetop.runs.launch import check_ranks
-    from tunetop.training.adapters import adapter_config, apply_fine_tuning, count_parameters
-    from tunetop.training.datasource import load_run_splits
-    from tunetop.training.optimizers import build_optimizer, build_schedule
-    from tunetop.training.trainer import Trainer, TrainingParameters, default_loss, seed_everything
-
-    config_module.check_paths(cfg)
-    if shard is not None:
-        check_ranks(cfg, shard.size)
-    loss = default_loss
-    if cfg.training.loss:  # checked before the model loads: a typo fails in a second
-        from tunetop.training.custom_loss import load_loss
-
-        loss = load_loss(cfg.training.loss, cfg.source)
-    model, tokenizer, model_path = load_model_and_tokenizer(cfg, report)
-    splits = load_run_splits(cfg, tokenizer)
-    # The LoRA weights are drawn from the global streams: seed them here, not before loading,
-    # because loading may have drawn (a first run builds the embedded model in this process).
-    seed_everything(cfg.training.seed)
-    try:
-        apply_fine_tuning(model, cfg.lora)
-    except ConfigError as error:
-        raise ConfigError(f"{cfg.source or 'config'}: {error}") from None
-    trainable, total = count_parameters(model)
-    t = cfg.training
-    pack_width = choose_pack_width(cfg, splits["train"], model, report, loss)
-    from tunetop.training.memory_budget import plan_run
-
-    memory = plan_run(cfg, model, splits["train"], pack_width, shard.size if shard is not None else 1, report)
-    parameters = TrainingParameters.from_config(
-        cfg,
-        adapter_path=adapter_path,
-        # The memory plan may turn these on or pick them from the device's memory (training.memory_budget_gb).
-        grad_checkpoint=memory.grad_checkpoint,
-        grad_checkpoint_blocks=memory.grad_checkpoint_blocks,
-        ce_chunk_tokens=memory.ce_chunk_tokens,
-        memory_limit_gb=memory.memory_limit_gb,
-        adapter_config=adapter_config(cfg.lora, model_path),
-        checkpoint_path=checkpoint_path,
-        config_hash=config_hash,
-        pack_width=pack_width,
-    )
-    optimizer = build_optimizer(cfg.optimizer, cfg.source)
-    schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
-    trainer = Trainer(
-        model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, loss=loss, shard=shard
-    )
-    trainer.tokenizer = tokenizer  # for samples from the live adapter (prompts formatted as the training data's)
-    if pack_width and report is not None:
-        report(trainer.train_plan.describe())  # type: ignore[union-attr]
-    return trainer, model_path, trainable, total
-
-
-def choose_pack_width(
-    cfg: RunConfig, train_set: Any, model: Any, report: Callable[[str], None] | None, loss: Any = None
-) -> int:
-    """The packed row width for this run, or 0 for padded batches (``data.packing``)."""
-    import mlx.nn as nn
-
-    from tunetop.training.custom_loss import accepts_segments
-    from tunetop.training.packing import helps, pack_width
-
-    mode = cfg.data.packing
-    if mode == "off":
-        return 0
-    if cfg.training.loss and loss is not None and not accepts_segments(loss):
-        if mode == "on":
-            raise ConfigError(f"{cfg.source or 'config'}: data.packing = \"on\" needs training.loss = {cfg.training.loss!r} "
-                              "to take the example boundaries: add a segments=None parameter (README, 'As a library'), "
-                              "or set data.packing = \"off\".")
-        if report is not None:
-            report(f"packing off: training.loss = {cfg.training.loss!r} takes no segments parameter (data.packing = \"auto\")")
-        return 0
-    width = min(cfg.data.pack_length or pack_width(train_set, cfg.data.max_seq_length), cfg.data.max_seq_length)
-    has_rope = any(isinstance(getattr(m, "rope", None), nn.Module) for _n, m in model.named_modules())
-    if not has_rope:
-        if mode == "on":
-            raise ConfigError(f"{cfg.source or 'config'}: data.packing = \"on\" needs a model with rotary position "
-                              "embeddings (positions restart per packed example); this one has none. Set it to \"auto\" or \"off\".")
-        return 0
-    if mode == "auto" and not helps(train_set, width):
-        if report is not None:
-            report(f"packing off: examples fill rows of {width} tokens on their own (data.packing = \"auto\")")
-        return 0
-    return width
-
-
-class SampleError(ValueError):
-    """A sample that cannot be taken (a prompt too long for the run); the text says why and what to do."""
-
-
-class SampleInterrupted(Exception):
-    """A sample cut short because the run is stopping."""
-
-
-PREFILL_TOKENS = 256
-"""Prompt tokens run at a time before a sample's first token; each chunk is a chance to stop."""
-
-
-def prompt_limit(trainer: Any) -> tuple[int, str]:
-    """The longest prompt a sample takes, in tokens, and where that limit comes from.
-
-    The run's ``data.max_seq_length``: what the adapter was trained on, and a bound on the
-    time and memory the prompt costs (a 60,000-token prompt held the loop for many minutes).
-    The model's own context (``max_position_embeddings``) when that is shorter.
-    """
-    limit, source = int(trainer.parameters.max_seq_length), "data.max_seq_length"
-    context = getattr(getattr(trainer.model, "args", None), "max_position_embeddings", None)
-    if isinstance(context, int) and 0 < context < limit:
-        limit, source = context, "the model's max_position_embeddings"
-    return limit, source
-
-
-def sample(
-    trainer: Any,
-    prompt: str,
-    max_tokens: int,
-    temperature: float,
-    raw: bool = False,
-    should_stop: Callable[[], bool] | None = None,
-) -> str:
-    """Complete ``prompt`` with the weights as they are now (mlx-lm's generation).
-
-    The prompt is formatted as the run's training data formatted its prompts (the chat template
-    for chat data and for prompt/completion data on a tokenizer that has one, :func:`sampling_prompt`);
-    ``raw`` sends the text as it is. Training state is untouched: the model goes back to train
-    mode, the compiled step is a separate function, and the trainer reseeds mx.random before
-    every step anyway. ``should_stop`` is asked after every prefill chunk and every token; True
-    raises :class:`SampleInterrupted`. A prompt over :func:`prompt_limit` raises :class:`SampleError`.
-    """
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    tokenizer = trainer.tokenizer
-    tokens = sampling_prompt(trainer, prompt, raw)
-    if isinstance(tokens, str):  # raw text, tokenized as mlx-lm's generate does: a BOS unless it starts with one
-        add_special_tokens = tokenizer.bos_token is None or not tokens.startswith(tokenizer.bos_token)
-        tokens = tokenizer.encode(tokens, add_special_tokens=add_special_tokens)
-    limit, source = prompt_limit(trainer)
-    if len(tokens) > limit:
-        raise SampleError(f"the prompt is {len(tokens)} tokens long; a sample takes at most {limit} ({source}). "
-                          "Shorten the prompt.")
-
-    def check(*_progress: int) -> None:
-        if should_stop is not None and should_stop():
-            raise SampleInterrupted("the sample was cut short: the run is stopping")
-
-    model = trainer.model
-    model.eval()
-    try:
-        completion = ""
-        for response in stream_generate(
-            model, tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(temp=temperature),
-            prefill_step_size=PREFILL_TOKENS, prompt_progress_callback=check,
-        ):
-            completion += response.text
-            check()
-        return completion
-    finally:
-        model.train()
-
-
-def sampling_prompt(trainer: Any, prompt: str, raw: bool = False) -> list[int] | str:
-    """What generation starts from: the prompt's tokens in the run's prompt format, or the raw text.
-
-    Raw text goes to mlx-lm as a string, which tokenizes it as ``mlx_lm.generate
-    --ignore-chat-template`` does.
-    """
-    from tunetop.training.data import prompt_tokens
-
-    if raw:
-        return prompt
-    return prompt_tokens(trainer.tokenizer, prompt, trainer.prompt_format, trainer.row_format)

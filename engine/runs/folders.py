@@ -8,6 +8,10 @@ else whether the engine is alive. State is private (tunetop.private): folders 07
 so no other user can read a run or hold its lock; a lock held by anything but the run's engine
 (another user's process on a run made by an older version, a leftover child) is told apart
 from a live engine by who holds it (/proc/locks on Linux). No mlx import here.
+
+Longer than most modules because a run folder and everything that reads it (status, summary for
+`ls`, the lock and who holds it, finding a run by id, prefix or name) is one idea: splitting
+it would put the folder's layout in several places.
 """
 
 from __future__ import annotations
@@ -210,7 +214,8 @@ class LockHolder:
             return False
         if self.pid == recorded_pid:
             return True
-        tunetop = "tunetop.cli" in self.argv or any(Path(arg).name == "tunetop" for arg in self.argv[:2])
+        # engine.cli: the module's name before tunetop was installed under its own name.
+        tunetop = any(m in self.argv for m in ("tunetop.cli", "engine.cli")) or any(Path(a).name == "tunetop" for a in self.argv[:2])
         return tunetop and self.uid in (os.getuid(), 0)
 
     def describe(self) -> str:

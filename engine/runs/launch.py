@@ -1,6 +1,6 @@
 """Starting and resuming a run: the one path ``tunetop train`` and the TUI's screens both take.
 
-A new run is a config checked here (:func:`load_run_config`, :func:`check_ranks`), a private
+A new run is a config checked here (:func:`load_run_config`, config.check_ranks), a private
 run folder holding it, and an engine, in this process (foreground) or detached
 (tunetop.runs.daemon). A resume checks that the run is not training and that the checkpoint exists
 before anything starts. Errors are the usual ones, each a sentence: ConfigError,
@@ -17,7 +17,7 @@ from tunetop.control.endpoints import socket_dir
 from tunetop.private import write_private
 from tunetop.runs.folders import RunDir, RunError, create_run
 from tunetop.training import config as config_module
-from tunetop.training.config import ConfigError, RunConfig
+from tunetop.training.config import RunConfig
 
 ForegroundEngine = Callable[[Path, list[str]], int]
 """Runs the engine for a run folder in this process with ``_engine``'s flags (cli._engine_main)."""
@@ -30,15 +30,6 @@ def load_run_config(path: str | Path) -> RunConfig:
     if not cfg.name:
         cfg.name = Path(path).stem
     return cfg
-
-
-def check_ranks(cfg: RunConfig, ranks: int) -> None:
-    """The batch size is global: it must split evenly over the ranks (ConfigError otherwise)."""
-    if ranks > 1 and cfg.training.batch_size % ranks:
-        raise ConfigError(
-            f"training.batch_size = {cfg.training.batch_size} in {cfg.source or 'the config'} does not split over "
-            f"{ranks} ranks; the batch size is global: make it a multiple of the number of ranks (--np or --hosts)."
-        )
 
 
 def new_run(cfg: RunConfig) -> RunDir:

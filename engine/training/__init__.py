@@ -1,1 +1,2 @@
-"""Training: a run's config, the model and data built from it, the loop, losses, checkpoints, adapters."""
+"""Training: a run's config, the model (local, the Hub, the embedded default) and data built from it,
+the loop, losses, packing, memory planning, checkpoints, adapters and samples. docs/ARCHITECTURE.md."""

@@ -8,6 +8,10 @@ Keys and defaults follow mlx-swift-lm's ``LoRATrain.Parameters`` and
 ``LoRAConfiguration`` in snake_case. Every error a user can make is reported as a
 :class:`ConfigError` whose message names the file, the line when it can be found, the
 key, what was expected and what was found.
+
+Longer than most modules because it is one schema: every section's fields with their help,
+and the checks that name the key. The live fields (LIVE_FIELDS, coerce_live) are the one rule
+the engine and the TUI's form share.
 """
 
 from __future__ import annotations
@@ -566,6 +570,15 @@ def load(path: str | Path) -> RunConfig:
     if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
         config.data.chat_template = str(base / template)
     return config
+
+
+def check_ranks(cfg: RunConfig, ranks: int) -> None:
+    """The batch size is global: it must split evenly over the ranks (ConfigError otherwise)."""
+    if ranks > 1 and cfg.training.batch_size % ranks:
+        raise ConfigError(
+            f"training.batch_size = {cfg.training.batch_size} in {cfg.source or 'the config'} does not split over "
+            f"{ranks} ranks; the batch size is global: make it a multiple of the number of ranks (--np or --hosts)."
+        )
 
 
 def check_paths(config: RunConfig) -> None:

@@ -23,6 +23,9 @@ padded shape costs a recompilation of the compiled step. A row is one token long
 bucket, so the model's input (every token but the last) is the bucket's length: from 128 up a
 multiple of 128, which MLX's CUDA attention needs for its fused (cuDNN) backward pass; at any
 other length it materialises every attention score (docs/PERFORMANCE.md).
+
+Longer than most modules because every row format mlx-lm reads, and the batching that
+follows, stay in one place: tests/test_data_parity.py holds all of it to mlx-lm at once.
 """
 
 from __future__ import annotations

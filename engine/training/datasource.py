@@ -1,7 +1,7 @@
 """Where a run's data comes from, as its config names it: a folder of split files, the embedded
 default, or Hugging Face datasets (tunetop.training.hf_data), read with the row format of the ``[data]`` table (feature names, chat template, prompt mask).
 
-The trainer (tunetop.runs.engine) and ``tunetop test`` (tunetop.training.evaluation) both load through here, so
+The trainer (tunetop.runs.engine) and ``tunetop test`` (tunetop.interop.evaluation) both load through here, so
 they tokenize a run's data the same way.
 """
 
@@ -29,7 +29,7 @@ def row_format(data: DataConfig, tokenizer: Any, source: str = "") -> RowFormat:
 
 def data_folder(cfg: RunConfig) -> Path:
     """The folder holding the run's split files."""
-    from tunetop.interop.embedded import embedded_data_path
+    from tunetop.training.embedded import embedded_data_path
 
     return embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
 

@@ -8,7 +8,7 @@ of ours (``train_split`` = "train[:80%]", ``valid_split`` = "train[-10%:]" as in
 ``test_split`` none unless given; slices as ``datasets`` writes them), and the feature names (those
 of ``[data]`` unless given). Rows are tokenized by tunetop.training.data as file rows are; several entries
 are concatenated split by split. A dataset that cannot be loaded is one paragraph saying which and
-what to do, as a model that cannot be loaded is (tunetop.interop.hub).
+what to do, as a model that cannot be loaded is (tunetop.training.hub).
 """
 
 from __future__ import annotations

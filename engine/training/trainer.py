@@ -9,6 +9,9 @@ The progress callback sees ``Train``, ``Validation`` and ``Save`` events and ret
 event that returned it (the adapter is still saved). An optional ``control`` hook runs between
 steps: the engine uses it to apply commands (pause, save, evaluate, set) without the loop
 knowing about sockets.
+
+Longer than most modules on purpose: a newcomer reads the loop top to bottom in one sitting, as
+nanoGPT's train.py (the losses, packing, adapters and checkpoints it calls live elsewhere).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def score(
     ``batches`` limits the pass to that many batches of ``training.batch_size`` (0 = the whole
     split), chosen as validation chooses them.
     """
-    from tunetop.runs.engine import load_model_and_tokenizer
+    from tunetop.training.build import load_model_and_tokenizer
     from tunetop.training.trainer import evaluate
 
     weights_file, iteration = ("", None) if base else _saved_adapter(run, checkpoint)

@@ -1,0 +1,211 @@
+"""Runs and their engines: `ls`, `attach`, `events`, the commands that steer a live run, `keys`, `_remote-info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tunetop.cli.common import EXIT_DAMAGED, EXIT_UNREACHABLE, _fail
+from tunetop.runs.folders import RunError
+
+
+def _attach(spec: str | None, theme: str | None, runs_list: bool = False) -> int:
+    try:
+        from tunetop.runs.ssh import is_remote
+        from tunetop.tui.app import run_app, run_remote_app
+    except ImportError as error:
+        return _fail(f"the TUI cannot start: {error}")
+    if is_remote(spec):
+        return run_remote_app(str(spec), theme=theme)
+    return run_app(spec, theme=theme, runs_list=runs_list)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    return _attach(args.run, args.theme)
+
+
+def cmd_remote_info(args: argparse.Namespace) -> int:
+    """Internal, run over ssh by a remote client: where a run's sockets are, as JSON."""
+    from tunetop.control.protocol import PROTOCOL_VERSION
+    from tunetop.runs.client_sync import run_endpoints
+    from tunetop.runs.folders import resolve
+
+    run = resolve(args.run or None)
+    endpoints = run_endpoints(run)
+    status = run.status()
+    events_path, commands_path = endpoints.paths
+    print(
+        json.dumps(
+            {
+                "protocol": PROTOCOL_VERSION,
+                "run": run.id,
+                "name": status.get("name", ""),
+                "state": status.get("state", ""),
+                "alive": run.is_alive(),
+                "events": str(events_path),
+                "commands": str(commands_path),
+            }
+        )
+    )
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from tunetop.runs.folders import list_runs
+
+    if args.host:
+        from tunetop.runs.ssh import RemoteError, parse_target, run_remote
+
+        try:
+            flags = [*(["--json"] if args.json else []), *(["--all"] if args.all else [])]
+            print(run_remote(parse_target(args.host, with_run=False), ["ls", *flags]), end="")
+        except RemoteError as error:
+            return _fail(str(error), EXIT_UNREACHABLE)
+        return 0
+
+    rows = []
+    trained = []
+    hidden = 0
+    for run in list_runs():
+        s = run.summary()
+        if s["failed_before_training"] and not args.all:  # a config or data mistake: nothing to see
+            hidden += 1
+            continue
+        rows.append(
+            (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
+        )
+        trained.append(s["trained"])
+    header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
+    if args.json:
+        for row, was_trained in zip(rows, trained, strict=True):
+            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), "trained": was_trained}))
+        return 0
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for number, row in enumerate((header, *rows)):
+        line = "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        if number == 0 and hidden:
+            line += f"   ({hidden} run{'s' if hidden > 1 else ''} that failed before training hidden; `tunetop ls --all` shows them)"
+        print(line)
+    return 0
+
+
+def _warn_damage(path: Path, damage: list[Any]) -> None:
+    for stretch in damage:
+        print(f"tunetop: warning: {path}: skipped {stretch.describe()}; every intact record is printed.", file=sys.stderr)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Print the journal; damaged records are skipped and named on stderr, and the exit code is
+    then EXIT_DAMAGED (after every intact record), so a script cannot take a damaged history for
+    a whole one."""
+    from tunetop.control.journal import Damage, JournalTail
+    from tunetop.runs.folders import resolve
+
+    try:
+        run = resolve(args.run)
+    except RunError as error:
+        return _fail(str(error))
+    out = sys.stdout
+    if args.digest:  # what a screen needs of a long run: rare events whole, train events thinned
+        from tunetop.control.history import read_history
+
+        damage: list[Damage] = []
+        _upto, records = read_history(run.journal, damage)
+        for _seq, payload in records:
+            out.write(payload.decode("utf-8") + "\n")
+        out.flush()
+        _warn_damage(run.journal, damage)
+        return EXIT_DAMAGED if damage else 0
+    tail = JournalTail(run.journal, since=args.since)
+    reported = 0
+
+    def drain() -> None:
+        nonlocal reported
+        for _seq, payload in tail.poll():
+            out.write(payload.decode("utf-8") + "\n")
+        out.flush()
+        _warn_damage(run.journal, tail.damage[reported:])
+        reported = len(tail.damage)
+
+    def finish() -> int:
+        torn = tail.pending > 0 and not run.is_alive()
+        if torn:
+            print(f"tunetop: warning: {run.journal}: the last {tail.pending} bytes are not a complete record "
+                  "(a write cut short by a crash); `tunetop train --resume` moves them to a side file.", file=sys.stderr)
+        return EXIT_DAMAGED if reported or torn else 0
+
+    try:
+        while True:
+            drain()
+            if not args.follow:
+                return finish()
+            if not run.is_alive():
+                drain()
+                return finish()
+            time.sleep(0.2)
+    except (BrokenPipeError, KeyboardInterrupt):
+        return 0
+
+
+def _parse_set_pairs(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"'{pair}' is not KEY=VALUE (for example learning_rate=1e-4)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from tunetop.runs.client_sync import send_command
+    from tunetop.runs.folders import resolve
+
+    try:
+        run = resolve(args.run)
+    except RunError as error:
+        return _fail(str(error))
+    command_args: dict[str, Any] = {}
+    if args.command == "set":
+        try:
+            command_args = _parse_set_pairs(args.pairs)
+        except ValueError as error:
+            return _fail(str(error))
+    elif args.command == "sample":
+        command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "raw": args.raw}
+    if not run.is_alive():
+        return _fail(f"run {run.id} has no live engine; `tunetop ls` shows its state.", EXIT_UNREACHABLE)
+    try:
+        reply = send_command(run, args.command, command_args, timeout=args.timeout)
+    except TimeoutError as error:
+        return _fail(str(error), EXIT_UNREACHABLE)
+    if not reply.ok:
+        return _fail(f"{args.command} refused: {reply.error}", EXIT_UNREACHABLE)
+    if args.json:
+        print(json.dumps({"ok": True, **reply.result}))
+    else:
+        from tunetop.control.replies import describe
+
+        print(describe(args.command, reply))
+    return 0
+
+
+def cmd_keys(_args: argparse.Namespace) -> int:
+    """Make (once) and print this user's client key for TCP listeners."""
+    from tunetop.control.security import clients_dir, make_client_keys
+
+    public = make_client_keys()
+    print(f"client public key: {public}")
+    print(f"authorize it on the engine's machine: copy it into {clients_dir()}/ (any name ending in .key)")
+    return 0
