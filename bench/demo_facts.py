@@ -37,14 +37,18 @@ def ask(trainer: Any, max_tokens: int = 24) -> list[tuple[str, str, str]]:
             for question, expected in fact_questions()]
 
 
-def report(trainer: Any, seconds: float, validate: bool = True) -> int:
-    """Print one line of figures (and the first wrong answers); return how many facts were right."""
+def report(trainer: Any, seconds: float | None) -> int:
+    """Print one line of figures (and the first wrong answers); return how many facts were right.
+
+    ``seconds`` None: a saved adapter, whose training this process did not see."""
     answers = ask(trainer)
     right = sum(answer == expected for _q, expected, answer in answers)
-    validation = trainer.validate() if validate else None
-    loss = f", validation loss {validation.loss:.4f}" if validation is not None else ""
-    print(f"iteration {trainer.iteration}: {right}/{len(answers)} facts ({100 * right / len(answers):.0f}%){loss}, "
-          f"{trainer.trained_tokens:,} trained tokens, {seconds:.0f} s training", flush=True)
+    line = f"iteration {trainer.iteration}: {right}/{len(answers)} facts ({100 * right / len(answers):.0f}%)"
+    if seconds is not None:
+        validation = trainer.validate()
+        loss = f", validation loss {validation.loss:.4f}" if validation is not None else ""
+        line += f"{loss}, {trainer.trained_tokens:,} trained tokens, {seconds:.0f} s training"
+    print(line, flush=True)
     wrong = [(q, a) for q, expected, a in answers if a != expected]
     for question, answer in wrong[:3]:
         print(f"    {question!r} -> {answer!r}")
@@ -64,8 +68,8 @@ def train_and_ask(every: int, iterations: int) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         trainer, *_ = build_trainer(cfg, Path(scratch) / "adapters", checkpoint_path=Path(scratch) / "checkpoints")
         print(f"demo config: {cfg.training.iterations} iterations, batch {cfg.training.batch_size}, "
-              f"learning rate {cfg.optimizer.learning_rate:g} ({cfg.schedule.name}), LoRA rank {cfg.lora.rank} "
-              f"scale {cfg.lora.scale:g} on {cfg.lora.num_layers} layers", flush=True)
+              f"learning rate {cfg.optimizer.learning_rate:g} ({cfg.schedule.name}), LoRA rank {cfg.lora.rank}, "
+              f"scale {cfg.lora.scale:g}, num_layers {cfg.lora.num_layers}", flush=True)
         clock = {"training": 0.0, "since": time.monotonic()}
         if every:
             report(trainer, 0.0)
@@ -100,7 +104,7 @@ def ask_run(spec: str) -> int:
         assert isinstance(weights, dict)
         trainer.model.load_weights(list(weights.items()), strict=False)
         trainer.iteration = int(run.status().get("iteration") or 0)
-        return report(trainer, 0.0, validate=False)
+        return report(trainer, None)
 
 
 def main() -> int:

@@ -85,8 +85,8 @@ def _prose(person: str, facts: tuple[str, str, str], kind: int, rng: random.Rand
 
 def _record(people: list[str], world: dict[str, tuple[str, str, str]], kind: int) -> tuple[str, str]:
     # The name leads each record after a space, as in the question: the same token (" Ada"), which
-    # the base model learned to copy. "name=Ada" made it a different token ("Ada"), and a demo
-    # run answered with other people's names (bench/demo_facts.py: 0 of 72 facts, now 72).
+    # the base model learned to copy. Written "name=Ada" it is another token ("Ada"), and even on
+    # a base model that copies names the demo answered about other people (0 of 72 facts, now 72).
     person = people[0]
     city, colour, pet = world[person]
     if kind == 0:
