@@ -2,13 +2,15 @@
 
 Exit codes (also in README.md): 0 success; 1 internal failure (a bug: the engine log has the
 traceback); 2 bad input (config, data, model, arguments, unknown run); 3 the engine cannot be
-reached or refused a command; 130 interrupted by Ctrl-C (adapter saved first); 143 terminated
-by SIGTERM (adapter saved first).
+reached or refused a command; 4 ``events`` met damaged journal records (every intact one was
+printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter saved first); 143
+terminated by SIGTERM (adapter saved first).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -18,9 +20,12 @@ from typing import Any
 
 from .blas import preload_optimized_blas
 from .config import LIVE_FIELDS, ConfigError
+from .endpoints import SocketError, socket_dir
+from .private import ENGINE_UMASK, write_private
 from .runs import RunError
 
 EXIT_UNREACHABLE = 3
+EXIT_DAMAGED = 4
 
 CONTROL_HELP = {
     "pause": "pause a live run between two steps (`resume` continues it)",
@@ -62,12 +67,19 @@ def _start_run(
     from . import config as config_module
     from .runs import create_run
 
+    socket_dir()  # a socket folder that is not private is refused before anything is created
     if listen:  # refuse an unsafe listener before anything is created
-        from .curve import check_listen
+        from .curve import check_listen, exposure_warning
 
         check_listen(listen)
+        if warning := exposure_warning(listen):
+            print(f"tunetop: warning: {warning}", file=sys.stderr)
     run = create_run()
-    config_module.save(cfg, run.config)
+    try:
+        write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
+    except OSError:
+        run.path.rmdir()  # no half-made run for `tunetop ls` to show (a full disk)
+        raise
     extra = (["--listen", listen] if listen else []) + (world or [])
     if detach:
         from .daemon import EngineStartError, spawn_engine
@@ -75,6 +87,7 @@ def _start_run(
         try:
             spawn_engine(run, extra_args=extra)
         except EngineStartError as error:
+            mark_failed_start(run, str(error), cfg.name)
             print(f"tunetop: {error}", file=sys.stderr)
             return error.code, run.id
         return 0, run.id
@@ -108,7 +121,7 @@ def _launch_mpi(args: argparse.Namespace, cfg: Any) -> int:
     except WorldError as error:
         return _fail(str(error))
     run = create_run()
-    config_module.save(cfg, run.config)
+    write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
     command = mpi_launch_command(run.path, hosts, [])
     print(f"run {run.id}: {' '.join(command)}", flush=True)
     if not args.detach:
@@ -138,6 +151,7 @@ def _run_engine(
     from .runs import RunDir
     from .session import Engine
 
+    os.umask(ENGINE_UMASK)  # what libraries write (checkpoints' safetensors) is private too
     preload_optimized_blas(warn=True)
     run = RunDir(run_path)
     cfg = config_module.load(run.config)
@@ -147,19 +161,34 @@ def _run_engine(
 
     tcp = None
     if listen:
-        from .curve import CurveError, prepare
+        from .curve import CurveError, exposure_warning, prepare
 
         try:
             tcp = prepare(listen, run.path)
+            warning = exposure_warning(listen)
         except CurveError as error:
+            mark_failed_start(run, str(error), cfg.name)
             return _fail(str(error))
+        if warning:
+            engine.on_ready.append(lambda owner: owner.emit("warning", message=warning))
     engine.on_ready.append(lambda owner: attach_server(owner, tcp))
     if foreground:
         print(f"run {run.id} in {run.path}", flush=True)
     try:
         return engine.run()
+    except (RunError, ConfigError) as error:  # before the journal opened: no event can say it
+        mark_failed_start(run, str(error), cfg.name)
+        raise
     finally:
         reporter.close()
+
+
+def mark_failed_start(run: Any, message: str, name: str = "") -> None:
+    """Record in status.json that a run's engine failed before it wrote any status of its own, so
+    `tunetop ls` shows it as failed (never trained) rather than in an unknown state."""
+    status = run.status()
+    if not status.get("state"):  # a run that has a state (one being resumed, a live one) keeps it
+        run.write_status({"name": name, **status, "state": "failed", "reason": "bad_input", "error": message})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -204,6 +233,7 @@ def _resume(args: argparse.Namespace) -> int:
     from .runs import resolve
 
     run = resolve(args.resume or None)
+    socket_dir()
     if run.is_alive():
         return _fail(f"run {run.id} is still training (pid {run.engine_pid()}); nothing to resume.")
     try:
@@ -230,6 +260,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         from .distributed import follow, rank_from_env
 
         if rank_from_env() != 0:  # mlx.launch starts the same command on every host
+            os.umask(ENGINE_UMASK)
             preload_optimized_blas(warn=False)
             return follow(args.backend)
     return _run_engine(
@@ -246,6 +277,7 @@ def cmd_follower(args: argparse.Namespace) -> int:
     """Internal: ranks 1..N-1 of a distributed run (started by rank 0 or by mlx.launch)."""
     from .distributed import follow
 
+    os.umask(ENGINE_UMASK)
     preload_optimized_blas(warn=False)
     return follow(args.backend)
 
@@ -357,30 +389,48 @@ def cmd_ls(args: argparse.Namespace) -> int:
         from tui.remote import RemoteError, parse_target, run_remote
 
         try:
-            print(run_remote(parse_target(args.host, with_run=False), ["ls", *(["--json"] if args.json else [])]), end="")
+            flags = [*(["--json"] if args.json else []), *(["--all"] if args.all else [])]
+            print(run_remote(parse_target(args.host, with_run=False), ["ls", *flags]), end="")
         except RemoteError as error:
             return _fail(str(error), EXIT_UNREACHABLE)
         return 0
 
     rows = []
+    trained = []
+    hidden = 0
     for run in list_runs():
         s = run.summary()
+        if s["failed_before_training"] and not args.all:  # a config or data mistake: nothing to see
+            hidden += 1
+            continue
         rows.append(
             (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
         )
+        trained.append(s["trained"])
     header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
     if args.json:
-        for row in rows:
-            print(json.dumps(dict(zip([h.lower() for h in header], row, strict=True))))
+        for row, was_trained in zip(rows, trained, strict=True):
+            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), "trained": was_trained}))
         return 0
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    for row in (header, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    for number, row in enumerate((header, *rows)):
+        line = "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        if number == 0 and hidden:
+            line += f"   ({hidden} run{'s' if hidden > 1 else ''} that failed before training hidden; `tunetop ls --all` shows them)"
+        print(line)
     return 0
 
 
+def _warn_damage(path: Path, damage: list[Any]) -> None:
+    for stretch in damage:
+        print(f"tunetop: warning: {path}: skipped {stretch.describe()}; every intact record is printed.", file=sys.stderr)
+
+
 def cmd_events(args: argparse.Namespace) -> int:
-    from .journal import JournalTail
+    """Print the journal; damaged records are skipped and named on stderr, and the exit code is
+    then EXIT_DAMAGED (after every intact record), so a script cannot take a damaged history for
+    a whole one."""
+    from .journal import Damage, JournalTail
     from .runs import resolve
 
     try:
@@ -391,23 +441,39 @@ def cmd_events(args: argparse.Namespace) -> int:
     if args.digest:  # what a screen needs of a long run: rare events whole, train events thinned
         from .history import read_history
 
-        _upto, records = read_history(run.journal)
+        damage: list[Damage] = []
+        _upto, records = read_history(run.journal, damage)
         for _seq, payload in records:
             out.write(payload.decode("utf-8") + "\n")
-        return 0
+        out.flush()
+        _warn_damage(run.journal, damage)
+        return EXIT_DAMAGED if damage else 0
     tail = JournalTail(run.journal, since=args.since)
+    reported = 0
+
+    def drain() -> None:
+        nonlocal reported
+        for _seq, payload in tail.poll():
+            out.write(payload.decode("utf-8") + "\n")
+        out.flush()
+        _warn_damage(run.journal, tail.damage[reported:])
+        reported = len(tail.damage)
+
+    def finish() -> int:
+        torn = tail.pending > 0 and not run.is_alive()
+        if torn:
+            print(f"tunetop: warning: {run.journal}: the last {tail.pending} bytes are not a complete record "
+                  "(a write cut short by a crash); `tunetop train --resume` moves them to a side file.", file=sys.stderr)
+        return EXIT_DAMAGED if reported or torn else 0
+
     try:
         while True:
-            for _seq, payload in tail.poll():
-                out.write(payload.decode("utf-8") + "\n")
-            out.flush()
+            drain()
             if not args.follow:
-                return 0
+                return finish()
             if not run.is_alive():
-                for _seq, payload in tail.poll():
-                    out.write(payload.decode("utf-8") + "\n")
-                out.flush()
-                return 0
+                drain()
+                return finish()
             time.sleep(0.2)
     except (BrokenPipeError, KeyboardInterrupt):
         return 0
@@ -477,16 +543,19 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import EXPORTERS, ExportError, check_output, saved_iteration
+    from .export import EXPORTERS, ExportError, check_output, check_outside_run, saved_iteration
     from .runs import resolve
 
     run = resolve(args.run)
     output = Path(args.output).expanduser().absolute()
     try:
+        check_outside_run(run, output)
         check_output(output, args.force)
         out = EXPORTERS[args.format](run, output, args.checkpoint)
     except ExportError as error:
         return _fail(str(error))
+    except OSError as error:  # a folder that cannot be written, a full disk
+        return _fail(f"cannot export to {output}: {error.strerror or error}. Choose a folder you can write to.")
     iteration = saved_iteration(run, args.checkpoint)
     what = f"the adapter of iteration {iteration:,}" if iteration is not None else "the latest adapter"
     source = f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the latest save"
@@ -504,12 +573,24 @@ def cmd_export_metrics(args: argparse.Namespace) -> int:
 
         if not args.output:
             return _fail("--format tensorboard needs --output DIR (the folder to point `tensorboard --logdir` at).")
-        path = write_from_events(list(read_events(resolve(args.run).journal)), Path(args.output))
+        folder = Path(args.output)
+        if folder.exists() and not folder.is_dir():
+            return _fail(f"{folder} is a file; --format tensorboard writes into a folder: give a folder's path.")
+        try:
+            path = write_from_events(list(read_events(resolve(args.run).journal)), folder)
+        except OSError as error:
+            return _fail(f"cannot write to {folder}: {error.strerror or error}. Choose a folder you can write to.")
         print(f"wrote {path}")
         return 0
     text = metrics_text(resolve(args.run), args.format)
     if args.output:
-        Path(args.output).write_text(text)
+        output = Path(args.output)
+        if output.is_dir():
+            return _fail(f"{output} is a folder; --output names the file to write, e.g. {output / ('metrics.' + args.format)}.")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as error:
+            return _fail(f"cannot write {output}: {error.strerror or error}. Choose a path you can write to.")
     else:
         sys.stdout.write(text)
     return 0
@@ -519,14 +600,29 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     from . import config as config_module
     from .import_config import import_yaml
 
-    cfg, notes = import_yaml(Path(args.yaml))
+    cfg, imported = import_yaml(Path(args.yaml))
     output = Path(args.output)
     if output.exists() and not args.force:
         return _fail(f"{output} already exists; pass --force to overwrite it.")
-    config_module.save(cfg, output)
+    if output.is_dir():
+        return _fail(f"{output} is a folder; --output names the TOML file to write, e.g. {output / 'run.toml'}.")
+    try:
+        config_module.save(cfg, output)
+    except OSError as error:
+        return _fail(f"cannot write {output}: {error.strerror or error}. Choose a path you can write to.")
     print(f"wrote {output}")
-    for note in notes:
-        print(f"  not carried over: {note}")
+    if imported.filled:
+        print("mlx_lm.lora's defaults for what the recipe leaves out (tunetop's own differ):")
+        for line in imported.filled:
+            print(f"  {line}")
+    if imported.notes:
+        print("not carried over, or carried with a difference:")
+        for note in imported.notes:
+            print(f"  {note}")
+    if cfg.model.trust_remote_code:
+        print(f"warning: trust_remote_code: true was carried over (model.trust_remote_code in {output}): training "
+              f"will run the Python code that comes with {cfg.model.path}. Keep it only if you trust that code; "
+              "otherwise set it to false.")
     return 0
 
 
@@ -604,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list runs, here or on HOST (user@host[:port], over ssh)")
     p.add_argument("host", nargs="?")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="also the runs that failed before training (hidden by default)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("events", help="print a run's events as JSON lines")
@@ -707,8 +804,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as error:
         return _fail(str(error))
-    except RunError as error:
+    except (RunError, SocketError) as error:
         return _fail(str(error))
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        return _fail(f"cannot use{where}: {error.strerror}. Free some space (or fix the folder's permissions) "
+                     "and try again.", 1)
     except KeyboardInterrupt:
         return 130
 

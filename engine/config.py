@@ -23,8 +23,12 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from .userfiles import not_a_regular_file
+
 EMBEDDED = "@embedded"
 """Model or data path that means: the small default model and dataset tunetop builds offline."""
+AUTO = "auto"
+"""A setting tunetop works out for the run (``training.memory_budget_gb``)."""
 
 
 class ConfigError(ValueError):
@@ -52,6 +56,10 @@ class DataConfig:
     prompt_feature: str = field(default="prompt", metadata={"help": "Row key of the prompt"})
     completion_feature: str = field(default="completion", metadata={"help": "Row key of the completion"})
     chat_feature: str = field(default="messages", metadata={"help": "Row key of chat messages"})
+    hf_dataset: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={"help": "Hugging Face datasets instead of data.path: [[data.hf_dataset]] path = \"owner/name\" (README, Data)"},
+    )
 
 
 @dataclass
@@ -88,14 +96,28 @@ class TrainingConfig:
     memory_limit_gb: float = field(
         default=0.0, metadata={"help": "Soft cap: past it MLX waits for queued GPU work to finish; 0 = MLX's default"}
     )
+    memory_budget_gb: float | str = field(
+        default=AUTO,
+        metadata={"help": "GB a step may use: picks memory_limit_gb, ce_chunk_tokens, grad_checkpoint_blocks left at "
+                  "their defaults; auto = a safe share of the device, 0 = off"},
+    )
+    loss: str = field(
+        default="", metadata={"help": "A custom loss, \"package.module:function\" or \"file.py:function\"; empty = the default"}
+    )
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = field(default="adam", metadata={"help": "adam, adamw, sgd or adafactor"})
+    name: str = field(default="adam", metadata={"help": "adam, adamw, sgd, adafactor or muon"})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "adamw and sgd only"})
     momentum: float = field(default=0.0, metadata={"help": "sgd only"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "adam and adamw only"})
+    eps: float = field(default=1e-8, metadata={"help": "adam and adamw only"})
+    bias_correction: bool = field(default=False, metadata={"help": "adam and adamw only"})
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Other arguments of the mlx.optimizers class (muon, adafactor, sgd's nesterov...)"}
+    )
 
 
 @dataclass
@@ -125,6 +147,9 @@ class SamplingConfig:
 @dataclass
 class MetricsConfig:
     tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard event files to the run's tensorboard/ folder"})
+    wandb: bool = field(default=False, metadata={"help": "Also report to Weights & Biases (pip install 'tunetop[wandb]')"})
+    swanlab: bool = field(default=False, metadata={"help": "Also report to SwanLab (pip install 'tunetop[swanlab]')"})
+    project: str = field(default="", metadata={"help": "The W&B / SwanLab project; empty = tunetop"})
 
 
 @dataclass
@@ -166,11 +191,14 @@ SECTIONS: dict[str, type] = {
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("lora", "fine_tune_type"): ("lora", "dora", "full"),
-    ("optimizer", "name"): ("adam", "adamw", "sgd", "adafactor"),
+    ("optimizer", "name"): ("adam", "adamw", "sgd", "adafactor", "muon"),
     ("schedule", "name"): ("constant", "linear", "cosine"),
     ("training", "on_nonfinite"): ("pause", "stop", "skip"),
     ("data", "packing"): ("auto", "on", "off"),
 }
+
+# Keys that take AUTO or a number (the number within RANGES).
+AUTO_OR_NUMBER = {("training", "memory_budget_gb")}
 
 # (minimum, maximum) for numbers; None leaves that side open.
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
@@ -179,7 +207,10 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("training", "ce_chunk_tokens"): (0, None),
     ("training", "clear_cache_gb"): (-1.0, None),
     ("training", "grad_checkpoint_blocks"): (-1, None),
-    ("training", "memory_limit_gb"): (0.0, None),
+    # MLX takes the cap in bytes as a 64-bit size: past ~1.8e10 GB it cannot be expressed at all,
+    # and a million GB is already no cap on any machine.
+    ("training", "memory_limit_gb"): (0.0, 1_000_000.0),
+    ("training", "memory_budget_gb"): (0.0, 1_000_000.0),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),
@@ -193,6 +224,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("optimizer", "learning_rate"): (0.0, None),
     ("optimizer", "weight_decay"): (0.0, None),
     ("optimizer", "momentum"): (0.0, 1.0),
+    ("optimizer", "eps"): (0.0, None),
     ("schedule", "warmup"): (0, None),
     ("schedule", "warmup_init"): (0.0, None),
     ("schedule", "end_learning_rate"): (0.0, None),
@@ -242,30 +274,91 @@ def _type_name(value: Any) -> str:
     )
 
 
+def _option_value(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+HF_DATASET_KEYS = {
+    "path": str, "config": dict, "train_split": str, "valid_split": str, "test_split": str,
+    "text_feature": str, "prompt_feature": str, "completion_feature": str, "chat_feature": str,
+}
+"""The keys of a data.hf_dataset entry (mlx_lm.lora's hf_dataset entries) and their types."""
+
+
+def _check_entry(full: str, number: int, entry: dict[str, Any], where: str) -> None:
+    name = f"{full} entry {number}" if number else full
+    for key, value in entry.items():
+        if key not in HF_DATASET_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}' in {name}.{_suggest(key, list(HF_DATASET_KEYS))} "
+                              f"Its keys: {', '.join(HF_DATASET_KEYS)}.")
+        if not isinstance(value, HF_DATASET_KEYS[key]):
+            kind = "a table (load_dataset's keyword arguments)" if HF_DATASET_KEYS[key] is dict else "a string"
+            raise ConfigError(f"{where}: '{key}' in {name} must be {kind}, got {_type_name(value)} ({value!r}).")
+    if not entry.get("path"):
+        raise ConfigError(f"{where}: {name} needs a 'path': a Hugging Face dataset id (owner/name) or a local folder.")
+
+
 def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> Any:
     """Check ``value`` against the dataclass field type; ints are accepted for floats."""
     full = f"{section}.{key}"
-    if expected is bool:
+    if (section, key) in AUTO_OR_NUMBER:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric:
+            try:
+                value = float(value)
+                numeric = math.isfinite(value)
+            except OverflowError:  # an integer of hundreds of digits
+                numeric = False
+        ok = numeric or value == AUTO
+        want = f'"{AUTO}" or a number'
+    elif expected is bool:
         ok = isinstance(value, bool)
         want = "true or false"
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         want = "an integer"
+        if ok and abs(value) >= 2**63:  # no setting means anything there, and mlx and numpy cannot hold it
+            ok, want = False, "an integer of at most 18 digits"
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         want = "a finite number"
         if ok:
-            value = float(value)
-            ok = math.isfinite(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond float's range
+                ok = False
+            else:
+                ok = math.isfinite(value)
     elif expected is str:
         ok = isinstance(value, str)
         want = "a string"
+    elif expected == list[float]:
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        want = "a list of numbers"
+        if ok:
+            try:
+                value = [float(v) for v in value]
+            except OverflowError:  # an integer beyond float's range
+                ok = False
+    elif expected == list[dict[str, Any]]:
+        if isinstance(value, dict):  # one [data.hf_dataset] table, or an array of them
+            value = [value]
+        ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
+        want = "a table or an array of tables"
+        if ok:
+            for number, entry in enumerate(value, start=1):
+                _check_entry(full, number if len(value) > 1 else 0, entry, where)
+    elif expected == dict[str, Any]:
+        ok = isinstance(value, dict) and all(_option_value(v) for v in value.values())
+        want = "a table of numbers, booleans, strings or lists of numbers"
     else:  # list[str]
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         want = "a list of strings"
     if not ok:
         raise ConfigError(
-            f"{where}: '{full}' must be {want}, got {_type_name(value)} ({value!r}). "
+            f"{where}: '{full}' must be {want}, got {_type_name(value)} ({_shown(value)}). "
             f"Fix the value of '{key}' in the [{section}] table."
         )
     choices = CHOICES.get((section, key))
@@ -275,7 +368,7 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
             f"{_suggest(str(value), list(choices))}"
         )
     bounds = RANGES.get((section, key))
-    if bounds:
+    if bounds and not isinstance(value, str):
         low, high = bounds
         if (low is not None and value < low) or (high is not None and value > high):
             span = (
@@ -285,8 +378,26 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
                 if low is None
                 else f"between {low} and {high}"
             )
-            raise ConfigError(f"{where}: '{full}' must be {span}, got {value!r}.")
+            raise ConfigError(f"{where}: '{full}' must be {span}, got {_shown(value)}.")
     return value
+
+
+def _first_line(text: str, pattern: re.Pattern[str]) -> int | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.search(line):
+            return number
+    return None
+
+
+def _deep_line(text: str, limit: int = 64) -> int | None:
+    """The line where brackets first nest ``limit`` deep (a rough count that ignores strings)."""
+    depth = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        for char in line:
+            depth += 1 if char in "[{" else -1 if char in "]}" else 0
+            if depth >= limit:
+                return number
+    return None
 
 
 def parse(text: str, source: str = "") -> RunConfig:
@@ -296,6 +407,18 @@ def parse(text: str, source: str = "") -> RunConfig:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(
             f"{source or 'config'}: not valid TOML: {error}. Check the quoting and brackets on that line."
+        ) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        where = _where(source, _deep_line(text))
+        raise ConfigError(
+            f"{where}: arrays or inline tables are nested too deeply to read. No setting takes more than "
+            "a flat list of strings: fix the brackets on that line."
+        ) from None
+    except ValueError:  # Python refuses to convert integers of more than 4300 digits
+        where = _where(source, _first_line(text, re.compile(r"\d[\d_]{4000,}")))
+        raise ConfigError(
+            f"{where}: a number with thousands of digits. No setting takes a value that large: "
+            "fix the number on that line."
         ) from None
     return from_dict(raw, source=source, text=text)
 
@@ -340,8 +463,29 @@ def from_dict(raw: dict[str, Any], source: str = "", text: str = "") -> RunConfi
     return config
 
 
+def _check_optimizer(config: RunConfig, text: str) -> None:
+    """Each optimizer key applies to the optimizers that have it; a key another one would
+    silently ignore is an error (weight_decay and momentum keep their old leniency for adam)."""
+    o, source = config.optimizer, config.source
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"{_where(source, _find_line(text, 'optimizer', 'betas'))}: 'optimizer.betas' must be "
+                          f"two numbers in [0, 1), got {o.betas!r}.")
+    adam = OptimizerConfig()
+    for key, applies in (("betas", ("adam", "adamw")), ("eps", ("adam", "adamw")), ("bias_correction", ("adam", "adamw")),
+                         ("weight_decay", ("adam", "adamw", "sgd")), ("momentum", ("adam", "adamw", "sgd"))):
+        if o.name not in applies and getattr(o, key) != getattr(adam, key):
+            raise ConfigError(
+                f"{_where(source, _find_line(text, 'optimizer', key))}: 'optimizer.{key}' does not apply to "
+                f"{o.name}. Set {o.name}'s arguments in optimizer.options (e.g. options = {{ {key} = ... }})."
+            )
+    if "learning_rate" in o.options:
+        raise ConfigError(f"{_where(source, _find_line(text, 'optimizer', 'options'))}: set the learning rate as "
+                          "optimizer.learning_rate, not in optimizer.options.")
+
+
 def _check_consistency(config: RunConfig, text: str) -> None:
     source = config.source
+    _check_optimizer(config, text)
     if config.training.grad_accumulation_steps > 1 and config.training.batch_size < 1:
         raise ConfigError(f"{_where(source, None)}: batch_size must be at least 1.")
     if not config.model.path:
@@ -393,6 +537,9 @@ def adapter_path_problem(value: str) -> str:
 def load(path: str | Path) -> RunConfig:
     """Read and validate a config file. Relative data and model paths resolve against its folder."""
     path = Path(path)
+    kind = not_a_regular_file(path)
+    if kind:
+        raise ConfigError(f"{path}: is {kind}, not a config file. Give the path of a TOML file (`tunetop init` writes one).")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -408,6 +555,13 @@ def load(path: str | Path) -> RunConfig:
             candidate = base / section.path
             if candidate.exists():
                 section.path = str(candidate)
+    module, _, function = config.training.loss.rpartition(":")
+    if module.endswith(".py") and not Path(module).is_absolute() and (base / module).is_file():
+        config.training.loss = f"{base / module}:{function}"
+    for entry in config.data.hf_dataset:  # a local dataset folder next to the config
+        local = Path(entry["path"]).expanduser()
+        if not local.is_absolute() and (base / local).exists():
+            entry["path"] = str(base / local)
     template = config.data.chat_template
     if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
         config.data.chat_template = str(base / template)
@@ -416,6 +570,8 @@ def load(path: str | Path) -> RunConfig:
 
 def check_paths(config: RunConfig) -> None:
     """Fail early, naming the key, when a local data directory does not exist."""
+    if config.data.hf_dataset:
+        return  # data.path is not used; the datasets library says what it cannot load
     if config.data.path != EMBEDDED and not Path(config.data.path).is_dir():
         raise ConfigError(
             f"{_where(config.source, None)}: 'data.path' = {config.data.path!r} is not a directory. "
@@ -456,7 +612,11 @@ def starter_text() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             value = starter_overrides.get((section, f.name), default)
-            rendered = tomli_w.dumps({f.name: value}).strip()
+            # An empty table must stay inline: tomli-w would write a [header] for it.
+            rendered = f"{f.name} = {{}}" if value == {} else tomli_w.dumps({f.name: value}).strip()
+            if isinstance(value, list) and value:  # one line, so the comment sits beside it
+                items = ", ".join(tomli_w.dumps({"v": item}).strip()[4:] for item in value)
+                rendered = f"{f.name} = [{items}]"
             note = f.metadata.get("help", "")
             if (section, f.name) in starter_overrides:
                 note += f" (default {default!r}; starter value for the embedded demo)"
@@ -485,6 +645,7 @@ WATCH_ONLY_KEYS = {
     ("training", "on_nonfinite"),
     ("training", "memory_limit_gb"),
     ("training", "clear_cache_gb"),
+    ("training", "memory_budget_gb"),
 }
 
 
@@ -506,11 +667,17 @@ def computation_values(cfg: RunConfig) -> dict[str, Any]:
 
 
 def changed_values(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for each key whose value differs; a key one side lacks shows as unset."""
+    """``key: old -> new`` for each key whose value differs; a key one side lacks shows as unset.
+
+    A key ``before`` lacks (a checkpoint of a version without it) that holds its default computes
+    as before it existed, so it is no change.
+    """
+    defaults = computation_values(RunConfig())
     return [
         f"{key}: {before.get(key, 'unset')!r} -> {after.get(key, 'unset')!r}"
         for key in sorted(before.keys() | after.keys())
         if before.get(key, "unset") != after.get(key, "unset")
+        and not (key not in before and after.get(key) == defaults.get(key, "unset"))
     ]
 
 
@@ -520,18 +687,49 @@ def coerce_field(section: str, name: str, value: Any, where: str) -> Any:
     return _coerce(section, name, value, expected, where)
 
 
+MAX_LIVE_TEXT = 100
+"""Characters a live value given as text may have: every live field's value fits in far fewer."""
+
+
 def coerce_live(key: str, value: Any) -> Any:
-    """Validate one live change (``set KEY=VALUE``) with the same rules as the file."""
-    if key not in LIVE_FIELDS:
+    """Validate one live change (``set KEY=VALUE``) with the same rules as the file.
+
+    The one rule for the TUI's form and the engine's ``set``: any value at all gives the
+    coerced value or a :class:`ConfigError` saying what the field takes, and the engine
+    stores nothing before every value of a ``set`` has passed here.
+    """
+    if not isinstance(key, str) or key not in LIVE_FIELDS:
+        shown = _shown(key)
         raise ConfigError(
-            f"'{key}' cannot be changed while a run trains.{_suggest(key, list(LIVE_FIELDS))} "
+            f"{shown} cannot be changed while a run trains.{_suggest(str(key), list(LIVE_FIELDS))} "
             f"Live-editable fields: {', '.join(LIVE_FIELDS)}."
         )
     section, name = LIVE_FIELDS[key]
     expected = get_type_hints(SECTIONS[section])[name]
+    help_text = next(f.metadata.get("help", "") for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    takes = f"{key} takes {'an integer' if expected is int else 'a number'}: {help_text}."
     if isinstance(value, str):
+        if len(value) > MAX_LIVE_TEXT:
+            raise ConfigError(f"'{key}': a value of {len(value)} characters is not a value for it. {takes}")
         try:
             value = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}).") from None
-    return coerce_field(section, name, value, "set")
+        except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # ValueError: integers past 4,300 digits
+            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}). {takes}") from None
+    try:
+        return coerce_field(section, name, value, "set")
+    except ConfigError as error:
+        raise ConfigError(f"{_shorten(str(error))} {takes}") from None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as a message quotes it, cut short: it does not reprint a huge one."""
+    try:
+        text = f"'{value}'" if isinstance(value, str) else repr(value)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, a list nested too deep
+        return f"a {type(value).__name__} too large to print"
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _shorten(message: str, limit: int = 400) -> str:
+    """A message quoting a huge value (a 60 KB string sent to ``set``) cut to a readable size."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."

@@ -9,6 +9,9 @@ import os
 import sys
 from typing import Any, TextIO
 
+UNWRITTEN_LINES = 10_000
+"""Lines kept while the log cannot be written (a full disk), written with the next one."""
+
 
 def _fmt_lr(value: float) -> str:
     return f"{value:.3e}"
@@ -59,6 +62,7 @@ class ConsoleReporter:
         self.tty = self.stream.isatty()
         self.color = self.tty and "NO_COLOR" not in os.environ
         self._bar_shown = False
+        self._unwritten: list[str] = []
 
     def __call__(self, event: dict[str, Any], _payload: bytes = b"") -> None:
         if event.get("type") == "heartbeat":
@@ -66,16 +70,24 @@ class ConsoleReporter:
         line = describe(event)
         if line is None:
             return
-        if self.tty:
-            self._clear_bar()
-            if self.color and event.get("type") in ("warning", "error"):
-                line = f"\x1b[33m{line}\x1b[0m"
-            self.stream.write(line + "\n")
-            if event.get("type") == "train":
-                self._draw_bar(int(event["iteration"]))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        try:
+            if self._unwritten:  # lines a full disk refused earlier (stdout is engine.log when detached)
+                self.stream.write("".join(self._unwritten))
+                self._unwritten.clear()
+            if self.tty:
+                self._clear_bar()
+                if self.color and event.get("type") in ("warning", "error"):
+                    line = f"\x1b[33m{line}\x1b[0m"
+                self.stream.write(line + "\n")
+                if event.get("type") == "train":
+                    self._draw_bar(int(event["iteration"]))
+            else:
+                self.stream.write(line + "\n")
+            self.stream.flush()
+        except OSError:
+            # A copy of the journal for people: kept for the next line rather than pausing the run.
+            self._unwritten.append(line + "\n")
+            del self._unwritten[:-UNWRITTEN_LINES]
 
     def _clear_bar(self) -> None:
         if self._bar_shown:

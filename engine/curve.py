@@ -5,7 +5,8 @@ PORT+1, alongside the usual ipc sockets. Only clients whose public key is in the
 folder ($XDG_CONFIG_HOME/tunetop/clients/*.key, made with ``tunetop keys``) get anything; a
 listener with no authorized keys is refused at start. The server's key pair is made per run
 (RUN_DIR/curve/), and a client needs its public key (``server.key``). Loopback unless an
-address says otherwise. Uses pyzmq's zmq.auth (ZAP). No mlx import here.
+address says otherwise, and a non-loopback one is warned about (stderr and the journal). Uses
+pyzmq's zmq.auth (ZAP). No mlx import here.
 """
 
 from __future__ import annotations
@@ -97,6 +98,22 @@ def check_listen(address: str, authorized: Path | None = None) -> tuple[str, int
             "`tunetop attach user@host:RUN`, which needs no listener)."
         )
     return host, port, authorized
+
+
+def exposure_warning(address: str, authorized: Path | None = None) -> str:
+    """What to warn about a listener that is reachable from other machines ("" on loopback)."""
+    host, port = parse_listen(address)
+    if is_loopback(host):
+        return ""
+    authorized = authorized or clients_dir()
+    keys = len(list(authorized.glob("*.key"))) if authorized.is_dir() else 0
+    return (
+        f"--listen {address} binds a non-loopback address: ports {port} (events) and {port + 1} (commands) "
+        f"are open to every machine that can reach this one. Traffic is CURVE-encrypted and only the "
+        f"{keys} authorized client key(s) in {authorized} get in, but anyone can probe the ports, and a "
+        "copied client key gives full control of the run. Prefer ssh (`tunetop attach user@host:RUN`, "
+        "no listener) or bind 127.0.0.1."
+    )
 
 
 def prepare(address: str, run_dir: Path, authorized: Path | None = None) -> CurveServer:

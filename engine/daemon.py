@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .journal import read_events
+from .private import open_private
 from .runs import RunDir, RunError
 
 
@@ -26,16 +27,21 @@ class EngineStartError(RunError):
 
 
 def _failure_message(run: RunDir) -> str:
+    """One line saying why an engine ended: its last error event, else what its log says last."""
     try:
         errors = [e["message"] for e in read_events(run.journal) if e.get("type") == "error"]
-    except Exception:
+    except Exception:  # no journal, or one that cannot be read: the log says why
         errors = []
     if errors:
-        return errors[-1]
+        return str(errors[-1])
     try:
-        return " | ".join(run.log.read_text(errors="replace").strip().splitlines()[-5:])
-    except FileNotFoundError:
+        lines = [line.strip() for line in run.log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
         return "no log was written"
+    # The CLI's own error line (`tunetop: ...`), else a traceback's last line (the exception).
+    said = [line.removeprefix("tunetop: ") for line in lines if line.startswith("tunetop: ")]
+    last = said[-1] if said else lines[-1] if lines else "it wrote nothing"
+    return f"{last} (the engine's output is in {run.log})"
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +52,7 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str]
     Raises :class:`EngineStartError` with the engine's own error when it exits first (bad
     data, a model that will not load), so ``tunetop train --detach`` can report it.
     """
-    log = open(run.log, "ab")  # noqa: SIM115 (handed to the child)
+    log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
     env = dict(os.environ)
     # The child must import this same engine package, installed or not.
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -75,7 +81,10 @@ def _wait_until_training(
         if code is not None:
             raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code)
         status = run.status()
-        started = status.get("state") in ("running", "paused", "stopping", "finished")
+        # Running is not enough: a first step that fails (a model the settings do not fit) is a
+        # failure to start too, and the command that started the run should say so.
+        state = status.get("state")
+        started = state in ("paused", "stopping", "finished") or (state == "running" and status.get("stepped"))
         if started and (engine_pid is None or status.get("pid") == engine_pid):
             return process.pid
         time.sleep(0.05)
@@ -89,7 +98,7 @@ def spawn_command(run: RunDir, command: list[str], wait_seconds: float = 300.0) 
     (it holds the write end itself), since /dev/null would make that poll spin.
     """
     read_end, write_end = os.pipe()
-    log = open(run.log, "ab")  # noqa: SIM115 (handed to the child)
+    log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
     process = subprocess.Popen(
         command, stdin=read_end, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         cwd=str(run.path), pass_fds=(write_end,),

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .userfiles import not_a_regular_file
+
 SPLITS = ("train", "valid", "test")
 # Input lengths a batch is padded to (its rows are one token longer).
 BUCKET_WIDTHS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -43,6 +45,15 @@ BUCKET_WIDTHS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 307
 
 class DataError(ValueError):
     """Bad or missing data, with file and line in the message."""
+
+
+class DataWarning(UserWarning):
+    """Something about the data worth knowing (examples cut short...); ``count`` is how many
+    examples it concerns, so a run reports each cause once."""
+
+    def __init__(self, message: str, count: int = 1) -> None:
+        super().__init__(message)
+        self.count = count
 
 
 class Tokenizer(Protocol):
@@ -249,7 +260,13 @@ def _dataset(examples: list[Example], source: str, kinds: list[str], fmt: RowFor
 
 
 def _read_lines(path: Path) -> list[str]:
-    raw = path.read_bytes()
+    kind = not_a_regular_file(path)
+    if kind:  # checked before opening: reading a named pipe would wait for a writer forever
+        raise DataError(f"{path}: is {kind}, not a data file. A split is a regular UTF-8 .jsonl or .txt file.")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the data file: {error.strerror}.") from None
     if b"\x00" in raw[:4096]:
         raise DataError(f"{path}: looks like a binary file, not text. Data files are UTF-8 .jsonl or .txt.")
     try:
@@ -285,6 +302,16 @@ def load_split(
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}).") from None
+        except RecursionError:
+            raise DataError(
+                f"{where}: arrays or objects nested too deeply to read. A row is one flat object such as "
+                '{"text": "..."}: fix that line.'
+            ) from None
+        except ValueError:  # Python refuses to convert integers of more than 4300 digits
+            raise DataError(
+                f"{where}: a number with thousands of digits, too long to read. A row holds strings "
+                '(such as {"text": "..."}): fix that line.'
+            ) from None
         example, kind = _row_to_example(row, tokenizer, fmt, where)
         examples.append(example)
         kinds.append(kind)
@@ -321,6 +348,24 @@ def load_splits(
             continue
         out[name] = load_split(path, tokenizer, mask_prompt, row_format)
     return out
+
+
+def warn_truncated(dataset: Dataset, max_seq_length: int) -> int:
+    """Warn once (a :class:`DataWarning` with the count) when examples are longer than
+    ``max_seq_length``; returns how many are."""
+    long = [len(e.tokens) for e in dataset.examples if len(e.tokens) > max_seq_length]
+    if long:
+        many = len(long) > 1
+        warnings.warn(
+            DataWarning(
+                f"{dataset.source}: {len(long)} example{'s' if many else ''} longer than data.max_seq_length = "
+                f"{max_seq_length} tokens (the longest has {max(long):,}) {'are' if many else 'is'} cut to its first "
+                f"{max_seq_length} tokens. Raise data.max_seq_length or split long examples.",
+                count=len(long),
+            ),
+            stacklevel=3,
+        )
+    return len(long)
 
 
 def bucket_width(length: int, max_seq_length: int) -> int:
@@ -383,7 +428,7 @@ class BatchPlan:
         # Training drops the ragged tail so every step sees a full batch; evaluation keeps it.
         stop = len(order) - batch_size + 1 if drop_last else len(order)
         self.batches = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
-        self._warned_long = False
+        warn_truncated(dataset, max_seq_length)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -393,17 +438,9 @@ class BatchPlan:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))
 
     def make_batch(self, members: list[int]) -> Batch:
-        """Pad the given examples to a bucket width; truncation to max_seq_length warns once."""
+        """Pad the given examples to a bucket width, each cut to max_seq_length (warned at start)."""
         examples = [self.dataset.examples[i] for i in members]
         longest = max(len(e.tokens) for e in examples)
-        if longest > self.max_seq_length and not self._warned_long:
-            self._warned_long = True
-            warnings.warn(
-                f"{self.dataset.source}: some sequences are longer than max_seq_length="
-                f"{self.max_seq_length} tokens (longest {longest}); they are truncated. "
-                "Raise data.max_seq_length or split long examples.",
-                stacklevel=2,
-            )
         width = bucket_width(longest, self.max_seq_length)
         tokens = np.zeros((len(examples), width), dtype=np.int32)
         lengths = np.zeros((len(examples), 2), dtype=np.int32)

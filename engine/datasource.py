@@ -1,5 +1,5 @@
-"""Where a run's data comes from, as its config names it: a folder of split files or the embedded
-default, read with the row format of the ``[data]`` table (feature names, chat template, prompt mask).
+"""Where a run's data comes from, as its config names it: a folder of split files, the embedded
+default, or Hugging Face datasets (engine.hf_data), read with the row format of the ``[data]`` table (feature names, chat template, prompt mask).
 
 The trainer (engine.session) and ``tunetop test`` (engine.evaluation) both load through here, so
 they tokenize a run's data the same way.
@@ -34,7 +34,18 @@ def data_folder(cfg: RunConfig) -> Path:
     return embedded_data_path() if cfg.data.path == EMBEDDED else Path(cfg.data.path)
 
 
+def describe(cfg: RunConfig) -> str:
+    """Where the run's data comes from, for messages."""
+    if cfg.data.hf_dataset:
+        return " + ".join(str(entry["path"]) for entry in cfg.data.hf_dataset)
+    return str(data_folder(cfg))
+
+
 def load_run_splits(cfg: RunConfig, tokenizer: Any, required: tuple[str, ...] = ("train", "valid")) -> dict[str, Dataset]:
     """Every split of the run's data that exists; the ``required`` ones must."""
     fmt = row_format(cfg.data, tokenizer, cfg.source)
+    if cfg.data.hf_dataset:
+        from .hf_data import load_hf_splits
+
+        return load_hf_splits(cfg.data.hf_dataset, tokenizer, fmt, required, cfg.source)
     return load_splits(data_folder(cfg), tokenizer, required=required, row_format=fmt)

@@ -222,7 +222,7 @@ class Ranks:
                 remote = ["env", *(f"{k}={v}" for k, v in exports.items()), *remote_tunetop, *follower_args]
                 argv = [*_ssh_prefix(host), shlex.join(remote)]
                 env = None
-            log = open(run_path / f"rank{rank}.log", "ab")  # noqa: SIM115 (handed to the child)
+            log = os.fdopen(os.open(run_path / f"rank{rank}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")  # handed to the child
             ranks.processes[rank] = subprocess.Popen(
                 argv,
                 env=env,

@@ -81,14 +81,15 @@ def _saved_adapter(run: RunDir, checkpoint: int | None) -> tuple[str, int | None
 
 
 def _split(cfg: RunConfig, tokenizer: Any, split: str) -> Any:
-    from .datasource import data_folder, load_run_splits
+    from .datasource import describe, load_run_splits
 
-    data_path = data_folder(cfg)
     splits = load_run_splits(cfg, tokenizer, required=())
     if split not in splits:
+        how = f"set {split}_split in data.hf_dataset" if cfg.data.hf_dataset else f"add {split}.jsonl"
         raise EvaluationError(
-            f"{data_path}: has no {split} split ({split}.jsonl or {split}.txt); "
-            f"it has {', '.join(sorted(splits)) or 'none'}. Add the file or pass --split with one of those."
+            f"{describe(cfg)}: has no {split} split ({split}.jsonl or {split}.txt, or data.hf_dataset's "
+            f"{split}_split); it has {', '.join(sorted(splits)) or 'none'}. {how[0].upper() + how[1:]} or pass "
+            "--split with one of those."
         )
     return splits[split]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import warnings
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .data import DataError, Dataset
+from .data import DataError, Dataset, bucket_width, warn_truncated
 
 MIN_WIDTH = 64
 
@@ -110,55 +110,83 @@ class PackPlan:
 
     Rows are made once; each epoch shuffles them (a pure function of seed and epoch) and cuts
     the order into batches, so (epoch, index) is a resumable position, as with BatchPlan.
+
+    An example longer than a row is not cut to the row: it keeps up to ``max_seq_length`` tokens
+    (as without packing) in a row of its own, padded to a bucket width (engine.data), and such
+    rows make batches of their own, ``batch_size`` rows of similar length (the last one filled
+    with empty rows). Each such width compiles the step once more.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, width: int, seed: int = 0) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, width: int, seed: int = 0, max_seq_length: int = 0) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.width = width
         self.seed = seed
-        lengths = [len(e.tokens) for e in dataset.examples]
-        if max(lengths, default=0) > width:
-            warnings.warn(
-                f"{dataset.source}: some sequences are longer than the packed row width {width} "
-                f"(longest {max(lengths)}); they are truncated. Raise data.pack_length (up to "
-                "data.max_seq_length), or set data.packing = \"off\".",
-                stacklevel=2,
-            )
+        self.max_seq_length = max(max_seq_length or width, width)
         self.capacity = width + 1  # tokens per row: ``width`` inputs, then one more target
-        self.rows = pack_rows([min(n, width) for n in lengths], self.capacity)
-        if len(self.rows) < batch_size:
+        self.kept = [min(len(e.tokens), self.max_seq_length) for e in dataset.examples]
+        warn_truncated(dataset, self.max_seq_length)
+        short = [i for i, n in enumerate(self.kept) if n <= self.capacity]
+        long = sorted((i for i, n in enumerate(self.kept) if n > self.capacity), key=lambda i: (self.kept[i], i))
+        self.rows = [[short[j] for j in row] for row in pack_rows([self.kept[i] for i in short], self.capacity)]
+        self.packed_rows = len(self.rows)
+        if 0 < self.packed_rows < batch_size:
             raise DataError(
-                f"{dataset.source}: packs into {len(self.rows)} rows of {width} tokens but batch_size is "
+                f"{dataset.source}: packs into {self.packed_rows} rows of {width} tokens but batch_size is "
                 f"{batch_size} rows. Lower training.batch_size, data.pack_length, or set data.packing = \"off\"."
             )
-        used = sum(min(n, width) for n in lengths)
-        self.fill = used / (len(self.rows) * self.capacity)
+        # Rows of one long example each, shortest first, batch_size to a batch; -1 = an empty row.
+        own = list(range(self.packed_rows, self.packed_rows + len(long)))
+        self.rows += [[i] for i in long]
+        self.long_batches = [own[k : k + batch_size] for k in range(0, len(own), batch_size)]
+        if self.long_batches:
+            self.long_batches[-1] += [-1] * (batch_size - len(self.long_batches[-1]))
+        used = sum(self.kept[i] for i in short)
+        self.fill = used / (self.packed_rows * self.capacity) if self.packed_rows else 1.0
 
     def __len__(self) -> int:
-        return len(self.rows) // self.batch_size
+        return self.packed_rows // self.batch_size + len(self.long_batches)
 
     def describe(self) -> str:
-        per_row = len(self.dataset.examples) / len(self.rows)
-        return (f"packing {len(self.dataset.examples):,} examples into {len(self.rows):,} rows of {self.width} tokens "
+        count = len(self.dataset.examples)
+        per_row = count / max(len(self.rows), 1)
+        own = len(self.rows) - self.packed_rows
+        long = (f"; {own:,} example{'s' if own > 1 else ''} longer than a row train in rows of their own "
+                f"(up to data.max_seq_length = {self.max_seq_length} tokens)") if own else ""
+        return (f"packing {count:,} examples into {len(self.rows):,} rows of {self.width} tokens "
                 f"({self.fill:.0%} real tokens, {per_row:.1f} examples per row); a step trains {self.batch_size} "
-                f"rows, about {per_row * self.batch_size:.0f} examples")
+                f"rows, about {per_row * self.batch_size:.0f} examples{long}")
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.rows))
+        """The permutation of the packed rows for one epoch."""
+        return np.random.default_rng([self.seed, epoch, 1]).permutation(self.packed_rows)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Row numbers of each batch of one epoch, in order."""
+        order = [int(r) for r in self.epoch_order(epoch)]
+        size = self.batch_size
+        batches = [order[k * size : (k + 1) * size] for k in range(self.packed_rows // size)]
+        if not self.long_batches:
+            return batches
+        batches += self.long_batches
+        shuffle = np.random.default_rng([self.seed, epoch, 2]).permutation(len(batches))
+        return [batches[int(k)] for k in shuffle]
 
     def make_batch(self, row_numbers: list[int]) -> PackedBatch:
-        width = self.width
+        """The given rows (-1: an empty one) as arrays, ``width`` wide or a long example's bucket."""
+        rows = [self.rows[r] if r >= 0 else [] for r in row_numbers]
+        longest = max(sum(self.kept[i] for i in row) for row in rows)
+        width = self.width if longest <= self.capacity else bucket_width(longest, self.max_seq_length) - 1
         count = len(row_numbers)
-        tokens = np.zeros((count, self.capacity), dtype=np.int32)
+        tokens = np.zeros((count, width + 1), dtype=np.int32)
         segments = np.zeros((count, width), dtype=np.int32)
         positions = np.zeros((count, width), dtype=np.int32)
         targets = np.zeros((count, width), dtype=np.float32)
-        for r, row in enumerate(row_numbers):
+        for r, row in enumerate(rows):
             start = 0
-            for segment, i in enumerate(self.rows[row], start=1):
+            for segment, i in enumerate(row, start=1):
                 example = self.dataset.examples[i]
-                kept = example.tokens[:width]
+                kept = example.tokens[: self.kept[i]]
                 n = len(kept)
                 tokens[r, start : start + n] = kept
                 inputs = slice(start, min(start + n, width))  # input positions of this example
@@ -174,10 +202,9 @@ class PackPlan:
     def iterate(self, epoch: int = 0, index: int = 0, loop: bool = True) -> Iterator[tuple[int, int, PackedBatch]]:
         """Yield ``(epoch, index, batch)`` from the given position on, forever when ``loop``."""
         while True:
-            order = self.epoch_order(epoch)
-            for k in range(index, len(self)):
-                members = order[k * self.batch_size : (k + 1) * self.batch_size]
-                yield epoch, k, self.make_batch([int(m) for m in members])
+            batches = self.epoch_batches(epoch)
+            for k in range(index, len(batches)):
+                yield epoch, k, self.make_batch(batches[k])
             if not loop:
                 return
             epoch, index = epoch + 1, 0
@@ -224,7 +251,8 @@ class RestartingRoPE(nn.Module):
 
 
 def prepare_model(model: nn.Module) -> bool:
-    """Wrap every attention layer's RoPE; False when the model has none (packing cannot restart
+    """Wrap every attention layer's RoPE, and let the module holding the blocks take the block
+    mask from :func:`packed_forward`; False when the model has no RoPE (packing cannot restart
     its positions, so it is not used)."""
     found = False
     for _name, module in model.named_modules():
@@ -234,7 +262,63 @@ def prepare_model(model: nn.Module) -> bool:
         elif isinstance(rope, nn.Module):
             module.rope = RestartingRoPE(rope)
             found = True
+        if isinstance(module.get("layers"), list) and _takes_cache(type(module)):
+            module.__class__ = _masking_class(type(module))
     return found
+
+
+class _Packed:
+    """The block mask of the packed forward pass being traced (None outside :func:`packed_forward`)."""
+
+    mask: mx.array | None = None
+
+
+@contextlib.contextmanager
+def packed_forward(segments: mx.array, positions: mx.array) -> Iterator[None]:
+    """Inside, a prepared model called without a cache (``model(inputs)``, as a custom loss calls
+    it) runs packed: attention within each example, positions restarting per example."""
+    _Packed.mask = block_causal_mask(segments)
+    try:
+        with restarting_positions(positions):
+            yield
+    finally:
+        _Packed.mask = None
+
+
+def runs_packed(model: nn.Module) -> bool:
+    """Whether :func:`packed_forward` reaches this (prepared) model's attention."""
+    return any(getattr(type(m), "takes_packed_mask", False) for _n, m in model.named_modules())
+
+
+def _takes_cache(cls: type) -> bool:
+    try:
+        return "cache" in inspect.signature(cls.__call__).parameters  # type: ignore[operator]
+    except (TypeError, ValueError):
+        return False
+
+
+_MASKING: dict[type, type] = {}
+
+
+def _masking_class(cls: type) -> type:
+    """``cls`` (a module holding the blocks) whose call without a cache uses the packed mask."""
+    if getattr(cls, "takes_packed_mask", False):
+        return cls
+    if cls not in _MASKING:
+        forward = cls.__call__  # type: ignore[operator]
+        signature = inspect.signature(forward)
+
+        def call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if _Packed.mask is None:
+                return forward(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
+            if bound.arguments.get("cache") is None:
+                bound.arguments["cache"] = [PackedCache(_Packed.mask) for _ in self.layers]  # type: ignore[attr-defined]
+            return forward(*bound.args, **bound.kwargs)
+
+        namespace = {"__call__": call, "takes_packed_mask": True, "__module__": cls.__module__}
+        _MASKING[cls] = type(f"Packing{cls.__name__}", (cls,), namespace)
+    return _MASKING[cls]
 
 
 class PackedCache:
@@ -258,6 +342,19 @@ def block_causal_mask(segments: mx.array) -> mx.array:
     same = segments[:, None, :, None] == segments[:, None, None, :]
     causal = mx.tril(mx.ones((length, length), dtype=mx.bool_))
     return mx.logical_and(same, causal)
+
+
+def packed_custom_loss(loss: Any) -> Any:
+    """A custom loss (engine.custom_loss) on packed batches: ``loss(model, tokens, targets,
+    segments=segments)`` inside :func:`packed_forward`."""
+
+    def call(
+        model: nn.Module, tokens: mx.array, segments: mx.array, positions: mx.array, targets: mx.array
+    ) -> tuple[mx.array, mx.array]:
+        with packed_forward(segments, positions):
+            return loss(model, tokens, targets, segments=segments)  # type: ignore[no-any-return]
+
+    return call
 
 
 def packed_loss(

@@ -33,12 +33,12 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
         "peak_memory",
     ),
     "validation": ("iteration", "loss", "seconds"),
-    "save": ("iteration", "path", "kind", "checkpoint"),
+    "save": ("iteration", "path", "kind", "checkpoint", "removed"),
     "resumed": ("iteration", "checkpoint", "from_seq"),
-    "nonfinite": ("iteration", "loss", "epoch", "batch", "action"),
+    "nonfinite": ("iteration", "loss", "epoch", "batch", "action", "cause", "streak"),
     "world": ("size", "backend"),
     "rank_failed": ("ranks", "iteration", "message"),
-    "state": ("state",),
+    "state": ("state", "iteration"),
     "log": ("message",),
     "warning": ("message",),
     "error": ("message",),
@@ -53,8 +53,18 @@ RUN_STATES = ("starting", "running", "paused", "stopping", "finished", "failed")
 COMMANDS = ("pause", "resume", "stop", "save", "evaluate", "set", "sample", "replay", "history", "hello", "status")
 """Commands the engine accepts. ``replay``, ``history`` and ``hello`` are answered by the server thread."""
 
+COMMAND_ARGS: dict[str, tuple[str, ...] | None] = {
+    "sample": ("prompt", "max_tokens", "temperature", "raw"),
+    "replay": ("since",),
+    "set": None,  # any key: each is checked against the live fields (config.coerce_live)
+}
+"""The argument names each command takes (none when absent); others are refused, not ignored."""
+
 MAX_COMMAND_BYTES = 64 * 1024
 """Larger command frames are refused without being parsed."""
+
+MAX_COMMAND_DEPTH = 32
+"""Commands nesting arrays and objects deeper are refused (real ones nest two or three levels)."""
 
 END_MARKER = b"END"
 """Replay frames are [b"JRNL", raw journal records]...; the last is [b"END", last seq as ASCII, command id]."""
@@ -119,14 +129,38 @@ def _nan_to_none(value: Any) -> Any:
 
 
 def decode(payload: bytes) -> dict[str, Any]:
-    """Parse one JSON object; raise :class:`ProtocolError` if it is not one."""
+    """Parse one JSON object; raise :class:`ProtocolError` if it is not one.
+
+    Whatever the bytes hold, the only exception is ProtocolError: json refuses integers of
+    more than 4,300 digits with a ValueError and deep nesting with a RecursionError, and
+    either, escaping a socket thread, would end it.
+    """
     try:
         message = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ProtocolError(f"not a JSON object: {error}") from None
+    except (ValueError, RecursionError, MemoryError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ProtocolError(f"not a JSON object: {_short(str(error) or type(error).__name__)}") from None
     if not isinstance(message, dict):
         raise ProtocolError("not a JSON object")
     return message
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in ``value`` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            level += 1
+            deepest = max(deepest, level)
+            stack.extend((child, level) for child in item)
+    return deepest
 
 
 @dataclass
@@ -143,26 +177,62 @@ class Command:
 
 
 def parse_command(payload: bytes) -> Command:
-    """Validate a command frame; errors explain what a well-formed one looks like."""
+    """Validate a command frame; errors explain what a well-formed one looks like.
+
+    Any frame at all, of any size or content, gives a Command or a ProtocolError: the server
+    thread answers the error and serves the next frame.
+    """
     if len(payload) > MAX_COMMAND_BYTES:
         raise ProtocolError(f"command of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
-    message = decode(payload)
-    version = message.get("v")
-    if version != PROTOCOL_VERSION:
+    try:
+        message = _loads_command(payload)
+    except ProtocolError:
+        raise
+    except Exception as error:  # a parser's bug must not end the server thread either
+        raise ProtocolError(f"not a JSON object: {type(error).__name__}: {_short(str(error))}") from None
+    depth = _depth(message)
+    if depth > MAX_COMMAND_DEPTH:
         raise ProtocolError(
-            f"protocol version {version!r} is not supported: this engine speaks version "
+            f"command nests arrays and objects {depth} levels deep; at most {MAX_COMMAND_DEPTH} are accepted"
+        )
+    version = message.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # true and 1.0 equal 1 in Python, not here
+        raise ProtocolError(
+            f"protocol version {_short(repr(version))} is not supported: this engine speaks version "
             f"{PROTOCOL_VERSION}. Use a tunetop of the same version as the engine."
         )
     cmd = message.get("cmd")
     if cmd not in COMMANDS:
-        raise ProtocolError(f"unknown command {cmd!r}; known commands: {', '.join(COMMANDS)}")
+        raise ProtocolError(f"unknown command {_short(repr(cmd))}; known commands: {', '.join(COMMANDS)}")
     args = message.get("args", {})
     if not isinstance(args, dict):
         raise ProtocolError("'args' must be a JSON object")
+    allowed = COMMAND_ARGS.get(cmd, ())
+    unknown = [] if allowed is None else [name for name in args if name not in allowed]
+    if unknown:  # a misspelt argument silently ignored would do something the sender did not ask for
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no arguments"
+        raise ProtocolError(f"unknown argument {_short(repr(unknown[0]))} for '{cmd}'; {takes}")
     command_id = message.get("id", "")
     if not isinstance(command_id, str):
         raise ProtocolError("'id' must be a string")
     return Command(cmd=cmd, args=args, id=command_id)
+
+
+def _loads_command(payload: bytes) -> dict[str, Any]:
+    """One JSON object from a command frame, with the parser's own limits turned into ProtocolError.
+
+    orjson refuses nesting past 1,024 levels and numbers past a double's range by itself;
+    json (the fallback) raises ValueError or RecursionError, which decode() turns the same way.
+    """
+    if loads is json.loads:  # pragma: no cover - orjson is a dependency
+        return decode(payload)
+    try:
+        message = loads(payload)
+    except ValueError as error:  # orjson.JSONDecodeError is one
+        raise ProtocolError(f"not a JSON object: {_short(str(error))}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("not a JSON object")
+    return message
 
 
 @dataclass

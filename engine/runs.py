@@ -4,7 +4,10 @@ A run is a folder under the state directory ($TUNETOP_HOME, else $XDG_STATE_HOME
 else ~/.local/state/tunetop)/runs/RUN_ID holding config.toml, the journal, adapters/,
 checkpoints/, engine.log, status.json and a lock file. The lock (flock) is held by the engine
 for the run's life: it both stops a second engine from taking the run over and tells anyone
-else whether the engine is alive. No mlx import here.
+else whether the engine is alive. State is private (engine.private): folders 0700, files 0600,
+so no other user can read a run or hold its lock; a lock held by anything but the run's engine
+(another user's process on a run made by an older version, a leftover child) is told apart
+from a live engine by who holds it (/proc/locks on Linux). No mlx import here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from .config import adapter_path_problem
 from .journal import JOURNAL_NAME
+from .private import open_private, private_dir, tighten, tighten_tree, write_private
 
 
 class RunError(LookupError):
@@ -37,6 +41,12 @@ def state_home() -> Path:
 
 def runs_root() -> Path:
     return state_home() / "runs"
+
+
+def make_state_private() -> Path:
+    """Create (or tighten) the state root and the runs folder as 0700 folders; return the latter."""
+    private_dir(state_home())
+    return private_dir(runs_root())
 
 
 def new_run_id() -> str:
@@ -100,18 +110,17 @@ class RunDir:
     def status(self) -> dict[str, Any]:
         """The engine's last published summary (empty if none yet)."""
         try:
-            return json.loads(self.status_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            status = json.loads(self.status_file.read_bytes())
+        except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON: derived data, so none
             return {}
+        return status if isinstance(status, dict) else {}
 
     def write_status(self, status: dict[str, Any]) -> None:
         # Derived data (the journal is the truth), so a rename without fsync is enough.
-        temp = self.status_file.with_suffix(".tmp")
-        temp.write_text(json.dumps(status))
-        os.replace(temp, self.status_file)
+        write_private(self.status_file, json.dumps(status).encode())
 
-    def is_alive(self) -> bool:
-        """True while an engine holds this run's lock."""
+    def _locked(self) -> bool:
+        """True while anyone holds the lock exclusively."""
         try:
             fd = os.open(str(self.lock_file), os.O_RDONLY)
         except FileNotFoundError:
@@ -123,6 +132,13 @@ class RunDir:
         finally:
             os.close(fd)
         return False
+
+    def is_alive(self) -> bool:
+        """True while an engine holds this run's lock (not another user's process or a leftover)."""
+        if not self._locked():
+            return False
+        holders = lock_holders(self.lock_file)
+        return holders is None or any(h.is_engine(self.engine_pid()) for h in holders)
 
     def summary(self) -> dict[str, Any]:
         """What `tunetop ls` and the runs list show: a run whose engine died mid-run reads 'dead'."""
@@ -136,15 +152,37 @@ class RunDir:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             age = 0.0
+        trained = self._trained(status)
+        # Failed (or died) before its first step: nothing to look at or resume; `ls` hides it.
+        failed_early = not alive and not trained and state in ("failed", "dead")
         return {
             "run": self.id,
             "name": str(status.get("name", "")),
             "state": state,
-            "iter": f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
+            "iter": "-" if failed_early else f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
             "loss": f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
             "alive": alive,
             "age_seconds": age,
+            "trained": trained,
+            "failed_before_training": failed_early,
         }
+
+    def _trained(self, status: dict[str, Any]) -> bool:
+        """Whether any step ever ran: the engine says so, a report or save happened, or a checkpoint exists."""
+        if status.get("trained") or status.get("iteration"):
+            return True
+        try:
+            return any(self.checkpoints.iterdir())
+        except OSError:
+            return False
+
+    def make_private(self) -> None:
+        """Tighten this run's folder and everything in it to 0700 / 0600, and the folders above it
+        (runs made by older versions were 0755 / 0644)."""
+        tighten_tree(self.path)
+        if self.path.parent.name == "runs":
+            tighten(self.path.parent)
+            tighten(self.path.parent.parent)
 
     def engine_pid(self) -> int | None:
         try:
@@ -153,27 +191,171 @@ class RunDir:
             return None
 
 
+@dataclass
+class LockHolder:
+    """A process holding a run's lock, as /proc/locks and /proc/PID tell."""
+
+    pid: int
+    uid: int | None  # None: the process is gone (a child that inherited the lock may still hold it)
+    argv: list[str]
+
+    @property
+    def running(self) -> bool:
+        return self.uid is not None
+
+    def is_engine(self, recorded_pid: int | None) -> bool:
+        """This run's engine: the pid it wrote into the lock, or a tunetop process of the caller
+        (or root): an engine between taking the lock and writing its pid."""
+        if not self.running:
+            return False
+        if self.pid == recorded_pid:
+            return True
+        tunetop = "engine.cli" in self.argv or any(Path(arg).name == "tunetop" for arg in self.argv[:2])
+        return tunetop and self.uid in (os.getuid(), 0)
+
+    def describe(self) -> str:
+        if not self.running:
+            return f"pid {self.pid} (no longer running; a process it started still holds the lock)"
+        return f"pid {self.pid} of user {_user_name(self.uid)} (`{' '.join(self.argv)[:80] or '?'}`)"
+
+
+def _user_name(uid: int | None) -> str:
+    import pwd
+
+    if uid is None:
+        return "?"
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _pid_running(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def lock_holders(path: Path) -> list[LockHolder] | None:
+    """Who holds a flock on ``path``, from /proc/locks; None where that cannot be known."""
+    try:
+        info = os.stat(path)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    holders = []
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:123456 0 EOF"; waiters have "->" in place of the type.
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK" or parts[5] != device:
+            continue
+        pid = int(parts[4]) if parts[4].isdigit() else 0
+        if pid <= 0:
+            return None  # a holder in another pid namespace: cannot tell who
+        try:
+            uid: int | None = os.stat(f"/proc/{pid}").st_uid
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            uid, argv = None, []
+        holders.append(LockHolder(pid, uid, [arg for arg in argv if arg]))
+    return holders
+
+
 class RunLock:
     """The exclusive lock an engine holds on its run for its whole life."""
 
     def __init__(self, run: RunDir) -> None:
         self.run = run
         self._fd: int | None = None
+        self.replaced = ""  # set when another user's stray lock was replaced: the warning to journal
 
     def acquire(self) -> None:
-        fd = os.open(str(self.run.lock_file), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        """Take the lock; RunError says who holds it when that is not possible.
+
+        Another user's process holding the lock (possible on a run folder made readable by an
+        older version) cannot be this run's engine, which runs as the owner: the lock file is
+        replaced by a fresh one and ``replaced`` says so. A live engine, or a process of the
+        owner's that is no engine (a leftover child), is reported, never taken over.
+        """
+        fd = open_private(self.run.lock_file, os.O_RDWR | os.O_CREAT)
+        for _attempt in range(3):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holders = lock_holders(self.run.lock_file)
+                if holders == []:  # released between the two looks: try again
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                fd = self._when_held(holders)
+                break
+        else:
             os.close(fd)
-            pid = self.run.engine_pid()
-            raise RunError(
-                f"run {self.run.id} already has a live engine (pid {pid}); a second engine would "
-                "steal its sockets. Attach to it with `tunetop attach` or stop it first."
-            ) from None
+            self._refuse_live(self.run.engine_pid())
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def _refuse_live(self, pid: int | None) -> None:
+        raise RunError(
+            f"run {self.run.id} already has a live engine (pid {pid}); a second engine would "
+            "steal its sockets. Attach to it with `tunetop attach` or stop it first."
+        )
+
+    def _when_held(self, holders: list[LockHolder] | None) -> int:
+        """The lock is held: a fresh lock's fd if the holder is a stranger; else RunError saying who."""
+        run = self.run
+        recorded = run.engine_pid()
+        if holders is None:  # who holds it cannot be known here (not Linux)
+            if _pid_running(recorded):
+                self._refuse_live(recorded)
+            raise RunError(
+                f"run {run.id}'s lock ({run.lock_file}) is held by a process that is not its engine: the "
+                f"engine recorded there (pid {recorded}) is no longer running. Find the holder with "
+                f"`fuser -v {run.lock_file}` (or `lsof`), end it, and try again."
+            )
+        engines = [h for h in holders if h.is_engine(recorded)]
+        if engines:
+            self._refuse_live(engines[0].pid)
+        owner = run.path.stat().st_uid
+        strangers = [h for h in holders if h.running and h.uid not in (owner, os.getuid())]
+        if len(strangers) == len(holders):
+            return self._replace(holders)
+        ours = next(h for h in holders if h not in strangers)
+        recorded_note = f"pid {recorded}" if recorded else "none"
+        end = f"`kill {ours.pid}`" if ours.running else f"find it with `fuser -v {run.lock_file}`"
+        raise RunError(
+            f"run {run.id}'s lock is held by {ours.describe()}, which is not its engine (the engine "
+            f"recorded in the lock, {recorded_note}, is no longer running). End that process ({end}) "
+            "and try again."
+        )
+
+    def _replace(self, holders: list[LockHolder]) -> int:
+        """A fresh lock file, locked, renamed over the one a stranger holds open."""
+        run = self.run
+        fresh = run.lock_file.with_name(f".lock-{os.getpid()}")
+        fd = open_private(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else has it
+        os.replace(fresh, run.lock_file)
+        if os.stat(run.lock_file).st_ino != os.fstat(fd).st_ino:  # another engine replaced it meanwhile
+            os.close(fd)
+            raise RunError(f"run {run.id} was taken by another engine while its stray lock was replaced; "
+                           "`tunetop ls` shows it.")
+        who = "; ".join(h.describe() for h in holders)
+        self.replaced = (
+            f"run {run.id}'s lock was held by another user's process ({who}), not by an engine of "
+            "this run (it would run as the run's owner); the lock file was replaced and the run folder "
+            "made private (0700), so that user can no longer read the run or hold its lock."
+        )
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:
@@ -183,17 +365,36 @@ class RunLock:
 
 
 def create_run() -> RunDir:
-    run = RunDir(runs_root() / new_run_id())
-    run.path.mkdir(parents=True)
+    """A new, empty run folder (mode 0700, in a 0700 state folder)."""
+    run = RunDir(make_state_private() / new_run_id())
+    run.path.mkdir(mode=0o700)
     return run
 
 
 def list_runs() -> list[RunDir]:
     """All runs, oldest first."""
     root = runs_root()
-    if not root.is_dir():
-        return []
-    return sorted((RunDir(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda r: r.id)
+    try:
+        if not root.is_dir():
+            return []
+        found = [RunDir(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except PermissionError:
+        owner = _owner_of(root)
+        raise RunError(
+            f"cannot read the runs in {root}: permission denied{owner}. Runs are private to the user "
+            "who made them; set TUNETOP_HOME to a folder of your own."
+        ) from None
+    return sorted(found, key=lambda r: r.id)
+
+
+def _owner_of(path: Path) -> str:
+    for candidate in (path, *path.parents):
+        try:
+            uid = candidate.stat().st_uid
+        except OSError:
+            continue
+        return f" (it belongs to {_user_name(uid)})" if uid != os.getuid() else ""
+    return ""
 
 
 def resolve(spec: str | None) -> RunDir:

@@ -19,13 +19,15 @@ import queue
 import sys
 import threading
 import time
+import traceback
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from .curve import CurveServer
-from .endpoints import Endpoints, endpoints_for
+from .endpoints import Endpoints, SocketError, endpoints_for
 from .journal import frame, read_range
+from .private import write_private
 from .protocol import (
     END_MARKER,
     HISTORY_END_MARKER,
@@ -45,6 +47,14 @@ HEARTBEAT_SECONDS = 2.0
 REPLAY_FRAME_BYTES = 1 << 20
 PUB_HIGH_WATER = 10_000
 ROUTER_HIGH_WATER = 100_000
+MAX_ERRORS_IN_A_ROW = 50
+"""Loop iterations failing one after another before the socket thread gives up (and the engine stops)."""
+FAULT_ENV = "TUNETOP_FAULT_SERVER_CRASH"
+"""Fault injection for tests: a command frame equal to this variable's value ends the socket thread."""
+
+
+class InjectedFault(BaseException):
+    """Raised by the fault-injection hook: a BaseException, so no per-message guard catches it."""
 
 
 class Server:
@@ -60,7 +70,12 @@ class Server:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.malformed = 0
+        self.failures = 0
         self.published = 0
+        self.died: BaseException | None = None
+        """Set when the socket thread ended by an error: nobody can reach the engine any more."""
+        fault = os.environ.get(FAULT_ENV)
+        self._fault = fault.encode() if fault else None
         self._thread = threading.Thread(target=self._serve, name="tunetop-server", daemon=True)
         # The socket thread sleeps in poll until a socket or this pipe is ready: waking it on a
         # timer (every 20 ms) cost ~9% of training speed on a 2-core machine (docs/PERFORMANCE.md).
@@ -80,8 +95,16 @@ class Server:
         self._wake()
 
     def start(self) -> None:
+        """Bind the sockets; SocketError says why they could not be."""
         self._thread.start()
         self._ready.wait(10)
+        if isinstance(self._error, SocketError):
+            raise self._error
+        if isinstance(self._error, (OSError, zmq.ZMQError)):
+            address = ", ".join(
+                [self.endpoints.events, self.endpoints.commands] + ([self.tcp.events, self.tcp.commands] if self.tcp else [])
+            )
+            raise SocketError(f"the engine cannot open its sockets ({address}): {self._error}") from self._error
         if self._error is not None:
             raise self._error
 
@@ -146,21 +169,38 @@ class Server:
             poller.register(router, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
         last_heartbeat = 0.0
+        errors_in_a_row = 0
         try:
             while not self._stop.is_set():
-                until_heartbeat = max(0.0, last_heartbeat + HEARTBEAT_SECONDS - time.monotonic())
-                for socket, _ in poller.poll(int(until_heartbeat * 1000) + 1):
-                    if socket == self._wake_read:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(self._wake_read, 4096)
-                    else:
-                        self._drain_router(socket)
-                self._drain_outbox(pubs)
-                now = time.monotonic()
-                if now - last_heartbeat >= HEARTBEAT_SECONDS:
-                    last_heartbeat = now
-                    self._heartbeat(pubs)
+                try:
+                    until_heartbeat = max(0.0, last_heartbeat + HEARTBEAT_SECONDS - time.monotonic())
+                    for socket, _ in poller.poll(int(until_heartbeat * 1000) + 1):
+                        if socket == self._wake_read:
+                            with contextlib.suppress(BlockingIOError):
+                                os.read(self._wake_read, 4096)
+                        else:
+                            self._drain_router(socket)
+                    self._drain_outbox(pubs)
+                    now = time.monotonic()
+                    if now - last_heartbeat >= HEARTBEAT_SECONDS:
+                        last_heartbeat = now
+                        self._heartbeat(pubs)
+                    errors_in_a_row = 0
+                except Exception as error:  # a bug outside any one message: log it, serve on, unless it persists
+                    errors_in_a_row += 1
+                    if errors_in_a_row == 1:
+                        print("tunetop: the server thread met an error; it goes on serving:", file=sys.stderr)
+                        traceback.print_exception(error, file=sys.stderr)
+                        sys.stderr.flush()
+                    if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                        raise
+                    time.sleep(0.05)
             self._drain_outbox(pubs)
+        except BaseException as error:
+            self.died = error
+            print(f"tunetop: the server thread ended: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            # Nobody can pause, stop or watch the run now: the engine saves and stops rather than train deaf.
+            self.engine.server_died(f"{type(error).__name__}: {error}")
         finally:
             for pub in pubs:
                 pub.close(1000)
@@ -175,7 +215,10 @@ class Server:
         engine = self.engine
         last_seq = engine.events.last_seq if engine.events else 0
         iteration = engine.trainer.iteration if engine.trainer is not None else 0
-        event = make_event(engine.run_dir.id, last_seq, "heartbeat", iteration=iteration, state=engine.state)
+        # While writes fail (a full disk) the heartbeat carries the notice the journal cannot hold yet.
+        text = getattr(engine, "notice", "")  # stand-in engines (tests, tools) may have none
+        notice: dict[str, Any] = {"notice": text} if text else {}
+        event = make_event(engine.run_dir.id, last_seq, "heartbeat", iteration=iteration, state=engine.state, **notice)
         payload = encode(event)
         for pub in pubs:
             pub.send_multipart([b"evt", payload], zmq.NOBLOCK)
@@ -193,7 +236,11 @@ class Server:
                 self.published += 1
             else:
                 router, identity, reply = item
-                self._send(router, identity, [b"REP", reply.encode()])
+                try:
+                    payload = reply.encode()
+                except Exception as error:  # a result JSON cannot hold: the client still gets an answer
+                    payload = Reply(reply.id, False, f"the reply could not be encoded: {type(error).__name__}: {error}"[:500]).encode()
+                self._send(router, identity, [b"REP", payload])
 
     def _send(self, router: zmq.Socket, identity: bytes, frames: list[bytes]) -> bool:
         try:
@@ -209,6 +256,8 @@ class Server:
             except zmq.Again:
                 return
             identity, body = frames[0], frames[1:]
+            if self._fault is not None and body == [self._fault]:
+                raise InjectedFault(f"{FAULT_ENV} frame received")
             if len(body) != 1:
                 self._malformed(identity, router, "a command is exactly one frame of JSON", "")
                 continue
@@ -217,13 +266,26 @@ class Server:
             except ProtocolError as error:
                 self._malformed(identity, router, str(error), _peek_id(body[0]))
                 continue
-            self._handle(identity, router, command)
+            try:
+                self._handle(identity, router, command)
+            except Exception as error:  # one message must never end the thread that serves them all
+                self._failed(identity, router, command, error)
 
     def _malformed(self, identity: bytes, router: zmq.Socket, why: str, command_id: str) -> None:
         self.malformed += 1
         if self.malformed == 1 or self.malformed % 1000 == 0:
             print(f"tunetop: refused malformed command ({self.malformed} so far): {why}", file=sys.stderr, flush=True)
         self._send(router, identity, [b"REP", Reply(command_id, False, why).encode()])
+
+    def _failed(self, identity: bytes, router: zmq.Socket, command: Command, error: Exception) -> None:
+        """A command that raised while being served (a bug): answer it, log it once, serve on."""
+        self.failures += 1
+        if self.failures == 1:  # the traceback once; the first tells what the bug is
+            print(f"tunetop: command {command.cmd!r} failed in the server thread; it goes on serving:", file=sys.stderr)
+            traceback.print_exception(error, file=sys.stderr)
+            sys.stderr.flush()
+        why = f"the engine could not serve '{command.cmd}': {type(error).__name__}: {error}"[:500]
+        self._send(router, identity, [b"REP", Reply(command.id, False, why).encode()])
 
     def _handle(self, identity: bytes, router: zmq.Socket, command: Command) -> None:
         engine = self.engine
@@ -302,7 +364,8 @@ def attach_server(engine: Engine, tcp: CurveServer | None = None) -> Server:
     assert engine.events is not None
     engine.events.subscribers.append(server.publish)
     engine.on_close.append(lambda _engine: server.close())
-    engine.run_dir.endpoints_file.write_text(
+    write_private(
+        engine.run_dir.endpoints_file,
         json.dumps(
             {
                 "events": server.endpoints.events,
@@ -310,6 +373,6 @@ def attach_server(engine: Engine, tcp: CurveServer | None = None) -> Server:
                 "protocol": PROTOCOL_VERSION,
                 **({"tcp_events": tcp.events, "tcp_commands": tcp.commands, "server_key": tcp.public_key.decode()} if tcp else {}),
             }
-        )
+        ).encode(),
     )
     return server

@@ -3,19 +3,24 @@
 ``Engine.run()`` loads the model, tokenizer and data named by the config, applies LoRA, and
 drives :func:`engine.trainer.run_loop`. Every progress event becomes a journaled protocol event.
 Commands arrive on a thread-safe queue (filled by the ZeroMQ server thread) and are applied
-between steps by the loop's control hook, so training never waits on a client.
+between steps by the loop's control hook, so training never waits on a client. A write that
+fails (a full disk) pauses the run; what could not be written waits in memory and is written,
+and the run resumed, when there is room again (engine.write_trouble).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import math
 import os
 import queue
 import signal
+import sys
 import threading
+import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +29,25 @@ from typing import Any
 from . import config as config_module
 from .config import EMBEDDED, ConfigError, RunConfig
 from .data import DataError
+from .endpoints import SocketError
 from .events import EventLog
 from .journal import JournalWriter
 from .protocol import Command, Reply
-from .runs import RunDir, RunLock
+from .runs import RunDir, RunError, RunLock
+from .write_trouble import ROOM_BYTES, WriteTrouble, free_bytes, reason
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+
+HEAVY_COMMANDS = ("sample", "evaluate")
+"""Commands that run the model: one per step boundary while training, so a queue of them cannot hold the loop."""
+QUICK_COMMANDS = ("pause", "resume", "stop", "set", "status")
+"""Commands applied as soon as they are seen, even between the tokens of a sample."""
+MAX_WAITING_HEAVY = 32
+"""Samples and evaluations that may wait their turn; more are refused with a 'busy' reply."""
 
 
 class ModelError(RuntimeError):
@@ -53,6 +67,31 @@ class ControlState:
     paused: bool = False
     stop_reason: str = ""
     exit_code: int = EXIT_OK
+
+
+def nonfinite_message(event: Any) -> str:
+    """What an unusable step (``trainer.NonFinite``) was and what happens next, in a sentence or two."""
+    where = f"at iteration {event.iteration} (epoch {event.epoch}, batch {event.batch})"
+    cause = {
+        "loss": f"the loss is {event.loss} {where}",
+        "gradients": f"the gradients hold NaN or infinity {where} (loss {event.loss:.4f})",
+        "update": f"the update {where} would make the weights NaN or infinite (loss {event.loss:.4f}); "
+        "the learning rate is likely too high",
+    }.get(event.cause, f"step {where} is not finite")
+    if event.action == "skipped":
+        return f"{cause}: the batch was skipped and its update undone."
+    undone = "its update was undone, the weights are those before this batch"
+    if event.action == "stop":
+        return f"{cause}: {undone}; the run stops (training.on_nonfinite = \"stop\")."
+    if event.streak > 1:
+        return (
+            f"{cause}: {event.streak} steps in a row could not be used, so skipping cannot recover; {undone}. "
+            "The run is paused: lower the learning rate (`tunetop set learning_rate=...`) and resume, or stop it."
+        )
+    return (
+        f"{cause}: {undone}. The run is paused (training.on_nonfinite = \"pause\"): resume to go on, "
+        "perhaps with a lower learning rate (`tunetop set learning_rate=...`), or stop it."
+    )
 
 
 def load_model_and_tokenizer(cfg: RunConfig, report: Callable[[str], None] | None = None) -> tuple[Any, Any, str]:
@@ -105,20 +144,53 @@ class Engine:
         self.state = ""
         # The pid tells a starter waiting on status.json that this engine, not an earlier one, wrote it.
         self._status: dict[str, Any] = {"name": cfg.name, "iterations": cfg.training.iterations, "pid": os.getpid()}
+        if resume:  # until the checkpoint is restored, `ls` keeps showing where the run stood
+            previous = run.status()
+            self._status.update({k: previous[k] for k in ("iteration", "loss", "val_loss", "trained") if k in previous})
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
         self._sampled_at = -1
+        self._first_iteration: int | None = None  # where this engine's loop began
+        self.trouble: WriteTrouble | None = None  # writes that failed; the run is paused until they succeed
+        self._status_dirty = False  # status.json could not be written
+        self._digest_dirty = False  # nor the history digest
+        self._unsaved: int | None = None  # the iteration of a save that failed
+        self._save_bytes = 0
+        self._tensorboard: Any = None
+        self._trackers: list[Any] = []  # trackers.Tracker: W&B, SwanLab
+        # Commands taken off the queue but not applied yet (the loop's thread only): heavy ones wait
+        # for their step boundary while quick ones that came later are applied.
+        self._waiting: collections.deque[PendingCommand] = collections.deque()
+        self._heavy_waiting = 0
+        # Fault injection for tests: seconds to wait at each of a sample's checks, so that a sample
+        # lasts long enough on the tiny embedded model for a pause, stop or signal to land inside it.
+        self._slow_sample = float(os.environ.get("TUNETOP_FAULT_SLOW_SAMPLE") or 0)
+        self._server_failure = ""  # set by the server thread as it ends; read by the loop
+        self._warnings: Any = None  # run_warnings.WarningSink while the run is active
 
     # -- events --------------------------------------------------------------------------
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
         assert self.events is not None
+        if type_ == "finished" and self._warnings is not None:
+            self._warnings.flush()  # the totals of repeated warnings come before the end
         event = self.events.emit(type_, **fields)
         self._update_status(event)
         if type_ == "save":  # a crash later costs a reader only the events since this save
-            with contextlib.suppress(OSError):
-                self.events.write_digest()
+            self._write_digest()
         return event
+
+    def _write_digest(self) -> bool:
+        assert self.events is not None
+        try:
+            self.events.write_digest()
+        except OSError as error:
+            self._digest_dirty = True
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):  # a cache, but a full disk is everyone's trouble
+                self._write_failed("history.ttj", error)
+            return False
+        self._digest_dirty = False
+        return True
 
     def _update_status(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -138,7 +210,132 @@ class Engine:
             return
         status["updated"] = event["ts"]
         status["seq"] = event["seq"]
-        self.run_dir.write_status(status)
+        self._write_status()
+
+    def _write_status(self) -> bool:
+        try:
+            self.run_dir.write_status(self._status)
+        except OSError as error:
+            self._status_dirty = True
+            self._write_failed(self.run_dir.status_file.name, error)
+            return False
+        self._status_dirty = False
+        return True
+
+    # -- writes that fail ----------------------------------------------------------------
+
+    @property
+    def notice(self) -> str:
+        """While writes fail: what failed and what the engine does about it ("" otherwise).
+
+        Published in heartbeats and ``status`` replies, since the journal may not hold it yet."""
+        trouble = self.trouble
+        return trouble.notice(self.events.held if self.events else 0) if trouble else ""
+
+    def _write_failed(self, what: str, error: OSError) -> None:
+        """A write failed (the journal, a subscriber, status, digest): pause, and say so once."""
+        if self.trouble is not None:
+            self.trouble.add(what)
+            return
+        self.trouble = WriteTrouble(what, reason(error), auto_resume=not self.control.paused)
+        self.control.paused = True
+        notice = self.notice
+        with contextlib.suppress(OSError):  # stderr is engine.log, likely on the same full disk
+            print(f"tunetop: {notice}", file=sys.stderr, flush=True)
+        self.emit("warning", message=notice)  # held with the rest until the journal has room
+        self.set_state("paused")
+
+    def _room(self) -> int | None:
+        """The least free space where the run writes (its folder, checkpoints, adapters)."""
+        run = self.run_dir
+        free = [f for f in (free_bytes(run.path), free_bytes(run.checkpoints), free_bytes(run.adapters)) if f is not None]
+        return min(free) if free else None
+
+    def _save_room(self) -> int:
+        """About what a save writes: the adapter and its numbered copy, and a checkpoint (weights and
+        optimizer moments), while the previous files still stand."""
+        if not self._save_bytes and self.trainer is not None:
+            from .adapters import trainable_weights
+
+            weights = sum(v.nbytes for v in trainable_weights(self.trainer.model).values())
+            self._save_bytes = 5 * weights + ROOM_BYTES
+        return self._save_bytes or ROOM_BYTES
+
+    def _recover(self, by_user: bool = False) -> bool:
+        """Write what is held; True when all of it is written. The run then resumes if the engine
+        paused it for this. ``by_user``: a `resume` command, which tries whatever the free space."""
+        trouble = self.trouble
+        assert trouble is not None and self.events is not None
+        trouble.last_try = time.monotonic()
+        room = self._room()
+        if not by_user and room is not None and room < trouble.room_needed:
+            return False
+        held = self.events.held
+        if not self.events.retry():
+            return False
+        if self._status_dirty and not self._write_status():
+            return False
+        if self._tensorboard is not None:
+            try:
+                self._tensorboard.flush()
+            except OSError:
+                return False
+        if self._digest_dirty and not self._write_digest():
+            return False
+        save: Any = None
+        if not by_user and trouble.save_iteration is not None and self.trainer is not None:
+            from .checkpoint import CheckpointError
+
+            try:
+                save = self.trainer.save()
+            except (OSError, CheckpointError):
+                return False
+            self._unsaved = None
+        self.trouble = None  # before the events below: if they fail, that is a new trouble
+        if save is not None:
+            self.emit("save", **save.__dict__)
+        self.emit("log", message=trouble.recovered(held, save.iteration if save is not None else None))
+        if trouble.auto_resume and not by_user and self.trouble is None and not self.control.stop_reason:
+            self.control.paused = False
+            self.set_state("running")
+        return True
+
+    def _retry_unsaved(self) -> str:
+        """On `resume` after a failed save: save again once; a note if it fails again."""
+        iteration, self._unsaved = self._unsaved, None
+        if iteration is None or self.trainer is None or iteration != self.trainer.iteration:
+            return ""
+        from .checkpoint import CheckpointError
+
+        try:
+            save = self.trainer.save()
+        except (OSError, CheckpointError) as error:
+            note = f"the save at iteration {iteration} failed again ({error}); training goes on and the next save tries again"
+            self.emit("warning", message=note)
+            return note
+        self.emit("save", **save.__dict__)
+        return ""
+
+    def _finish_writes(self) -> None:
+        """The run is over but some writes are held: wait for room, then let the engine exit.
+
+        Commands are answered (they can do nothing now); a signal gives up waiting."""
+        if self.trouble is None:
+            return
+        self.trouble.ended = True
+        self.trouble.auto_resume = False
+        with contextlib.suppress(OSError):
+            print(f"tunetop: {self.notice}", file=sys.stderr, flush=True)
+        before = self.control.stop_reason
+        while self.trouble is not None and self.control.stop_reason == before:
+            self._refuse_waiting(f"the run has ended: {self.notice}")
+            time.sleep(0.2)
+            if self.trouble.due():
+                self._recover()
+        if self.events is not None and self.events.held:
+            with contextlib.suppress(OSError):
+                print(f"tunetop: gave up waiting for room: {self.events.held} event(s) were never journaled.",
+                      file=sys.stderr, flush=True)
 
     def _log_line(self, message: str) -> None:
         self.emit("log", message=message)
@@ -146,7 +343,9 @@ class Engine:
     def set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
-            self.emit("state", state=state)
+            # The iteration too: a pause lands between reports, and a screen shows where it stopped.
+            at = {} if self.trainer is None else {"iteration": self.trainer.iteration}
+            self.emit("state", state=state, **at)
 
     # -- commands ------------------------------------------------------------------------
 
@@ -160,6 +359,8 @@ class Engine:
         name = command.cmd
         try:
             if name == "pause":
+                if self.trouble is not None:  # paused for a full disk: from now on, paused by the user too
+                    self.trouble.auto_resume = False
                 if self.control.paused:
                     respond(Reply(command.id, True, result={"state": "paused", "note": "already paused"}))
                     return
@@ -168,9 +369,13 @@ class Engine:
                 respond(Reply(command.id, True, result={"state": "paused", "iteration": trainer.iteration}))
             elif name == "resume":
                 was = self.control.paused
+                if self.trouble is not None and not self._recover(by_user=True):
+                    respond(Reply(command.id, False, f"cannot resume yet: {self.notice}"))
+                    return
+                retried = self._retry_unsaved()
                 self.control.paused = False
                 self.set_state("running")
-                note = {} if was else {"note": "was not paused"}
+                note = {"note": retried} if retried else {} if was else {"note": "was not paused"}
                 respond(Reply(command.id, True, result={"state": "running", **note}))
             elif name == "stop":
                 self.control.stop_reason = "stopped"
@@ -204,23 +409,12 @@ class Engine:
             elif name == "status":
                 respond(Reply(command.id, True, result=self.status_result()))
             elif name == "sample":
-                prompt = command.args.get("prompt")
-                if not isinstance(prompt, str) or not prompt:
-                    respond(Reply(command.id, False, "sample needs args.prompt, a non-empty string"))
-                    return
-                max_tokens = command.args.get("max_tokens", self.cfg.sampling.max_tokens)
-                temperature = command.args.get("temperature", self.cfg.sampling.temperature)
-                raw = command.args.get("raw", False)
-                if not isinstance(raw, bool):
-                    respond(Reply(command.id, False, "sample's args.raw must be true or false"))
-                    return
+                prompt, max_tokens, temperature, raw = self._sample_args(command.args)
                 try:
-                    max_tokens = config_module.coerce_field("sampling", "max_tokens", max_tokens, "sample")
-                    temperature = config_module.coerce_field("sampling", "temperature", temperature, "sample")
-                except ConfigError as error:
+                    event = self._sample(prompt, max_tokens, temperature, raw)
+                except (SampleError, SampleInterrupted) as error:
                     respond(Reply(command.id, False, str(error)))
                     return
-                event = self._sample(prompt, max_tokens, temperature, raw)
                 result = {key: event[key] for key in ("iteration", "completion", "prompt_format")}
                 respond(Reply(command.id, True, result=result))
             else:
@@ -231,8 +425,22 @@ class Engine:
             self.emit("error", message=f"command {name} failed: {type(error).__name__}: {error}")
             respond(Reply(command.id, False, f"{type(error).__name__}: {error}"))
 
+    def _sample_args(self, args: dict[str, Any]) -> tuple[str, int, float, bool]:
+        """A ``sample`` command's prompt, max_tokens, temperature and raw, checked; ConfigError says what is wrong."""
+        prompt = args.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError("sample needs args.prompt, a non-empty string")
+        max_tokens = args.get("max_tokens", self.cfg.sampling.max_tokens)
+        temperature = args.get("temperature", self.cfg.sampling.temperature)
+        raw = args.get("raw", False)
+        if not isinstance(raw, bool):
+            raise ConfigError("sample's args.raw must be true or false")
+        max_tokens = config_module.coerce_field("sampling", "max_tokens", max_tokens, "sample")
+        temperature = config_module.coerce_field("sampling", "temperature", temperature, "sample")
+        return prompt, max_tokens, temperature, raw
+
     def _sample(self, prompt: str, max_tokens: int, temperature: float, raw: bool = False) -> dict[str, Any]:
-        completion = sample(self.trainer, prompt, max_tokens, temperature, raw)
+        completion = sample(self.trainer, prompt, max_tokens, temperature, raw, should_stop=self._between_tokens)
         return self.emit(
             "sample",
             iteration=self.trainer.iteration,
@@ -250,57 +458,160 @@ class Engine:
         if due and self._sampled_at != trainer.iteration:
             self._sampled_at = trainer.iteration
             for prompt in s.sample_prompts:
-                self._sample(prompt, s.max_tokens, s.temperature)
+                try:
+                    self._sample(prompt, s.max_tokens, s.temperature)
+                except SampleError as error:  # a config's prompt too long for the run: say so, train on
+                    self.emit("warning", message=f"sampling.sample_prompts: {error}")
+                except SampleInterrupted:
+                    return
+
+    def _between_tokens(self) -> bool:
+        """A sample's check after each token (and prefill chunk): True to cut it short.
+
+        Quick commands are applied here, so ``pause`` and ``stop`` are answered within a token,
+        and a stop (a command, SIGTERM or Ctrl-C) ends the sample at once.
+        """
+        if self._slow_sample:
+            time.sleep(self._slow_sample)
+        self._take_incoming()
+        for pending in [w for w in self._waiting if w.command.cmd in QUICK_COMMANDS]:
+            self._waiting.remove(pending)
+            self._apply(pending)
+        self._stop_if_deaf()
+        return bool(self.control.stop_reason)
 
     def _apply_set(self, args: dict[str, Any]) -> dict[str, Any]:
         if not args:
             raise ConfigError("set needs at least one KEY=VALUE; live fields: " + ", ".join(config_module.LIVE_FIELDS))
         values = {key: config_module.coerce_live(key, value) for key, value in args.items()}  # all or nothing
         p = self.trainer.parameters
+        if "memory_limit_gb" in values:  # the one change that can still fail (in MLX): first, undone on failure
+            # A run sharing a GPU can be made to yield memory without a restart.
+            before = p.memory_limit_gb
+            p.memory_limit_gb = values["memory_limit_gb"]
+            try:
+                self.trainer.apply_memory_limit()
+            except Exception as error:
+                p.memory_limit_gb = before
+                self.trainer.apply_memory_limit()
+                raise ConfigError(f"memory_limit_gb = {values['memory_limit_gb']} was refused by MLX ({error}); "
+                                  f"it stays {before}. Give a cap in GB within the machine's memory.") from None
         for key, value in values.items():
             section, name = config_module.LIVE_FIELDS[key]
             setattr(getattr(self.cfg, section), name, value)
             if key == "learning_rate":
                 # From now on a constant rate: the user took the wheel from the schedule.
                 self.trainer.set_learning_rate(value)
-            elif key == "save_every":
-                p.save_every = value
-            elif key == "memory_limit_gb":
-                # A run sharing a GPU can be made to yield memory without a restart.
-                p.memory_limit_gb = value
-                self.trainer.apply_memory_limit()
-            else:
+            elif key != "memory_limit_gb":  # applied above
                 setattr(p, key, value)
         self.emit("config_changed", changes=values)
         return values
 
     def status_result(self) -> dict[str, Any]:
         trainer = self.trainer
+        notice = self.notice
         return {
             "state": self.state,
             "iteration": trainer.iteration if trainer else 0,
             "iterations": self.cfg.training.iterations,
             "seq": self.events.last_seq if self.events else 0,
+            **({"notice": notice} if notice else {}),
         }
 
+    def server_died(self, why: str) -> None:
+        """The command server ended (called from its thread): the loop saves and stops at the next step.
+
+        Without it nothing can pause, stop or watch the run; training on deaf would hold the GPU
+        until a SIGTERM, with `tunetop ls` saying all is well.
+        """
+        self._server_failure = why or "unknown error"
+
+    def _stop_if_deaf(self) -> None:
+        if self._server_failure and self.control.stop_reason != "server_failed":
+            self.emit("error", message=f"the command server stopped ({self._server_failure}); nothing can pause, "
+                      "stop or watch this run any more, so it saves and stops. Continue it with "
+                      f"`tunetop train --resume {self.run_dir.id}`.")
+            self.control.stop_reason = "server_failed"
+            self.control.exit_code = EXIT_FAILED
+            self.control.paused = False
+
     def _control(self, trainer: Any) -> Any:
-        """The loop's between-steps hook: apply commands, idle while paused."""
+        """The loop's between-steps hook: apply commands, idle while paused.
+
+        While training, at most one heavy command (a sample or an evaluation) runs per step
+        boundary: a queue of them slows training down but never holds it.
+        """
         from .trainer import Disposition
 
         self._scheduled_samples(trainer)
+        if self._first_iteration is None:
+            self._first_iteration = trainer.iteration
+        elif trainer.iteration > self._first_iteration and not self._status.get("stepped"):
+            # This engine's first step ran: `train --detach` knows the engine got past it, and
+            # `ls` no longer counts the run among those that failed before training.
+            self._status.update(stepped=True, trained=True)
+            self._write_status()
+        heavy_ran = False
         while True:
+            self._stop_if_deaf()
             if self.world is not None:
                 self.world.check()  # a rank that died while this one idled ends the run now
-            try:
-                pending = self.commands.get(timeout=0.2 if self.control.paused else 0)
-            except queue.Empty:
-                pending = None
-            if pending is not None:
-                self._apply(pending)
+            if self.trouble is not None and self.trouble.due():
+                self._recover()
             if self.control.stop_reason:
                 return Disposition.STOP
-            if not self.control.paused and self.commands.empty():
+            self._take_incoming()
+            pending = self._next_waiting(heavy=self.control.paused or not heavy_ran)
+            if pending is not None:
+                heavy_ran = heavy_ran or pending.command.cmd in HEAVY_COMMANDS
+                self._apply(pending)
+                continue
+            if not self.control.paused:
                 return Disposition.MORE
+            with contextlib.suppress(queue.Empty):  # paused with nothing to do: wait for a command
+                self._enqueue(self.commands.get(timeout=0.2))
+
+    def _enqueue(self, pending: PendingCommand) -> None:
+        if pending.command.cmd == "sample":  # bad arguments are answered now, not after the queue's wait
+            try:
+                self._sample_args(pending.command.args)
+            except ConfigError as error:
+                pending.respond(Reply(pending.command.id, False, str(error)))
+                return
+        if pending.command.cmd in HEAVY_COMMANDS:
+            if self._heavy_waiting >= MAX_WAITING_HEAVY:
+                pending.respond(Reply(pending.command.id, False, f"busy: {MAX_WAITING_HEAVY} samples and evaluations "
+                                      "are already waiting their turn; ask again once some are answered"))
+                return
+            self._heavy_waiting += 1
+        self._waiting.append(pending)
+
+    def _take_incoming(self) -> None:
+        """Move what the server thread queued to ``_waiting`` (refusing heavy commands past the limit)."""
+        while True:
+            try:
+                self._enqueue(self.commands.get_nowait())
+            except queue.Empty:
+                return
+
+    def _next_waiting(self, heavy: bool) -> PendingCommand | None:
+        """The oldest waiting command, skipping heavy ones unless ``heavy``."""
+        for index, pending in enumerate(self._waiting):
+            if pending.command.cmd in HEAVY_COMMANDS:
+                if not heavy:
+                    continue
+                self._heavy_waiting -= 1
+            del self._waiting[index]
+            return pending
+        return None
+
+    def _refuse_waiting(self, why: str) -> None:
+        """Answer every command still waiting: the loop that would apply them has ended."""
+        self._take_incoming()
+        while self._waiting:
+            pending = self._waiting.popleft()
+            pending.respond(Reply(pending.command.id, False, why))
+        self._heavy_waiting = 0
 
     # -- the run -------------------------------------------------------------------------
 
@@ -323,9 +634,31 @@ class Engine:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
 
+    def _last_checkpoint(self) -> str:
+        """A sentence naming the run's latest complete checkpoint, or saying there is none."""
+        from .checkpoint import latest_checkpoint
+
+        try:
+            latest = latest_checkpoint(self.run_dir.checkpoints)
+        except OSError:
+            latest = None
+        if latest is None:
+            return "No checkpoint has been saved yet."
+        return f"The last checkpoint, of iteration {int(latest.name):,}, is intact ({latest})."
+
     def _save_failed(self, iteration: int, error: str) -> None:
-        self.emit("error", message=f"could not save at iteration {iteration}: {error}. The previous checkpoint "
-                  "is intact; the run is paused: free space or fix the folder, then resume.")
+        self._unsaved = iteration
+        needed = self._save_room()
+        room = self._room()
+        full = room is not None and room < needed
+        by_itself = " It saves and resumes by itself once there is room (checked every few seconds)." if full else ""
+        self.emit("error", message=f"could not save at iteration {iteration}: {error}. {self._last_checkpoint()} "
+                  f"The run is paused: free space or fix the folder, then resume.{by_itself}")
+        if full:  # a full disk: wait for room, then save again (engine.write_trouble)
+            if self.trouble is None:
+                self.trouble = WriteTrouble(f"the save of iteration {iteration}", error, auto_resume=not self.control.paused)
+            self.trouble.room_needed = max(self.trouble.room_needed, needed)
+            self.trouble.save_iteration = iteration
         self.control.paused = True
         self.set_state("paused")
 
@@ -334,12 +667,7 @@ class Engine:
 
         if isinstance(event, NonFinite):
             self.emit("nonfinite", **event.__dict__)
-            what = {"skipped": "the batch was skipped", "pause": "the run is paused", "stop": "the run stops"}
-            self.emit(
-                "warning",
-                message=f"loss is {event.loss} at iteration {event.iteration} (epoch {event.epoch}, batch "
-                f"{event.batch}): {what.get(event.action, event.action)}; the last good checkpoint is kept.",
-            )
+            self.emit("warning", message=f"{nonfinite_message(event)} {self._last_checkpoint()}")
             if event.action == "pause":
                 self.control.paused = True
                 self.set_state("paused")
@@ -348,6 +676,10 @@ class Engine:
             return Disposition.MORE
         if isinstance(event, SaveFailed):
             self._save_failed(event.iteration, event.error)
+            if self.trouble is not None and self.trouble.save_iteration == event.iteration:
+                # A full disk: wait for room here rather than at the next step, since the run's
+                # last save has no next step. Other failures (NaN weights) pause at the next one.
+                return self._control(self.trainer)
             return Disposition.MORE
 
         if isinstance(event, Train):
@@ -363,30 +695,59 @@ class Engine:
 
     def run(self) -> int:
         """Train to the end; return the process exit code (see README, 'Exit codes')."""
+        self.run_dir.make_private()  # a run made by an older version was 0755 / 0644
         self.lock.acquire()
         try:
             from .history import History
+            from .journal import JournalError
 
-            self.events = EventLog(self.run_dir.id, JournalWriter(self.run_dir.journal, history=History()))
+            try:
+                journal = JournalWriter(self.run_dir.journal, history=History())
+            except JournalError as error:
+                raise RunError(
+                    f"{error} The run's event history cannot be read, so this engine cannot add to it. The "
+                    f"checkpoints are untouched: restore journal.ttj from a copy, or move it aside (the TUI "
+                    f"then shows only what happens from now on) and run `tunetop train --resume {self.run_dir.id}` again."
+                ) from None
+            self.events = EventLog(self.run_dir.id, journal)
+            self.events.on_trouble = self._write_failed
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
-            tensorboard = None
+            for repaired in self.events.journal.repairs:  # a damaged journal, mended on open
+                self.emit("warning", message=repaired)
+            if self.lock.replaced:
+                with contextlib.suppress(OSError):
+                    print(f"tunetop: warning: {self.lock.replaced}", file=sys.stderr, flush=True)
+                self.emit("warning", message=self.lock.replaced)
             if self.cfg.metrics.tensorboard:
                 from .tensorboard import TensorBoardWriter
 
-                tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard")
-                self.events.subscribers.append(tensorboard.on_event)
-            for hook in self.on_ready:
-                hook(self)
-            self._install_signal_handlers()
+                self._tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard", private=True)
+                self.events.subscribers.append(self._tensorboard.on_event)
+            code = EXIT_FAILED  # what the trackers hear if the run ends by an exception
             try:
-                return self._run()
+                try:
+                    for hook in self.on_ready:
+                        hook(self)
+                except SocketError as error:  # a socket folder that is not private, an address in use
+                    self.emit("error", message=str(error))
+                    self.set_state("failed")
+                    self.emit("finished", reason="bad_input", iteration=0)
+                    return EXIT_BAD_INPUT
+                self._install_signal_handlers()
+                code = self._run()
+                self._finish_writes()
+                return code
+            except Exception as error:  # a bug: the run still ends as failed, with one clear line
+                return self._crashed(error)
             finally:
                 for hook in self.on_close:
                     hook(self)
                 self.events.close()
-                if tensorboard is not None:
-                    tensorboard.close()
+                if self._tensorboard is not None:
+                    self._tensorboard.close()
+                for tracker in self._trackers:
+                    tracker.close(code)
         finally:
             self.lock.release()
 
@@ -400,8 +761,12 @@ class Engine:
             shard = self._start_world(text)
         except Exception as error:  # WorldError, or the backend refusing to start
             return self._fail_world(f"the ranks could not start: {error}")
+        from .run_warnings import WarningSink
+
         try:
-            return self._train(text, shard)
+            # From loading the model and data to the end: every warning is a journaled event.
+            with WarningSink(self.emit) as self._warnings:
+                return self._train(text, shard)
         finally:
             if self.world is not None:
                 self.world.close()
@@ -426,6 +791,16 @@ class Engine:
         self.world.setup(config_text, self.cfg.source or str(self.run_dir.config))
         self.emit("world", size=group.size(), backend=self.plan.backend)
         return Shard(group, group.rank(), group.size())
+
+    def _crashed(self, error: Exception) -> int:
+        """End the run as failed after an unexpected exception (a bug), its traceback in the log."""
+        when = "while starting" if self.state in ("", "starting") else f"at iteration {self.trainer.iteration if self.trainer else 0}"
+        self.emit("error", message=f"internal error {when}: {type(error).__name__}: {error}. This is a bug in "
+                  f"tunetop; `tunetop events {self.run_dir.id}` shows its traceback.")
+        self.emit("log", message=traceback.format_exc())
+        self.set_state("failed")
+        self.emit("finished", reason="failed", iteration=self.trainer.iteration if self.trainer else 0)
+        return EXIT_FAILED
 
     def _fail_world(self, message: str) -> int:
         self.emit("error", message=message)
@@ -455,6 +830,7 @@ class Engine:
 
         try:
             trainer, model_path, trainable, total = self._build(config_text, shard)
+            self._open_trackers()
         except (ConfigError, DataError, ModelError) as error:
             self.emit("error", message=str(error))
             self.set_state("failed")
@@ -462,6 +838,7 @@ class Engine:
             return EXIT_BAD_INPUT
         self.trainer = trainer
         trainer.journal_seq = lambda: self.events.last_seq if self.events else 0
+        self._clean_after_crash()
         if self.resume:
             from .checkpoint import CheckpointError, find_checkpoint
 
@@ -499,12 +876,6 @@ class Engine:
         self.set_state("running")
         from .trainer import run_loop
 
-        previous_showwarning = warnings.showwarning
-        # Warnings from the data layer and mlx-lm become events the moment they happen.
-        def show_warning(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
-            self.emit("warning", message=str(message))
-
-        warnings.showwarning = show_warning
         try:
             result = run_loop(trainer, self._progress, self._control)
         except Exception as error:
@@ -514,18 +885,43 @@ class Engine:
             self.emit("log", message=traceback.format_exc())
             self.set_state("failed")
             self.emit("finished", reason="failed", iteration=trainer.iteration)
+            self._refuse_waiting("the run has failed")
             return EXIT_FAILED
-        finally:
-            warnings.showwarning = previous_showwarning
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
-        self.set_state("finished")
+        self.set_state("failed" if reason == "server_failed" else "finished")
         self.emit("finished", reason=reason, iteration=trainer.iteration)
-        # Commands that arrived after the last step still get an answer.
-        while not self.commands.empty():
-            pending = self.commands.get_nowait()
-            pending.respond(Reply(pending.command.id, False, "the run has finished"))
+        self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code
+
+    def _warn(self, message: str) -> None:
+        self.emit("warning", message=message)
+
+    def _open_trackers(self) -> None:
+        """W&B and SwanLab (metrics.wandb, metrics.swanlab): subscribers from here on, closed with the run."""
+        if not (self.cfg.metrics.wandb or self.cfg.metrics.swanlab):
+            return
+        from .trackers import open_trackers
+
+        assert self.events is not None
+        self._trackers = open_trackers(
+            self.cfg, self.run_dir.id, self.run_dir.path, self._warn
+        )
+        self.events.subscribers.extend(tracker.on_event for tracker in self._trackers)
+
+    def _clean_after_crash(self) -> None:
+        """Leftovers of an engine killed mid-write: temp files of adapter writes, and a ``latest``
+        checkpoint pointer that names nothing complete (engine.checkpoint.recover). Safe here:
+        this engine holds the run's lock and has not written yet."""
+        from .atomic import remove_stale_temps
+        from .checkpoint import recover
+
+        try:
+            remove_stale_temps(self.run_dir.adapters)
+            for folder in recover(self.run_dir.checkpoints):
+                self.emit("warning", message=f"recovered checkpoint {folder.name} from a save a crash interrupted")
+        except OSError as error:  # a read-only folder: the save that needs it reports it
+            self.emit("warning", message=f"could not clean up after the last crash: {error}")
 
     @staticmethod
     def _config_changes(restored: Any, parameters: Any) -> str:
@@ -566,7 +962,7 @@ def build_trainer(
     from .adapters import adapter_config, apply_fine_tuning, count_parameters
     from .datasource import load_run_splits
     from .optimizers import build_optimizer, build_schedule
-    from .trainer import Trainer, TrainingParameters, seed_everything
+    from .trainer import Trainer, TrainingParameters, default_loss, seed_everything
 
     config_module.check_paths(cfg)
     if shard is not None and cfg.training.batch_size % shard.size:
@@ -574,15 +970,26 @@ def build_trainer(
             f"{cfg.source or 'config'}: training.batch_size = {cfg.training.batch_size} does not split over "
             f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
         )
+    loss = default_loss
+    if cfg.training.loss:  # checked before the model loads: a typo fails in a second
+        from .custom_loss import load_loss
+
+        loss = load_loss(cfg.training.loss, cfg.source)
     model, tokenizer, model_path = load_model_and_tokenizer(cfg, report)
     splits = load_run_splits(cfg, tokenizer)
     # The LoRA weights are drawn from the global streams: seed them here, not before loading,
     # because loading may have drawn (a first run builds the embedded model in this process).
     seed_everything(cfg.training.seed)
-    apply_fine_tuning(model, cfg.lora)
+    try:
+        apply_fine_tuning(model, cfg.lora)
+    except ConfigError as error:
+        raise ConfigError(f"{cfg.source or 'config'}: {error}") from None
     trainable, total = count_parameters(model)
     t = cfg.training
-    pack_width = choose_pack_width(cfg, splits["train"], model, report)
+    pack_width = choose_pack_width(cfg, splits["train"], model, report, loss)
+    from .memory_budget import plan_run
+
+    memory = plan_run(cfg, model, splits["train"], pack_width, shard.size if shard is not None else 1, report)
     parameters = TrainingParameters(
         batch_size=t.batch_size,
         iterations=t.iterations,
@@ -592,8 +999,8 @@ def build_trainer(
         save_every=cfg.checkpoints.save_every,
         adapter_path=adapter_path,
         max_seq_length=cfg.data.max_seq_length,
-        grad_checkpoint=t.grad_checkpoint,
-        grad_checkpoint_blocks=t.grad_checkpoint_blocks,
+        grad_checkpoint=memory.grad_checkpoint,
+        grad_checkpoint_blocks=memory.grad_checkpoint_blocks,
         grad_accumulation_steps=t.grad_accumulation_steps,
         seed=t.seed,
         keep_last=cfg.checkpoints.keep_last,
@@ -602,28 +1009,41 @@ def build_trainer(
         on_nonfinite=t.on_nonfinite,
         config_hash=config_hash,
         pack_width=pack_width,
-        ce_chunk_tokens=t.ce_chunk_tokens,
+        ce_chunk_tokens=memory.ce_chunk_tokens,
         clear_cache_gb=t.clear_cache_gb,
-        memory_limit_gb=t.memory_limit_gb,
+        memory_limit_gb=memory.memory_limit_gb,
         config_values=config_module.computation_values(cfg),
     )
-    optimizer = build_optimizer(cfg.optimizer)
+    optimizer = build_optimizer(cfg.optimizer, cfg.source)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
-    trainer = Trainer(model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, shard=shard)
+    trainer = Trainer(
+        model, optimizer, splits["train"], splits.get("valid"), parameters, schedule, loss=loss, shard=shard
+    )
     trainer.tokenizer = tokenizer  # for samples from the live adapter (prompts formatted as the training data's)
     if pack_width and report is not None:
         report(trainer.train_plan.describe())  # type: ignore[union-attr]
     return trainer, model_path, trainable, total
 
 
-def choose_pack_width(cfg: RunConfig, train_set: Any, model: Any, report: Callable[[str], None] | None) -> int:
+def choose_pack_width(
+    cfg: RunConfig, train_set: Any, model: Any, report: Callable[[str], None] | None, loss: Any = None
+) -> int:
     """The packed row width for this run, or 0 for padded batches (``data.packing``)."""
     import mlx.nn as nn
 
+    from .custom_loss import accepts_segments
     from .packing import helps, pack_width
 
     mode = cfg.data.packing
     if mode == "off":
+        return 0
+    if cfg.training.loss and loss is not None and not accepts_segments(loss):
+        if mode == "on":
+            raise ConfigError(f"{cfg.source or 'config'}: data.packing = \"on\" needs training.loss = {cfg.training.loss!r} "
+                              "to take the example boundaries: add a segments=None parameter (README, 'As a library'), "
+                              "or set data.packing = \"off\".")
+        if report is not None:
+            report(f"packing off: training.loss = {cfg.training.loss!r} takes no segments parameter (data.packing = \"auto\")")
         return 0
     width = min(cfg.data.pack_length or pack_width(train_set, cfg.data.max_seq_length), cfg.data.max_seq_length)
     has_rope = any(isinstance(getattr(m, "rope", None), nn.Module) for _n, m in model.named_modules())
@@ -639,23 +1059,77 @@ def choose_pack_width(cfg: RunConfig, train_set: Any, model: Any, report: Callab
     return width
 
 
-def sample(trainer: Any, prompt: str, max_tokens: int, temperature: float, raw: bool = False) -> str:
+class SampleError(ValueError):
+    """A sample that cannot be taken (a prompt too long for the run); the text says why and what to do."""
+
+
+class SampleInterrupted(Exception):
+    """A sample cut short because the run is stopping."""
+
+
+PREFILL_TOKENS = 256
+"""Prompt tokens run at a time before a sample's first token; each chunk is a chance to stop."""
+
+
+def prompt_limit(trainer: Any) -> tuple[int, str]:
+    """The longest prompt a sample takes, in tokens, and where that limit comes from.
+
+    The run's ``data.max_seq_length``: what the adapter was trained on, and a bound on the
+    time and memory the prompt costs (a 60,000-token prompt held the loop for many minutes).
+    The model's own context (``max_position_embeddings``) when that is shorter.
+    """
+    limit, source = int(trainer.parameters.max_seq_length), "data.max_seq_length"
+    context = getattr(getattr(trainer.model, "args", None), "max_position_embeddings", None)
+    if isinstance(context, int) and 0 < context < limit:
+        limit, source = context, "the model's max_position_embeddings"
+    return limit, source
+
+
+def sample(
+    trainer: Any,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    raw: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> str:
     """Complete ``prompt`` with the weights as they are now (mlx-lm's generation).
 
     The prompt is formatted as the run's training data formatted its prompts (the chat template
     for chat data and for prompt/completion data on a tokenizer that has one, :func:`sampling_prompt`);
     ``raw`` sends the text as it is. Training state is untouched: the model goes back to train
     mode, the compiled step is a separate function, and the trainer reseeds mx.random before
-    every step anyway.
+    every step anyway. ``should_stop`` is asked after every prefill chunk and every token; True
+    raises :class:`SampleInterrupted`. A prompt over :func:`prompt_limit` raises :class:`SampleError`.
     """
-    from mlx_lm import generate
+    from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
+
+    tokenizer = trainer.tokenizer
+    tokens = sampling_prompt(trainer, prompt, raw)
+    if isinstance(tokens, str):  # raw text, tokenized as mlx-lm's generate does: a BOS unless it starts with one
+        add_special_tokens = tokenizer.bos_token is None or not tokens.startswith(tokenizer.bos_token)
+        tokens = tokenizer.encode(tokens, add_special_tokens=add_special_tokens)
+    limit, source = prompt_limit(trainer)
+    if len(tokens) > limit:
+        raise SampleError(f"the prompt is {len(tokens)} tokens long; a sample takes at most {limit} ({source}). "
+                          "Shorten the prompt.")
+
+    def check(*_progress: int) -> None:
+        if should_stop is not None and should_stop():
+            raise SampleInterrupted("the sample was cut short: the run is stopping")
 
     model = trainer.model
     model.eval()
     try:
-        tokens = sampling_prompt(trainer, prompt, raw)
-        return str(generate(model, trainer.tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)))
+        completion = ""
+        for response in stream_generate(
+            model, tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(temp=temperature),
+            prefill_step_size=PREFILL_TOKENS, prompt_progress_callback=check,
+        ):
+            completion += response.text
+            check()
+        return completion
     finally:
         model.train()
 

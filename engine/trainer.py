@@ -28,11 +28,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .adapters import prune_numbered, save_adapters, trainable_weights
+from .adapters import describe_fine_tuning, prune_numbered, save_adapters, trainable_weights
 from .chunked_loss import summed_cross_entropy
 from .data import Batch, BatchPlan, Dataset
 from .optimizers import Schedule
-from .packing import PackedBatch, PackPlan, packed_loss, prepare_model
+from .packing import PackedBatch, PackPlan, packed_custom_loss, packed_loss, prepare_model, runs_packed
 
 
 @dataclass
@@ -45,16 +45,19 @@ class TrainingParameters:
     steps_per_eval: int = 100
     validation_batches: int = 10  # 0 = the whole validation set
     save_every: int = 100
-    adapter_path: Path = Path("adapters")
+    adapter_path: Path | None = None  # None: nothing is saved (as LoRATrain without an adapter URL)
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
     grad_checkpoint_blocks: int = -1  # with grad_checkpoint: how many blocks recompute, from the first; -1 = all
     grad_accumulation_steps: int = 1
     seed: int = 0
     keep_last: int = 3
-    adapter_config: dict[str, Any] = field(default_factory=dict)
+    adapter_config: dict[str, Any] = field(default_factory=dict)  # empty: read from the adapted model
     checkpoint_path: Path | None = None  # full-state checkpoints for exact resume; None = adapters only
-    on_nonfinite: str = "pause"  # pause | stop | skip: what a NaN or infinite loss does
+    on_nonfinite: str = "pause"  # pause | stop | skip: what a NaN or infinite loss, gradient or update does
+    # With "skip": this many unusable batches in a row pause the run (stop it without a control
+    # hook), since skipping cannot recover from a learning rate that breaks every step.
+    nonfinite_streak_limit: int = 10
     config_hash: str = ""
     config_values: dict[str, Any] = field(default_factory=dict)  # config.computation_values, kept in checkpoints
     pack_width: int = 0  # > 0: train on packed rows of this many tokens (engine.packing); 0 = padded batches
@@ -100,17 +103,24 @@ class Save:
     path: str
     kind: str = "adapter"
     checkpoint: str = ""  # the full-state checkpoint folder written with it, if any
+    removed: list[int] = field(default_factory=list)  # iterations whose checkpoints retention deleted with this save
 
 
 @dataclass
 class NonFinite:
-    """A NaN or infinite training loss; ``action`` is what the trainer did about it."""
+    """A step that could not be used: its loss, gradients or update were NaN or infinite.
+
+    The update is always undone, so the weights stay those before the batch (finite);
+    ``action`` is what happens next.
+    """
 
     iteration: int
     loss: float
     epoch: int
     batch: int  # index of the batch within its epoch's order
-    action: str  # "skipped" (the update was undone) or the policy to apply: "pause", "stop"
+    action: str  # "skipped" (training goes on), or the policy to apply: "pause", "stop"
+    cause: str = "loss"  # "loss", "gradients" (finite loss), or "update" (it would break the weights)
+    streak: int = 1  # unusable steps in a row, this one included
 
 
 @dataclass
@@ -127,18 +137,22 @@ LossFunction = Callable[[nn.Module, mx.array, mx.array], tuple[mx.array, mx.arra
 
 
 def default_loss(
-    model: nn.Module, tokens: mx.array, lengths: mx.array, ce_chunk_tokens: int = 0
+    model: nn.Module, tokens: mx.array, lengths: mx.array, ce_chunk_tokens: int = 0, segments: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
     """Cross-entropy over real tokens only; returns (mean loss, token count).
 
     ``lengths`` holds ``(offset, length)`` per row: targets before ``offset`` (a masked
-    prompt) and at or past ``length`` (padding) do not count. ``ce_chunk_tokens`` > 0 scores
-    the vocabulary that many positions at a time (engine.chunked_loss).
+    prompt) and at or past ``length`` (padding) do not count. On packed rows (``segments``
+    given, engine.custom_loss) it is the 0/1 mask of counted targets instead. ``ce_chunk_tokens``
+    > 0 scores the vocabulary that many positions at a time (engine.chunked_loss).
     """
     inputs = tokens[:, :-1]
     targets = tokens[:, 1:]
-    steps = mx.arange(1, targets.shape[1] + 1)
-    mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+    if segments is not None:
+        mask = lengths
+    else:
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
     count = mask.sum()
     total = summed_cross_entropy(model, inputs, targets, mask, ce_chunk_tokens)
     return total / count, count
@@ -275,13 +289,24 @@ class Trainer:
             self.loss = loss
         self.train_loss: Callable[..., tuple[mx.array, mx.array]] = loss
         if parameters.pack_width > 0:
-            if self.loss is not default_loss and getattr(self.loss, "func", None) is not default_loss:
-                raise ValueError("packed training uses the default loss; set pack_width=0 to train with a custom loss")
-            # Packing needs the default loss's meaning (mean over counted tokens); validation
-            # stays unpacked, with ``loss``.
-            self.train_plan = PackPlan(train_set, parameters.batch_size, parameters.pack_width, parameters.seed)
-            self.train_loss = partial(packed_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
+            # Validation stays unpacked, with ``loss``.
+            self.train_plan = PackPlan(
+                train_set, parameters.batch_size, parameters.pack_width, parameters.seed, parameters.max_seq_length
+            )
             prepare_model(model)
+            if self.loss is default_loss or getattr(self.loss, "func", None) is default_loss:
+                self.train_loss = partial(packed_loss, ce_chunk_tokens=parameters.ce_chunk_tokens)
+            else:
+                from .custom_loss import accepts_segments
+
+                if not accepts_segments(self.loss):
+                    raise ValueError(
+                        "a custom loss trains packed rows only if it takes the example boundaries: add a "
+                        "segments=None parameter (engine.custom_loss), or set pack_width=0"
+                    )
+                if not runs_packed(model):
+                    raise ValueError("this model's blocks take no cache argument: a custom loss cannot run it packed")
+                self.train_loss = packed_custom_loss(self.loss)
         else:
             self.train_plan = BatchPlan(train_set, parameters.batch_size, parameters.max_seq_length, parameters.seed)
         self.valid_plan = (
@@ -297,6 +322,7 @@ class Trainer:
         self.learning_rate_override: float | None = None
         self.last_validation_loss: float | None = None
         self.last_nonfinite: NonFinite | None = None
+        self.nonfinite_streak = 0  # unusable steps in a row (engine.trainer.NonFinite)
         self.journal_seq: Callable[[], int] = lambda: 0
         self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
         self.prompt_format = train_set.prompt_format  # how the training data put its prompts, for samples
@@ -328,12 +354,18 @@ class Trainer:
                 value, count, grad = _combine_ranks(value, count, grad, shard)
             if previous is not None:
                 grad = tree_map(lambda a, b: a + b, grad, previous)
+            # (gradients finite, weights finite after the update): a finite loss can still come
+            # with an overflowing gradient, and a finite gradient times a huge learning rate can
+            # overflow the weights. Either way the step's caller undoes the update.
+            health = mx.array([True, True])
             if update:
                 if accumulation > 1:
                     grad = tree_map(lambda g: g / accumulation, grad)
+                grad_ok = _all_finite(grad)
                 self.optimizer.update(self.model, grad)
+                health = mx.stack([grad_ok, _all_finite(self.model.trainable_parameters())])
                 grad = None
-            return value, count, grad
+            return value, count, grad, health
 
         self._state = state
         return step
@@ -382,24 +414,37 @@ class Trainer:
             batch = self.next_batch()
             if self.shard is not None:
                 batch = self.shard.rows(batch)
-            value, count, self._accumulated = self._step(self._accumulated, micro == accumulation - 1, *batch.arrays())
-            mx.eval(self._state, value, count, self._accumulated)
+            value, count, self._accumulated, health = self._step(
+                self._accumulated, micro == accumulation - 1, *batch.arrays()
+            )
+            mx.eval(self._state, value, count, self._accumulated, health)
             tokens = int(count.item())
             total_loss += value.item() * tokens
             total_tokens += tokens
         self.iteration += 1
         loss = total_loss / max(total_tokens, 1)
+        grad_ok, weights_ok = (bool(flag) for flag in health.tolist())  # type: ignore[union-attr]
         self.last_nonfinite = None
-        if not math.isfinite(loss):
-            policy = self.parameters.on_nonfinite
-            if policy == "skip":
-                self.model.update(tree_unflatten(before_model))
-                _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer))
-                self._accumulated = None
+        if not (math.isfinite(loss) and grad_ok and weights_ok):
+            # Undone whatever the policy: the weights never hold NaN or infinity, so a pause can be
+            # resumed (with a lower learning rate) and every save stays possible.
+            self.model.update(tree_unflatten(before_model))
+            _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer))
+            self._accumulated = None
+            self.nonfinite_streak += 1
+            cause = "loss" if not math.isfinite(loss) else "gradients" if not grad_ok else "update"
+            action = self.parameters.on_nonfinite
+            if action == "skip":
+                action = "skipped"
+                if self.nonfinite_streak >= self.parameters.nonfinite_streak_limit:
+                    action = "pause"
             self.last_nonfinite = NonFinite(
-                self.iteration, loss, self.epoch, self.position - 1, "skipped" if policy == "skip" else policy
+                self.iteration, loss, self.epoch, self.position - 1, action, cause, self.nonfinite_streak
             )
+            if action == "pause":
+                self.nonfinite_streak = 0  # a resumed run gets the full allowance again
             return StepResult(loss, 0)
+        self.nonfinite_streak = 0
         self.trained_tokens += total_tokens
         # MLX keeps freed buffers for reuse. Emptying that cache also lowered a step's peak on the
         # H200 (19.6 -> 13.5 GB at 8 x 512 tokens): every allocation then goes to the driver,
@@ -425,6 +470,11 @@ class Trainer:
     def weights_finite(self) -> bool:
         return all(bool(mx.all(mx.isfinite(v)).item()) for v in trainable_weights(self.model).values())
 
+    @property
+    def saves(self) -> bool:
+        """Whether :meth:`save` writes anything (an adapter path or a checkpoint path is set)."""
+        return self.parameters.adapter_path is not None or self.parameters.checkpoint_path is not None
+
     def save(self) -> Save:
         """Write the adapter (mlx-lm layout, numbered copy beside it) and a full checkpoint.
 
@@ -441,29 +491,37 @@ class Trainer:
             raise CheckpointError(f"writing failed at iteration {self.iteration}: {error}") from None
 
     def _save(self) -> Save:
-        from .checkpoint import TrainerState, prune, write_checkpoint
+        from .checkpoint import TrainerState, checkpoint_iteration, list_checkpoints, prune, write_checkpoint
 
         p = self.parameters
-        path = save_adapters(self.model, p.adapter_path, p.adapter_config, iteration=self.iteration)
-        prune_numbered(p.adapter_path, p.keep_last)
-        checkpoint = ""
-        if p.checkpoint_path is not None:
-            state = TrainerState(
-                iteration=self.iteration,
-                trained_tokens=self.trained_tokens,
-                epoch=self.epoch,
-                position=self.position,
-                learning_rate_override=self.learning_rate_override,
-                validation_loss=self.last_validation_loss,
-                seq=self.journal_seq(),
-                config_hash=p.config_hash,
-                saved_at=time.time(),
-                config=p.config_values,
-            )
-            folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
-            prune(p.checkpoint_path, p.keep_last)
-            checkpoint = str(folder)
-        return Save(self.iteration, str(path), checkpoint=checkpoint)
+        path = ""
+        if p.adapter_path is not None:
+            adapter_config = p.adapter_config or describe_fine_tuning(self.model)
+            path = str(save_adapters(self.model, p.adapter_path, adapter_config, iteration=self.iteration))
+        if p.checkpoint_path is None:
+            pruned = prune_numbered(p.adapter_path, p.keep_last) if p.adapter_path is not None else []
+            return Save(self.iteration, path, removed=[iteration for iteration, _path in pruned])
+        state = TrainerState(
+            iteration=self.iteration,
+            trained_tokens=self.trained_tokens,
+            epoch=self.epoch,
+            position=self.position,
+            learning_rate_override=self.learning_rate_override,
+            validation_loss=self.last_validation_loss,
+            seq=self.journal_seq(),
+            config_hash=p.config_hash,
+            saved_at=time.time(),
+            config=p.config_values,
+        )
+        folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
+        gone = {checkpoint_iteration(folder) for folder in prune(p.checkpoint_path, p.keep_last)}
+        # The numbered adapter copies follow the checkpoints (the best one stays with its checkpoint).
+        kept = {checkpoint_iteration(folder) for folder in list_checkpoints(p.checkpoint_path)}
+        removed = sorted(gone - kept)  # an iteration with a later save there (0000005.1) still exists
+        if p.adapter_path is not None:
+            prune_numbered(p.adapter_path, p.keep_last, keep=kept)
+        # The event says what retention deleted, so a client (perhaps on another machine) lists what exists.
+        return Save(self.iteration, path, checkpoint=str(folder), removed=removed)
 
     def restore(self, folder: Path) -> Any:
         """Continue from a full checkpoint: weights, optimizer, position, counters. Returns its state."""
@@ -553,6 +611,14 @@ def _combine_ranks(value: mx.array, count: mx.array, grad: Any, shard: Shard) ->
     return loss, total, grad
 
 
+def _all_finite(tree: Any) -> mx.array:
+    """One boolean: every array in ``tree`` holds finite values only."""
+    ok = mx.array(True)
+    for _name, leaf in tree_flatten(tree):  # type: ignore[misc,str-unpack]
+        ok = mx.logical_and(ok, mx.isfinite(leaf).all())  # type: ignore[arg-type]
+    return ok
+
+
 def _assign_in_place(target: Any, source: Any) -> None:
     """Copy leaves of ``source`` into the nested dicts/lists of ``target`` without replacing them
     (the compiled step holds references to these containers)."""
@@ -573,6 +639,8 @@ def _save(trainer: Trainer, progress: ProgressCallback | None) -> bool:
     """Save, reporting a failure as an event instead of ending the run."""
     from .checkpoint import CheckpointError
 
+    if not trainer.saves:  # no adapter path: nothing is saved, as LoRATrain without an adapter URL
+        return False
     try:
         event: Progress = trainer.save()
     except (OSError, CheckpointError) as error:

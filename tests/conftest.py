@@ -1,7 +1,27 @@
-"""Shared fixtures: one embedded model per test session, a private state dir per test."""
+"""Shared fixtures, and how the suite runs: on a busy machine, in parallel, leaving nothing behind.
+
+- Parallel: one pytest-xdist worker per core (``-n auto --dist worksteal`` in pyproject.toml;
+  ``-n0`` runs in this process, for ``-s`` or ``--pdb``). Each test has its own runs folder,
+  socket folder and config folder (``isolated_state``); tmux servers are named by pid, sshd and
+  TCP ports are probed free. A new test file needs nothing more, as long as what it shares
+  beyond these is named per process (``os.getpid()``) or per test (``tmp_path``). Tests marked
+  ``slow`` run first, so a long one never starts last on a worker.
+- One embedded model for the whole run: built once (``embedded_cache``), under a file lock the
+  workers share, into ``$TUNETOP_TEST_CACHE`` or the run's temporary folder.
+- Busy machines: a test is bounded by counts (iterations, kills), never by how much fits in a
+  time; its waits are generous and poll (``wait_for``). pytest-timeout ends a test after
+  ``timeout`` (pyproject.toml: 300 s, raised in-test by its ``signal`` method, so teardown
+  runs); a test that does more carries its own ``pytest.mark.timeout``: a per-step budget
+  times its steps.
+- No process outlives its test: every process a test starts carries the test's token in its
+  environment, and tests/processes.py ends what is left after the test, at the end of the
+  session, and (a watchdog) when pytest itself is killed. Nothing to do in a new test; a test
+  that leaves something running gets a warning naming it.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -21,15 +41,29 @@ sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402,F401  (loads OpenBLAS before anything imports mlx)
 from engine.runs import RunDir, resolve  # noqa: E402
 
+pytest_plugins = ["tests.processes"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (stable otherwise): with workers, a long test must not start last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Build the embedded model once per session, into a cache the subprocesses share."""
-    cache = Path(os.environ.get("TUNETOP_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+    """Build the embedded model once per run, into a cache the workers and subprocesses share."""
+    # A worker's temporary folder is a sub-folder of the run's; a run without workers has its own.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    run_folder = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    cache = Path(os.environ.get("TUNETOP_TEST_CACHE") or run_folder / "embedded-cache")
+    cache.mkdir(parents=True, exist_ok=True)
     os.environ["TUNETOP_CACHE"] = str(cache)
     from engine.demo import build_embedded
 
-    build_embedded()
+    # One worker builds (20 s on an idle core, minutes on a busy one); the others wait for it.
+    with open(cache / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build_embedded()
     return cache
 
 

@@ -56,7 +56,35 @@ def start(folder: Path) -> SshServer:
     (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
     os.chmod(folder / "authorized_keys", 0o600)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation folder
-    port = free_port()
+    # A port probed free can be taken before sshd binds it (by another worker's server): then
+    # sshd exits at once, and another port is tried.
+    for _attempt in range(5):
+        port = free_port()
+        process = _start_sshd(folder, port)
+        if process is not None:
+            break
+    else:
+        raise RuntimeError("sshd exited: " + (folder / "sshd.log").read_text())
+    client = folder / "ssh_config"
+    client.write_text(
+        "\n".join(
+            [
+                "Host 127.0.0.1",
+                f"  IdentityFile {folder / 'client_key'}",
+                "  IdentitiesOnly yes",
+                "  StrictHostKeyChecking no",
+                "  UserKnownHostsFile /dev/null",
+                "  LogLevel ERROR",
+            ]
+        )
+        + "\n"
+    )
+    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    return SshServer(folder, port, process, client, user)
+
+
+def _start_sshd(folder: Path, port: int) -> subprocess.Popen[bytes] | None:
+    """sshd on ``port``, once it accepts connections; None if it exited (the port was taken)."""
     config = folder / "sshd_config"
     config.write_text(
         "\n".join(
@@ -80,35 +108,23 @@ def start(folder: Path) -> SshServer:
         + "\n"
     )
     process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=open(folder / "sshd.log", "wb"))  # noqa: SIM115
-    client = folder / "ssh_config"
-    client.write_text(
-        "\n".join(
-            [
-                "Host 127.0.0.1",
-                f"  IdentityFile {folder / 'client_key'}",
-                "  IdentitiesOnly yes",
-                "  StrictHostKeyChecking no",
-                "  UserKnownHostsFile /dev/null",
-                "  LogLevel ERROR",
-            ]
-        )
-        + "\n"
-    )
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a busy machine
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return None
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
+                return process
         except OSError:
-            if process.poll() is not None:
-                raise RuntimeError("sshd exited: " + (folder / "sshd.log").read_text()) from None
             time.sleep(0.05)
-    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
-    return SshServer(folder, port, process, client, user)
+    process.kill()
+    process.wait()
+    raise RuntimeError("sshd did not accept connections in 60 s: " + (folder / "sshd.log").read_text())
 
 
 def remote_tunetop_command(env: dict[str, str], root: Path) -> str:
     """The 'tunetop' the remote side runs: this checkout, with the test's state folders."""
-    names = ("TUNETOP_HOME", "TUNETOP_CACHE", "TUNETOP_SOCKET_DIR", "XDG_CONFIG_HOME")
+    # TUNETOP_TEST_OWNER: sshd gives a session a fresh environment; what it starts is the test's too.
+    names = ("TUNETOP_HOME", "TUNETOP_CACHE", "TUNETOP_SOCKET_DIR", "XDG_CONFIG_HOME", "TUNETOP_TEST_OWNER")
     exports = " ".join(f"{name}={shlex.quote(env[name])}" for name in names if name in env)
     return f"env {exports} PYTHONPATH={shlex.quote(str(root))} {shlex.quote(sys.executable)} -m engine.cli"

@@ -68,7 +68,7 @@ def test_range_is_checked() -> None:
 
 
 def test_choice_is_checked_with_suggestion() -> None:
-    with pytest.raises(ConfigError, match=r"one of adam, adamw, sgd, adafactor, got 'adamm'. Did you mean 'adam'\?"):
+    with pytest.raises(ConfigError, match=r"one of adam, adamw, sgd, adafactor, muon, got 'adamm'. Did you mean 'adam'\?"):
         config.parse('[optimizer]\nname = "adamm"\n')
 
 
@@ -109,12 +109,32 @@ def test_round_trip_through_tomli_w() -> None:
 
 
 def test_live_fields_are_coerced_and_others_refused() -> None:
-    assert config.coerce_live("learning_rate", "1e-4") == pytest.approx(1e-4)
+    assert config.coerce_live("learning_rate", "1e-4") == 1e-4  # parsed as Python parses the literal: the same double
     assert config.coerce_live("steps_per_eval", 50) == 50
     with pytest.raises(ConfigError, match="must be at least 1"):
         config.coerce_live("save_every", "0")
     with pytest.raises(ConfigError, match="cannot be changed while a run trains.*Live-editable fields"):
         config.coerce_live("batch_size", "8")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # 1e300 and 1e12 GB passed, then MLX raised OverflowError / TypeError with the value stored.
+        ("memory_limit_gb", 1e300, r"'training.memory_limit_gb' must be between 0.0 and 1000000.0, got 1e\+300\. "
+         "memory_limit_gb takes a number: Soft cap"),
+        ("memory_limit_gb", 1e12, "must be between 0.0 and 1000000.0, got 1000000000000.0"),
+        ("memory_limit_gb", "1e12", "must be between 0.0 and 1000000.0"),
+        ("memory_limit_gb", "1" * 5000, "a value of 5000 characters is not a value for it"),
+        ("memory_limit_gb", "[" * 90, "is not a value"),
+        ("learning_rate", {"x": "y" * 10_000}, "must be a finite number, got dict"),
+        ("steps_per_eval", [1], "must be an integer, got a list"),
+    ],
+)
+def test_live_values_are_refused_with_a_sentence(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        config.coerce_live(key, value)
+    assert len(str(caught.value)) < 600
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import zmq
 
 from engine.client_sync import replay, run_endpoints, send_command
@@ -63,7 +62,9 @@ def test_detach_and_reattach_fifty_times(engine_run: RunDir) -> None:
         assert events[-1]["seq"] == end
         ends.append(end)
         time.sleep(0.02)
-    assert ends == sorted(ends) and ends[-1] > ends[0]  # it kept training meanwhile
+    assert ends == sorted(ends)
+    # It kept training meanwhile (on a busy machine fifty replays can fit between two reports).
+    wait_for(lambda: replay(endpoint, since=0)[1] > ends[0])
     wait_for(lambda: iteration(engine_run) > start)
 
 
@@ -174,7 +175,7 @@ def test_set_save_evaluate_and_stop(engine_run: RunDir) -> None:
     changed = [e for e in events if e["type"] == "config_changed"]
     assert changed[0]["changes"] == {"learning_rate": 1e-4, "steps_per_report": 3, "memory_limit_gb": 4.0}
     later_train = [e for e in events if e["type"] == "train" and e["seq"] > changed[0]["seq"]]
-    assert later_train and all(e["learning_rate"] == pytest.approx(1e-4) for e in later_train)
+    assert later_train and all(e["learning_rate"] == 1e-4 for e in later_train)  # the double that was set, through JSON
     model, _ = load(str(Path(os.environ["TUNETOP_CACHE"]) / "embedded-v1" / "model"), adapter_path=str(engine_run.adapters))
     assert model is not None
 

@@ -151,12 +151,13 @@ def test_bucket_width_and_truncation() -> None:
     assert bucket_width(900, 1000) == 1001
 
 
-def test_long_sequences_warn_once_per_dataset() -> None:
-    plan = BatchPlan(_dataset([100] * 8), batch_size=2, max_seq_length=50)
+def test_long_sequences_warn_once_per_dataset_with_the_count() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        plan = BatchPlan(_dataset([100] * 8), batch_size=2, max_seq_length=50)
         batches = [plan.make_batch(m) for m in plan.batches]
-    assert len(caught) == 1 and "longer than max_seq_length=50" in str(caught[0].message)
+    assert len(caught) == 1 and "8 examples longer than data.max_seq_length = 50" in str(caught[0].message)
+    assert caught[0].message.count == 8  # type: ignore[union-attr]
     assert all(b.tokens.shape == (2, 51) for b in batches)
     assert all((b.lengths[:, 1] == 50).all() for b in batches)
 

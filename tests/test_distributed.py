@@ -27,6 +27,12 @@ TRAINING = {"iterations": ITERATIONS, "steps_per_report": 1, "steps_per_eval": 1
 # gradient's own scale and would hide a wrongly scaled combination. Few steps, because the
 # embedded model's first steps amplify the rounding of summing in another order (~1e-7) by
 # about 5x a step (4e-6 at step 4, 1e-4 to 1e-3 by step 6-8, for any optimizer or rate tried).
+# That growth is the model's and the data's (the same on any CPU); only the seed, float32
+# rounding, varies with the CPU's kernels. So at step 4 the losses agree to LOSS_RTOL = 1e-4
+# (25x what was seen) and the adapters to ADAPTER_RTOL = 1e-3, while a wrongly combined gradient
+# (a rank's share left out, or not averaged) moves them by percents.
+LOSS_RTOL = 1e-4
+ADAPTER_RTOL = 1e-3
 OPTIMIZER = {"name": "sgd", "learning_rate": 0.001}
 
 
@@ -87,7 +93,7 @@ def test_ranks_train_as_one_process_with_the_same_global_batch(
     got = losses(events)
     assert sorted(got) == list(range(1, ITERATIONS + 1))
     for iteration, loss in got.items():
-        assert loss == pytest.approx(expected[iteration], rel=1e-4), iteration
+        assert loss == pytest.approx(expected[iteration], rel=LOSS_RTOL), iteration
     # The weights moved (LoRA's B starts at zero), so matching losses mean matching gradients.
     assert all(np.abs(np.array(v)).max() > 0 for k, v in expected_adapter.items() if k.endswith("lora_b"))
     adapter = mx.load(str(run.adapters / "adapters.safetensors"))
@@ -96,7 +102,7 @@ def test_ranks_train_as_one_process_with_the_same_global_batch(
     keys = sorted(expected_adapter)
     ours = np.concatenate([np.array(adapter[k]).ravel() for k in keys])
     reference = np.concatenate([np.array(expected_adapter[k]).ravel() for k in keys])
-    assert np.linalg.norm(ours - reference) <= 1e-3 * np.linalg.norm(reference)
+    assert np.linalg.norm(ours - reference) <= ADAPTER_RTOL * np.linalg.norm(reference)
     # Every follower followed to the end and left cleanly.
     logs = "".join((run.path / f"rank{r}.log").read_text() for r in range(1, ranks))
     for rank in range(1, ranks):
@@ -122,7 +128,7 @@ def test_a_rank_over_ssh_trains_in_step(
     expected, _ = single_process
     assert sorted(got) == list(range(1, ITERATIONS + 1))
     for iteration, loss in got.items():
-        assert loss == pytest.approx(expected[iteration], rel=1e-4), iteration
+        assert loss == pytest.approx(expected[iteration], rel=LOSS_RTOL), iteration
     assert f"rank 1: stop at iteration {ITERATIONS}" in (run.path / "rank1.log").read_text()
 
 
@@ -159,7 +165,7 @@ def test_pause_resume_set_evaluate_save_stop_reach_every_rank(tmp_path: Path) ->
         assert send_command(run, "resume").ok
         wait_for(lambda: run.status().get("iteration", 0) > held + 4, timeout=60)
         rates = [e["learning_rate"] for e in read_events(run.journal) if e["type"] == "train" and e["iteration"] > held + 2]
-        assert rates and all(r == pytest.approx(1e-4) for r in rates)
+        assert rates and all(r == 1e-4 for r in rates)  # the double that was set, through JSON
 
         assert send_command(run, "stop").ok
         wait_for(lambda: not run.is_alive(), timeout=60)
@@ -170,7 +176,7 @@ def test_pause_resume_set_evaluate_save_stop_reach_every_rank(tmp_path: Path) ->
         follower_log = (run.path / "rank1.log").read_text()
         assert f"rank 1: stop at iteration {last}" in follower_log
         assert "rank 1: memory_limit_gb = 4 from iteration " in follower_log  # the live cap reached it
-        wait_for(lambda: not follower_pids(run), timeout=15)
+        wait_for(lambda: not follower_pids(run), timeout=60)
         weights = mx.load(str(run.adapters / "adapters.safetensors"))
         assert weights and all(bool(mx.all(mx.isfinite(v)).item()) for v in weights.values())
     finally:
@@ -205,5 +211,5 @@ def test_a_killed_rank_ends_the_run_with_an_event_and_the_run_resumes_exactly(tm
     resume_seq = max(e["seq"] for e in events if e["type"] == "resumed")
     again = losses(events, resume_seq)
     assert max(again) == 16
-    for iteration, loss in again.items():
-        assert loss == pytest.approx(straight_losses[iteration], abs=1e-5), iteration
+    for iteration, loss in again.items():  # exactly equal by construction, as in test_resume.py
+        assert loss == straight_losses[iteration], iteration

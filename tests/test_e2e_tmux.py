@@ -66,7 +66,7 @@ def test_attach_watch_pause_detach_and_reattach(engine_run: RunDir) -> None:
         wait_for(lambda: shown_iteration(tmux.screen()) > start, timeout=60)  # the number on screen goes up
         tmux.keys("p")
         wait_for(lambda: send_command(engine_run, "status").result["state"] == "paused", timeout=30)
-        wait_for(lambda: "PAUSED" in tmux.screen(), timeout=10)
+        wait_for(lambda: "PAUSED" in tmux.screen(), timeout=60)
         held = shown_iteration(tmux.screen())
         time.sleep(1.5)
         assert shown_iteration(tmux.screen()) == held
@@ -74,6 +74,8 @@ def test_attach_watch_pause_detach_and_reattach(engine_run: RunDir) -> None:
         wait_for(lambda: send_command(engine_run, "status").result["state"] == "running", timeout=30)
         tmux.keys("q")
         wait_for(lambda: "TUI-EXITED-0" in tmux.screen(), timeout=30)
+        left = tmux.run("capture-pane", "-p", "-J", "-t", tmux.session)  # -J: a wrapped line whole
+        assert "it goes on training" in left and f"tunetop attach {engine_run.id}" in left
     finally:
         tmux.kill()
     # the engine goes on without the TUI

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 
@@ -95,3 +96,39 @@ def test_loads_many_decodes_and_leaves_the_collector_as_it_was(enabled: bool) ->
         assert gc.isenabled() is enabled
     finally:
         gc.enable() if was else gc.disable()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        # json's ValueError and RecursionError escaped parse_command and ended the server thread.
+        (b'{"v":1,"cmd":"set","args":{"learning_rate":' + b"1" * 5000 + b"}}", "not a JSON object"),
+        (b'{"v":1,"cmd":"set","args":' + b"[" * 3000 + b"]" * 3000 + b"}", "not a JSON object|levels deep"),
+        (b'{"v":1,"cmd":"set","args":{"x":' + b"[" * 40 + b"]" * 40 + b"}}", "42 levels deep; at most 32"),
+        (b'{"v":' + b"9" * 5000 + b',"cmd":"pause"}', "not a JSON object"),
+        (b'{"v":true,"cmd":"pause"}', "protocol version True is not supported"),
+        (b'{"v":1,"cmd":"pause","args":{"force":1}}', "unknown argument 'force' for 'pause'; it takes no arguments"),
+        (b'{"v":1,"cmd":"sample","args":{"prompt":"x","max_token":3}}', "it takes prompt, max_tokens, temperature, raw"),
+        (b'{"v":1,"cmd":"' + b"y" * 5000 + b'"}', r"unknown command 'yyy.*\.\.\.; known"),
+    ],
+)
+def test_hostile_commands_are_refused_with_a_reason(payload: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message) as caught:
+        parse_command(payload)
+    assert len(str(caught.value)) < 600  # the reason, not the frame quoted back
+
+
+def test_any_bytes_give_a_command_or_a_protocol_error() -> None:
+    """Seeded random frames (bytes, JSON fragments, nesting): parse_command raises nothing else."""
+    import random
+
+    rng = random.Random(17)
+    pieces = [b"{", b"}", b"[", b"]", b"[" * 1500, b"1" * 5000, b'"', b":", b",", b"1" * 30, b"-", b"e999", b"null", b'"v"', b'"cmd"',
+              b'"args"', b'"set"', b"\\u0000", b"\xff", b"\x00", b" ", b"1", b"true", b'"\\ud800"']
+    for _ in range(5000):
+        if rng.random() < 0.3:
+            payload = rng.randbytes(rng.randrange(0, 200))
+        else:
+            payload = b'{"v":1,"x":' + b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 400)))
+        with contextlib.suppress(ProtocolError):
+            parse_command(payload)

@@ -73,7 +73,7 @@ async def test_attach_over_ssh_survives_a_dropped_tunnel(ssh_server: sshd.SshSer
             assert journal[: state.last_seq] == list(range(1, state.last_seq + 1))
             # and it steers the run through the tunnel
             await pilot.press("p")
-            for _ in range(200):
+            for _ in range(600):
                 if state.state == "paused":
                     break
                 await pilot.pause(0.05)

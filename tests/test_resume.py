@@ -51,13 +51,16 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> 
     resume_seq = next(e["seq"] for e in events if e["type"] == "resumed")
     again = losses_after(events, resume_seq)
     assert sorted(again) == list(range(N + 1, 2 * N + 1))
+    # Exactly equal by construction: the checkpoint holds the weights, the optimizer state and
+    # the data position bit for bit, dropout's randomness is seeded per step, and the same
+    # operations on the same bits give the same bits on this machine.
     for iteration in again:
-        assert again[iteration] == pytest.approx(straight_losses[iteration], abs=1e-5), iteration
+        assert again[iteration] == straight_losses[iteration], iteration
     a = mx.load(str(straight.adapters / "adapters.safetensors"))
     b = mx.load(str(run.adapters / "adapters.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        assert np.allclose(np.array(a[key]), np.array(b[key]), atol=1e-6), key
+        assert np.array_equal(np.array(a[key]), np.array(b[key])), key
     assert events[-1]["type"] == "finished" and events[-1]["iteration"] == 2 * N
 
 
@@ -104,8 +107,11 @@ def test_nonfinite_loss_pauses_and_keeps_the_last_good_checkpoint(tmp_path: Path
         if latest is not None:  # whatever was saved holds finite weights
             _, weights, _ = read_checkpoint(latest)
             assert all(bool(mx.all(mx.isfinite(w)).item()) for w in weights.values())
-        refused = send_command(run, "save")
-        assert not refused.ok and "NaN or infinity" in refused.error
+        # The bad step's update was undone, so the weights are finite and a save works.
+        saved = send_command(run, "save")
+        assert saved.ok, saved.error
+        _, weights, _ = read_checkpoint(Path(saved.result["checkpoint"]))
+        assert all(bool(mx.all(mx.isfinite(w)).item()) for w in weights.values())
     finally:
         if run.is_alive():
             os.kill(run.engine_pid() or 0, signal.SIGKILL)
@@ -134,7 +140,8 @@ def _assert_save_fails_and_pauses(run) -> None:  # type: ignore[no-untyped-def]
     assert latest_checkpoint(run.checkpoints) == good
     assert not list(run.checkpoints.glob(".tmp-*"))
     errors = [e for e in read_events(run.journal) if e["type"] == "error"]
-    assert errors and "previous checkpoint is intact" in errors[-1]["message"]
+    # The message names the checkpoint that is intact, by iteration and folder.
+    assert errors and f"The last checkpoint, of iteration {int(good.name):,}, is intact ({good})" in errors[-1]["message"]
 
 
 def test_a_read_only_checkpoint_folder_pauses_the_run(tmp_path: Path) -> None:
@@ -204,6 +211,7 @@ def test_resume_warns_of_config_changes_that_change_the_computation_and_names_th
     # How the run is watched and fitted in memory: the resume stays exact, so no warning.
     edit("training", "steps_per_report", 2)
     edit("training", "memory_limit_gb", 8.0)
+    edit("training", "memory_budget_gb", 0.5)
     tunetop("train", "--resume", run.id, "--from", "5", check=True)
     assert config_warnings() == []
     # What it computes: the warning names the key, its old and new value, and nothing else.
@@ -211,4 +219,4 @@ def test_resume_warns_of_config_changes_that_change_the_computation_and_names_th
     tunetop("train", "--resume", run.id, "--from", "5", check=True)
     (message,) = config_warnings()
     assert "optimizer.learning_rate: " in message and "-> 0.002" in message and "not exact" in message
-    assert "steps_per_report" not in message and "memory_limit_gb" not in message
+    assert "steps_per_report" not in message and "memory_limit_gb" not in message and "memory_budget" not in message

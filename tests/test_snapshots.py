@@ -13,7 +13,7 @@ def test_dashboard_of_a_recorded_run(snap_compare, isolated_state: Path) -> None
 
     async def loaded(pilot) -> None:  # type: ignore[no-untyped-def]
         screen = pilot.app.screen
-        for _ in range(200):
+        for _ in range(600):  # 30 s or more: a busy machine
             if screen.run_state.state == "finished":
                 break
             await pilot.pause(0.05)

@@ -1,4 +1,9 @@
-"""RunState folds events into what the screen shows, without a terminal."""
+"""RunState folds events into what the screen shows, without a terminal.
+
+The numbers here are Python floats (doubles) through a few operations: pytest.approx's default
+(rel=1e-6) covers their rounding (1.1e-16 each; 2.4e-7 absolute for a timestamp near 1.8e9,
+1e-8 of the 21 s elapsed) with room to spare.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import pytest
 
 from tests.recorded import T0, recorded_events
 from tui.state import RunState, downsample, ema, format_count, format_duration
-from tui.widgets.chart import Series, plot
+from tui.widgets.chart import AXIS_WIDTH, Series, YRange, fit_range, plot
 
 
 def folded() -> RunState:
@@ -34,14 +39,56 @@ def test_fold_of_a_whole_run() -> None:
     assert s.progress == 1.0
 
 
-def test_elapsed_freezes_when_finished_and_eta_only_while_running() -> None:
+def test_training_time_stops_when_finished_and_eta_only_while_running() -> None:
     s = folded()
-    assert s.elapsed(now=T0 + 10_000) == pytest.approx(1.0 + 400 * 0.05 + 0.2)
+    # running from 0.6 s (state running) to 1.0 + 400 * 0.05 + 0.1 s (state finished)
+    assert s.training_time(now=T0 + 10_000) == pytest.approx(1.0 + 400 * 0.05 + 0.1 - 0.6)
     assert s.eta() is None
     running = RunState()
     running.apply_all(recorded_events()[:30])
     assert running.state == "running"
-    assert running.eta() == pytest.approx((400 - running.iteration) / 20.0)
+    # reports every 10 iterations, 0.5 s apart: 20 iterations per second of wall clock
+    assert running.rate == pytest.approx(20.0) and running.eta() == pytest.approx((400 - running.iteration) / 20.0)
+
+
+def test_training_time_leaves_out_pauses_and_a_dead_engine() -> None:
+    def event(ts: float, type_: str, **fields: object) -> dict:
+        return {"seq": int(ts * 10), "ts": T0 + ts, "run": "r", "type": type_, **fields}
+
+    s = RunState()
+    s.apply_all([event(0, "state", state="starting"), event(5, "state", state="running", iteration=0)])
+    assert s.training_time(now=T0 + 15) == pytest.approx(10)
+    s.apply_all([event(15, "state", state="paused", iteration=224), event(100, "state", state="running", iteration=224)])
+    assert s.iteration == 224  # a pause lands between reports: the state event says where
+    assert s.training_time(now=T0 + 110) == pytest.approx(20)  # the 85 s paused do not count
+    s.apply(event(120, "train", iteration=230, loss=1.0))
+    assert s.training_time(now=None) == pytest.approx(30)  # read from the journal: up to the last event
+    # the engine died; a resume starts a new one an hour later: the gap is no training either
+    s.apply_all([event(3720, "state", state="starting"), event(3730, "state", state="running", iteration=220)])
+    assert s.training_time(now=T0 + 3740) == pytest.approx(40)
+    s.apply({"seq": 0, "ts": T0 + 3741, "run": "r", "type": "heartbeat", "iteration": 226, "state": "running"})
+    assert s.iteration == 226
+
+
+def test_the_eta_follows_the_smoothed_speed_not_one_report() -> None:
+    def train(ts: float, iteration: int) -> dict:
+        return {"seq": iteration, "ts": T0 + ts, "run": "r", "type": "train", "iteration": iteration, "loss": 1.0,
+                "iterations_per_second": 100.0}
+
+    s = RunState(iterations=10_000)
+    s.apply({"seq": 0, "ts": T0, "run": "r", "type": "state", "state": "running"})
+    ts = 0.0
+    for iteration in range(10, 3010, 10):  # 10 it/s, with every fifth report taking 4x as long
+        ts += 4.0 if iteration % 50 == 0 else 1.0
+        s.apply(train(ts, iteration))
+    etas = []
+    for iteration in range(3010, 3510, 10):
+        ts += 4.0 if iteration % 50 == 0 else 1.0
+        s.apply(train(ts, iteration))
+        etas.append(s.eta())
+    mean_speed = 50 / 8.0  # iterations per second over each group of five reports
+    assert all(eta is not None and abs(eta / ((10_000 - 3500) / mean_speed) - 1) < 0.1 for eta in etas)
+    assert max(etas) / min(etas) < 1.15  # per report the speed swung 4x
 
 
 def test_resume_rewinds_the_series_to_the_checkpoint() -> None:
@@ -94,8 +141,9 @@ def test_downsample_keeps_the_shape() -> None:
     xs = list(range(1_000_000))
     ys = [float(x % 100) for x in xs]
     dx, dy = downsample(xs, ys, 200)
-    assert len(dx) == 200 and dx[0] == pytest.approx(2499.5)
-    assert all(abs(y - 49.5) < 1e-6 for y in dy)
+    # Sums of integers below 2**53 and a division with an exact result: exact in doubles.
+    assert len(dx) == 200 and dx[0] == 2499.5
+    assert all(y == 49.5 for y in dy)
 
 
 def test_formatting() -> None:
@@ -127,3 +175,69 @@ def test_live_changes_update_the_config_the_set_form_shows() -> None:
     assert s.memory_cap == 12.0  # the throughput panel shows the peak against it
     s.apply({"seq": 1000, "ts": T0 + 101, "run": "r", "type": "config_changed", "changes": {"memory_limit_gb": 0.0}})
     assert s.memory_cap is None
+
+
+def test_checkpoint_rows_follow_retention_and_take_only_their_own_validation() -> None:
+    s = folded()  # saves at 100..400, each with a validation at the same iteration
+    assert [c.iteration for c in s.checkpoints] == [100, 200, 300, 400]
+
+    def event(seq: int, type_: str, **fields: object) -> dict:
+        return {"seq": seq, "ts": T0 + seq, "run": "r", "type": type_, **fields}
+
+    s.apply(event(1001, "save", iteration=431, path="a", kind="adapter", removed=[100, 200]))
+    assert [c.iteration for c in s.checkpoints] == [300, 400, 431]
+    assert s.checkpoints[-1].validation_loss is None  # the last validation was at 400, not of these weights
+    assert "removed the checkpoints of iterations 100, 200" in s.logs[-1].message
+    s.apply(event(1002, "validation", iteration=431, loss=1.25, seconds=0.1))
+    assert s.checkpoints[-1].validation_loss == 1.25  # evaluated after saving: the same weights
+    s.apply(event(1003, "save", iteration=431, path="a", kind="adapter", removed=[]))
+    assert [c.iteration for c in s.checkpoints] == [300, 400, 431]  # a second save at 431 replaces the first
+
+
+def _recorded_series() -> list[Series]:
+    """The chart's series for the recorded run: its first loss (10.5) is 7x the later ones."""
+    s = folded()
+    return [
+        Series([float(v.iteration) for v in s.validations], [v.loss for v in s.validations], "y", "val", markers=True, line=False),
+        Series([float(x) for x in s.train_iterations], s.train_losses, "b", "train"),
+    ]
+
+
+def test_the_default_y_range_follows_the_recent_curve_and_marks_the_clipped_spike() -> None:
+    series = _recorded_series()
+    train = series[1]
+    later = [y for x, y in zip(train.xs, train.ys, strict=True) if x >= 200]
+    fitted = fit_range(series)
+    assert fitted is not None and fitted.clipped == pytest.approx(10.5)
+    # 1.4011: the last validation loss, 1.4 + 8 exp(-400 / 45), to the 4 decimals written here.
+    assert fitted.low == pytest.approx(min(min(train.ys), 1.4011), abs=1e-3) and max(later) <= fitted.high
+    # the later half fills at least half the height (it was ~5% with the first loss setting the scale)
+    assert (max(later) - fitted.low) / (fitted.high - fitted.low) >= 0.49
+    assert fit_range(series, "full") == YRange(fitted.low, pytest.approx(10.5))
+    lines = plot(series, 100, 20, fitted)
+    top, axis = lines[0].plain, lines[-1].plain
+    assert "↑" in top[AXIS_WIDTH:AXIS_WIDTH + 20] and "↑" not in top[-30:]  # early columns only
+    assert "up to 10.5" in axis
+    assert "up to" not in plot(series, 100, 20, fit_range(series, "full"))[-1].plain
+
+
+def test_a_steady_fall_is_never_clipped() -> None:
+    xs = [float(x) for x in range(100)]
+    assert fit_range([Series(xs, [4.0 - 3.0 * x / 99 for x in xs], "b", "train")]) == YRange(1.0, 4.0)
+    rising = [1.0 + x / 99 for x in xs]
+    assert fit_range([Series(xs, rising, "b", "train")]) == YRange(1.0, 2.0)
+
+
+def test_validation_is_drawn_as_dots_not_a_line() -> None:
+    dots = Series([0.0, 100.0], [2.0, 1.0], "y", "val", markers=True, line=False)
+    lines = plot([dots], 40, 10, YRange(1.0, 2.0))
+    body = [line.plain[AXIS_WIDTH:] for line in lines[:-1]]
+    drawn = [(row, col) for row, text in enumerate(body) for col, ch in enumerate(text) if ch.strip()]
+    assert drawn and all(col <= 1 or col >= len(body[0]) - 2 for _, col in drawn)  # nothing in between
+
+
+def test_a_huge_spike_is_clipped_without_drawing_it_pixel_by_pixel() -> None:
+    xs = [float(x) for x in range(1000)]
+    ys = [1e12 if x == 10 else 1.0 + 0.5 * math.cos(x / 50) for x in xs]
+    lines = plot([Series(xs, ys, "b", "train")], 120, 30)
+    assert "up to 1.0e+12" in lines[-1].plain and lines[0].plain.startswith("   2.5")

@@ -9,10 +9,12 @@ from pathlib import Path
 from textual.widgets import Checkbox, DataTable, Input, TextArea
 from textual.widgets._footer import FooterKey
 
+from engine.adapters import numbered_checkpoints
+from engine.checkpoint import list_checkpoints
 from engine.client_sync import send_command
 from engine.journal import read_events
-from engine.runs import RunDir
-from tests.conftest import wait_for
+from engine.runs import RunDir, list_runs
+from tests.conftest import tunetop, wait_for, write_config
 from tests.recorded import write_recorded_run
 from tui.app import TunetopApp
 from tui.screens.dashboard import DashboardScreen
@@ -71,6 +73,33 @@ async def test_recorded_run_opens_read_only_with_its_whole_history(isolated_stat
     assert app.return_code in (0, None)
 
 
+async def test_checkpoint_panel_lists_what_retention_left_on_disk(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "run.toml", training={"iterations": 12, "steps_per_report": 2, "steps_per_eval": 4},
+                          checkpoints={"save_every": 2, "keep_last": 2})
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    on_disk = [int(folder.name) for folder in list_checkpoints(run.checkpoints)]
+    assert 2 <= len(on_disk) < 6  # saves at 2, 4, ..., 12; retention deleted some
+    assert sorted(i for i, _path in numbered_checkpoints(run.adapters)) == on_disk  # the numbered copies follow
+    app = TunetopApp(run)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        assert isinstance(screen, DashboardScreen)
+        await settle(pilot, lambda: screen.run_state.state == "finished")
+        screen.repaint()
+        table = screen.query_one("#checkpoint-table", DataTable)
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        assert sorted(int(row[0]) for row in rows) == on_disk
+        measured = {v.iteration: v.loss for v in screen.run_state.validations}
+        for row in rows:  # a validation loss only where one was measured (every 4), else "-"
+            iteration, shown = int(row[0]), str(row[1])
+            assert shown == (f"{measured[iteration]:.4f}" if iteration in measured else "-"), row
+        assert any(str(row[1]) == "-" for row in rows) or all(int(row[0]) % 4 == 0 for row in rows)
+    oldest = min(on_disk)
+    result = tunetop("export", run.id, "--format", "mlx", "--checkpoint", str(oldest), "--output", str(tmp_path / "x"))
+    assert result.returncode == 0, result.stderr
+
+
 async def test_keys_steer_a_live_engine(engine_run: RunDir) -> None:
     app = TunetopApp(engine_run)
     async with app.run_test(size=SIZE) as pilot:
@@ -116,6 +145,26 @@ async def test_keys_steer_a_live_engine(engine_run: RunDir) -> None:
     events = list(read_events(engine_run.journal))
     assert events[-1]["type"] == "finished" and events[-1]["reason"] == "stopped"
     assert any(e["type"] == "config_changed" and e["changes"] == {"learning_rate": 2e-4} for e in events)
+
+
+async def test_the_header_is_current_between_reports_and_where_a_pause_landed(engine_run: RunDir) -> None:
+    wait_for(lambda: int(send_command(engine_run, "status").result["iteration"]) >= 2)
+    send_command(engine_run, "set", {"steps_per_report": 100_000})  # no more train events
+    app = TunetopApp(engine_run)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        assert isinstance(screen, DashboardScreen)
+        await settle(pilot, lambda: screen.run_state.train_iterations != [])
+        reported = screen.run_state.train_iterations[-1]
+        # heartbeats carry the engine's iteration: the header moves on without reports
+        await settle(pilot, lambda: screen.run_state.iteration > reported + 2, timeout=60)
+        await pilot.press("p")
+        await settle(pilot, lambda: "pause: ok — paused at iteration " in screen.last_reply)
+        paused_at = int(screen.last_reply.rsplit(" ", 1)[1].replace(",", ""))
+        await settle(pilot, lambda: f"iter {paused_at:,}/" in str(screen.query_one(RunHeader).render()))
+        shown = str(screen.query_one(RunHeader).render())
+        assert "training time" in shown and "elapsed" not in shown
+        await pilot.press("q")
 
 
 async def test_detach_leaves_the_engine_training(engine_run: RunDir) -> None:

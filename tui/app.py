@@ -69,6 +69,7 @@ class TunetopApp(App[int]):
                 ("Set learning rate and intervals", "Live changes, applied between steps", "set_form"),
                 ("Cycle loss smoothing", "EMA 0 / 0.6 / 0.9 / 0.99", "smoothing"),
                 ("Cycle chart window", "Whole run / last 100 / 1000 / 10000 iterations", "window"),
+                ("Toggle chart y-range", "Fit the recent curve (clip an early spike) / every value", "y_range"),
                 ("Edit config", "Open the run's config in the editor", "edit_config"),
                 ("Playground", "Prompt the live adapter; samples side by side by iteration", "playground"),
                 ("Detach", "Leave the run training and close the TUI", "detach"),

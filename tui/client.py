@@ -54,9 +54,13 @@ class RunClient:
         dead_after: float = 6.0,
         max_replays: int = 5,
         digest: bool = True,
+        on_heartbeat: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.on_events = on_events
+        # Heartbeats are not journaled (on_events gets the journal's events, gap-free); their
+        # iteration keeps a screen current between reports.
+        self.on_heartbeat = on_heartbeat or (lambda _event: None)
         self.on_status = on_status or (lambda _s, _d: None)
         self.sequencer = Sequencer(last_seq)
         self.dead_after = dead_after
@@ -264,10 +268,12 @@ class RunClient:
                 batch.append(loads(frames[-1]))
                 if len(batch) >= 5000:
                     break
+            self._apply(batch)
             for event in batch:
                 if event.get("type") == "heartbeat":
                     self.engine_state = str(event.get("state", self.engine_state))
-            self._apply(batch)
+                    if not self.sequencer.gap:  # else it is ahead of what the screen holds
+                        self.on_heartbeat(event)
             if self.sequencer.gap:
                 replays_here += 1
                 if replays_here > self.max_replays:

@@ -87,8 +87,14 @@ class LiveSource(EventSource):
         self.client = client
 
     @classmethod
-    def for_run(cls, run: RunDir, on_events: EventsCallback, on_status: StatusCallback) -> LiveSource:
-        return cls(RunClient(run_endpoints(run), on_events, on_status))
+    def for_run(
+        cls,
+        run: RunDir,
+        on_events: EventsCallback,
+        on_status: StatusCallback,
+        on_heartbeat: Callable[[dict[str, Any]], None] | None = None,
+    ) -> LiveSource:
+        return cls(RunClient(run_endpoints(run), on_events, on_status, on_heartbeat=on_heartbeat))
 
     async def run(self) -> None:
         await self.client.run()

@@ -15,6 +15,11 @@ from engine.config import LIVE_FIELDS
 
 ACTIVE_STATES = frozenset({"starting", "running", "paused", "stopping"})
 
+RATE_SECONDS = 120.0
+"""The ETA's speed is iterations over wall-clock time, with older intervals weighted down by
+e^(-age / RATE_SECONDS): steady over a run's ups and downs, yet it follows a real change of speed
+within a few minutes. One report's own it/s swung the ETA from 3m44s to 13m35s on a shared machine."""
+
 
 @dataclass
 class ValidationRow:
@@ -26,11 +31,15 @@ class ValidationRow:
 
 @dataclass
 class CheckpointRow:
+    """A save whose checkpoint still exists (``save`` events add rows; their ``removed`` field takes
+    away the ones that retention deleted)."""
+
     iteration: int
     path: str
     kind: str
     ts: float
-    validation_loss: float | None  # the latest validation at or before this save
+    validation_loss: float | None  # measured at this very iteration; None when no validation ran there
+    checkpoint: str = ""  # the full-state checkpoint folder
 
 
 @dataclass
@@ -73,6 +82,12 @@ class RunState:
     events_applied: int = 0
     engine_state_from_heartbeat: str = ""
     world_size: int = 1  # ranks of a data-parallel run
+    running_seconds: float = 0.0  # time spent in the running state, up to running_since
+    running_since: float | None = None  # when the current running stretch began; None when not running
+    _previous_ts: float | None = None  # the ts of the event before the one being applied
+    _rate_point: tuple[float, int] | None = None  # (ts, iteration) of the last report of this running stretch
+    _rate_iterations: float = 0.0  # decayed sums behind ``rate``
+    _rate_seconds: float = 0.0
 
     # -- folding -------------------------------------------------------------------------
 
@@ -84,6 +99,7 @@ class RunState:
             self.last_seq = max(self.last_seq, event["seq"])
             self.events_applied += 1
         if isinstance(ts, (int, float)) and kind != "heartbeat":
+            self._previous_ts = self.last_ts
             self.last_ts = float(ts)
             if self.started_ts is None:
                 self.started_ts = float(ts)
@@ -111,6 +127,7 @@ class RunState:
 
     def _on_train(self, e: dict[str, Any]) -> None:
         self.iteration = int(e["iteration"])
+        self._measure_rate(e)
         loss = e.get("loss")
         self.train_iterations.append(self.iteration)
         self.train_losses.append(float(loss) if loss is not None else math.nan)
@@ -125,25 +142,60 @@ class RunState:
         loss = float(e["loss"]) if e.get("loss") is not None else math.nan
         previous = self.validations[-1].loss if self.validations else None
         change = loss - previous if previous is not None else None
-        self.validations.append(ValidationRow(int(e["iteration"]), loss, float(e.get("seconds") or 0.0), change))
+        iteration = int(e["iteration"])
+        self.iteration = iteration
+        self.validations.append(ValidationRow(iteration, loss, float(e.get("seconds") or 0.0), change))
+        for saved in self.checkpoints:  # `save` then `evaluate` at one iteration: the same weights
+            if saved.iteration == iteration:
+                saved.validation_loss = loss
 
     def _on_save(self, e: dict[str, Any]) -> None:
         iteration = int(e["iteration"])
-        validation = next((v.loss for v in reversed(self.validations) if v.iteration <= iteration), None)
+        self.iteration = iteration
+        # A validation loss belongs to the weights it measured: only one at this very iteration.
+        validation = next((v.loss for v in reversed(self.validations) if v.iteration == iteration), None)
+        removed = set(e.get("removed") or ()) | {iteration}  # a second save at one iteration replaces the first
+        self.checkpoints = [c for c in self.checkpoints if c.iteration not in removed]
         self.checkpoints.append(
-            CheckpointRow(iteration, str(e.get("path", "")), str(e.get("kind", "adapter")), float(e.get("ts") or 0), validation)
+            CheckpointRow(iteration, str(e.get("path", "")), str(e.get("kind", "adapter")), float(e.get("ts") or 0),
+                          validation, str(e.get("checkpoint") or ""))
         )
-        self._note(e, f"saved {e.get('kind', 'adapter')} at iteration {iteration}: {e.get('path', '')}")
+        self.checkpoints.sort(key=lambda c: c.iteration)  # a resume from an earlier checkpoint saves below later ones
+        where = e.get("checkpoint") or e.get("path", "")
+        self._note(e, f"saved {e.get('kind', 'adapter')} at iteration {iteration}: {where}")
+        if e.get("removed"):
+            gone = sorted(e["removed"])
+            what = f"checkpoint of iteration {gone[0]}" if len(gone) == 1 else \
+                f"checkpoints of iterations {', '.join(str(i) for i in gone)}"
+            self._note(e, f"checkpoints.keep_last removed the {what}")
 
     def _note(self, e: dict[str, Any], message: str, level: str = "log") -> None:
         self.logs.append(LogLine(float(e.get("ts") or 0), level, message))
         self.log_total += 1
 
     def _on_state(self, e: dict[str, Any]) -> None:
-        self.state = str(e.get("state", self.state))
-        self._note(e, f"state: {self.state}")
+        new = str(e.get("state", self.state))
+        ts = float(e.get("ts") or 0)
+        if self.running_since is not None and new != "running":
+            # "starting" comes from a new engine: the last one died while running, at its last event.
+            end = self._previous_ts if new == "starting" and self._previous_ts is not None else ts
+            self.running_seconds += max(end - self.running_since, 0.0)
+            self.running_since = None
+        elif new == "running" and self.running_since is None:
+            self.running_since = ts
+        self._rate_point = None  # a pause, or the engine's start, is no training speed
+        if isinstance(e.get("iteration"), int):
+            self.iteration = e["iteration"]
+        self.state = new
+        at = f" at iteration {e['iteration']:,}" if isinstance(e.get("iteration"), int) and new != "starting" else ""
+        self._note(e, f"state: {self.state}{at}")
 
     def _on_finished(self, e: dict[str, Any]) -> None:
+        if self.running_since is not None:
+            self.running_seconds += max(float(e.get("ts") or 0) - self.running_since, 0.0)
+            self.running_since = None
+        if isinstance(e.get("iteration"), int):
+            self.iteration = e["iteration"]
         self.finished_reason = str(e.get("reason", ""))
         self._note(e, f"finished ({self.finished_reason}) at iteration {e.get('iteration', self.iteration)}")
         if self.state in ACTIVE_STATES or self.state == "unknown":
@@ -189,6 +241,20 @@ class RunState:
 
     def _on_heartbeat(self, e: dict[str, Any]) -> None:
         self.engine_state_from_heartbeat = str(e.get("state", ""))
+        if isinstance(e.get("iteration"), int):  # the engine's iteration now, between reports
+            self.iteration = e["iteration"]
+
+    def _measure_rate(self, e: dict[str, Any]) -> None:
+        """Fold one report into the wall-clock speed the ETA uses (see RATE_SECONDS)."""
+        ts, iteration = float(e.get("ts") or 0), int(e["iteration"])
+        point = self._rate_point
+        self._rate_point = (ts, iteration) if self.state == "running" else None
+        if point is None or ts <= point[0] or iteration <= point[1]:
+            return
+        seconds = ts - point[0]
+        decay = math.exp(-seconds / RATE_SECONDS)
+        self._rate_iterations = self._rate_iterations * decay + (iteration - point[1])
+        self._rate_seconds = self._rate_seconds * decay + seconds
 
     # -- derived values ------------------------------------------------------------------
 
@@ -203,18 +269,27 @@ class RunState:
         """Fraction of iterations done, 0..1."""
         return min(self.iteration / self.iterations, 1.0) if self.iterations else 0.0
 
-    def elapsed(self, now: float) -> float:
-        """Seconds since the first event; frozen at the last event once the run has ended."""
-        if self.started_ts is None:
-            return 0.0
-        end = self.last_ts if self.state not in ACTIVE_STATES and self.last_ts else now
-        return max(end - self.started_ts, 0.0)
+    def training_time(self, now: float | None) -> float:
+        """Seconds spent training (in the running state): pauses, loading and gaps between engines
+        do not count. ``now`` is the clock for a stretch still running; None (a run read from its
+        journal, whose engine is gone) ends that stretch at the last event."""
+        seconds = self.running_seconds
+        if self.running_since is not None:
+            end = now if now is not None else (self.last_ts or self.running_since)
+            seconds += max(end - self.running_since, 0.0)
+        return seconds
+
+    @property
+    def rate(self) -> float | None:
+        """Iterations per second of wall-clock training (validation and saves included), smoothed."""
+        return self._rate_iterations / self._rate_seconds if self._rate_seconds > 0 else None
 
     def eta(self) -> float | None:
-        """Seconds left at the current speed, or None when unknown or not training."""
-        if self.state != "running" or not self.iterations_per_second or not self.iterations:
+        """Seconds left at the smoothed speed, or None when unknown or not training."""
+        speed = self.rate or self.iterations_per_second  # the first report's own speed, until there are two
+        if self.state != "running" or not speed or not self.iterations:
             return None
-        return max(self.iterations - self.iteration, 0) / self.iterations_per_second
+        return max(self.iterations - self.iteration, 0) / speed
 
     @property
     def best_validation(self) -> ValidationRow | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ from engine.runs import RunDir
 from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
 from tui.source import EventSource, JournalSource, LiveSource
 from tui.state import ACTIVE_STATES, RunState
-from tui.widgets.chart import LossChart
+from tui.widgets.chart import Y_MODES, LossChart
 from tui.widgets.panels import RunHeader, ThroughputPanel
 
 REFRESH_HZ = 8
@@ -64,6 +65,7 @@ class DashboardScreen(Screen[None]):
         Binding("l", "set_form", "Set LR/intervals"),
         Binding("m", "smoothing", "Smoothing"),
         Binding("w", "window", "Window"),
+        Binding("y", "y_range", "Y range"),
         Binding("c", "edit_config", "Config"),
         Binding("g", "playground", "Playground"),
         Binding("question_mark", "help", "Help", key_display="?"),
@@ -79,21 +81,23 @@ class DashboardScreen(Screen[None]):
         self._dirty = True
         self._dirty_header = True
         self._header_painted = 0.0
-        self._shown_validations = 0
-        self._shown_checkpoints = 0
+        self._shown_validations: tuple[int, int] = (0, 0)
+        self._shown_checkpoints: list[tuple[int, float | None, float]] = []
         self._shown_logs = 0
         self._steerable = self.live
         self.source: EventSource
         if remote is not None and remote.tunnel is not None:
             from tui.client import RunClient
 
-            self.source = LiveSource(RunClient(remote.tunnel.local, self._on_events, self._on_status))
+            self.source = LiveSource(
+                RunClient(remote.tunnel.local, self._on_events, self._on_status, on_heartbeat=self._on_heartbeat)
+            )
         elif remote is not None:
             from tui.source import CommandSource
 
             self.source = CommandSource(remote.history_command(), self._on_events, self._on_status)
         elif self.live:
-            self.source = LiveSource.for_run(run, self._on_events, self._on_status)
+            self.source = LiveSource.for_run(run, self._on_events, self._on_status, self._on_heartbeat)
         else:
             self.source = JournalSource(run.journal, self._on_events, self._on_status)
         self._source_task: asyncio.Task[None] | None = None
@@ -122,11 +126,11 @@ class DashboardScreen(Screen[None]):
                 validations = Vertical(id="validations", classes="box")
                 validations.border_title = "validation"
                 with validations:
-                    yield DataTable(id="validation-table", cursor_type="row", zebra_stripes=True)
+                    yield DataTable(id="validation-table", cursor_type="row", zebra_stripes=True, cell_padding=0)
                 checkpoints = Vertical(id="checkpoints", classes="box")
                 checkpoints.border_title = "checkpoints"
                 with checkpoints:
-                    yield DataTable(id="checkpoint-table", cursor_type="row", zebra_stripes=True)
+                    yield DataTable(id="checkpoint-table", cursor_type="row", zebra_stripes=True, cell_padding=0)
         log = RichLog(id="log", classes="box", wrap=True, markup=False, max_lines=2000)
         log.border_title = "log"
         yield log
@@ -134,12 +138,13 @@ class DashboardScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        # Fixed widths: the layout stays put as rows stream in.
+        # Fixed widths, a space of gap built in (no cell padding): every column fits the right-hand
+        # panel at its narrowest (36 cells inside), so none hides behind a horizontal scrollbar.
         validation_table = self.query_one("#validation-table", DataTable)
-        for label, width in (("iter", 7), ("loss", 8), ("change", 8), ("secs", 6), ("", 6)):
+        for label, width in (("iter", 7), ("loss", 8), ("change", 9), ("secs", 6), ("", 5)):
             validation_table.add_column(label, width=width)
         checkpoint_table = self.query_one("#checkpoint-table", DataTable)
-        for label, width in (("iter", 7), ("kind", 8), ("size", 8), ("val loss", 8), ("time", 8)):
+        for label, width in (("iter", 7), ("val loss", 9), ("size", 9), ("saved", 8)):
             checkpoint_table.add_column(label, width=width)
         self.query_one(RunHeader).read_only = not self.live
         self._source_task = asyncio.create_task(self.source.run())
@@ -158,6 +163,10 @@ class DashboardScreen(Screen[None]):
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         self.run_state.apply_all(events)
         self._dirty = True
+
+    def _on_heartbeat(self, event: dict[str, Any]) -> None:
+        self.run_state.apply(event)  # the engine's iteration now, between reports
+        self._dirty_header = True
 
     def _on_status(self, status: str, detail: str) -> None:
         header = self.query_one(RunHeader)
@@ -224,13 +233,16 @@ class DashboardScreen(Screen[None]):
         chart = self.query_one(LossChart)
         theme = self.app.current_theme
         window = "whole run" if chart.window == 0 else f"last {chart.window:,} iterations"
+        if chart.y_mode == "full":
+            window += ", every value"
         train, val = theme.accent or theme.primary, theme.warning or "yellow"
         return f"loss · [{train}]━ train (EMA {chart.smoothing:g})[/] · [{val}]● validation[/] · {window}"
 
     def _refresh_tables(self) -> None:
         """Newest first, so the latest rows are always in view without scrolling."""
         s = self.run_state
-        if len(s.validations) != self._shown_validations:
+        shown_validations = (len(s.validations), id(s.validations[-1]) if s.validations else 0)
+        if shown_validations != self._shown_validations:
             table = self.query_one("#validation-table", DataTable)
             best = s.best_validation
             table.clear()
@@ -238,16 +250,18 @@ class DashboardScreen(Screen[None]):
                 change = "" if row.change is None else f"{row.change:+.4f}"
                 mark = "★best" if best is not None and row is best else ""
                 table.add_row(str(row.iteration), f"{row.loss:.4f}", change, f"{row.seconds:.2f}", mark)
-            self._shown_validations = len(s.validations)
-        if len(s.checkpoints) != self._shown_checkpoints:
+            self._shown_validations = shown_validations
+        # Rows come and go (retention) and gain a validation loss later: compare what they show.
+        shown_checkpoints = [(c.iteration, c.validation_loss, c.ts) for c in s.checkpoints]
+        if shown_checkpoints != self._shown_checkpoints:
             checkpoints = self.query_one("#checkpoint-table", DataTable)
             checkpoints.clear()
             for saved in reversed(s.checkpoints[-200:]):
-                size = _file_size(saved.path)
+                weights = os.path.join(saved.checkpoint, "adapters.safetensors") if saved.checkpoint else saved.path
                 val = f"{saved.validation_loss:.4f}" if saved.validation_loss is not None else "-"
                 stamp = time.strftime("%H:%M:%S", time.localtime(saved.ts))
-                checkpoints.add_row(str(saved.iteration), saved.kind, size, val, stamp)
-            self._shown_checkpoints = len(s.checkpoints)
+                checkpoints.add_row(str(saved.iteration), val, _file_size(weights), stamp)
+            self._shown_checkpoints = shown_checkpoints
 
     # -- commands out ----------------------------------------------------------------------
 
@@ -304,6 +318,12 @@ class DashboardScreen(Screen[None]):
         chart.window = WINDOW_STEPS[(index + 1) % len(WINDOW_STEPS)]
         self._dirty = True
 
+    def action_y_range(self) -> None:
+        """Toggle the loss chart's y-axis: fitted to the recent curve (an early spike clipped), or all of it."""
+        chart = self.query_one(LossChart)
+        chart.y_mode = Y_MODES[(Y_MODES.index(chart.y_mode) + 1) % len(Y_MODES)] if chart.y_mode in Y_MODES else Y_MODES[0]
+        self._dirty = True
+
     def action_edit_config(self) -> None:
         from tui.screens.editor import ConfigEditorScreen
 
@@ -348,8 +368,6 @@ class DashboardScreen(Screen[None]):
 
 
 def _file_size(path: str) -> str:
-    import os
-
     try:
         size = os.path.getsize(path)
     except OSError:

@@ -109,7 +109,7 @@ class ConfigEditorScreen(Screen[None]):
 
     def action_resume_run(self) -> None:
         """Save, then resume the run this config belongs to from a chosen checkpoint."""
-        from engine.checkpoint import list_checkpoints
+        from engine.checkpoint import checkpoint_iteration, list_checkpoints
         from engine.runs import RunDir
         from tui.app import resume_detached_run
         from tui.screens.modals import PromptScreen
@@ -123,7 +123,7 @@ class ConfigEditorScreen(Screen[None]):
             return
         if not self.action_save():
             return
-        have = ", ".join(p.name.lstrip("0") or "0" for p in list_checkpoints(run.checkpoints)) or "none"
+        have = ", ".join(str(i) for i in sorted({checkpoint_iteration(p) for p in list_checkpoints(run.checkpoints)})) or "none"
 
         def chosen(answer: str | None) -> None:
             if answer is None:

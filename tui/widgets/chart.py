@@ -27,7 +27,22 @@ class Series:
     ys: list[float]
     style: str
     label: str
-    markers: bool = False  # also mark each point (sparse series such as validation)
+    markers: bool = False  # mark each point (sparse series such as validation)
+    line: bool = True  # join the points; a markers-only series is drawn as dots
+
+
+@dataclass(frozen=True)
+class YRange:
+    """The values the y-axis spans; ``clipped`` is the largest value above it, if any."""
+
+    low: float
+    high: float
+    clipped: float | None = None
+
+
+Y_MODES = ("recent", "full")
+"""``recent`` (the default): the axis follows the later half of what is shown, and an early
+spike above it is clipped and marked; ``full``: every value fits."""
 
 
 def _finite(values: list[float]) -> list[float]:
@@ -42,29 +57,83 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def plot(series: list[Series], width: int, height: int) -> list[Text]:
-    """Render the series into ``height`` lines of ``width`` cells (axis labels included)."""
+def fit_range(series: list[Series], mode: str = "recent") -> YRange | None:
+    """The y-range to draw, or None without a finite point.
+
+    A loss curve falls fast at first and slowly after: scaled to its first value (10.7 against a
+    later 1.0-1.5), the part a person watches is a flat line at the bottom. So by default, when
+    every value would squeeze the later half of the x-range into less than a third of the
+    height, the axis runs from the lowest value to twice what that later half needs: it fills
+    the lower half of the chart, the earlier descent the upper half, and only the values above
+    (the first steps) are clipped. A curve that falls evenly (or rises) is never clipped: its
+    earlier half needs about as much room as its later half.
+    """
+    points = [(x, y) for s in series for x, y in zip(s.xs, s.ys, strict=False) if math.isfinite(y)]
+    if not points:
+        return None
+    low = min(y for _, y in points)
+    high = max(y for _, y in points)
+    if mode != "recent":
+        return YRange(low, high)
+    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
+    middle = x0 + (x1 - x0) / 2
+    recent = max(y for x, y in points if x >= middle) - low
+    if high - low <= 3 * recent or recent <= 0:
+        return YRange(low, high)
+    return YRange(low, low + 2 * recent, clipped=high)
+
+
+def _clip_segment(
+    a: tuple[float, float], b: tuple[float, float], low: float, high: float
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The part of segment a-b with low <= y <= high (None if there is none)."""
+    (xa, ya), (xb, yb) = a, b
+    t0, t1 = 0.0, 1.0
+    dy = yb - ya
+    for bound, inside_above in ((low, True), (high, False)):
+        if dy == 0:
+            if (ya < bound) if inside_above else (ya > bound):
+                return None
+            continue
+        t = (bound - ya) / dy
+        entering = (dy > 0) == inside_above  # crossing into the band as t grows
+        if entering:
+            t0 = max(t0, t)
+        else:
+            t1 = min(t1, t)
+    if t0 > t1:
+        return None
+    return (xa + t0 * (xb - xa), ya + t0 * dy), (xa + t1 * (xb - xa), ya + t1 * dy)
+
+
+def plot(series: list[Series], width: int, height: int, y_range: YRange | None = None) -> list[Text]:
+    """Render the series into ``height`` lines of ``width`` cells (axis labels included).
+
+    ``y_range`` defaults to :func:`fit_range`'s. Values above it are clipped: the columns where
+    a series runs above the top show ``↑`` in the top row, and the x-axis line says up to what.
+    """
     width = max(width, AXIS_WIDTH + 4)
     height = max(height, 3)
     plot_w = width - AXIS_WIDTH
     plot_h = height - 1  # last line: x-axis labels
     all_x = [x for s in series for x, y in zip(s.xs, s.ys, strict=False) if math.isfinite(y)]
-    all_y = _finite([y for s in series for y in s.ys])
-    if not all_x or not all_y:
+    fitted = y_range or fit_range(series)
+    if not all_x or fitted is None:
         blank = [Text(" " * width) for _ in range(height)]
         blank[height // 2] = Text("waiting for the first report...".center(width), style="dim")
         return blank
     x0, x1 = min(all_x), max(all_x)
-    y0, y1 = min(all_y), max(all_y)
+    y0, y1 = fitted.low, fitted.high
     if x1 == x0:
         x1 = x0 + 1
     if y1 == y0:
         y0, y1 = y0 - 0.5, y1 + 0.5
     pad = (y1 - y0) * 0.05
-    y0, y1 = y0 - pad, y1 + pad
+    y0, y1 = y0 - pad, y1 + (0 if fitted.clipped is not None else pad)
     px_w, px_h = plot_w * 2, plot_h * 4
     cells = [[0] * plot_w for _ in range(plot_h)]
     styles: list[list[str | None]] = [[None] * plot_w for _ in range(plot_h)]
+    above: dict[int, str] = {}  # column -> style of a series that runs above the top there
 
     def to_px(x: float, y: float) -> tuple[int, int]:
         px = round((x - x0) / (x1 - x0) * (px_w - 1))
@@ -77,21 +146,36 @@ def plot(series: list[Series], width: int, height: int) -> list[Text]:
             cells[row][col] |= DOTS[px % 2][py % 4]
             styles[row][col] = style
 
+    def mark_above(xa: float, xb: float, style: str) -> None:
+        for col in range(to_px(xa, y1)[0] // 2, to_px(xb, y1)[0] // 2 + 1):
+            above.setdefault(col, style)
+
     for s in series:
-        previous: tuple[int, int] | None = None
+        previous: tuple[float, float] | None = None
         for x, y in zip(s.xs, s.ys, strict=False):
             if not math.isfinite(y):
                 previous = None
                 continue
-            point = to_px(x, y)
-            if previous is None:
-                dot(*point, s.style)
+            if not s.line or previous is None:
+                if y > y1:
+                    mark_above(x, x, s.style)
+                else:
+                    dot(*to_px(x, y), s.style)
             else:
-                _line(previous, point, lambda px, py, st=s.style: dot(px, py, st))
-            if s.markers:
-                for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1)):
-                    dot(point[0] + dx, point[1] + dy, s.style)
-            previous = point
+                (xa, ya) = previous
+                inside = _clip_segment(previous, (x, y), y0, y1)
+                if inside is not None:
+                    _line(to_px(*inside[0]), to_px(*inside[1]), lambda px, py, st=s.style: dot(px, py, st))
+                if ya > y1 or y > y1:  # the stretch above the top: from where it leaves to where it returns
+                    cross = xa + (y1 - ya) / (y - ya) * (x - xa) if (ya > y1) != (y > y1) else None
+                    start = xa if ya > y1 or cross is None else cross
+                    end = x if y > y1 or cross is None else cross
+                    mark_above(start, end, s.style)
+            if s.markers and y <= y1:
+                px, py = to_px(x, y)
+                for dx, dy in ((0, 0), (1, 0), (0, 1), (-1, 0), (0, -1)):
+                    dot(px + dx, py + dy, s.style)
+            previous = (x, y)
 
     lines: list[Text] = []
     for row in range(plot_h):
@@ -105,10 +189,19 @@ def plot(series: list[Series], width: int, height: int) -> list[Text]:
         line = Text(label.rjust(AXIS_WIDTH - 2) + " ┤", style="dim")
         for col in range(plot_w):
             bits = cells[row][col]
+            if row == 0 and not bits and col in above:
+                line.append("↑", style=f"{above[col]} dim")
+                continue
             line.append(chr(BRAILLE_BASE + bits) if bits else " ", style=styles[row][col] or "")
         lines.append(line)
     left, right = f"{x0:.0f}", f"{x1:.0f}"
     axis = " " * AXIS_WIDTH + left + right.rjust(max(plot_w - len(left), len(right)))
+    if fitted.clipped is not None:  # say what the ↑ marks hide, between the x labels
+        note = f" ↑ up to {_fmt(fitted.clipped)}, above the top ('y' shows all) "
+        room = plot_w - len(left) - len(right) - 2
+        if room >= len(note):
+            at = AXIS_WIDTH + len(left) + 1 + (room - len(note)) // 2
+            axis = axis[:at] + note + axis[at + len(note):]
     lines.append(Text(axis[:width], style="dim"))
     return lines
 
@@ -145,6 +238,9 @@ class LossChart(Widget):
     window: reactive[int] = reactive(0)
     """Show only the last N iterations; 0 = the whole run."""
 
+    y_mode: reactive[str] = reactive("recent")
+    """How the y-axis is fitted (:data:`Y_MODES`): ``recent`` clips an early spike, ``full`` shows all."""
+
     def __init__(self, state: RunState, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.run_state = state
@@ -163,8 +259,8 @@ class LossChart(Widget):
         smooth = ema(ys, self.smoothing)
         dx, dy = downsample(xs, smooth, buckets)
         out = []
-        if val_x:
-            out.append(Series([float(x) for x in val_x], val_y, "bold $warning", "validation", markers=True))
+        if val_x:  # dots, as the legend says: a validation is a measurement at one iteration
+            out.append(Series([float(x) for x in val_x], val_y, "bold $warning", "validation", markers=True, line=False))
         out.append(Series(dx, dy, "bold $accent", "train"))  # drawn last: on top where they overlap
         return out
 
@@ -176,5 +272,5 @@ class LossChart(Widget):
         for s in series:
             for key, value in colors.items():
                 s.style = s.style.replace(key, str(value))
-        lines = plot(series, width, height)
+        lines = plot(series, width, height, fit_range(series, self.y_mode))
         return Text("\n").join(lines)

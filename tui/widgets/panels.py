@@ -30,7 +30,7 @@ def progress_bar(fraction: float, width: int) -> str:
 
 
 class RunHeader(Static):
-    """Name, model, state, iteration of total with a bar, elapsed time, ETA, connection."""
+    """Name, model, state, iteration of total with a bar, training time, ETA, connection."""
 
     DEFAULT_CSS = """
     RunHeader { height: 2; background: $panel; padding: 0 1; }
@@ -71,7 +71,8 @@ class RunHeader(Static):
         bottom.append(f"iter {s.iteration:,}/{s.iterations:,} ", style="bold")
         bottom.append(progress_bar(s.progress, width), style=self._style("running"))
         bottom.append(f" {s.progress * 100:5.1f}%", style="bold")
-        bottom.append(f"   elapsed {format_duration(s.elapsed(now))}")
+        # Training time, not wall time: a paused or dead run's clock stands still.
+        bottom.append(f"   training time {format_duration(s.training_time(None if self.read_only else now))}")
         bottom.append(f"   ETA {format_duration(s.eta())}")
         self.update(Text("\n").join([top, bottom]))
 
