@@ -21,7 +21,8 @@ from typing import Any
 from .blas import preload_optimized_blas
 from .config import LIVE_FIELDS, ConfigError
 from .endpoints import SocketError, socket_dir
-from .private import ENGINE_UMASK, write_private
+from .launch import mark_failed_start
+from .private import ENGINE_UMASK
 from .runs import RunError
 
 EXIT_UNREACHABLE = 3
@@ -61,37 +62,25 @@ def _ranks(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from None
 
 
-def _start_run(
-    config_path: Path | None, cfg: Any, detach: bool, listen: str = "", world: list[str] | None = None
-) -> tuple[int, str]:
-    from . import config as config_module
-    from .runs import create_run
+def _start_run(cfg: Any, detach: bool, listen: str = "", world: list[str] | None = None) -> tuple[int, str]:
+    """Start a run for ``cfg`` (engine.launch); (exit code, run id). Start failures are printed."""
+    from .daemon import EngineStartError
+    from .launch import start_run
 
-    socket_dir()  # a socket folder that is not private is refused before anything is created
     if listen:  # refuse an unsafe listener before anything is created
         from .curve import check_listen, exposure_warning
 
+        socket_dir()  # a socket folder that is not private is refused first, as without --listen
         check_listen(listen)
         if warning := exposure_warning(listen):
             print(f"tunetop: warning: {warning}", file=sys.stderr)
-    run = create_run()
-    try:
-        write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
-    except OSError:
-        run.path.rmdir()  # no half-made run for `tunetop ls` to show (a full disk)
-        raise
     extra = (["--listen", listen] if listen else []) + (world or [])
-    if detach:
-        from .daemon import EngineStartError, spawn_engine
-
-        try:
-            spawn_engine(run, extra_args=extra)
-        except EngineStartError as error:
-            mark_failed_start(run, str(error), cfg.name)
-            print(f"tunetop: {error}", file=sys.stderr)
-            return error.code, run.id
-        return 0, run.id
-    return _engine_main(run.path, extra), run.id
+    try:
+        run, code = start_run(cfg, detach, extra, foreground=_engine_main)
+    except EngineStartError as error:
+        print(f"tunetop: {error}", file=sys.stderr)
+        return error.code, error.run_id
+    return code, run.id
 
 
 def _engine_main(run_path: Path, extra: list[str]) -> int:
@@ -112,16 +101,14 @@ def _launch_mpi(args: argparse.Namespace, cfg: Any) -> int:
     """``--hosts ... --backend mpi``: every rank started by mlx.launch (mpirun); rank 0 is here."""
     import subprocess
 
-    from . import config as config_module
     from .distributed import WorldError, mpi_launch_command, parse_hosts
-    from .runs import create_run
+    from .launch import new_run
 
     try:
         hosts = parse_hosts(args.hosts)
     except WorldError as error:
         return _fail(str(error))
-    run = create_run()
-    write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
+    run = new_run(cfg)
     command = mpi_launch_command(run.path, hosts, [])
     print(f"run {run.id}: {' '.join(command)}", flush=True)
     if not args.detach:
@@ -183,16 +170,8 @@ def _run_engine(
         reporter.close()
 
 
-def mark_failed_start(run: Any, message: str, name: str = "") -> None:
-    """Record in status.json that a run's engine failed before it wrote any status of its own, so
-    `tunetop ls` shows it as failed (never trained) rather than in an unknown state."""
-    status = run.status()
-    if not status.get("state"):  # a run that has a state (one being resumed, a live one) keeps it
-        run.write_status({"name": name, **status, "state": "failed", "reason": "bad_input", "error": message})
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import config as config_module
+    from .launch import check_ranks, load_run_config
 
     if args.resume is not None:
         return _resume(args)
@@ -200,26 +179,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail("train needs a CONFIG file (or --resume RUN to continue a run).")
     if args.start_from is not None:
         return _fail("--from goes with --resume RUN.")
-    try:
-        cfg = config_module.load(args.config)
-        config_module.check_paths(cfg)
-    except ConfigError as error:
-        return _fail(str(error))
-    if not cfg.name:
-        cfg.name = Path(args.config).stem
     if args.np > 1 and args.hosts:
         return _fail("give --np (ranks on this machine) or --hosts (one rank per host), not both.")
-    try:
-        ranks = _ranks(args)
-    except ConfigError as error:
-        return _fail(str(error))
-    if cfg.training.batch_size % ranks:
-        return _fail(f"training.batch_size = {cfg.training.batch_size} in {args.config} does not split over "
-                     f"{ranks} ranks; the batch size is global: make it a multiple of the number of ranks (--np or --hosts).")
+    cfg = load_run_config(args.config)  # ConfigError: main() prints it
+    check_ranks(cfg, _ranks(args))
     if args.hosts and args.backend == "mpi":
         return _launch_mpi(args, cfg)
     try:
-        code, run_id = _start_run(Path(args.config), cfg, args.detach, args.listen, _world_args(args))
+        code, run_id = _start_run(cfg, args.detach, args.listen, _world_args(args))
     except ValueError as error:  # CurveError: a malformed --listen
         return _fail(str(error))
     if args.detach and code == 0:
@@ -228,30 +195,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    """``tunetop train --resume RUN [--from ITERATION]``: continue a run in place."""
-    from .checkpoint import CheckpointError, find_checkpoint
+    """``tunetop train --resume RUN [--from ITERATION]``: continue a run in place (engine.launch)."""
+    from .checkpoint import CheckpointError
+    from .daemon import EngineStartError
+    from .launch import resume_run
     from .runs import resolve
 
     run = resolve(args.resume or None)
-    socket_dir()
-    if run.is_alive():
-        return _fail(f"run {run.id} is still training (pid {run.engine_pid()}); nothing to resume.")
     try:
-        find_checkpoint(run.checkpoints, args.start_from)
+        code = resume_run(run, args.start_from, args.detach, _world_args(args), foreground=_engine_main)
     except CheckpointError as error:
         return _fail(str(error))
-    extra = ["--resume"] + ([] if args.start_from is None else ["--from", str(args.start_from)]) + _world_args(args)
+    except EngineStartError as error:
+        print(f"tunetop: {error}", file=sys.stderr)
+        return error.code
     if args.detach:
-        from .daemon import EngineStartError, spawn_engine
-
-        try:
-            spawn_engine(run, extra_args=extra)
-        except EngineStartError as error:
-            print(f"tunetop: {error}", file=sys.stderr)
-            return error.code
         print(run.id)
-        return 0
-    return _engine_main(run.path, extra)
+    return code
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
@@ -326,9 +286,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg.training.iterations = args.iterations
     headless = args.headless or not sys.stdout.isatty()
     if headless:
-        code, _ = _start_run(None, cfg, detach=False)
+        code, _ = _start_run(cfg, detach=False)
         return code
-    code, run_id = _start_run(None, cfg, detach=True)
+    code, run_id = _start_run(cfg, detach=True)
     from .runs import resolve
 
     return _attach(resolve(run_id).id, theme=None)
@@ -337,7 +297,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _attach(spec: str | None, theme: str | None, runs_list: bool = False) -> int:
     try:
         from tui.app import run_app, run_remote_app
-        from tui.remote import is_remote
+
+        from .ssh import is_remote
     except ImportError as error:
         return _fail(f"the TUI cannot start: {error}")
     if is_remote(spec):
@@ -386,7 +347,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from .runs import list_runs
 
     if args.host:
-        from tui.remote import RemoteError, parse_target, run_remote
+        from .ssh import RemoteError, parse_target, run_remote
 
         try:
             flags = [*(["--json"] if args.json else []), *(["--all"] if args.all else [])]

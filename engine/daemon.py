@@ -21,9 +21,10 @@ from .runs import RunDir, RunError
 class EngineStartError(RunError):
     """The detached engine exited before it started training; ``code`` is its exit code."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, run_id: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.run_id = run_id
 
 
 def _failure_message(run: RunDir) -> str:
@@ -46,6 +47,16 @@ def _failure_message(run: RunDir) -> str:
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def child_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a tunetop child process (an engine, a rank): ``base`` (default this
+    process's), with this source tree first on PYTHONPATH so that the child imports this same
+    engine package, installed or not, and unbuffered output for its log."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str] | None = None) -> int:
     """Start the engine for ``run``; return its pid once it trains (or after ``wait_seconds``).
 
@@ -53,10 +64,7 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str]
     data, a model that will not load), so ``tunetop train --detach`` can report it.
     """
     log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
-    env = dict(os.environ)
-    # The child must import this same engine package, installed or not.
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
+    env = child_environment()
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "_engine", str(run.path), *(extra_args or [])],
         stdin=subprocess.DEVNULL,
@@ -79,7 +87,7 @@ def _wait_until_training(
     while time.monotonic() < deadline:
         code = process.poll()
         if code is not None:
-            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code)
+            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code, run.id)
         status = run.status()
         # Running is not enough: a first step that fails (a model the settings do not fit) is a
         # failure to start too, and the command that started the run should say so.

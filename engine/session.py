@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ EXIT_TERMINATED = 143
 
 HEAVY_COMMANDS = ("sample", "evaluate")
 """Commands that run the model: one per step boundary while training, so a queue of them cannot hold the loop."""
-QUICK_COMMANDS = ("pause", "resume", "stop", "set", "status")
+QUICK_COMMANDS = ("pause", "resume", "stop", "set")
 """Commands applied as soon as they are seen, even between the tokens of a sample."""
 MAX_WAITING_HEAVY = 32
 """Samples and evaluations that may wait their turn; more are refused with a 'busy' reply."""
@@ -293,7 +293,7 @@ class Engine:
             self._unsaved = None
         self.trouble = None  # before the events below: if they fail, that is a new trouble
         if save is not None:
-            self.emit("save", **save.__dict__)
+            self.emit(save.event_type, **asdict(save))
         self.emit("log", message=trouble.recovered(held, save.iteration if save is not None else None))
         if trouble.auto_resume and not by_user and self.trouble is None and not self.control.stop_reason:
             self.control.paused = False
@@ -313,7 +313,7 @@ class Engine:
             note = f"the save at iteration {iteration} failed again ({error}); training goes on and the next save tries again"
             self.emit("warning", message=note)
             return note
-        self.emit("save", **save.__dict__)
+        self.emit(save.event_type, **asdict(save))
         return ""
 
     def _finish_writes(self) -> None:
@@ -394,20 +394,18 @@ class Engine:
                     self._save_failed(trainer.iteration, str(error))
                     respond(Reply(command.id, False, f"save failed, run paused: {error}"))
                     return
-                self.emit("save", **save.__dict__)
+                self.emit(save.event_type, **asdict(save))
                 respond(Reply(command.id, True, result={"iteration": save.iteration, "path": save.path, "checkpoint": save.checkpoint}))
             elif name == "evaluate":
                 validation = trainer.validate()
                 if validation is None:
                     respond(Reply(command.id, False, "this run has no validation set"))
                     return
-                self.emit("validation", iteration=validation.iteration, loss=validation.loss, seconds=validation.seconds)
+                self.emit(validation.event_type, **asdict(validation))
                 respond(Reply(command.id, True, result={"iteration": validation.iteration, "loss": validation.loss}))
             elif name == "set":
                 changes = self._apply_set(command.args)
                 respond(Reply(command.id, True, result={"changes": changes}))
-            elif name == "status":
-                respond(Reply(command.id, True, result=self.status_result()))
             elif name == "sample":
                 prompt, max_tokens, temperature, raw = self._sample_args(command.args)
                 try:
@@ -484,26 +482,19 @@ class Engine:
         if not args:
             raise ConfigError("set needs at least one KEY=VALUE; live fields: " + ", ".join(config_module.LIVE_FIELDS))
         values = {key: config_module.coerce_live(key, value) for key, value in args.items()}  # all or nothing
-        p = self.trainer.parameters
         if "memory_limit_gb" in values:  # the one change that can still fail (in MLX): first, undone on failure
             # A run sharing a GPU can be made to yield memory without a restart.
-            before = p.memory_limit_gb
-            p.memory_limit_gb = values["memory_limit_gb"]
+            before = self.trainer.parameters.memory_limit_gb
             try:
-                self.trainer.apply_memory_limit()
+                self.trainer.apply_live("memory_limit_gb", values["memory_limit_gb"])
             except Exception as error:
-                p.memory_limit_gb = before
-                self.trainer.apply_memory_limit()
                 raise ConfigError(f"memory_limit_gb = {values['memory_limit_gb']} was refused by MLX ({error}); "
                                   f"it stays {before}. Give a cap in GB within the machine's memory.") from None
         for key, value in values.items():
             section, name = config_module.LIVE_FIELDS[key]
             setattr(getattr(self.cfg, section), name, value)
-            if key == "learning_rate":
-                # From now on a constant rate: the user took the wheel from the schedule.
-                self.trainer.set_learning_rate(value)
-            elif key != "memory_limit_gb":  # applied above
-                setattr(p, key, value)
+            if key != "memory_limit_gb":  # applied above
+                self.trainer.apply_live(key, value)
         self.emit("config_changed", changes=values)
         return values
 
@@ -666,7 +657,7 @@ class Engine:
         from .trainer import Disposition, NonFinite, Save, SaveFailed, Train, Validation
 
         if isinstance(event, NonFinite):
-            self.emit("nonfinite", **event.__dict__)
+            self.emit(event.event_type, **asdict(event))
             self.emit("warning", message=f"{nonfinite_message(event)} {self._last_checkpoint()}")
             if event.action == "pause":
                 self.control.paused = True
@@ -682,15 +673,10 @@ class Engine:
                 return self._control(self.trainer)
             return Disposition.MORE
 
-        if isinstance(event, Train):
-            fields = dict(event.__dict__)
-            if not math.isfinite(fields["loss"]):
-                self.emit("warning", message=f"non-finite training loss at iteration {event.iteration}")
-            self.emit("train", **fields)
-        elif isinstance(event, Validation):
-            self.emit("validation", **event.__dict__)
-        elif isinstance(event, Save):
-            self.emit("save", **event.__dict__)
+        if isinstance(event, Train) and not math.isfinite(event.loss):
+            self.emit("warning", message=f"non-finite training loss at iteration {event.iteration}")
+        if isinstance(event, (Train, Validation, Save)):
+            self.emit(event.event_type, **asdict(event))
         return Disposition.STOP if self.control.stop_reason else Disposition.MORE
 
     def run(self) -> int:
@@ -961,15 +947,13 @@ def build_trainer(
     """
     from .adapters import adapter_config, apply_fine_tuning, count_parameters
     from .datasource import load_run_splits
+    from .launch import check_ranks
     from .optimizers import build_optimizer, build_schedule
     from .trainer import Trainer, TrainingParameters, default_loss, seed_everything
 
     config_module.check_paths(cfg)
-    if shard is not None and cfg.training.batch_size % shard.size:
-        raise ConfigError(
-            f"{cfg.source or 'config'}: training.batch_size = {cfg.training.batch_size} does not split over "
-            f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
-        )
+    if shard is not None:
+        check_ranks(cfg, shard.size)
     loss = default_loss
     if cfg.training.loss:  # checked before the model loads: a typo fails in a second
         from .custom_loss import load_loss
@@ -990,29 +974,18 @@ def build_trainer(
     from .memory_budget import plan_run
 
     memory = plan_run(cfg, model, splits["train"], pack_width, shard.size if shard is not None else 1, report)
-    parameters = TrainingParameters(
-        batch_size=t.batch_size,
-        iterations=t.iterations,
-        steps_per_report=t.steps_per_report,
-        steps_per_eval=t.steps_per_eval,
-        validation_batches=t.validation_batches,
-        save_every=cfg.checkpoints.save_every,
+    parameters = TrainingParameters.from_config(
+        cfg,
         adapter_path=adapter_path,
-        max_seq_length=cfg.data.max_seq_length,
+        # The memory plan may turn these on or pick them from the device's memory (training.memory_budget_gb).
         grad_checkpoint=memory.grad_checkpoint,
         grad_checkpoint_blocks=memory.grad_checkpoint_blocks,
-        grad_accumulation_steps=t.grad_accumulation_steps,
-        seed=t.seed,
-        keep_last=cfg.checkpoints.keep_last,
+        ce_chunk_tokens=memory.ce_chunk_tokens,
+        memory_limit_gb=memory.memory_limit_gb,
         adapter_config=adapter_config(cfg.lora, model_path),
         checkpoint_path=checkpoint_path,
-        on_nonfinite=t.on_nonfinite,
         config_hash=config_hash,
         pack_width=pack_width,
-        ce_chunk_tokens=memory.ce_chunk_tokens,
-        clear_cache_gb=t.clear_cache_gb,
-        memory_limit_gb=memory.memory_limit_gb,
-        config_values=config_module.computation_values(cfg),
     )
     optimizer = build_optimizer(cfg.optimizer, cfg.source)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)
