@@ -19,6 +19,9 @@ in, and a kill between the two left ``latest`` naming nothing; ``recover`` turns
 copies such a crash left in ``.tmp-*`` folders back into checkpoints.) The random
 state needs no saving: the trainer reseeds ``mx.random`` from (seed, iteration) before every
 step. tests/test_checkpoint_kills.py kills a save at every step (engine.faults).
+
+Finding and listing checkpoints imports no mlx (the TUI resumes runs on machines without it):
+only writing and reading the arrays does.
 """
 
 from __future__ import annotations
@@ -32,13 +35,13 @@ import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import mlx.core as mx
-from mlx.utils import tree_flatten
+from typing import TYPE_CHECKING, Any
 
 from .atomic import fsync_dir, fsync_file, remove_stale_temps, write_text_atomic
 from .faults import point
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -131,6 +134,9 @@ def write_checkpoint(
     _remove_leftovers(directory)
     point("checkpoint.cleaned")
     temp = directory / f".tmp-{checkpoint_name(state.iteration)}-{os.getpid()}"
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     temp.mkdir(mode=0o700)
     try:
         flat_optimizer = {k: v for k, v in tree_flatten(optimizer_state) if isinstance(v, mx.array)}  # type: ignore[misc,str-unpack]
@@ -298,6 +304,8 @@ def find_checkpoint(directory: Path, iteration: int | None) -> Path:
 
 def read_checkpoint(folder: Path) -> tuple[TrainerState, dict[str, mx.array], dict[str, mx.array]]:
     """(state, trainable weights, flat optimizer state) of one checkpoint."""
+    import mlx.core as mx
+
     try:
         state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
         weights = mx.load(str(folder / WEIGHTS_FILE))

@@ -23,6 +23,8 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from .userfiles import not_a_regular_file
+
 EMBEDDED = "@embedded"
 """Model or data path that means: the small default model and dataset tunetop builds offline."""
 AUTO = "auto"
@@ -317,12 +319,18 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         want = "an integer"
+        if ok and abs(value) >= 2**63:  # no setting means anything there, and mlx and numpy cannot hold it
+            ok, want = False, "an integer of at most 18 digits"
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         want = "a finite number"
         if ok:
-            value = float(value)
-            ok = math.isfinite(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond float's range
+                ok = False
+            else:
+                ok = math.isfinite(value)
     elif expected is str:
         ok = isinstance(value, str)
         want = "a string"
@@ -330,7 +338,10 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
         ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         want = "a list of numbers"
         if ok:
-            value = [float(v) for v in value]
+            try:
+                value = [float(v) for v in value]
+            except OverflowError:  # an integer beyond float's range
+                ok = False
     elif expected == list[dict[str, Any]]:
         if isinstance(value, dict):  # one [data.hf_dataset] table, or an array of them
             value = [value]
@@ -347,7 +358,7 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
         want = "a list of strings"
     if not ok:
         raise ConfigError(
-            f"{where}: '{full}' must be {want}, got {_type_name(value)} ({value!r}). "
+            f"{where}: '{full}' must be {want}, got {_type_name(value)} ({_shown(value)}). "
             f"Fix the value of '{key}' in the [{section}] table."
         )
     choices = CHOICES.get((section, key))
@@ -367,8 +378,26 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
                 if low is None
                 else f"between {low} and {high}"
             )
-            raise ConfigError(f"{where}: '{full}' must be {span}, got {value!r}.")
+            raise ConfigError(f"{where}: '{full}' must be {span}, got {_shown(value)}.")
     return value
+
+
+def _first_line(text: str, pattern: re.Pattern[str]) -> int | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.search(line):
+            return number
+    return None
+
+
+def _deep_line(text: str, limit: int = 64) -> int | None:
+    """The line where brackets first nest ``limit`` deep (a rough count that ignores strings)."""
+    depth = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        for char in line:
+            depth += 1 if char in "[{" else -1 if char in "]}" else 0
+            if depth >= limit:
+                return number
+    return None
 
 
 def parse(text: str, source: str = "") -> RunConfig:
@@ -378,6 +407,18 @@ def parse(text: str, source: str = "") -> RunConfig:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(
             f"{source or 'config'}: not valid TOML: {error}. Check the quoting and brackets on that line."
+        ) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        where = _where(source, _deep_line(text))
+        raise ConfigError(
+            f"{where}: arrays or inline tables are nested too deeply to read. No setting takes more than "
+            "a flat list of strings: fix the brackets on that line."
+        ) from None
+    except ValueError:  # Python refuses to convert integers of more than 4300 digits
+        where = _where(source, _first_line(text, re.compile(r"\d[\d_]{4000,}")))
+        raise ConfigError(
+            f"{where}: a number with thousands of digits. No setting takes a value that large: "
+            "fix the number on that line."
         ) from None
     return from_dict(raw, source=source, text=text)
 
@@ -496,6 +537,9 @@ def adapter_path_problem(value: str) -> str:
 def load(path: str | Path) -> RunConfig:
     """Read and validate a config file. Relative data and model paths resolve against its folder."""
     path = Path(path)
+    kind = not_a_regular_file(path)
+    if kind:
+        raise ConfigError(f"{path}: is {kind}, not a config file. Give the path of a TOML file (`tunetop init` writes one).")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -570,6 +614,9 @@ def starter_text() -> str:
             value = starter_overrides.get((section, f.name), default)
             # An empty table must stay inline: tomli-w would write a [header] for it.
             rendered = f"{f.name} = {{}}" if value == {} else tomli_w.dumps({f.name: value}).strip()
+            if isinstance(value, list) and value:  # one line, so the comment sits beside it
+                items = ", ".join(tomli_w.dumps({"v": item}).strip()[4:] for item in value)
+                rendered = f"{f.name} = [{items}]"
             note = f.metadata.get("help", "")
             if (section, f.name) in starter_overrides:
                 note += f" (default {default!r}; starter value for the embedded demo)"
@@ -675,7 +722,11 @@ def coerce_live(key: str, value: Any) -> Any:
 
 
 def _shown(value: Any, limit: int = 60) -> str:
-    text = f"'{value}'" if isinstance(value, str) else repr(value)
+    """A value as a message quotes it, cut short: it does not reprint a huge one."""
+    try:
+        text = f"'{value}'" if isinstance(value, str) else repr(value)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, a list nested too deep
+        return f"a {type(value).__name__} too large to print"
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 

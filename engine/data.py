@@ -36,6 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .userfiles import not_a_regular_file
+
 SPLITS = ("train", "valid", "test")
 # Input lengths a batch is padded to (its rows are one token longer).
 BUCKET_WIDTHS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -258,7 +260,13 @@ def _dataset(examples: list[Example], source: str, kinds: list[str], fmt: RowFor
 
 
 def _read_lines(path: Path) -> list[str]:
-    raw = path.read_bytes()
+    kind = not_a_regular_file(path)
+    if kind:  # checked before opening: reading a named pipe would wait for a writer forever
+        raise DataError(f"{path}: is {kind}, not a data file. A split is a regular UTF-8 .jsonl or .txt file.")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the data file: {error.strerror}.") from None
     if b"\x00" in raw[:4096]:
         raise DataError(f"{path}: looks like a binary file, not text. Data files are UTF-8 .jsonl or .txt.")
     try:
@@ -294,6 +302,16 @@ def load_split(
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}).") from None
+        except RecursionError:
+            raise DataError(
+                f"{where}: arrays or objects nested too deeply to read. A row is one flat object such as "
+                '{"text": "..."}: fix that line.'
+            ) from None
+        except ValueError:  # Python refuses to convert integers of more than 4300 digits
+            raise DataError(
+                f"{where}: a number with thousands of digits, too long to read. A row holds strings "
+                '(such as {"text": "..."}): fix that line.'
+            ) from None
         example, kind = _row_to_example(row, tokenizer, fmt, where)
         examples.append(example)
         kinds.append(kind)

@@ -57,6 +57,18 @@ def saved_iteration(run: RunDir, checkpoint: int | None) -> int | None:
     return saved[-1][0] if saved else None
 
 
+def check_outside_run(run: RunDir, output: Path) -> None:
+    """Refuse an output inside the run's own folder: an export copies the run's files, never over them
+    (``--output`` on the run's adapters would overwrite the latest adapter with a checkpoint's)."""
+    folder = run.path.resolve()
+    target = output.resolve()
+    if target == folder or folder in target.parents:
+        raise ExportError(
+            f"{output} is inside run {run.id}'s own folder ({run.path}); an export is a copy and never "
+            "replaces the run's files. Choose a folder outside it."
+        )
+
+
 def check_output(output: Path, force: bool) -> None:
     """Refuse to write into a file, or into a folder that holds anything, unless ``force``."""
     if output.exists() and not output.is_dir():
