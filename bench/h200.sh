@@ -7,7 +7,9 @@
 # "ablation": tunetop on variable-length data with mlx-lm's float32 LoRA products; part "memory":
 # the issue's memory condition and speed goal in one run (below); "memory-sweep": the settings
 # that led there; part "engine": `tunetop train` and `tunetop test` end to end; part "attention":
-# bench/attention_paths.py (fused vs unfused attention by length). Memory capped
+# bench/attention_paths.py (fused vs unfused attention by length); part "budget": `tunetop train`
+# with only training.memory_budget_gb set (the 1B shape at 20 GB, an 8B shape quantized to 4 bits by
+# mlx_lm.convert at 16 and 24 GB), printing each run's plan, tokens/s and peak. Memory capped
 # at 100 GB. Every tunetop-only run prints a RESULT line (JSON); the summary lists them.
 set -uo pipefail
 out=${1:-/tmp/h200-out}
@@ -18,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.t
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())' | tee -a "$out/gpu.txt"
 [ -d /tmp/bench1b/model ] || python3 bench/make_bench_model.py /tmp/bench1b --shape llama-1b --rows 3000 2>&1 | tail -2
 peak=0
-if [ "$part" != engine ]; then  # the denominator of MFU, for the throughput parts
+if [ "$part" != engine ] && [ "$part" != budget ]; then  # the denominator of MFU, for the throughput parts
   peak=$(python3 bench/throughput.py --measure-peak | awk '/^PEAK/ {print $2}')
   echo "bf16 matmul peak: $peak TFLOP/s" | tee -a "$out/gpu.txt"
 fi
@@ -99,6 +101,42 @@ TOML
     # shellcheck disable=SC2086
     echo "test --split valid $flags: $(python3 -m engine.cli test --split valid --batches 10 $flags 2>&1 | tail -1)" | tee -a "$out/engine-test.txt"
   done
+fi
+# Lean by default: `tunetop train` with training.memory_budget_gb and nothing else about memory; the
+# engine picks memory_limit_gb, ce_chunk_tokens and the recomputing blocks from the model's shape and
+# says so in its log ("memory budget ..."). 1B: 8 packed rows of 2048 (49.6 GB uncapped) in 20 GB;
+# 8B, 4-bit: 2 rows of 2048 (the issue's QLoRA run, every block recomputing: 15.5 GB) in 16 and 24 GB.
+if [ "$part" = budget ]; then
+  export TUNETOP_HOME=/tmp/tt-home-budget
+  rm -rf "$TUNETOP_HOME"
+  [ -d /tmp/bench8b/model ] || python3 bench/make_bench_model.py /tmp/bench8b --shape llama-8b --quantize 4 --rows 64 2>&1 | tail -2
+  budget_run() {  # NAME MODEL ROWS BUDGET_GB
+    cat > "/tmp/$1.toml" <<TOML
+name = "$1"
+[model]
+path = "$2"
+[data]
+path = "/tmp/bench1b/variable"
+[lora]
+num_layers = 16
+rank = 8
+[training]
+batch_size = $3
+iterations = 60
+steps_per_report = 10
+steps_per_eval = 1000
+memory_budget_gb = $4
+[optimizer]
+learning_rate = 1e-4
+[checkpoints]
+save_every = 1000
+TOML
+    python3 -m engine.cli train "/tmp/$1.toml" > "$out/$1.txt" 2>&1; echo "$1: train exit $?"
+    python3 -m engine.cli events "$1" | python3 bench/run_summary.py "$1" | tee -a "$out/$1.txt" "$out/budget.txt"
+  }
+  budget_run budget-1b-20 /tmp/bench1b/model 8 20
+  budget_run budget-8b-16 /tmp/bench8b/model 2 16
+  budget_run budget-8b-24 /tmp/bench8b/model 2 24
 fi
 if [ "$part" = all ] || [ "$part" = attention ]; then
   python3 bench/attention_paths.py 2>&1 | tee "$out/attention.txt"

@@ -1,13 +1,15 @@
 """Make a benchmark model (random weights, a real mlx-lm architecture) and datasets, offline.
 
-    python bench/make_bench_model.py OUT [--shape llama-1b|mid|tiny] [--dtype bfloat16]
+    python bench/make_bench_model.py OUT [--shape llama-1b|llama-8b|mid|tiny] [--dtype bfloat16] [--quantize BITS]
 
 OUT/model      config.json, model.safetensors (random), the embedded tokenizer's files
 OUT/variable   train/valid.jsonl: text rows with log-normal lengths (median ~220 words)
 OUT/fixed512   train/valid.jsonl: text rows of exactly 512 tokens
 
 ``llama-1b`` is Llama-3.2-1B's shape: hidden 2048, 16 layers, intermediate 8192, 32 heads, 8 KV
-heads, vocab 128256. The tokenizer is tunetop's embedded one (its ids fit in any vocab), so
+heads, vocab 128256; ``llama-8b`` Llama-3.1-8B's (hidden 4096, 32 layers, intermediate 14336, untied
+head). ``--quantize 4`` writes the model as mlx-lm's conversion does (``mlx_lm.convert``, group size
+64): the random bf16 weights first, then their quantized copy in OUT/model. The tokenizer is tunetop's embedded one (its ids fit in any vocab), so
 no download is needed; throughput does not depend on which tokens they are.
 """
 
@@ -33,6 +35,16 @@ SHAPES = {
         "num_key_value_heads": 8,
         "vocab_size": 128256,
         "rope_theta": 500000.0,
+    },
+    "llama-8b": {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
     },
     # The 1B model's vocabulary on a body small enough for a CPU: memory comparisons here.
     "mid": {
@@ -119,9 +131,18 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--quantize", type=int, default=0, metavar="BITS", help="quantize with mlx_lm.convert (4 or 8)")
     args = parser.parse_args()
     out = Path(args.out)
-    make_model(out / "model", args.shape, args.dtype)
+    if args.quantize:
+        from mlx_lm import convert
+
+        make_model(out / "model-full", args.shape, args.dtype)
+        shutil.rmtree(out / "model", ignore_errors=True)  # convert refuses an existing folder
+        convert(str(out / "model-full"), mlx_path=str(out / "model"), quantize=True, q_bits=args.quantize, q_group_size=64)
+        shutil.rmtree(out / "model-full")
+    else:
+        make_model(out / "model", args.shape, args.dtype)
     make_variable(out / "variable", args.rows, seed=1)
     make_fixed(out / "fixed512", args.rows, 512, seed=2)
     print(f"wrote {out}/model, {out}/variable, {out}/fixed512")

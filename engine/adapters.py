@@ -22,7 +22,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
 
 from .atomic import write_atomic, write_text_atomic
-from .config import LoRAConfig
+from .config import ConfigError, LoRAConfig
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -97,11 +97,37 @@ def apply_fine_tuning(model: nn.Module, config: LoRAConfig) -> None:
             layer.unfreeze()
         return
     num_layers = len(model.layers) if config.num_layers < 0 else config.num_layers  # type: ignore[attr-defined]
-    linear_to_lora_layers(model, num_layers, lora_parameters(config), use_dora=config.fine_tune_type == "dora")
+    choices = adaptable_keys(model)
+    try:
+        linear_to_lora_layers(model, num_layers, lora_parameters(config), use_dora=config.fine_tune_type == "dora")
+    except ValueError as error:  # a key naming a module that is no linear layer ("self_attn")
+        raise ConfigError(
+            f"'lora.keys' = {config.keys}: {error}. Keys name linear layers inside a block; this model's are: "
+            f"{', '.join(choices)}."
+        ) from None
+    if config.keys and count_parameters(model)[0] == 0:
+        # mlx-lm adapts nothing and the first step fails deep inside mx.grad.
+        raise ConfigError(
+            f"'lora.keys' = {config.keys} names no module of this model, so nothing would train. Keys are "
+            f"module paths inside a block; this model's are: {', '.join(choices)}. Use some of them, or [] "
+            "for every linear layer."
+        )
     if config.model_precision:
         from .lora_precision import use_model_precision
 
         use_model_precision(model)
+
+
+def adaptable_keys(model: nn.Module) -> list[str]:
+    """The module paths inside a block that ``lora.keys`` can name (the last block's linear layers)."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return []
+    block = layers[-1]
+    return sorted(
+        name for name, module in block.named_modules()
+        if name and (hasattr(module, "to_lora") or isinstance(module, (nn.Linear, nn.QuantizedLinear)))
+    )
 
 
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:

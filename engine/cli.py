@@ -2,8 +2,9 @@
 
 Exit codes (also in README.md): 0 success; 1 internal failure (a bug: the engine log has the
 traceback); 2 bad input (config, data, model, arguments, unknown run); 3 the engine cannot be
-reached or refused a command; 130 interrupted by Ctrl-C (adapter saved first); 143 terminated
-by SIGTERM (adapter saved first).
+reached or refused a command; 4 ``events`` met damaged journal records (every intact one was
+printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter saved first); 143
+terminated by SIGTERM (adapter saved first).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any
 from .blas import preload_optimized_blas
 from .config import LIVE_FIELDS, ConfigError
 from .endpoints import SocketError, socket_dir
-from .private import ENGINE_UMASK, write_private
+from .launch import mark_failed_start
+from .private import ENGINE_UMASK
 from .runs import RunError
 
 EXIT_UNREACHABLE = 3
+EXIT_DAMAGED = 4
 
 CONTROL_HELP = {
     "pause": "pause a live run between two steps (`resume` continues it)",
@@ -59,36 +62,25 @@ def _ranks(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from None
 
 
-def _start_run(
-    config_path: Path | None, cfg: Any, detach: bool, listen: str = "", world: list[str] | None = None
-) -> tuple[int, str]:
-    from . import config as config_module
-    from .runs import create_run
+def _start_run(cfg: Any, detach: bool, listen: str = "", world: list[str] | None = None) -> tuple[int, str]:
+    """Start a run for ``cfg`` (engine.launch); (exit code, run id). Start failures are printed."""
+    from .daemon import EngineStartError
+    from .launch import start_run
 
-    socket_dir()  # a socket folder that is not private is refused before anything is created
     if listen:  # refuse an unsafe listener before anything is created
         from .curve import check_listen, exposure_warning
 
+        socket_dir()  # a socket folder that is not private is refused first, as without --listen
         check_listen(listen)
         if warning := exposure_warning(listen):
             print(f"tunetop: warning: {warning}", file=sys.stderr)
-    run = create_run()
-    try:
-        write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
-    except OSError:
-        run.path.rmdir()  # no half-made run for `tunetop ls` to show (a full disk)
-        raise
     extra = (["--listen", listen] if listen else []) + (world or [])
-    if detach:
-        from .daemon import EngineStartError, spawn_engine
-
-        try:
-            spawn_engine(run, extra_args=extra)
-        except EngineStartError as error:
-            print(f"tunetop: {error}", file=sys.stderr)
-            return error.code, run.id
-        return 0, run.id
-    return _engine_main(run.path, extra), run.id
+    try:
+        run, code = start_run(cfg, detach, extra, foreground=_engine_main)
+    except EngineStartError as error:
+        print(f"tunetop: {error}", file=sys.stderr)
+        return error.code, error.run_id
+    return code, run.id
 
 
 def _engine_main(run_path: Path, extra: list[str]) -> int:
@@ -109,16 +101,14 @@ def _launch_mpi(args: argparse.Namespace, cfg: Any) -> int:
     """``--hosts ... --backend mpi``: every rank started by mlx.launch (mpirun); rank 0 is here."""
     import subprocess
 
-    from . import config as config_module
     from .distributed import WorldError, mpi_launch_command, parse_hosts
-    from .runs import create_run
+    from .launch import new_run
 
     try:
         hosts = parse_hosts(args.hosts)
     except WorldError as error:
         return _fail(str(error))
-    run = create_run()
-    write_private(run.config, config_module.dumps(cfg).encode("utf-8"))  # 0600, as all of the run
+    run = new_run(cfg)
     command = mpi_launch_command(run.path, hosts, [])
     print(f"run {run.id}: {' '.join(command)}", flush=True)
     if not args.detach:
@@ -164,6 +154,7 @@ def _run_engine(
             tcp = prepare(listen, run.path)
             warning = exposure_warning(listen)
         except CurveError as error:
+            mark_failed_start(run, str(error), cfg.name)
             return _fail(str(error))
         if warning:
             engine.on_ready.append(lambda owner: owner.emit("warning", message=warning))
@@ -172,12 +163,15 @@ def _run_engine(
         print(f"run {run.id} in {run.path}", flush=True)
     try:
         return engine.run()
+    except (RunError, ConfigError) as error:  # before the journal opened: no event can say it
+        mark_failed_start(run, str(error), cfg.name)
+        raise
     finally:
         reporter.close()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import config as config_module
+    from .launch import check_ranks, load_run_config
 
     if args.resume is not None:
         return _resume(args)
@@ -185,26 +179,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail("train needs a CONFIG file (or --resume RUN to continue a run).")
     if args.start_from is not None:
         return _fail("--from goes with --resume RUN.")
-    try:
-        cfg = config_module.load(args.config)
-        config_module.check_paths(cfg)
-    except ConfigError as error:
-        return _fail(str(error))
-    if not cfg.name:
-        cfg.name = Path(args.config).stem
     if args.np > 1 and args.hosts:
         return _fail("give --np (ranks on this machine) or --hosts (one rank per host), not both.")
-    try:
-        ranks = _ranks(args)
-    except ConfigError as error:
-        return _fail(str(error))
-    if cfg.training.batch_size % ranks:
-        return _fail(f"training.batch_size = {cfg.training.batch_size} in {args.config} does not split over "
-                     f"{ranks} ranks; the batch size is global: make it a multiple of the number of ranks (--np or --hosts).")
+    cfg = load_run_config(args.config)  # ConfigError: main() prints it
+    check_ranks(cfg, _ranks(args))
     if args.hosts and args.backend == "mpi":
         return _launch_mpi(args, cfg)
     try:
-        code, run_id = _start_run(Path(args.config), cfg, args.detach, args.listen, _world_args(args))
+        code, run_id = _start_run(cfg, args.detach, args.listen, _world_args(args))
     except ValueError as error:  # CurveError: a malformed --listen
         return _fail(str(error))
     if args.detach and code == 0:
@@ -213,30 +195,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    """``tunetop train --resume RUN [--from ITERATION]``: continue a run in place."""
-    from .checkpoint import CheckpointError, find_checkpoint
+    """``tunetop train --resume RUN [--from ITERATION]``: continue a run in place (engine.launch)."""
+    from .checkpoint import CheckpointError
+    from .daemon import EngineStartError
+    from .launch import resume_run
     from .runs import resolve
 
     run = resolve(args.resume or None)
-    socket_dir()
-    if run.is_alive():
-        return _fail(f"run {run.id} is still training (pid {run.engine_pid()}); nothing to resume.")
     try:
-        find_checkpoint(run.checkpoints, args.start_from)
+        code = resume_run(run, args.start_from, args.detach, _world_args(args), foreground=_engine_main)
     except CheckpointError as error:
         return _fail(str(error))
-    extra = ["--resume"] + ([] if args.start_from is None else ["--from", str(args.start_from)]) + _world_args(args)
+    except EngineStartError as error:
+        print(f"tunetop: {error}", file=sys.stderr)
+        return error.code
     if args.detach:
-        from .daemon import EngineStartError, spawn_engine
-
-        try:
-            spawn_engine(run, extra_args=extra)
-        except EngineStartError as error:
-            print(f"tunetop: {error}", file=sys.stderr)
-            return error.code
         print(run.id)
-        return 0
-    return _engine_main(run.path, extra)
+    return code
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
@@ -296,24 +271,24 @@ def demo_config() -> Any:
     cfg.name = "demo"
     cfg.training.iterations = 1000
     cfg.training.steps_per_report = 5
+    # Answers every fact of the demo data by iteration ~300 and keeps them; at the starter's 5e-4
+    # from ~500, with a noisier validation loss (bench/demo_facts.py).
+    cfg.optimizer.learning_rate = 2e-4
     return cfg
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import build_embedded
 
-    started = time.time()
-    folder = build_embedded()
-    if time.time() - started > 0.5:
-        print(f"built the embedded default model and data in {folder}")
+    build_embedded(report=lambda line: print(line, flush=True))  # each stage, the first time only
     cfg = demo_config()
     if args.iterations:
         cfg.training.iterations = args.iterations
     headless = args.headless or not sys.stdout.isatty()
     if headless:
-        code, _ = _start_run(None, cfg, detach=False)
+        code, _ = _start_run(cfg, detach=False)
         return code
-    code, run_id = _start_run(None, cfg, detach=True)
+    code, run_id = _start_run(cfg, detach=True)
     from .runs import resolve
 
     return _attach(resolve(run_id).id, theme=None)
@@ -322,7 +297,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _attach(spec: str | None, theme: str | None, runs_list: bool = False) -> int:
     try:
         from tui.app import run_app, run_remote_app
-        from tui.remote import is_remote
+
+        from .ssh import is_remote
     except ImportError as error:
         return _fail(f"the TUI cannot start: {error}")
     if is_remote(spec):
@@ -371,33 +347,51 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from .runs import list_runs
 
     if args.host:
-        from tui.remote import RemoteError, parse_target, run_remote
+        from .ssh import RemoteError, parse_target, run_remote
 
         try:
-            print(run_remote(parse_target(args.host, with_run=False), ["ls", *(["--json"] if args.json else [])]), end="")
+            flags = [*(["--json"] if args.json else []), *(["--all"] if args.all else [])]
+            print(run_remote(parse_target(args.host, with_run=False), ["ls", *flags]), end="")
         except RemoteError as error:
             return _fail(str(error), EXIT_UNREACHABLE)
         return 0
 
     rows = []
+    trained = []
+    hidden = 0
     for run in list_runs():
         s = run.summary()
+        if s["failed_before_training"] and not args.all:  # a config or data mistake: nothing to see
+            hidden += 1
+            continue
         rows.append(
             (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
         )
+        trained.append(s["trained"])
     header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
     if args.json:
-        for row in rows:
-            print(json.dumps(dict(zip([h.lower() for h in header], row, strict=True))))
+        for row, was_trained in zip(rows, trained, strict=True):
+            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), "trained": was_trained}))
         return 0
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    for row in (header, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    for number, row in enumerate((header, *rows)):
+        line = "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        if number == 0 and hidden:
+            line += f"   ({hidden} run{'s' if hidden > 1 else ''} that failed before training hidden; `tunetop ls --all` shows them)"
+        print(line)
     return 0
 
 
+def _warn_damage(path: Path, damage: list[Any]) -> None:
+    for stretch in damage:
+        print(f"tunetop: warning: {path}: skipped {stretch.describe()}; every intact record is printed.", file=sys.stderr)
+
+
 def cmd_events(args: argparse.Namespace) -> int:
-    from .journal import JournalTail
+    """Print the journal; damaged records are skipped and named on stderr, and the exit code is
+    then EXIT_DAMAGED (after every intact record), so a script cannot take a damaged history for
+    a whole one."""
+    from .journal import Damage, JournalTail
     from .runs import resolve
 
     try:
@@ -408,23 +402,39 @@ def cmd_events(args: argparse.Namespace) -> int:
     if args.digest:  # what a screen needs of a long run: rare events whole, train events thinned
         from .history import read_history
 
-        _upto, records = read_history(run.journal)
+        damage: list[Damage] = []
+        _upto, records = read_history(run.journal, damage)
         for _seq, payload in records:
             out.write(payload.decode("utf-8") + "\n")
-        return 0
+        out.flush()
+        _warn_damage(run.journal, damage)
+        return EXIT_DAMAGED if damage else 0
     tail = JournalTail(run.journal, since=args.since)
+    reported = 0
+
+    def drain() -> None:
+        nonlocal reported
+        for _seq, payload in tail.poll():
+            out.write(payload.decode("utf-8") + "\n")
+        out.flush()
+        _warn_damage(run.journal, tail.damage[reported:])
+        reported = len(tail.damage)
+
+    def finish() -> int:
+        torn = tail.pending > 0 and not run.is_alive()
+        if torn:
+            print(f"tunetop: warning: {run.journal}: the last {tail.pending} bytes are not a complete record "
+                  "(a write cut short by a crash); `tunetop train --resume` moves them to a side file.", file=sys.stderr)
+        return EXIT_DAMAGED if reported or torn else 0
+
     try:
         while True:
-            for _seq, payload in tail.poll():
-                out.write(payload.decode("utf-8") + "\n")
-            out.flush()
+            drain()
             if not args.follow:
-                return 0
+                return finish()
             if not run.is_alive():
-                for _seq, payload in tail.poll():
-                    out.write(payload.decode("utf-8") + "\n")
-                out.flush()
-                return 0
+                drain()
+                return finish()
             time.sleep(0.2)
     except (BrokenPipeError, KeyboardInterrupt):
         return 0
@@ -494,16 +504,19 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import EXPORTERS, ExportError, check_output, saved_iteration
+    from .export import EXPORTERS, ExportError, check_output, check_outside_run, saved_iteration
     from .runs import resolve
 
     run = resolve(args.run)
     output = Path(args.output).expanduser().absolute()
     try:
+        check_outside_run(run, output)
         check_output(output, args.force)
         out = EXPORTERS[args.format](run, output, args.checkpoint)
     except ExportError as error:
         return _fail(str(error))
+    except OSError as error:  # a folder that cannot be written, a full disk
+        return _fail(f"cannot export to {output}: {error.strerror or error}. Choose a folder you can write to.")
     iteration = saved_iteration(run, args.checkpoint)
     what = f"the adapter of iteration {iteration:,}" if iteration is not None else "the latest adapter"
     source = f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the latest save"
@@ -521,12 +534,24 @@ def cmd_export_metrics(args: argparse.Namespace) -> int:
 
         if not args.output:
             return _fail("--format tensorboard needs --output DIR (the folder to point `tensorboard --logdir` at).")
-        path = write_from_events(list(read_events(resolve(args.run).journal)), Path(args.output))
+        folder = Path(args.output)
+        if folder.exists() and not folder.is_dir():
+            return _fail(f"{folder} is a file; --format tensorboard writes into a folder: give a folder's path.")
+        try:
+            path = write_from_events(list(read_events(resolve(args.run).journal)), folder)
+        except OSError as error:
+            return _fail(f"cannot write to {folder}: {error.strerror or error}. Choose a folder you can write to.")
         print(f"wrote {path}")
         return 0
     text = metrics_text(resolve(args.run), args.format)
     if args.output:
-        Path(args.output).write_text(text)
+        output = Path(args.output)
+        if output.is_dir():
+            return _fail(f"{output} is a folder; --output names the file to write, e.g. {output / ('metrics.' + args.format)}.")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as error:
+            return _fail(f"cannot write {output}: {error.strerror or error}. Choose a path you can write to.")
     else:
         sys.stdout.write(text)
     return 0
@@ -540,7 +565,12 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.force:
         return _fail(f"{output} already exists; pass --force to overwrite it.")
-    config_module.save(cfg, output)
+    if output.is_dir():
+        return _fail(f"{output} is a folder; --output names the TOML file to write, e.g. {output / 'run.toml'}.")
+    try:
+        config_module.save(cfg, output)
+    except OSError as error:
+        return _fail(f"cannot write {output}: {error.strerror or error}. Choose a path you can write to.")
     print(f"wrote {output}")
     if imported.filled:
         print("mlx_lm.lora's defaults for what the recipe leaves out (tunetop's own differ):")
@@ -550,6 +580,10 @@ def cmd_import_config(args: argparse.Namespace) -> int:
         print("not carried over, or carried with a difference:")
         for note in imported.notes:
             print(f"  {note}")
+    if cfg.model.trust_remote_code:
+        print(f"warning: trust_remote_code: true was carried over (model.trust_remote_code in {output}): training "
+              f"will run the Python code that comes with {cfg.model.path}. Keep it only if you trust that code; "
+              "otherwise set it to false.")
     return 0
 
 
@@ -627,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list runs, here or on HOST (user@host[:port], over ssh)")
     p.add_argument("host", nargs="?")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="also the runs that failed before training (hidden by default)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("events", help="print a run's events as JSON lines")

@@ -23,8 +23,12 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from .userfiles import not_a_regular_file
+
 EMBEDDED = "@embedded"
 """Model or data path that means: the small default model and dataset tunetop builds offline."""
+AUTO = "auto"
+"""A setting tunetop works out for the run (``training.memory_budget_gb``)."""
 
 
 class ConfigError(ValueError):
@@ -92,6 +96,11 @@ class TrainingConfig:
     memory_limit_gb: float = field(
         default=0.0, metadata={"help": "Soft cap: past it MLX waits for queued GPU work to finish; 0 = MLX's default"}
     )
+    memory_budget_gb: float | str = field(
+        default=AUTO,
+        metadata={"help": "GB a step may use: picks memory_limit_gb, ce_chunk_tokens, grad_checkpoint_blocks left at "
+                  "their defaults; auto = a safe share of the device, 0 = off"},
+    )
     loss: str = field(
         default="", metadata={"help": "A custom loss, \"package.module:function\" or \"file.py:function\"; empty = the default"}
     )
@@ -138,6 +147,9 @@ class SamplingConfig:
 @dataclass
 class MetricsConfig:
     tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard event files to the run's tensorboard/ folder"})
+    wandb: bool = field(default=False, metadata={"help": "Also report to Weights & Biases (pip install 'tunetop[wandb]')"})
+    swanlab: bool = field(default=False, metadata={"help": "Also report to SwanLab (pip install 'tunetop[swanlab]')"})
+    project: str = field(default="", metadata={"help": "The W&B / SwanLab project; empty = tunetop"})
 
 
 @dataclass
@@ -185,6 +197,9 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("data", "packing"): ("auto", "on", "off"),
 }
 
+# Keys that take AUTO or a number (the number within RANGES).
+AUTO_OR_NUMBER = {("training", "memory_budget_gb")}
+
 # (minimum, maximum) for numbers; None leaves that side open.
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "max_seq_length"): (2, None),
@@ -195,6 +210,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     # MLX takes the cap in bytes as a 64-bit size: past ~1.8e10 GB it cannot be expressed at all,
     # and a million GB is already no cap on any machine.
     ("training", "memory_limit_gb"): (0.0, 1_000_000.0),
+    ("training", "memory_budget_gb"): (0.0, 1_000_000.0),
     ("lora", "num_layers"): (-1, None),
     ("lora", "rank"): (1, None),
     ("lora", "dropout"): (0.0, 0.999),
@@ -287,18 +303,34 @@ def _check_entry(full: str, number: int, entry: dict[str, Any], where: str) -> N
 def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> Any:
     """Check ``value`` against the dataclass field type; ints are accepted for floats."""
     full = f"{section}.{key}"
-    if expected is bool:
+    if (section, key) in AUTO_OR_NUMBER:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric:
+            try:
+                value = float(value)
+                numeric = math.isfinite(value)
+            except OverflowError:  # an integer of hundreds of digits
+                numeric = False
+        ok = numeric or value == AUTO
+        want = f'"{AUTO}" or a number'
+    elif expected is bool:
         ok = isinstance(value, bool)
         want = "true or false"
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         want = "an integer"
+        if ok and abs(value) >= 2**63:  # no setting means anything there, and mlx and numpy cannot hold it
+            ok, want = False, "an integer of at most 18 digits"
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         want = "a finite number"
         if ok:
-            value = float(value)
-            ok = math.isfinite(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond float's range
+                ok = False
+            else:
+                ok = math.isfinite(value)
     elif expected is str:
         ok = isinstance(value, str)
         want = "a string"
@@ -306,7 +338,10 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
         ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         want = "a list of numbers"
         if ok:
-            value = [float(v) for v in value]
+            try:
+                value = [float(v) for v in value]
+            except OverflowError:  # an integer beyond float's range
+                ok = False
     elif expected == list[dict[str, Any]]:
         if isinstance(value, dict):  # one [data.hf_dataset] table, or an array of them
             value = [value]
@@ -323,7 +358,7 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
         want = "a list of strings"
     if not ok:
         raise ConfigError(
-            f"{where}: '{full}' must be {want}, got {_type_name(value)} ({value!r}). "
+            f"{where}: '{full}' must be {want}, got {_type_name(value)} ({_shown(value)}). "
             f"Fix the value of '{key}' in the [{section}] table."
         )
     choices = CHOICES.get((section, key))
@@ -333,7 +368,7 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
             f"{_suggest(str(value), list(choices))}"
         )
     bounds = RANGES.get((section, key))
-    if bounds:
+    if bounds and not isinstance(value, str):
         low, high = bounds
         if (low is not None and value < low) or (high is not None and value > high):
             span = (
@@ -343,8 +378,26 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
                 if low is None
                 else f"between {low} and {high}"
             )
-            raise ConfigError(f"{where}: '{full}' must be {span}, got {value!r}.")
+            raise ConfigError(f"{where}: '{full}' must be {span}, got {_shown(value)}.")
     return value
+
+
+def _first_line(text: str, pattern: re.Pattern[str]) -> int | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.search(line):
+            return number
+    return None
+
+
+def _deep_line(text: str, limit: int = 64) -> int | None:
+    """The line where brackets first nest ``limit`` deep (a rough count that ignores strings)."""
+    depth = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        for char in line:
+            depth += 1 if char in "[{" else -1 if char in "]}" else 0
+            if depth >= limit:
+                return number
+    return None
 
 
 def parse(text: str, source: str = "") -> RunConfig:
@@ -354,6 +407,18 @@ def parse(text: str, source: str = "") -> RunConfig:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(
             f"{source or 'config'}: not valid TOML: {error}. Check the quoting and brackets on that line."
+        ) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        where = _where(source, _deep_line(text))
+        raise ConfigError(
+            f"{where}: arrays or inline tables are nested too deeply to read. No setting takes more than "
+            "a flat list of strings: fix the brackets on that line."
+        ) from None
+    except ValueError:  # Python refuses to convert integers of more than 4300 digits
+        where = _where(source, _first_line(text, re.compile(r"\d[\d_]{4000,}")))
+        raise ConfigError(
+            f"{where}: a number with thousands of digits. No setting takes a value that large: "
+            "fix the number on that line."
         ) from None
     return from_dict(raw, source=source, text=text)
 
@@ -472,6 +537,9 @@ def adapter_path_problem(value: str) -> str:
 def load(path: str | Path) -> RunConfig:
     """Read and validate a config file. Relative data and model paths resolve against its folder."""
     path = Path(path)
+    kind = not_a_regular_file(path)
+    if kind:
+        raise ConfigError(f"{path}: is {kind}, not a config file. Give the path of a TOML file (`tunetop init` writes one).")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -546,6 +614,9 @@ def starter_text() -> str:
             value = starter_overrides.get((section, f.name), default)
             # An empty table must stay inline: tomli-w would write a [header] for it.
             rendered = f"{f.name} = {{}}" if value == {} else tomli_w.dumps({f.name: value}).strip()
+            if isinstance(value, list) and value:  # one line, so the comment sits beside it
+                items = ", ".join(tomli_w.dumps({"v": item}).strip()[4:] for item in value)
+                rendered = f"{f.name} = [{items}]"
             note = f.metadata.get("help", "")
             if (section, f.name) in starter_overrides:
                 note += f" (default {default!r}; starter value for the embedded demo)"
@@ -574,6 +645,7 @@ WATCH_ONLY_KEYS = {
     ("training", "on_nonfinite"),
     ("training", "memory_limit_gb"),
     ("training", "clear_cache_gb"),
+    ("training", "memory_budget_gb"),
 }
 
 
@@ -650,7 +722,11 @@ def coerce_live(key: str, value: Any) -> Any:
 
 
 def _shown(value: Any, limit: int = 60) -> str:
-    text = f"'{value}'" if isinstance(value, str) else repr(value)
+    """A value as a message quotes it, cut short: it does not reprint a huge one."""
+    try:
+        text = f"'{value}'" if isinstance(value, str) else repr(value)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, a list nested too deep
+        return f"a {type(value).__name__} too large to print"
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 

@@ -21,24 +21,40 @@ from .runs import RunDir, RunError
 class EngineStartError(RunError):
     """The detached engine exited before it started training; ``code`` is its exit code."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, run_id: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.run_id = run_id
 
 
 def _failure_message(run: RunDir) -> str:
+    """One line saying why an engine ended: its last error event, else what its log says last."""
     try:
         errors = [e["message"] for e in read_events(run.journal) if e.get("type") == "error"]
-    except Exception:
+    except Exception:  # no journal, or one that cannot be read: the log says why
         errors = []
     if errors:
-        return errors[-1]
+        return str(errors[-1])
     try:
-        return " | ".join(run.log.read_text(errors="replace").strip().splitlines()[-5:])
-    except FileNotFoundError:
+        lines = [line.strip() for line in run.log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
         return "no log was written"
+    # The CLI's own error line (`tunetop: ...`), else a traceback's last line (the exception).
+    said = [line.removeprefix("tunetop: ") for line in lines if line.startswith("tunetop: ")]
+    last = said[-1] if said else lines[-1] if lines else "it wrote nothing"
+    return f"{last} (the engine's output is in {run.log})"
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a tunetop child process (an engine, a rank): ``base`` (default this
+    process's), with this source tree first on PYTHONPATH so that the child imports this same
+    engine package, installed or not, and unbuffered output for its log."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str] | None = None) -> int:
@@ -48,10 +64,7 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str]
     data, a model that will not load), so ``tunetop train --detach`` can report it.
     """
     log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
-    env = dict(os.environ)
-    # The child must import this same engine package, installed or not.
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
+    env = child_environment()
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "_engine", str(run.path), *(extra_args or [])],
         stdin=subprocess.DEVNULL,
@@ -74,9 +87,12 @@ def _wait_until_training(
     while time.monotonic() < deadline:
         code = process.poll()
         if code is not None:
-            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code)
+            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code, run.id)
         status = run.status()
-        started = status.get("state") in ("running", "paused", "stopping", "finished")
+        # Running is not enough: a first step that fails (a model the settings do not fit) is a
+        # failure to start too, and the command that started the run should say so.
+        state = status.get("state")
+        started = state in ("paused", "stopping", "finished") or (state == "running" and status.get("stepped"))
         if started and (engine_pid is None or status.get("pid") == engine_pid):
             return process.pid
         time.sleep(0.05)

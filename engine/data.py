@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from .userfiles import not_a_regular_file
 
 SPLITS = ("train", "valid", "test")
 # Input lengths a batch is padded to (its rows are one token longer).
@@ -258,7 +260,13 @@ def _dataset(examples: list[Example], source: str, kinds: list[str], fmt: RowFor
 
 
 def _read_lines(path: Path) -> list[str]:
-    raw = path.read_bytes()
+    kind = not_a_regular_file(path)
+    if kind:  # checked before opening: reading a named pipe would wait for a writer forever
+        raise DataError(f"{path}: is {kind}, not a data file. A split is a regular UTF-8 .jsonl or .txt file.")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the data file: {error.strerror}.") from None
     if b"\x00" in raw[:4096]:
         raise DataError(f"{path}: looks like a binary file, not text. Data files are UTF-8 .jsonl or .txt.")
     try:
@@ -294,6 +302,16 @@ def load_split(
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}).") from None
+        except RecursionError:
+            raise DataError(
+                f"{where}: arrays or objects nested too deeply to read. A row is one flat object such as "
+                '{"text": "..."}: fix that line.'
+            ) from None
+        except ValueError:  # Python refuses to convert integers of more than 4300 digits
+            raise DataError(
+                f"{where}: a number with thousands of digits, too long to read. A row holds strings "
+                '(such as {"text": "..."}): fix that line.'
+            ) from None
         example, kind = _row_to_example(row, tokenizer, fmt, where)
         examples.append(example)
         kinds.append(kind)
@@ -317,8 +335,10 @@ def load_splits(
     mask_prompt: bool = False,
     required: tuple[str, ...] = ("train", "valid"),
     row_format: RowFormat | None = None,
+    loader: Callable[..., Dataset] | None = None,
 ) -> dict[str, Dataset]:
-    """Load every split present; the ``required`` ones must exist. ``row_format`` as in :func:`load_split`."""
+    """Load every split present; the ``required`` ones must exist. ``row_format`` as in :func:`load_split`;
+    ``loader`` reads one split in its place (engine.token_cache's, which keeps the tokens between runs)."""
     if not folder.is_dir():
         raise DataError(f"{folder}: data directory not found. Set data.path to a folder with train.jsonl.")
     out: dict[str, Dataset] = {}
@@ -328,7 +348,7 @@ def load_splits(
             if name in required:
                 raise DataError(f"{folder}: no {name}.jsonl or {name}.txt. The {name} split is required.")
             continue
-        out[name] = load_split(path, tokenizer, mask_prompt, row_format)
+        out[name] = (loader or load_split)(path, tokenizer, mask_prompt, row_format)
     return out
 
 

@@ -152,14 +152,10 @@ def parse_hosts(text: str) -> list[Host]:
 
 
 def _ssh_prefix(host: Host) -> list[str]:
-    """ssh as remote attach uses it (``TUNETOP_SSH`` overrides the command and its options)."""
-    import shlex
+    """ssh as remote attach uses it (engine.ssh)."""
+    from .ssh import ssh_command
 
-    command = shlex.split(os.environ.get("TUNETOP_SSH", "ssh"))
-    command += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
-    if host.ssh_port:
-        command += ["-p", str(host.ssh_port)]
-    return [*command, f"{host.user}@{host.address}" if host.user else host.address]
+    return ssh_command(f"{host.user}@{host.address}" if host.user else host.address, host.ssh_port)
 
 
 @dataclass
@@ -175,7 +171,7 @@ class Ranks:
         """Start the followers and point this process (rank 0, ``hosts[0]``) at the same world."""
         import shlex
 
-        from .daemon import PROJECT_ROOT
+        from .daemon import child_environment
 
         if backend not in ("ring", "nccl"):
             raise WorldError(f"tunetop starts ranks with the ring or nccl backend, not {backend!r}; for mpi, "
@@ -194,14 +190,11 @@ class Ranks:
         # Ranks on one machine share its cores: more BLAS threads than cores slows every rank.
         on_this_machine = sum(1 for h in hosts if h.loopback)
         threads = str(max(1, (os.cpu_count() or 1) // max(1, on_this_machine)))
-        local_env = {
-            **os.environ,
-            **everywhere,
-            "PYTHONPATH": str(PROJECT_ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
-            "PYTHONUNBUFFERED": "1",
-        }
+        local_env = child_environment({**os.environ, **everywhere})
         local_env.setdefault("OPENBLAS_NUM_THREADS", threads)
-        remote_tunetop = shlex.split(os.environ.get("TUNETOP_REMOTE_TUNETOP", "tunetop"))
+        from .ssh import remote_tunetop
+
+        remote_command = remote_tunetop()
         forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         ranks = cls(size, backend)
         # NCCL: one GPU per rank on this machine, as mlx.launch does (CUDA_VISIBLE_DEVICES per rank),
@@ -219,7 +212,7 @@ class Ranks:
                 exports = {**forwarded, **everywhere, "MLX_RANK": str(rank), "PYTHONUNBUFFERED": "1"}
                 if host.loopback:
                     exports.setdefault("OPENBLAS_NUM_THREADS", threads)
-                remote = ["env", *(f"{k}={v}" for k, v in exports.items()), *remote_tunetop, *follower_args]
+                remote = ["env", *(f"{k}={v}" for k, v in exports.items()), *remote_command, *follower_args]
                 argv = [*_ssh_prefix(host), shlex.join(remote)]
                 env = None
             log = os.fdopen(os.open(run_path / f"rank{rank}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")  # handed to the child
@@ -282,6 +275,8 @@ def mpi_launch_command(run_path: Path, hosts: list[Host], extra: list[str]) -> l
 
     Every host needs tunetop, the model and the data at the same paths; only rank 0 writes.
     """
+    from .daemon import PROJECT_ROOT
+
     control = f"tcp://{hosts[0].ip()}:{free_port()}"
     launcher = str(Path(sys.executable).with_name("mlx.launch"))
     return [
@@ -290,7 +285,7 @@ def mpi_launch_command(run_path: Path, hosts: list[Host], extra: list[str]) -> l
         "--hosts", ",".join(h.address for h in hosts),
         "--env", f"{CONTROL_ENV}={control}",
         "--env", "PYTHONUNBUFFERED=1",
-        "--env", f"PYTHONPATH={Path(__file__).resolve().parent.parent}",  # tunetop at the same path on every host
+        "--env", f"PYTHONPATH={PROJECT_ROOT}",  # tunetop at the same path on every host
         "--cwd", str(run_path),
         "--",
         sys.executable, "-m", "engine.cli", "_engine", str(run_path), "--launched", "--backend", "mpi",
@@ -528,12 +523,10 @@ def follow(backend: str) -> int:
                 return 0
             if order["iteration"] != trainer.iteration:
                 raise WorldError(f"out of step: rank 0 is at iteration {order['iteration']}, this rank at {trainer.iteration}")
-            rate = float(order["learning_rate"])
-            trainer.schedule = lambda _step, rate=rate: rate
+            trainer.apply_live("learning_rate", float(order["learning_rate"]))  # rank 0's rate for this step
             cap = float(order.get("memory_limit_gb", trainer.parameters.memory_limit_gb))
             if cap != trainer.parameters.memory_limit_gb:  # a live `set memory_limit_gb` on rank 0
-                trainer.parameters.memory_limit_gb = cap
-                trainer.apply_memory_limit()
+                trainer.apply_live("memory_limit_gb", cap)
                 print(f"rank {channel.rank}: memory_limit_gb = {cap:g} from iteration {trainer.iteration}", flush=True)
             trainer.step()
     except Exception as error:

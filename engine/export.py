@@ -48,13 +48,25 @@ def saved_iteration(run: RunDir, checkpoint: int | None) -> int | None:
     if checkpoint is not None:
         return checkpoint
     from .adapters import numbered_checkpoints
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import checkpoint_iteration, latest_checkpoint
 
     latest = latest_checkpoint(run.checkpoints)
     if latest is not None:
-        return int(latest.name)
+        return checkpoint_iteration(latest)
     saved = numbered_checkpoints(run.adapters)
     return saved[-1][0] if saved else None
+
+
+def check_outside_run(run: RunDir, output: Path) -> None:
+    """Refuse an output inside the run's own folder: an export copies the run's files, never over them
+    (``--output`` on the run's adapters would overwrite the latest adapter with a checkpoint's)."""
+    folder = run.path.resolve()
+    target = output.resolve()
+    if target == folder or folder in target.parents:
+        raise ExportError(
+            f"{output} is inside run {run.id}'s own folder ({run.path}); an export is a copy and never "
+            "replaces the run's files. Choose a folder outside it."
+        )
 
 
 def check_output(output: Path, force: bool) -> None:

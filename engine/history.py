@@ -18,6 +18,10 @@ from __future__ import annotations
 import threading
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .journal import Damage
 
 TYPE_MARK = b'"type":"'
 
@@ -123,10 +127,10 @@ def _saved_digest(journal_path: Path) -> tuple[int, int, list[tuple[int, bytes]]
         return None
 
 
-def read_history(path: str | Path) -> tuple[int, list[tuple[int, bytes]]]:
+def read_history(path: str | Path, damage: list[Damage] | None = None) -> tuple[int, list[tuple[int, bytes]]]:
     """The digest of a journal on disk: the saved one plus the records after it, or one full pass.
 
-    No event is decoded either way.
+    No event is decoded either way. Damaged records read past are listed in ``damage``.
     """
     from .journal import read_payloads
 
@@ -135,7 +139,7 @@ def read_history(path: str | Path) -> tuple[int, list[tuple[int, bytes]]]:
     saved = _saved_digest(journal)
     if saved is not None:
         upto, journal_end, records = saved
-        tail = list(read_payloads(journal, since=upto, start_offset=journal_end))
+        tail = list(read_payloads(journal, since=upto, start_offset=journal_end, damage=damage))
         # The tail must continue the digest exactly; anything else (a journal rewritten or cut
         # since) means the saved digest is stale: read everything instead.
         if journal.stat().st_size >= journal_end and (not tail or tail[0][0] == upto + 1):
@@ -145,6 +149,8 @@ def read_history(path: str | Path) -> tuple[int, list[tuple[int, bytes]]]:
             merged = dict(records)
             merged.update(tail_records)
             return (tail_upto if tail else upto), sorted(merged.items())
-    for seq, payload in read_payloads(journal):
+    if damage is not None:
+        damage.clear()  # the tail's, read again below
+    for seq, payload in read_payloads(journal, damage=damage):
         history.add(seq, payload)
     return history.records()

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import config as config_module
+from .userfiles import not_a_regular_file
 
 # mlx_lm.lora key -> (section, our key); values copied as they are.
 DIRECT: dict[str, tuple[str, str]] = {
@@ -53,10 +55,8 @@ NOT_USED = {
     "test_batches": "see 'test'",
     "adapter_path": "adapters live in the run folder; `tunetop export` copies them anywhere",
     "resume_adapter_file": "use `tunetop train --resume RUN`, which also restores the optimizer",
-    "report_to": "tunetop journals every event; `tunetop export-metrics` writes CSV or JSON lines",
-    "project_name": "see 'report_to'",
     "config": "this file itself",
-    "wandb": "see 'report_to'",
+    "wandb": "an old mlx_lm.lora key: report_to: wandb is metrics.wandb",
 }
 
 # Keys of [optimizer] that stand for an optimizer class's argument of the same name.
@@ -162,16 +162,24 @@ def convert(raw: dict[str, Any], base: Path | None = None) -> Imported:
             result.notes.append(f"{key}: carried over, but mlx_lm.lora {_mlx_lm_version()} reads it only from its "
                                 "command line (a config file's value loses to the command-line default)")
 
-    _data(effective, recipe, result, base)
-    _lora(effective, recipe, result)
-    _optimizer(effective, recipe, result)
-    _cache(effective, recipe, result)
+    for key, holds in MAPPINGS.items():
+        if key in recipe and not isinstance(recipe[key], dict):
+            raise config_module.ConfigError(
+                f"'{key}' must be a mapping ({holds}), got {type(recipe[key]).__name__} ({_shown(recipe[key])}). Fix that key."
+            )
+    _checked("hf_dataset", recipe, lambda: _data(effective, recipe, result, base))
+    _checked("lora_parameters", recipe, lambda: _lora(effective, recipe, result))
+    _checked("optimizer_config", recipe, lambda: _optimizer(effective, recipe, result))
+    _checked("clear_cache_threshold", recipe, lambda: _cache(effective, recipe, result))
     if "lr_schedule" in recipe:
-        result.notes.extend(_schedule(recipe["lr_schedule"], result.put))
+        result.notes.extend(_checked("lr_schedule", recipe, lambda: _schedule(recipe["lr_schedule"], result.put)))
         if "learning_rate" in recipe:
             result.notes.append("learning_rate: mlx_lm.lora starts from lr_schedule's first argument instead")
 
-    handled = set(DIRECT) | {"lora_parameters", "optimizer_config", "clear_cache_threshold", "lr_schedule", "hf_dataset"}
+    _report(recipe, result)
+    handled = set(DIRECT) | {
+        "lora_parameters", "optimizer_config", "clear_cache_threshold", "lr_schedule", "hf_dataset", "report_to", "project_name"
+    }
     for key in recipe:
         if key in handled:
             continue
@@ -180,6 +188,41 @@ def convert(raw: dict[str, Any], base: Path | None = None) -> Imported:
         else:
             result.notes.append(f"{key}: unknown to mlx_lm.lora {_mlx_lm_version()} and to tunetop; ignored")
     return result
+
+
+# Keys whose value is a mapping in mlx_lm.lora's configs, and what it holds.
+MAPPINGS = {
+    "lora_parameters": "rank, scale, dropout, keys",
+    "optimizer_config": "an optimizer's name -> its options",
+    "lr_schedule": "name, arguments, warmup, warmup_init",
+}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _checked(key: str, recipe: dict[str, Any], step: Callable[[], Any]) -> Any:
+    """Run one key's mapping; a value of the wrong kind inside it becomes an error naming the key."""
+    try:
+        return step()
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise config_module.ConfigError(
+            f"'{key}' = {_shown(recipe.get(key))} is not what mlx_lm.lora takes there ({error}). Fix that key."
+        ) from None
+
+
+def _report(recipe: dict[str, Any], result: Imported) -> None:
+    """report_to ("wandb", "swanlab" or both, comma-separated) and project_name -> [metrics]."""
+    for name in str(recipe.get("report_to") or "").split(","):
+        name = name.strip().lower()
+        if name in ("wandb", "swanlab"):
+            result.put("metrics", name, True)
+        elif name:
+            result.notes.append(f"report_to: {name!r} is neither wandb nor swanlab (mlx_lm.lora would stop there)")
+    if recipe.get("project_name"):
+        result.put("metrics", "project", str(recipe["project_name"]))
 
 
 def _data(effective: dict[str, Any], recipe: dict[str, Any], result: Imported, base: Path | None) -> None:
@@ -311,13 +354,30 @@ def import_yaml(path: Path) -> tuple[config_module.RunConfig, Imported]:
 
     # mlx-lm's own loader reads 1e-5 as a number, as mlx_lm.lora does (plain YAML 1.1 would not).
     from mlx_lm.lora import yaml_loader as loader
+    kind = not_a_regular_file(path)
+    if kind:
+        raise config_module.ConfigError(f"{path}: is {kind}, not a YAML file. Give the path of an mlx_lm.lora config.")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise config_module.ConfigError(f"{path}: no such file.") from None
+    except UnicodeDecodeError:
+        raise config_module.ConfigError(f"{path}: not a UTF-8 text file; an mlx_lm.lora config is YAML text.") from None
+    except OSError as error:
+        raise config_module.ConfigError(f"{path}: cannot read it: {error.strerror}.") from None
+    try:
+        raw = yaml.load(text, Loader=loader) or {}
     except yaml.YAMLError as error:
         raise config_module.ConfigError(f"{path}: not valid YAML: {error}") from None
+    except (RecursionError, ValueError):  # nesting too deep, an integer of thousands of digits
+        raise config_module.ConfigError(
+            f"{path}: holds a value nested too deeply or a number too long to read; fix it (mlx_lm.lora "
+            "options are plain values, lists and small mappings)."
+        ) from None
     if not isinstance(raw, dict):
         raise config_module.ConfigError(f"{path}: expected a mapping of mlx_lm.lora options at the top level.")
-    result = convert(raw, path.resolve().parent)
+    try:
+        result = convert(raw, path.resolve().parent)
+    except config_module.ConfigError as error:
+        raise config_module.ConfigError(f"{path}: {error}") from None
     return config_module.from_dict(result.data, source=str(path)), result

@@ -7,15 +7,17 @@ hints beside the journal:
 
 - ``journal.idx``: an 8-byte magic, then every record's file offset as a little-endian u64,
   in order (appended at each sync);
-- ``journal.seal``: (end offset, record count, CRC-32 of the journal's bytes from the magic to
-  that end), written atomically (temp file + rename).
+- ``journal.seal``: (end offset, record count, last seq, CRC-32 of the journal's bytes from the
+  magic to that end), written atomically (temp file + rename).
 
 A reader checks the whole sealed prefix with one C-speed CRC call and the index against the
 prefix's own headers with numpy (every record starts where the previous one ends, seqs count
 up by one), then cuts the payloads out without touching each header in Python. Both files are
 hints: any mismatch (a stale or torn index, a seal from before a crash, a flipped bit) makes
 the reader fall back to the record-by-record walk, which is always correct. Only the journal
-is the truth, so neither file is fsynced.
+is the truth, so neither file is fsynced. One more use of the seal: its last seq tells a writer
+reopening a journal that lost records at its end (cut, or a damaged last record) which seqs
+were already handed out, so none is used twice (engine.journal_repair).
 
 numpy is imported only when a sealed journal is read.
 """
@@ -31,7 +33,7 @@ import zlib
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .private import open_private, write_private
 
@@ -39,9 +41,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 INDEX_MAGIC = b"TTJINDX1"
-SEAL_MAGIC = b"TTJSEAL1"
-# magic | end offset | records | CRC-32 of journal[len(MAGIC):end] | CRC-32 of the fields before it
-SEAL = struct.Struct("<8sQQII")
+SEAL_MAGIC = b"TTJSEAL2"
+# magic | end offset | records | last seq | CRC-32 of journal[len(MAGIC):end] | CRC-32 of the fields before it
+SEAL = struct.Struct("<8sQQQII")
 HEADER_SIZE = 16  # the journal's record header: u32 length, u32 CRC, u64 seq
 # A record walked in Python costs ~3.5 ns a byte, the seal's CRC + index check ~0.4 ns a byte
 # of the whole prefix: the fast path pays off when at least 1/8 of the prefix is read.
@@ -57,8 +59,17 @@ def seal_path(journal: Path) -> Path:
     return journal.with_name(journal.name + ".seal")
 
 
-def _seal_bytes(end: int, records: int, crc: int) -> bytes:
-    fields = struct.pack("<8sQQI", SEAL_MAGIC, end, records, crc)
+class Seal(NamedTuple):
+    """What the writer vouched for at its last sync."""
+
+    end: int  # the journal's end offset then
+    records: int  # records in [magic, end)
+    last_seq: int  # the seq of the last of them
+    crc: int  # CRC-32 of the journal's bytes from the magic to ``end``
+
+
+def _seal_bytes(end: int, records: int, last_seq: int, crc: int) -> bytes:
+    fields = struct.pack("<8sQQQI", SEAL_MAGIC, end, records, last_seq, crc)
     return fields + struct.pack("<I", zlib.crc32(fields))
 
 
@@ -81,8 +92,9 @@ class IndexWriter:
     def add(self, offset: int) -> None:
         self._pending.append(offset)
 
-    def seal(self, end: int, records: int, crc: int) -> None:
-        """Append the pending offsets, then record that ``records`` records end at ``end`` with ``crc``.
+    def seal(self, end: int, records: int, last_seq: int, crc: int) -> None:
+        """Append the pending offsets, then record that ``records`` records, the last ``last_seq``,
+        end at ``end`` with ``crc``.
 
         Called after the journal's fsync, so the sealed prefix is durable before the seal exists.
         A failed write (a full disk) leaves the index as it was and the offsets pending, for the
@@ -100,24 +112,25 @@ class IndexWriter:
                 raise
             self._size += len(data)
             self._pending = array("Q")
-        write_private(seal_path(self.journal), _seal_bytes(end, records, crc))
+        write_private(seal_path(self.journal), _seal_bytes(end, records, last_seq, crc))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
 
 
-def _read_seal(journal: Path) -> tuple[int, int, int] | None:
+def read_seal(journal: Path) -> Seal | None:
+    """The journal's seal, if there is one and it is intact (a seal of an older version: None)."""
     try:
         data = seal_path(journal).read_bytes()
     except OSError:
         return None
     if len(data) != SEAL.size:
         return None
-    magic, end, records, crc, own_crc = SEAL.unpack(data)
+    magic, end, records, last_seq, crc, own_crc = SEAL.unpack(data)
     if magic != SEAL_MAGIC or zlib.crc32(data[:-4]) != own_crc:
         return None
-    return end, records, crc
+    return Seal(end, records, last_seq, crc)
 
 
 def _u32_at(buffer: mmap.mmap, limit: int, positions: np.ndarray) -> np.ndarray:
@@ -171,10 +184,10 @@ def open_sealed(journal: Path, magic_size: int, begin: int = 0) -> SealedPrefix 
     when the caller reads only from ``begin`` on and that is a small part of the prefix: the
     seal's CRC covers the whole prefix, and walking a short stretch costs less than that.
     """
-    seal = _read_seal(journal)
+    seal = read_seal(journal)
     if seal is None:
         return None
-    end, records, crc = seal
+    end, records, _last_seq, crc = seal
     if (end - begin) * WORTH_IT < end - magic_size:
         return None
     try:

@@ -20,7 +20,6 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 
-# Event types and the fields each carries (beyond seq, ts, run, type).
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "run_started": ("config", "model", "trainable_parameters", "total_parameters", "iterations", "name"),
     "train": (
@@ -35,18 +34,30 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "validation": ("iteration", "loss", "seconds"),
     "save": ("iteration", "path", "kind", "checkpoint", "removed"),
     "resumed": ("iteration", "checkpoint", "from_seq"),
-    "nonfinite": ("iteration", "loss", "epoch", "batch", "action"),
+    "nonfinite": ("iteration", "loss", "epoch", "batch", "action", "cause", "streak"),
     "world": ("size", "backend"),
     "rank_failed": ("ranks", "iteration", "message"),
     "state": ("state", "iteration"),
     "log": ("message",),
     "warning": ("message",),
     "error": ("message",),
-    "heartbeat": ("iteration", "state"),
+    "heartbeat": ("iteration", "state", "notice"),
     "config_changed": ("changes",),
     "finished": ("reason", "iteration"),
     "sample": ("iteration", "prompt", "completion", "max_tokens", "temperature", "prompt_format"),
 }
+"""The event schema: each type and the fields it carries beyond seq, ts, run and type.
+
+The one table every producer goes through (:func:`make_event` refuses an unknown type, an
+unknown field and a missing one) and docs/PROTOCOL.md's events table documents
+(tests/test_protocol.py holds them to each other)."""
+
+OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
+    "state": ("iteration",),  # absent until the model is loaded
+    "heartbeat": ("notice",),  # only while writes fail
+    "save": ("checkpoint", "removed"),  # not in journals of older versions (the trainer's Save always has them)
+}
+"""Fields of :data:`EVENT_FIELDS` an event of that type may leave out."""
 
 RUN_STATES = ("starting", "running", "paused", "stopping", "finished", "failed")
 
@@ -102,9 +113,19 @@ class ProtocolError(ValueError):
 
 
 def make_event(run: str, seq: int, type_: str, ts: float | None = None, **fields: Any) -> dict[str, Any]:
-    """Build an event dict in field order: seq, ts, run, type, then the type's fields."""
-    if type_ not in EVENT_FIELDS:
+    """Build an event dict: seq, ts, run, type, then the type's fields (as :data:`EVENT_FIELDS` has them).
+
+    ProtocolError (a bug in the producer, never a user's doing) for a type or field the schema
+    does not have, or a field it requires left out.
+    """
+    schema = EVENT_FIELDS.get(type_)
+    if schema is None:
         raise ProtocolError(f"unknown event type {type_!r}")
+    if fields.keys() != set(schema):
+        unknown = sorted(fields.keys() - set(schema))
+        missing = sorted(set(schema) - fields.keys() - set(OPTIONAL_FIELDS.get(type_, ())))
+        if unknown or missing:
+            raise ProtocolError(f"a {type_!r} event: unknown fields {unknown}, missing fields {missing} (protocol.EVENT_FIELDS)")
     event: dict[str, Any] = {"seq": seq, "ts": time.time() if ts is None else ts, "run": run, "type": type_}
     event.update(fields)
     return event

@@ -110,9 +110,10 @@ class RunDir:
     def status(self) -> dict[str, Any]:
         """The engine's last published summary (empty if none yet)."""
         try:
-            return json.loads(self.status_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            status = json.loads(self.status_file.read_bytes())
+        except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON: derived data, so none
             return {}
+        return status if isinstance(status, dict) else {}
 
     def write_status(self, status: dict[str, Any]) -> None:
         # Derived data (the journal is the truth), so a rename without fsync is enough.
@@ -151,15 +152,29 @@ class RunDir:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             age = 0.0
+        trained = self._trained(status)
+        # Failed (or died) before its first step: nothing to look at or resume; `ls` hides it.
+        failed_early = not alive and not trained and state in ("failed", "dead")
         return {
             "run": self.id,
             "name": str(status.get("name", "")),
             "state": state,
-            "iter": f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
+            "iter": "-" if failed_early else f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
             "loss": f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
             "alive": alive,
             "age_seconds": age,
+            "trained": trained,
+            "failed_before_training": failed_early,
         }
+
+    def _trained(self, status: dict[str, Any]) -> bool:
+        """Whether any step ever ran: the engine says so, a report or save happened, or a checkpoint exists."""
+        if status.get("trained") or status.get("iteration"):
+            return True
+        try:
+            return any(self.checkpoints.iterdir())
+        except OSError:
+            return False
 
     def make_private(self) -> None:
         """Tighten this run's folder and everything in it to 0700 / 0600, and the folders above it

@@ -71,7 +71,6 @@ class Server:
         self._error: BaseException | None = None
         self.malformed = 0
         self.failures = 0
-        self.published = 0
         self.died: BaseException | None = None
         """Set when the socket thread ended by an error: nobody can reach the engine any more."""
         fault = os.environ.get(FAULT_ENV)
@@ -233,7 +232,6 @@ class Server:
                 for pub in pubs:
                     with contextlib.suppress(zmq.Again):  # PUB never blocks; clients replay what they miss
                         pub.send_multipart([b"evt", item], zmq.NOBLOCK)
-                self.published += 1
             else:
                 router, identity, reply = item
                 try:

@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from .endpoints import SocketError
 from .events import EventLog
 from .journal import JournalWriter
 from .protocol import Command, Reply
-from .runs import RunDir, RunLock
+from .runs import RunDir, RunError, RunLock
 from .write_trouble import ROOM_BYTES, WriteTrouble, free_bytes, reason
 
 EXIT_OK = 0
@@ -44,7 +44,7 @@ EXIT_TERMINATED = 143
 
 HEAVY_COMMANDS = ("sample", "evaluate")
 """Commands that run the model: one per step boundary while training, so a queue of them cannot hold the loop."""
-QUICK_COMMANDS = ("pause", "resume", "stop", "set", "status")
+QUICK_COMMANDS = ("pause", "resume", "stop", "set")
 """Commands applied as soon as they are seen, even between the tokens of a sample."""
 MAX_WAITING_HEAVY = 32
 """Samples and evaluations that may wait their turn; more are refused with a 'busy' reply."""
@@ -69,17 +69,42 @@ class ControlState:
     exit_code: int = EXIT_OK
 
 
+def nonfinite_message(event: Any) -> str:
+    """What an unusable step (``trainer.NonFinite``) was and what happens next, in a sentence or two."""
+    where = f"at iteration {event.iteration} (epoch {event.epoch}, batch {event.batch})"
+    cause = {
+        "loss": f"the loss is {event.loss} {where}",
+        "gradients": f"the gradients hold NaN or infinity {where} (loss {event.loss:.4f})",
+        "update": f"the update {where} would make the weights NaN or infinite (loss {event.loss:.4f}); "
+        "the learning rate is likely too high",
+    }.get(event.cause, f"step {where} is not finite")
+    if event.action == "skipped":
+        return f"{cause}: the batch was skipped and its update undone."
+    undone = "its update was undone, the weights are those before this batch"
+    if event.action == "stop":
+        return f"{cause}: {undone}; the run stops (training.on_nonfinite = \"stop\")."
+    if event.streak > 1:
+        return (
+            f"{cause}: {event.streak} steps in a row could not be used, so skipping cannot recover; {undone}. "
+            "The run is paused: lower the learning rate (`tunetop set learning_rate=...`) and resume, or stop it."
+        )
+    return (
+        f"{cause}: {undone}. The run is paused (training.on_nonfinite = \"pause\"): resume to go on, "
+        "perhaps with a lower learning rate (`tunetop set learning_rate=...`), or stop it."
+    )
+
+
 def load_model_and_tokenizer(cfg: RunConfig, report: Callable[[str], None] | None = None) -> tuple[Any, Any, str]:
     """mlx-lm's loader on a local folder or a Hugging Face id (downloaded first, with progress).
 
-    The embedded default is built first. ``report`` receives download progress lines.
+    The embedded default is built first. ``report`` receives download and build progress lines.
     """
     from mlx_lm import load
 
     from . import hub
     from .demo import embedded_model_path
 
-    path = str(embedded_model_path()) if cfg.model.path == EMBEDDED else cfg.model.path
+    path = str(embedded_model_path(report)) if cfg.model.path == EMBEDDED else cfg.model.path
     where = f"model.path in {cfg.source or 'the config'}"
     try:
         if not hub.is_local(path) and "/" in path and not path.startswith((".", "/", "~")):
@@ -119,15 +144,20 @@ class Engine:
         self.state = ""
         # The pid tells a starter waiting on status.json that this engine, not an earlier one, wrote it.
         self._status: dict[str, Any] = {"name": cfg.name, "iterations": cfg.training.iterations, "pid": os.getpid()}
+        if resume:  # until the checkpoint is restored, `ls` keeps showing where the run stood
+            previous = run.status()
+            self._status.update({k: previous[k] for k in ("iteration", "loss", "val_loss", "trained") if k in previous})
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
         self._sampled_at = -1
+        self._first_iteration: int | None = None  # where this engine's loop began
         self.trouble: WriteTrouble | None = None  # writes that failed; the run is paused until they succeed
         self._status_dirty = False  # status.json could not be written
         self._digest_dirty = False  # nor the history digest
         self._unsaved: int | None = None  # the iteration of a save that failed
         self._save_bytes = 0
         self._tensorboard: Any = None
+        self._trackers: list[Any] = []  # trackers.Tracker: W&B, SwanLab
         # Commands taken off the queue but not applied yet (the loop's thread only): heavy ones wait
         # for their step boundary while quick ones that came later are applied.
         self._waiting: collections.deque[PendingCommand] = collections.deque()
@@ -263,7 +293,7 @@ class Engine:
             self._unsaved = None
         self.trouble = None  # before the events below: if they fail, that is a new trouble
         if save is not None:
-            self.emit("save", **save.__dict__)
+            self.emit(save.event_type, **asdict(save))
         self.emit("log", message=trouble.recovered(held, save.iteration if save is not None else None))
         if trouble.auto_resume and not by_user and self.trouble is None and not self.control.stop_reason:
             self.control.paused = False
@@ -283,7 +313,7 @@ class Engine:
             note = f"the save at iteration {iteration} failed again ({error}); training goes on and the next save tries again"
             self.emit("warning", message=note)
             return note
-        self.emit("save", **save.__dict__)
+        self.emit(save.event_type, **asdict(save))
         return ""
 
     def _finish_writes(self) -> None:
@@ -364,20 +394,18 @@ class Engine:
                     self._save_failed(trainer.iteration, str(error))
                     respond(Reply(command.id, False, f"save failed, run paused: {error}"))
                     return
-                self.emit("save", **save.__dict__)
+                self.emit(save.event_type, **asdict(save))
                 respond(Reply(command.id, True, result={"iteration": save.iteration, "path": save.path, "checkpoint": save.checkpoint}))
             elif name == "evaluate":
                 validation = trainer.validate()
                 if validation is None:
                     respond(Reply(command.id, False, "this run has no validation set"))
                     return
-                self.emit("validation", iteration=validation.iteration, loss=validation.loss, seconds=validation.seconds)
+                self.emit(validation.event_type, **asdict(validation))
                 respond(Reply(command.id, True, result={"iteration": validation.iteration, "loss": validation.loss}))
             elif name == "set":
                 changes = self._apply_set(command.args)
                 respond(Reply(command.id, True, result={"changes": changes}))
-            elif name == "status":
-                respond(Reply(command.id, True, result=self.status_result()))
             elif name == "sample":
                 prompt, max_tokens, temperature, raw = self._sample_args(command.args)
                 try:
@@ -454,26 +482,19 @@ class Engine:
         if not args:
             raise ConfigError("set needs at least one KEY=VALUE; live fields: " + ", ".join(config_module.LIVE_FIELDS))
         values = {key: config_module.coerce_live(key, value) for key, value in args.items()}  # all or nothing
-        p = self.trainer.parameters
         if "memory_limit_gb" in values:  # the one change that can still fail (in MLX): first, undone on failure
             # A run sharing a GPU can be made to yield memory without a restart.
-            before = p.memory_limit_gb
-            p.memory_limit_gb = values["memory_limit_gb"]
+            before = self.trainer.parameters.memory_limit_gb
             try:
-                self.trainer.apply_memory_limit()
+                self.trainer.apply_live("memory_limit_gb", values["memory_limit_gb"])
             except Exception as error:
-                p.memory_limit_gb = before
-                self.trainer.apply_memory_limit()
                 raise ConfigError(f"memory_limit_gb = {values['memory_limit_gb']} was refused by MLX ({error}); "
                                   f"it stays {before}. Give a cap in GB within the machine's memory.") from None
         for key, value in values.items():
             section, name = config_module.LIVE_FIELDS[key]
             setattr(getattr(self.cfg, section), name, value)
-            if key == "learning_rate":
-                # From now on a constant rate: the user took the wheel from the schedule.
-                self.trainer.set_learning_rate(value)
-            elif key != "memory_limit_gb":  # applied above
-                setattr(p, key, value)
+            if key != "memory_limit_gb":  # applied above
+                self.trainer.apply_live(key, value)
         self.emit("config_changed", changes=values)
         return values
 
@@ -514,6 +535,13 @@ class Engine:
         from .trainer import Disposition
 
         self._scheduled_samples(trainer)
+        if self._first_iteration is None:
+            self._first_iteration = trainer.iteration
+        elif trainer.iteration > self._first_iteration and not self._status.get("stepped"):
+            # This engine's first step ran: `train --detach` knows the engine got past it, and
+            # `ls` no longer counts the run among those that failed before training.
+            self._status.update(stepped=True, trained=True)
+            self._write_status()
         heavy_ran = False
         while True:
             self._stop_if_deaf()
@@ -597,14 +625,26 @@ class Engine:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
 
+    def _last_checkpoint(self) -> str:
+        """A sentence naming the run's latest complete checkpoint, or saying there is none."""
+        from .checkpoint import latest_checkpoint
+
+        try:
+            latest = latest_checkpoint(self.run_dir.checkpoints)
+        except OSError:
+            latest = None
+        if latest is None:
+            return "No checkpoint has been saved yet."
+        return f"The last checkpoint, of iteration {int(latest.name):,}, is intact ({latest})."
+
     def _save_failed(self, iteration: int, error: str) -> None:
         self._unsaved = iteration
         needed = self._save_room()
         room = self._room()
         full = room is not None and room < needed
         by_itself = " It saves and resumes by itself once there is room (checked every few seconds)." if full else ""
-        self.emit("error", message=f"could not save at iteration {iteration}: {error}. The previous checkpoint "
-                  f"is intact; the run is paused: free space or fix the folder, then resume.{by_itself}")
+        self.emit("error", message=f"could not save at iteration {iteration}: {error}. {self._last_checkpoint()} "
+                  f"The run is paused: free space or fix the folder, then resume.{by_itself}")
         if full:  # a full disk: wait for room, then save again (engine.write_trouble)
             if self.trouble is None:
                 self.trouble = WriteTrouble(f"the save of iteration {iteration}", error, auto_resume=not self.control.paused)
@@ -617,13 +657,8 @@ class Engine:
         from .trainer import Disposition, NonFinite, Save, SaveFailed, Train, Validation
 
         if isinstance(event, NonFinite):
-            self.emit("nonfinite", **event.__dict__)
-            what = {"skipped": "the batch was skipped", "pause": "the run is paused", "stop": "the run stops"}
-            self.emit(
-                "warning",
-                message=f"loss is {event.loss} at iteration {event.iteration} (epoch {event.epoch}, batch "
-                f"{event.batch}): {what.get(event.action, event.action)}; the last good checkpoint is kept.",
-            )
+            self.emit(event.event_type, **asdict(event))
+            self.emit("warning", message=f"{nonfinite_message(event)} {self._last_checkpoint()}")
             if event.action == "pause":
                 self.control.paused = True
                 self.set_state("paused")
@@ -638,15 +673,10 @@ class Engine:
                 return self._control(self.trainer)
             return Disposition.MORE
 
-        if isinstance(event, Train):
-            fields = dict(event.__dict__)
-            if not math.isfinite(fields["loss"]):
-                self.emit("warning", message=f"non-finite training loss at iteration {event.iteration}")
-            self.emit("train", **fields)
-        elif isinstance(event, Validation):
-            self.emit("validation", **event.__dict__)
-        elif isinstance(event, Save):
-            self.emit("save", **event.__dict__)
+        if isinstance(event, Train) and not math.isfinite(event.loss):
+            self.emit("warning", message=f"non-finite training loss at iteration {event.iteration}")
+        if isinstance(event, (Train, Validation, Save)):
+            self.emit(event.event_type, **asdict(event))
         return Disposition.STOP if self.control.stop_reason else Disposition.MORE
 
     def run(self) -> int:
@@ -655,11 +685,22 @@ class Engine:
         self.lock.acquire()
         try:
             from .history import History
+            from .journal import JournalError
 
-            self.events = EventLog(self.run_dir.id, JournalWriter(self.run_dir.journal, history=History()))
+            try:
+                journal = JournalWriter(self.run_dir.journal, history=History())
+            except JournalError as error:
+                raise RunError(
+                    f"{error} The run's event history cannot be read, so this engine cannot add to it. The "
+                    f"checkpoints are untouched: restore journal.ttj from a copy, or move it aside (the TUI "
+                    f"then shows only what happens from now on) and run `tunetop train --resume {self.run_dir.id}` again."
+                ) from None
+            self.events = EventLog(self.run_dir.id, journal)
             self.events.on_trouble = self._write_failed
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
+            for repaired in self.events.journal.repairs:  # a damaged journal, mended on open
+                self.emit("warning", message=repaired)
             if self.lock.replaced:
                 with contextlib.suppress(OSError):
                     print(f"tunetop: warning: {self.lock.replaced}", file=sys.stderr, flush=True)
@@ -669,6 +710,7 @@ class Engine:
 
                 self._tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard", private=True)
                 self.events.subscribers.append(self._tensorboard.on_event)
+            code = EXIT_FAILED  # what the trackers hear if the run ends by an exception
             try:
                 try:
                     for hook in self.on_ready:
@@ -682,12 +724,16 @@ class Engine:
                 code = self._run()
                 self._finish_writes()
                 return code
+            except Exception as error:  # a bug: the run still ends as failed, with one clear line
+                return self._crashed(error)
             finally:
                 for hook in self.on_close:
                     hook(self)
                 self.events.close()
                 if self._tensorboard is not None:
                     self._tensorboard.close()
+                for tracker in self._trackers:
+                    tracker.close(code)
         finally:
             self.lock.release()
 
@@ -732,6 +778,16 @@ class Engine:
         self.emit("world", size=group.size(), backend=self.plan.backend)
         return Shard(group, group.rank(), group.size())
 
+    def _crashed(self, error: Exception) -> int:
+        """End the run as failed after an unexpected exception (a bug), its traceback in the log."""
+        when = "while starting" if self.state in ("", "starting") else f"at iteration {self.trainer.iteration if self.trainer else 0}"
+        self.emit("error", message=f"internal error {when}: {type(error).__name__}: {error}. This is a bug in "
+                  f"tunetop; `tunetop events {self.run_dir.id}` shows its traceback.")
+        self.emit("log", message=traceback.format_exc())
+        self.set_state("failed")
+        self.emit("finished", reason="failed", iteration=self.trainer.iteration if self.trainer else 0)
+        return EXIT_FAILED
+
     def _fail_world(self, message: str) -> int:
         self.emit("error", message=message)
         self.set_state("failed")
@@ -760,6 +816,7 @@ class Engine:
 
         try:
             trainer, model_path, trainable, total = self._build(config_text, shard)
+            self._open_trackers()
         except (ConfigError, DataError, ModelError) as error:
             self.emit("error", message=str(error))
             self.set_state("failed")
@@ -767,6 +824,7 @@ class Engine:
             return EXIT_BAD_INPUT
         self.trainer = trainer
         trainer.journal_seq = lambda: self.events.last_seq if self.events else 0
+        self._clean_after_crash()
         if self.resume:
             from .checkpoint import CheckpointError, find_checkpoint
 
@@ -822,6 +880,35 @@ class Engine:
         self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code
 
+    def _warn(self, message: str) -> None:
+        self.emit("warning", message=message)
+
+    def _open_trackers(self) -> None:
+        """W&B and SwanLab (metrics.wandb, metrics.swanlab): subscribers from here on, closed with the run."""
+        if not (self.cfg.metrics.wandb or self.cfg.metrics.swanlab):
+            return
+        from .trackers import open_trackers
+
+        assert self.events is not None
+        self._trackers = open_trackers(
+            self.cfg, self.run_dir.id, self.run_dir.path, self._warn
+        )
+        self.events.subscribers.extend(tracker.on_event for tracker in self._trackers)
+
+    def _clean_after_crash(self) -> None:
+        """Leftovers of an engine killed mid-write: temp files of adapter writes, and a ``latest``
+        checkpoint pointer that names nothing complete (engine.checkpoint.recover). Safe here:
+        this engine holds the run's lock and has not written yet."""
+        from .atomic import remove_stale_temps
+        from .checkpoint import recover
+
+        try:
+            remove_stale_temps(self.run_dir.adapters)
+            for folder in recover(self.run_dir.checkpoints):
+                self.emit("warning", message=f"recovered checkpoint {folder.name} from a save a crash interrupted")
+        except OSError as error:  # a read-only folder: the save that needs it reports it
+            self.emit("warning", message=f"could not clean up after the last crash: {error}")
+
     @staticmethod
     def _config_changes(restored: Any, parameters: Any) -> str:
         """What changed in the config that decides the computation since a checkpoint; "" if nothing.
@@ -860,15 +947,13 @@ def build_trainer(
     """
     from .adapters import adapter_config, apply_fine_tuning, count_parameters
     from .datasource import load_run_splits
+    from .launch import check_ranks
     from .optimizers import build_optimizer, build_schedule
     from .trainer import Trainer, TrainingParameters, default_loss, seed_everything
 
     config_module.check_paths(cfg)
-    if shard is not None and cfg.training.batch_size % shard.size:
-        raise ConfigError(
-            f"{cfg.source or 'config'}: training.batch_size = {cfg.training.batch_size} does not split over "
-            f"{shard.size} ranks. The batch size is global: make it a multiple of the number of ranks."
-        )
+    if shard is not None:
+        check_ranks(cfg, shard.size)
     loss = default_loss
     if cfg.training.loss:  # checked before the model loads: a typo fails in a second
         from .custom_loss import load_loss
@@ -879,33 +964,28 @@ def build_trainer(
     # The LoRA weights are drawn from the global streams: seed them here, not before loading,
     # because loading may have drawn (a first run builds the embedded model in this process).
     seed_everything(cfg.training.seed)
-    apply_fine_tuning(model, cfg.lora)
+    try:
+        apply_fine_tuning(model, cfg.lora)
+    except ConfigError as error:
+        raise ConfigError(f"{cfg.source or 'config'}: {error}") from None
     trainable, total = count_parameters(model)
     t = cfg.training
     pack_width = choose_pack_width(cfg, splits["train"], model, report, loss)
-    parameters = TrainingParameters(
-        batch_size=t.batch_size,
-        iterations=t.iterations,
-        steps_per_report=t.steps_per_report,
-        steps_per_eval=t.steps_per_eval,
-        validation_batches=t.validation_batches,
-        save_every=cfg.checkpoints.save_every,
+    from .memory_budget import plan_run
+
+    memory = plan_run(cfg, model, splits["train"], pack_width, shard.size if shard is not None else 1, report)
+    parameters = TrainingParameters.from_config(
+        cfg,
         adapter_path=adapter_path,
-        max_seq_length=cfg.data.max_seq_length,
-        grad_checkpoint=t.grad_checkpoint,
-        grad_checkpoint_blocks=t.grad_checkpoint_blocks,
-        grad_accumulation_steps=t.grad_accumulation_steps,
-        seed=t.seed,
-        keep_last=cfg.checkpoints.keep_last,
+        # The memory plan may turn these on or pick them from the device's memory (training.memory_budget_gb).
+        grad_checkpoint=memory.grad_checkpoint,
+        grad_checkpoint_blocks=memory.grad_checkpoint_blocks,
+        ce_chunk_tokens=memory.ce_chunk_tokens,
+        memory_limit_gb=memory.memory_limit_gb,
         adapter_config=adapter_config(cfg.lora, model_path),
         checkpoint_path=checkpoint_path,
-        on_nonfinite=t.on_nonfinite,
         config_hash=config_hash,
         pack_width=pack_width,
-        ce_chunk_tokens=t.ce_chunk_tokens,
-        clear_cache_gb=t.clear_cache_gb,
-        memory_limit_gb=t.memory_limit_gb,
-        config_values=config_module.computation_values(cfg),
     )
     optimizer = build_optimizer(cfg.optimizer, cfg.source)
     schedule = build_schedule(cfg.optimizer, cfg.schedule, t.iterations)

@@ -1,22 +1,22 @@
-"""TensorBoard event files, written directly: scalars only, no TensorFlow, no protobuf library.
+"""TensorBoard event files: scalars, the run's config as text, and its hyper-parameters.
 
 An event file is a sequence of TFRecords (length, masked CRC-32C of the length, data, masked
-CRC-32C of the data), each holding one serialized ``tensorflow.Event`` protobuf. The few fields
-used here are encoded by hand:
-
-    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-    Summary { repeated Value value = 1; }
-    Value   { string tag = 1; float simple_value = 2; }
+CRC-32C of the data), each holding one serialized ``tensorflow.Event``. The messages are built
+with tensorboardX's protobuf classes and summary helpers (``hparams`` for the HParams plugin,
+``text`` for the text plugin), and framed with its CRC; the file handling is tunetop's own,
+because a record that does not fit on a full disk must be kept and written later, whole.
 
 With ``metrics.tensorboard = true`` the engine writes ``tensorboard/`` in the run folder as it
-trains, so ``tensorboard --logdir ~/.local/state/tunetop/runs`` shows every run;
-``tunetop export-metrics RUN --format tensorboard --output DIR`` writes one from a journal.
+trains, so ``tensorboard --logdir ~/.local/state/tunetop/runs`` shows every run (the HParams tab
+compares their settings against their losses); ``tunetop export-metrics RUN --format tensorboard
+--output DIR`` writes the same from a journal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import struct
@@ -25,68 +25,48 @@ from pathlib import Path
 from typing import Any
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
+def encode_event(
+    wall_time: float, step: int = 0, file_version: str = "", scalars: dict[str, float] | None = None, summary: Any = None
+) -> bytes:
+    """One serialized ``Event``: a file-version header, scalars at a step, or a prepared ``Summary``."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.summary_pb2 import Summary
 
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord uses; records here are tens of bytes, so Python is enough."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1  # negative int64 as two's complement, as protobuf does
-    while True:
-        low = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def encode_event(wall_time: float, step: int = 0, file_version: str = "", scalars: dict[str, float] | None = None) -> bytes:
-    """One serialized ``Event``: a file-version header, or scalars at a step."""
-    out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
-    if step:
-        out += _varint(2 << 3 | 0) + _varint(step)
+    event = Event(wall_time=wall_time, step=step)
     if file_version:
-        out += _bytes_field(3, file_version.encode())
+        event.file_version = file_version
     if scalars:
-        values = b"".join(
-            _bytes_field(1, _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
-            for tag, value in scalars.items()
-        )
-        out += _bytes_field(5, values)
-    return out
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()])
+    if summary is not None:
+        event.summary.CopyFrom(summary)
+    return bytes(event.SerializeToString())
 
 
 def frame(data: bytes) -> bytes:
     """A TFRecord around one serialized event."""
+    from tensorboardX.record_writer import masked_crc32c
+
     length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked(crc32c(length))) + data + struct.pack("<I", _masked(crc32c(data)))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config as HParams values: ``section.key`` -> a number, string or boolean."""
+    out: dict[str, Any] = {}
+    for section, values in config.items():
+        if not isinstance(values, dict):
+            out[section] = values if isinstance(values, (int, float, str, bool)) else json.dumps(values)
+            continue
+        for key, value in values.items():
+            out[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return out
+
+
+def config_text(config: dict[str, Any]) -> str:
+    """The config as TOML, a Markdown code block for TensorBoard's text plugin."""
+    import tomli_w
+
+    return "\n".join("    " + line for line in tomli_w.dumps(config).splitlines())
 
 
 SCALARS = {
@@ -100,6 +80,9 @@ SCALARS = {
     "validation": {"loss": "validation/loss"},
 }
 """Which journal event fields become which TensorBoard tags."""
+
+METRICS = ("train/loss", "validation/loss")
+"""The metrics the HParams tab shows against each run's settings."""
 
 
 class TensorBoardWriter:
@@ -148,9 +131,32 @@ class TensorBoardWriter:
     def scalars(self, step: int, values: dict[str, float], wall_time: float | None = None) -> None:
         self._write(encode_event(wall_time or time.time(), step=step, scalars=values))
 
+    def run_started(self, config: dict[str, Any], wall_time: float | None = None) -> None:
+        """The config as text (tag ``config``) and as hyper-parameters (the HParams plugin)."""
+        from tensorboardX.summary import hparams, text
+
+        when = wall_time or time.time()
+        experiment, session_start, _end = hparams(hyperparameters(config), {tag: 0.0 for tag in METRICS})
+        for summary in (text("config", config_text(config)), experiment, session_start):
+            self._write(encode_event(when, summary=summary))
+
+    def finished(self, wall_time: float | None = None) -> None:
+        """Marks the HParams session as ended."""
+        from tensorboardX.summary import hparams
+
+        self._write(encode_event(wall_time or time.time(), summary=hparams({}, {})[2]))
+
     def on_event(self, event: dict[str, Any], _raw: bytes = b"") -> None:
-        """An :class:`engine.events.EventLog` subscriber: train and validation events become scalars."""
-        fields = SCALARS.get(event.get("type", ""))
+        """An :class:`engine.events.EventLog` subscriber: train and validation events become scalars,
+        the run's start its config and hyper-parameters."""
+        kind = event.get("type", "")
+        if kind == "run_started" and isinstance(event.get("config"), dict):
+            self.run_started(event["config"], float(event.get("ts") or time.time()))
+            return
+        if kind == "finished":
+            self.finished(float(event.get("ts") or time.time()))
+            return
+        fields = SCALARS.get(kind)
         if not fields:
             return
         values = {tag: float(event[key]) for key, tag in fields.items() if isinstance(event.get(key), (int, float))}
@@ -164,7 +170,7 @@ class TensorBoardWriter:
 
 
 def write_from_events(events: list[dict[str, Any]], folder: Path) -> Path:
-    """An event file holding a journal's train and validation scalars."""
+    """An event file holding a journal's scalars, config and hyper-parameters."""
     writer = TensorBoardWriter(folder)
     try:
         for event in events:

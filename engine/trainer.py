@@ -13,6 +13,7 @@ knowing about sockets.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import random
@@ -21,46 +22,89 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import config as config_module
 from .adapters import describe_fine_tuning, prune_numbered, save_adapters, trainable_weights
 from .chunked_loss import summed_cross_entropy
+from .config import RunConfig
 from .data import Batch, BatchPlan, Dataset
 from .optimizers import Schedule
 from .packing import PackedBatch, PackPlan, packed_custom_loss, packed_loss, prepare_model, runs_packed
 
+FROM_CONFIG: dict[str, tuple[str, str]] = {
+    "batch_size": ("training", "batch_size"),
+    "iterations": ("training", "iterations"),
+    "steps_per_report": ("training", "steps_per_report"),
+    "steps_per_eval": ("training", "steps_per_eval"),
+    "validation_batches": ("training", "validation_batches"),  # 0 = the whole validation set
+    "save_every": ("checkpoints", "save_every"),
+    "max_seq_length": ("data", "max_seq_length"),
+    "grad_checkpoint": ("training", "grad_checkpoint"),
+    "grad_checkpoint_blocks": ("training", "grad_checkpoint_blocks"),  # how many blocks recompute, from the first; -1 = all
+    "grad_accumulation_steps": ("training", "grad_accumulation_steps"),
+    "seed": ("training", "seed"),
+    "keep_last": ("checkpoints", "keep_last"),
+    "on_nonfinite": ("training", "on_nonfinite"),  # pause | stop | skip: a NaN or infinite loss, gradient or update
+    "ce_chunk_tokens": ("training", "ce_chunk_tokens"),  # > 0: cross-entropy this many positions at a time
+    "clear_cache_gb": ("training", "clear_cache_gb"),  # >= 0: empty MLX's buffer cache past this many GB
+    "memory_limit_gb": ("training", "memory_limit_gb"),  # > 0: mx.set_memory_limit (a soft cap)
+}
+"""The parameters a run's config gives, and where each lives in it: the one mapping from config
+to trainer (their defaults are the config's, their help is the config's)."""
+
+
+def _default(name: str) -> Any:
+    section, key = FROM_CONFIG[name]
+    return next(f.default for f in dataclasses.fields(config_module.SECTIONS[section]) if f.name == key)
+
 
 @dataclass
 class TrainingParameters:
-    """What ``LoRATrain.Parameters`` holds, plus the knobs the engine adds."""
+    """What ``LoRATrain.Parameters`` holds, plus the knobs the engine adds.
 
-    batch_size: int = 4
-    iterations: int = 1000
-    steps_per_report: int = 10
-    steps_per_eval: int = 100
-    validation_batches: int = 10  # 0 = the whole validation set
-    save_every: int = 100
+    The fields in :data:`FROM_CONFIG` come from a run's config (:meth:`from_config`); the rest
+    are the run's places and what the engine worked out for it.
+    """
+
+    batch_size: int = _default("batch_size")
+    iterations: int = _default("iterations")
+    steps_per_report: int = _default("steps_per_report")
+    steps_per_eval: int = _default("steps_per_eval")
+    validation_batches: int = _default("validation_batches")
+    save_every: int = _default("save_every")
     adapter_path: Path | None = None  # None: nothing is saved (as LoRATrain without an adapter URL)
-    max_seq_length: int = 2048
-    grad_checkpoint: bool = False
-    grad_checkpoint_blocks: int = -1  # with grad_checkpoint: how many blocks recompute, from the first; -1 = all
-    grad_accumulation_steps: int = 1
-    seed: int = 0
-    keep_last: int = 3
+    max_seq_length: int = _default("max_seq_length")
+    grad_checkpoint: bool = _default("grad_checkpoint")
+    grad_checkpoint_blocks: int = _default("grad_checkpoint_blocks")
+    grad_accumulation_steps: int = _default("grad_accumulation_steps")
+    seed: int = _default("seed")
+    keep_last: int = _default("keep_last")
     adapter_config: dict[str, Any] = field(default_factory=dict)  # empty: read from the adapted model
     checkpoint_path: Path | None = None  # full-state checkpoints for exact resume; None = adapters only
-    on_nonfinite: str = "pause"  # pause | stop | skip: what a NaN or infinite loss does
+    on_nonfinite: str = _default("on_nonfinite")
+    # With "skip": this many unusable batches in a row pause the run (stop it without a control
+    # hook), since skipping cannot recover from a learning rate that breaks every step.
+    nonfinite_streak_limit: int = 10
     config_hash: str = ""
     config_values: dict[str, Any] = field(default_factory=dict)  # config.computation_values, kept in checkpoints
     pack_width: int = 0  # > 0: train on packed rows of this many tokens (engine.packing); 0 = padded batches
-    ce_chunk_tokens: int = 0  # > 0: cross-entropy this many positions at a time (engine.chunked_loss)
-    clear_cache_gb: float = -1.0  # >= 0: empty MLX's buffer cache after a step when it holds more than this
-    memory_limit_gb: float = 0.0  # > 0: mx.set_memory_limit (a soft cap: MLX waits instead of queueing more work)
+    ce_chunk_tokens: int = _default("ce_chunk_tokens")
+    clear_cache_gb: float = _default("clear_cache_gb")
+    memory_limit_gb: float = _default("memory_limit_gb")
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, **rest: Any) -> TrainingParameters:
+        """The parameters of a run's config (:data:`FROM_CONFIG`); ``rest`` gives the others, and
+        overrides what the engine works out for the run (the memory plan's settings)."""
+        values = {name: getattr(getattr(cfg, section), key) for name, (section, key) in FROM_CONFIG.items()}
+        values["config_values"] = config_module.computation_values(cfg)
+        return cls(**{**values, **rest})
 
 
 class Disposition(enum.Enum):
@@ -74,6 +118,7 @@ class Disposition(enum.Enum):
 class Train:
     """Training progress over the last report interval."""
 
+    event_type: ClassVar[str] = "train"  # the protocol event it becomes (protocol.EVENT_FIELDS)
     iteration: int
     loss: float
     learning_rate: float
@@ -87,6 +132,7 @@ class Train:
 class Validation:
     """A validation pass: mean loss per token, and how long it took."""
 
+    event_type: ClassVar[str] = "validation"  # the protocol event it becomes (protocol.EVENT_FIELDS)
     iteration: int
     loss: float
     seconds: float
@@ -96,6 +142,7 @@ class Validation:
 class Save:
     """An adapter written to ``path``."""
 
+    event_type: ClassVar[str] = "save"  # the protocol event it becomes (protocol.EVENT_FIELDS)
     iteration: int
     path: str
     kind: str = "adapter"
@@ -105,13 +152,20 @@ class Save:
 
 @dataclass
 class NonFinite:
-    """A NaN or infinite training loss; ``action`` is what the trainer did about it."""
+    """A step that could not be used: its loss, gradients or update were NaN or infinite.
 
+    The update is always undone, so the weights stay those before the batch (finite);
+    ``action`` is what happens next.
+    """
+
+    event_type: ClassVar[str] = "nonfinite"  # the protocol event it becomes (protocol.EVENT_FIELDS)
     iteration: int
     loss: float
     epoch: int
     batch: int  # index of the batch within its epoch's order
-    action: str  # "skipped" (the update was undone) or the policy to apply: "pause", "stop"
+    action: str  # "skipped" (training goes on), or the policy to apply: "pause", "stop"
+    cause: str = "loss"  # "loss", "gradients" (finite loss), or "update" (it would break the weights)
+    streak: int = 1  # unusable steps in a row, this one included
 
 
 @dataclass
@@ -313,6 +367,7 @@ class Trainer:
         self.learning_rate_override: float | None = None
         self.last_validation_loss: float | None = None
         self.last_nonfinite: NonFinite | None = None
+        self.nonfinite_streak = 0  # unusable steps in a row (engine.trainer.NonFinite)
         self.journal_seq: Callable[[], int] = lambda: 0
         self.tokenizer: Any = None  # set by whoever builds the trainer, for samples
         self.prompt_format = train_set.prompt_format  # how the training data put its prompts, for samples
@@ -344,12 +399,18 @@ class Trainer:
                 value, count, grad = _combine_ranks(value, count, grad, shard)
             if previous is not None:
                 grad = tree_map(lambda a, b: a + b, grad, previous)
+            # (gradients finite, weights finite after the update): a finite loss can still come
+            # with an overflowing gradient, and a finite gradient times a huge learning rate can
+            # overflow the weights. Either way the step's caller undoes the update.
+            health = mx.array([True, True])
             if update:
                 if accumulation > 1:
                     grad = tree_map(lambda g: g / accumulation, grad)
+                grad_ok = _all_finite(grad)
                 self.optimizer.update(self.model, grad)
+                health = mx.stack([grad_ok, _all_finite(self.model.trainable_parameters())])
                 grad = None
-            return value, count, grad
+            return value, count, grad, health
 
         self._state = state
         return step
@@ -377,6 +438,30 @@ class Trainer:
         self.learning_rate_override = rate
         self.schedule = lambda _step: rate
 
+    def apply_live(self, key: str, value: Any) -> None:
+        """One live change (a key of config.LIVE_FIELDS, value checked by config.coerce_live).
+
+        The one place a change reaches the trainer: the engine's ``set`` and the orders rank 0
+        sends its followers both come here. ``learning_rate`` becomes a constant rate from now
+        on (the user took the wheel from the schedule); ``memory_limit_gb`` goes to MLX, and is
+        put back if MLX refuses it (the error is raised); the others are read every step.
+        """
+        if key == "learning_rate":
+            self.set_learning_rate(float(value))
+        elif key == "memory_limit_gb":
+            before = self.parameters.memory_limit_gb
+            self.parameters.memory_limit_gb = value
+            try:
+                self.apply_memory_limit()
+            except Exception:
+                self.parameters.memory_limit_gb = before
+                self.apply_memory_limit()
+                raise
+        elif key in FROM_CONFIG:
+            setattr(self.parameters, key, value)
+        else:
+            raise KeyError(f"{key} is not a live setting")
+
     def step(self) -> StepResult:
         """One optimizer step (of ``grad_accumulation_steps`` micro-batches)."""
         self.learning_rate = self.schedule(self.iteration)
@@ -398,24 +483,37 @@ class Trainer:
             batch = self.next_batch()
             if self.shard is not None:
                 batch = self.shard.rows(batch)
-            value, count, self._accumulated = self._step(self._accumulated, micro == accumulation - 1, *batch.arrays())
-            mx.eval(self._state, value, count, self._accumulated)
+            value, count, self._accumulated, health = self._step(
+                self._accumulated, micro == accumulation - 1, *batch.arrays()
+            )
+            mx.eval(self._state, value, count, self._accumulated, health)
             tokens = int(count.item())
             total_loss += value.item() * tokens
             total_tokens += tokens
         self.iteration += 1
         loss = total_loss / max(total_tokens, 1)
+        grad_ok, weights_ok = (bool(flag) for flag in health.tolist())  # type: ignore[union-attr]
         self.last_nonfinite = None
-        if not math.isfinite(loss):
-            policy = self.parameters.on_nonfinite
-            if policy == "skip":
-                self.model.update(tree_unflatten(before_model))
-                _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer))
-                self._accumulated = None
+        if not (math.isfinite(loss) and grad_ok and weights_ok):
+            # Undone whatever the policy: the weights never hold NaN or infinity, so a pause can be
+            # resumed (with a lower learning rate) and every save stays possible.
+            self.model.update(tree_unflatten(before_model))
+            _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer))
+            self._accumulated = None
+            self.nonfinite_streak += 1
+            cause = "loss" if not math.isfinite(loss) else "gradients" if not grad_ok else "update"
+            action = self.parameters.on_nonfinite
+            if action == "skip":
+                action = "skipped"
+                if self.nonfinite_streak >= self.parameters.nonfinite_streak_limit:
+                    action = "pause"
             self.last_nonfinite = NonFinite(
-                self.iteration, loss, self.epoch, self.position - 1, "skipped" if policy == "skip" else policy
+                self.iteration, loss, self.epoch, self.position - 1, action, cause, self.nonfinite_streak
             )
+            if action == "pause":
+                self.nonfinite_streak = 0  # a resumed run gets the full allowance again
             return StepResult(loss, 0)
+        self.nonfinite_streak = 0
         self.trained_tokens += total_tokens
         # MLX keeps freed buffers for reuse. Emptying that cache also lowered a step's peak on the
         # H200 (19.6 -> 13.5 GB at 8 x 512 tokens): every allocation then goes to the driver,
@@ -462,7 +560,7 @@ class Trainer:
             raise CheckpointError(f"writing failed at iteration {self.iteration}: {error}") from None
 
     def _save(self) -> Save:
-        from .checkpoint import TrainerState, list_checkpoints, prune, write_checkpoint
+        from .checkpoint import TrainerState, checkpoint_iteration, list_checkpoints, prune, write_checkpoint
 
         p = self.parameters
         path = ""
@@ -485,9 +583,10 @@ class Trainer:
             config=p.config_values,
         )
         folder = write_checkpoint(p.checkpoint_path, state, trainable_weights(self.model), self.optimizer.state)
-        removed = sorted(int(gone.name) for gone in prune(p.checkpoint_path, p.keep_last))
+        gone = {checkpoint_iteration(folder) for folder in prune(p.checkpoint_path, p.keep_last)}
         # The numbered adapter copies follow the checkpoints (the best one stays with its checkpoint).
-        kept = {int(kept.name) for kept in list_checkpoints(p.checkpoint_path)}
+        kept = {checkpoint_iteration(folder) for folder in list_checkpoints(p.checkpoint_path)}
+        removed = sorted(gone - kept)  # an iteration with a later save there (0000005.1) still exists
         if p.adapter_path is not None:
             prune_numbered(p.adapter_path, p.keep_last, keep=kept)
         # The event says what retention deleted, so a client (perhaps on another machine) lists what exists.
@@ -530,8 +629,6 @@ class TrainResult:
 
     iteration: int
     reason: str  # "completed", "stopped", "non_finite"
-    last_train_loss: float = math.nan
-    last_validation_loss: float = math.nan
 
 
 class Meter:
@@ -581,6 +678,14 @@ def _combine_ranks(value: mx.array, count: mx.array, grad: Any, shard: Shard) ->
     return loss, total, grad
 
 
+def _all_finite(tree: Any) -> mx.array:
+    """One boolean: every array in ``tree`` holds finite values only."""
+    ok = mx.array(True)
+    for _name, leaf in tree_flatten(tree):  # type: ignore[misc,str-unpack]
+        ok = mx.logical_and(ok, mx.isfinite(leaf).all())  # type: ignore[arg-type]
+    return ok
+
+
 def _assign_in_place(target: Any, source: Any) -> None:
     """Copy leaves of ``source`` into the nested dicts/lists of ``target`` without replacing them
     (the compiled step holds references to these containers)."""
@@ -624,11 +729,9 @@ def run_loop(
     p = trainer.parameters
     meter = Meter()
     result = TrainResult(trainer.iteration, "completed")
-    if trainer.iteration == 0 and (validation := trainer.validate()) is not None:
-        result.last_validation_loss = validation.loss
-        if _emit(progress, validation):
-            result.reason = "stopped"
-            return result
+    if trainer.iteration == 0 and (validation := trainer.validate()) is not None and _emit(progress, validation):
+        result.reason = "stopped"
+        return result
     while trainer.iteration < p.iterations:
         if control is not None and control(trainer) is Disposition.STOP:
             result.reason = "stopped"
@@ -652,13 +755,11 @@ def run_loop(
         # Intervals are read each step: a live `set` takes effect at once.
         if it % p.steps_per_report == 0 or it == p.iterations:
             report = meter.report(trainer)
-            result.last_train_loss = report.loss
             meter.reset()
             stop = _emit(progress, report)
         if not stop and (it % p.steps_per_eval == 0 or it == p.iterations):
             validation = trainer.validate()
             if validation is not None:
-                result.last_validation_loss = validation.loss
                 stop = _emit(progress, validation)
         if not stop and it % p.save_every == 0 and it != p.iterations:
             stop = _save(trainer, progress)

@@ -23,7 +23,9 @@ from engine.import_config import DIRECT, NOT_USED, import_yaml
 from engine.optimizers import CLASSES, build_optimizer, build_schedule
 from tests.conftest import tunetop
 
-HANDLED = set(DIRECT) | set(NOT_USED) | {"lora_parameters", "optimizer_config", "clear_cache_threshold", "lr_schedule"}
+HANDLED = set(DIRECT) | set(NOT_USED) | {
+    "lora_parameters", "optimizer_config", "clear_cache_threshold", "lr_schedule", "hf_dataset", "report_to", "project_name"
+}
 
 
 def mlx_lm_args(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
@@ -197,3 +199,11 @@ def test_hugging_face_datasets_are_carried(tmp_path: Path) -> None:
     recipe.write_text(yaml.safe_dump({"model": "some/model", "data": "owner/sql"}))  # no such local folder
     cfg, imported = import_yaml(recipe)
     assert cfg.data.hf_dataset == [{"path": "owner/sql", "train_split": "train", "valid_split": "valid", "test_split": "test"}]
+
+
+def test_report_to_and_project_name_become_metrics(tmp_path: Path) -> None:
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "some/model", "data": "d", "report_to": "wandb, swanlab", "project_name": "sql"}))
+    cfg, imported = import_yaml(recipe)
+    assert (cfg.metrics.wandb, cfg.metrics.swanlab, cfg.metrics.project) == (True, True, "sql")
+    assert not any(note.startswith(("report_to", "project_name")) for note in imported.notes)

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.journal import MAGIC, JournalError, JournalTail, JournalWriter, read_events, read_payloads, scan
+from engine.journal import (
+    MAGIC,
+    Damage,
+    JournalError,
+    JournalTail,
+    JournalWriter,
+    read_events,
+    read_payloads,
+    scan,
+)
 from engine.journal_index import index_path, open_sealed
 from engine.protocol import make_event
 
@@ -50,7 +59,7 @@ def test_torn_tail_is_ignored_and_cut_on_reopen(tmp_path: Path) -> None:
     assert [e["seq"] for e in read_events(path)][-2:] == [10, 11]
 
 
-def test_corrupt_record_ends_the_journal(tmp_path: Path) -> None:
+def test_a_corrupt_last_record_is_a_torn_tail_to_readers(tmp_path: Path) -> None:
     path = tmp_path / "j"
     writer = JournalWriter(path)
     fill(writer, 5)
@@ -59,6 +68,31 @@ def test_corrupt_record_ends_the_journal(tmp_path: Path) -> None:
     data[-3] ^= 0xFF  # flip a byte inside the last payload: its CRC no longer matches
     path.write_bytes(bytes(data))
     assert [e["seq"] for e in read_events(path)] == [1, 2, 3, 4]
+    # The writer keeps the bytes beside the journal, and the seal says seq 5 was written:
+    # it is not handed out again.
+    reopened = JournalWriter(path)
+    assert reopened.last_seq == 5 and len(reopened.repairs) == 2
+    torn = [p for p in tmp_path.iterdir() if p.name.startswith("j.torn-")]
+    cut_at = int(torn[0].name.split("-")[1])  # the journal's own bytes up to the cut, then the cut bytes
+    assert len(torn) == 1 and path.read_bytes()[:cut_at] + torn[0].read_bytes() == bytes(data)
+    reopened.close()
+    lost = list(read_events(path))[-1]
+    assert lost["seq"] == 5 and lost["type"] == "warning" and "was lost" in lost["message"]
+
+
+def test_damage_mid_journal_is_skipped_and_reported(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    writer = JournalWriter(path)
+    fill(writer, 10)
+    writer.close()
+    records = list(scan(path.read_bytes()))
+    data = bytearray(path.read_bytes())
+    data[records[4][0] + 20] ^= 0x10  # inside record 5
+    path.write_bytes(bytes(data))
+    damage: list[Damage] = []
+    assert [s for s, _ in read_payloads(path, damage=damage)] == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert damage == [Damage(records[4][0], records[5][0], 4, 6)]
+    assert damage[0].describe().endswith("(records lost: seq 5)")
 
 
 def test_not_a_journal(tmp_path: Path) -> None:
@@ -129,7 +163,7 @@ def test_a_flipped_bit_in_the_sealed_prefix_falls_back_to_the_walk(tmp_path: Pat
     assert open_sealed(path, len(MAGIC)) is None
     got = [s for s, _ in read_payloads(path)]
     assert got == [s for s, _ in walked(path)]
-    assert 0 < len(got) < 50
+    assert len(got) == 49  # the damaged record is skipped, everything after it read
 
 
 @pytest.mark.parametrize("damage", ["swap", "short", "garbage", "seal_past_end"])

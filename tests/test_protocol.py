@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from engine.protocol import (
+    EVENT_FIELDS,
     MAX_COMMAND_BYTES,
+    OPTIONAL_FIELDS,
     PROTOCOL_VERSION,
     Command,
     ProtocolError,
@@ -27,6 +32,48 @@ def test_event_fields_in_order() -> None:
     assert list(event) == ["seq", "ts", "run", "type", "iteration", "loss", "seconds"]
     with pytest.raises(ProtocolError):
         make_event("run1", 1, "nonsense")
+
+
+def test_make_event_holds_producers_to_the_schema() -> None:
+    """A field the schema lacks, or one it requires left out, is a producer's bug: refused."""
+    with pytest.raises(ProtocolError, match="unknown fields \\['los'\\]"):
+        make_event("run1", 1, "validation", iteration=1, los=2.0, loss=2.0, seconds=0.1)
+    with pytest.raises(ProtocolError, match="missing fields \\['seconds'\\]"):
+        make_event("run1", 1, "validation", iteration=1, loss=2.0)
+    assert "iteration" not in make_event("run1", 1, "state", state="starting")  # optional: before the model loads
+    for type_, optional in OPTIONAL_FIELDS.items():
+        assert set(optional) <= set(EVENT_FIELDS[type_])
+
+
+def _documented_events() -> dict[str, set[str]]:
+    """docs/PROTOCOL.md's events table: each type and the backquoted words of its row."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    table = text[text.index("| `type` | further fields |"):]
+    table = table[: table.index("\n\n")]
+    documented: dict[str, set[str]] = {}
+    for row in table.splitlines()[2:]:
+        types, *rest = row.strip().strip("|").split("|")
+        fields = "|".join(rest)
+        words = set(re.findall(r"`([a-z_]+)`", fields))
+        for type_ in re.findall(r"`([a-z_]+)`", types):
+            documented[type_] = words
+    return documented
+
+
+def test_docs_protocol_documents_every_event_type_and_field() -> None:
+    """The schema (protocol.EVENT_FIELDS) and docs/PROTOCOL.md name the same types, each with its fields."""
+    documented = _documented_events()
+    assert set(documented) == set(EVENT_FIELDS)
+    for type_, fields in EVENT_FIELDS.items():
+        assert set(fields) <= documented[type_], f"docs/PROTOCOL.md's row for {type_!r} lacks {set(fields) - documented[type_]}"
+
+
+def test_trainer_progress_reports_are_the_protocol_events() -> None:
+    """The trainer's progress dataclasses carry exactly their event type's fields."""
+    from engine.trainer import NonFinite, Save, Train, Validation
+
+    for cls in (Train, Validation, Save, NonFinite):
+        assert tuple(f.name for f in dataclasses.fields(cls)) == EVENT_FIELDS[cls.event_type], cls
 
 
 def test_nan_is_encoded_as_null() -> None:
@@ -61,7 +108,7 @@ def test_reply_round_trip() -> None:
 
 
 def ev(seq: int, type_: str = "log") -> dict:
-    return make_event("r", seq, type_, message="") if type_ != "heartbeat" else make_event("r", seq, "heartbeat")
+    return make_event("r", seq, type_, message="") if type_ != "heartbeat" else make_event("r", seq, "heartbeat", iteration=0, state="running")
 
 
 def test_sequencer_orders_and_deduplicates() -> None:

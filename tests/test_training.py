@@ -163,8 +163,12 @@ def test_skip_policy_undoes_nonfinite_updates(tmp_path: Path) -> None:
     events: list[Any] = []
     result = run_loop(trainer, events.append)
     skipped = [e for e in events if isinstance(e, NonFinite)]
-    assert skipped and all(e.action == "skipped" for e in skipped)
-    assert result.reason == "completed" and trainer.iteration == 12
+    assert skipped and all(e.action == "skipped" for e in skipped[:-1])
+    # Every step after the first breaks: after nonfinite_streak_limit in a row skipping gives up
+    # (a pause; without a control hook, the end of the run).
+    limit = trainer.parameters.nonfinite_streak_limit
+    assert skipped[-1].action == "pause" and skipped[-1].streak == limit
+    assert result.reason == "non_finite" and trainer.iteration == 1 + limit
     assert trainer.weights_finite()  # every non-finite update was undone
     assert all(bool(mx.all(mx.isfinite(v)).item()) for _, v in tree_flatten(trainer.optimizer.state) if isinstance(v, mx.array))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from textual.app import App, SystemCommand
@@ -76,32 +75,6 @@ class TunetopApp(App[int]):
             ):
                 if screen.check_action(action, ()):  # a finished run offers no pause, save, ...
                     yield SystemCommand(title, help_text, getattr(screen, f"action_{action}"))
-
-
-def start_detached_run(config_path: str | Path) -> str:
-    """Validate a config and start it as a detached engine; returns the run id."""
-    from engine import config as config_module
-    from engine.daemon import spawn_engine
-    from engine.runs import create_run
-
-    cfg = config_module.load(config_path)
-    config_module.check_paths(cfg)
-    if not cfg.name:
-        cfg.name = Path(config_path).stem
-    run = create_run()
-    config_module.save(cfg, run.config)
-    spawn_engine(run)
-    return run.id
-
-
-def resume_detached_run(run: RunDir, iteration: int | None) -> None:
-    """``tunetop train --resume RUN [--from ITERATION] --detach`` from the TUI."""
-    from engine.checkpoint import find_checkpoint
-    from engine.daemon import spawn_engine
-
-    find_checkpoint(run.checkpoints, iteration)  # a clear error before anything starts
-    extra = ["--resume"] + ([] if iteration is None else ["--from", str(iteration)])
-    spawn_engine(run, extra_args=extra)
 
 
 def run_remote_app(spec: str, theme: str | None = None) -> int:

@@ -66,7 +66,6 @@ class RunClient:
         self.dead_after = dead_after
         self.max_replays = max_replays
         self.status = "connecting"
-        self.engine_state = ""
         self._context = zmq.asyncio.Context.instance()
         self._dealer: zmq.asyncio.Socket | None = None
         self._pending: dict[str, asyncio.Future[Reply]] = {}
@@ -148,7 +147,6 @@ class RunClient:
                 raise _Incompatible(
                     f"the engine speaks protocol {protocol}, this client {PROTOCOL_VERSION}: use the same tunetop version on both sides"
                 )
-            self.engine_state = str(hello.result.get("state", ""))
             if self.digest and self.last_seq == 0:
                 await self._history()
             await self._replay(sub, live)
@@ -190,9 +188,6 @@ class RunClient:
         for event in events:
             ready.extend(self.sequencer.accept(event))
         if ready:
-            for event in ready:
-                if event.get("type") == "state":
-                    self.engine_state = str(event.get("state", ""))
             self.on_events(ready)
 
     async def _history(self) -> None:
@@ -224,9 +219,6 @@ class RunClient:
         events = loads_many(payload for _seq, payload in self._history_records)
         self._history_records = []
         self.sequencer = Sequencer(upto)
-        for event in events:
-            if event.get("type") == "state":
-                self.engine_state = str(event.get("state", ""))
         if events:
             self.on_events(events)
 
@@ -270,10 +262,8 @@ class RunClient:
                     break
             self._apply(batch)
             for event in batch:
-                if event.get("type") == "heartbeat":
-                    self.engine_state = str(event.get("state", self.engine_state))
-                    if not self.sequencer.gap:  # else it is ahead of what the screen holds
-                        self.on_heartbeat(event)
+                if event.get("type") == "heartbeat" and not self.sequencer.gap:  # else it is ahead of the screen
+                    self.on_heartbeat(event)
             if self.sequencer.gap:
                 replays_here += 1
                 if replays_here > self.max_replays:

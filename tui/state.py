@@ -80,7 +80,6 @@ class RunState:
     samples: list[tuple[int, str, str, bool]] = field(default_factory=list)  # (iteration, prompt, completion, raw)
     last_seq: int = 0
     events_applied: int = 0
-    engine_state_from_heartbeat: str = ""
     world_size: int = 1  # ranks of a data-parallel run
     running_seconds: float = 0.0  # time spent in the running state, up to running_since
     running_since: float | None = None  # when the current running stretch began; None when not running
@@ -240,7 +239,6 @@ class RunState:
         pass  # the warning event that follows carries the message
 
     def _on_heartbeat(self, e: dict[str, Any]) -> None:
-        self.engine_state_from_heartbeat = str(e.get("state", ""))
         if isinstance(e.get("iteration"), int):  # the engine's iteration now, between reports
             self.iteration = e["iteration"]
 

@@ -19,6 +19,23 @@ SHORT_NAMES = {"dark": "tunetop-dark", "light": "tunetop-light", "high-contrast"
 FIELDS = ("primary", "secondary", "warning", "error", "success", "accent", "foreground", "background", "surface", "panel")
 
 
+COLOR_FALLBACKS = {"warning": "yellow"}
+"""A colour a theme leaves out: this one, or else the theme's primary colour."""
+
+
+def theme_color(theme: Theme, name: str) -> str:
+    """The theme's colour called ``name`` (``accent``, ``warning``, ``success``, ...), never empty."""
+    return str(getattr(theme, name, None) or COLOR_FALLBACKS.get(name) or theme.primary)
+
+
+def themed(style: str, theme: Theme) -> str:
+    """A Rich style with each ``$name`` (a theme colour, as in Textual CSS) replaced by the theme's colour."""
+    for name in FIELDS:
+        if f"${name}" in style:
+            style = style.replace(f"${name}", theme_color(theme, name))
+    return style
+
+
 class ThemeError(ValueError):
     """A theme file that cannot be used."""
 

@@ -27,6 +27,7 @@ from engine.runs import RunDir
 from tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
 from tui.source import EventSource, JournalSource, LiveSource
 from tui.state import ACTIVE_STATES, RunState
+from tui.themes import theme_color
 from tui.widgets.chart import Y_MODES, LossChart
 from tui.widgets.panels import RunHeader, ThroughputPanel
 
@@ -235,7 +236,7 @@ class DashboardScreen(Screen[None]):
         window = "whole run" if chart.window == 0 else f"last {chart.window:,} iterations"
         if chart.y_mode == "full":
             window += ", every value"
-        train, val = theme.accent or theme.primary, theme.warning or "yellow"
+        train, val = theme_color(theme, "accent"), theme_color(theme, "warning")
         return f"loss · [{train}]━ train (EMA {chart.smoothing:g})[/] · [{val}]● validation[/] · {window}"
 
     def _refresh_tables(self) -> None:

@@ -98,20 +98,20 @@ class ConfigEditorScreen(Screen[None]):
     def action_start_run(self) -> None:
         if not self.action_save():
             return
-        from tui.app import start_detached_run
+        from engine.launch import load_run_config, start_run
 
         try:
-            run_id = start_detached_run(self.path)
+            run, _code = start_run(load_run_config(self.path), detach=True)
         except Exception as error:  # shown to the user, never a traceback on screen
             self.notify(f"could not start: {error}", severity="error", timeout=10, markup=False)
             return
-        self.notify(f"started run {run_id}", markup=False)
+        self.notify(f"started run {run.id}", markup=False)
 
     def action_resume_run(self) -> None:
         """Save, then resume the run this config belongs to from a chosen checkpoint."""
-        from engine.checkpoint import list_checkpoints
+        from engine.checkpoint import checkpoint_iteration, list_checkpoints
+        from engine.launch import resume_run
         from engine.runs import RunDir
-        from tui.app import resume_detached_run
         from tui.screens.modals import PromptScreen
 
         run = RunDir(self.path.parent)
@@ -123,14 +123,14 @@ class ConfigEditorScreen(Screen[None]):
             return
         if not self.action_save():
             return
-        have = ", ".join(p.name.lstrip("0") or "0" for p in list_checkpoints(run.checkpoints)) or "none"
+        have = ", ".join(str(i) for i in sorted({checkpoint_iteration(p) for p in list_checkpoints(run.checkpoints)})) or "none"
 
         def chosen(answer: str | None) -> None:
             if answer is None:
                 return
             try:
                 iteration = int(answer) if answer.strip() else None
-                resume_detached_run(run, iteration)
+                resume_run(run, iteration, detach=True)
             except Exception as error:
                 self.notify(f"could not resume: {error}", severity="error", timeout=10, markup=False)
                 return

@@ -81,14 +81,14 @@ class RunsScreen(Screen[None]):
         def chosen(path: str | None) -> None:
             if not path:
                 return
-            from tui.app import start_detached_run
+            from engine.launch import load_run_config, start_run
 
             try:
-                run_id = start_detached_run(path)
+                run, _code = start_run(load_run_config(path), detach=True)
             except Exception as error:
                 self.notify(f"could not start: {error}", severity="error", timeout=10, markup=False)
                 return
-            self.notify(f"started run {run_id}", markup=False)
+            self.notify(f"started run {run.id}", markup=False)
             self.action_reload()
 
         self.app.push_screen(PromptScreen("Config file for the new run:", "run.toml"), chosen)
@@ -101,10 +101,10 @@ class RunsScreen(Screen[None]):
         if run.is_alive():
             self.notify("that run is training already", severity="warning")
             return
-        from tui.app import resume_detached_run
+        from engine.launch import resume_run
 
         try:
-            resume_detached_run(run, None)
+            resume_run(run, None, detach=True)
         except Exception as error:
             self.notify(f"could not resume: {error}", severity="error", timeout=10, markup=False)
             return

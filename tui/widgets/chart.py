@@ -14,6 +14,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from tui.state import RunState, downsample, ema
+from tui.themes import themed
 
 BRAILLE_BASE = 0x2800
 # Dot bit for (x in 0..1, y in 0..3) inside one braille cell.
@@ -266,11 +267,8 @@ class LossChart(Widget):
 
     def render(self) -> Text:
         width, height = self.size.width, self.size.height
-        theme = self.app.current_theme
-        colors = {"$accent": theme.accent or theme.primary, "$warning": theme.warning or "yellow"}
         series = self.series(max((width - AXIS_WIDTH) * 2, 1))
         for s in series:
-            for key, value in colors.items():
-                s.style = s.style.replace(key, str(value))
+            s.style = themed(s.style, self.app.current_theme)
         lines = plot(series, width, height, fit_range(series, self.y_mode))
         return Text("\n").join(lines)

@@ -9,6 +9,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from tui.state import RunState, format_count, format_duration
+from tui.themes import themed
 
 STATE_STYLES = {
     "running": "bold $success",
@@ -43,11 +44,7 @@ class RunHeader(Static):
         self.read_only = False
 
     def _style(self, name: str) -> str:
-        theme = self.app.current_theme
-        style = STATE_STYLES.get(name, "bold")
-        for key in ("success", "warning", "secondary", "primary", "error"):
-            style = style.replace(f"${key}", str(getattr(theme, key, None) or theme.primary))
-        return style
+        return themed(STATE_STYLES.get(name, "bold"), self.app.current_theme)
 
     def refresh_from_state(self) -> None:
         s = self.run_state

@@ -1,0 +1,113 @@
+"""Starting and resuming a run: the one path ``tunetop train`` and the TUI's screens both take.
+
+A new run is a config checked here (:func:`load_run_config`, :func:`check_ranks`), a private
+run folder holding it, and an engine, in this process (foreground) or detached
+(engine.daemon). A resume checks that the run is not training and that the checkpoint exists
+before anything starts. Errors are the usual ones, each a sentence: ConfigError,
+CheckpointError, RunError, and EngineStartError (its ``code`` is the engine's exit code).
+No mlx import here: the TUI starts runs on machines where only the engine has MLX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from . import config as config_module
+from .config import ConfigError, RunConfig
+from .endpoints import socket_dir
+from .private import write_private
+from .runs import RunDir, RunError, create_run
+
+ForegroundEngine = Callable[[Path, list[str]], int]
+"""Runs the engine for a run folder in this process with ``_engine``'s flags (cli._engine_main)."""
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """A config file, validated, with its paths checked; a run without a name takes the file's stem."""
+    cfg = config_module.load(path)
+    config_module.check_paths(cfg)
+    if not cfg.name:
+        cfg.name = Path(path).stem
+    return cfg
+
+
+def check_ranks(cfg: RunConfig, ranks: int) -> None:
+    """The batch size is global: it must split evenly over the ranks (ConfigError otherwise)."""
+    if ranks > 1 and cfg.training.batch_size % ranks:
+        raise ConfigError(
+            f"training.batch_size = {cfg.training.batch_size} in {cfg.source or 'the config'} does not split over "
+            f"{ranks} ranks; the batch size is global: make it a multiple of the number of ranks (--np or --hosts)."
+        )
+
+
+def new_run(cfg: RunConfig) -> RunDir:
+    """A fresh run folder holding ``cfg`` as config.toml (0600, as all of the run).
+
+    The socket folder is checked first, so a folder that is not private is refused before
+    anything is created; a config that cannot be written (a full disk) leaves no half-made run.
+    """
+    socket_dir()
+    run = create_run()
+    try:
+        write_private(run.config, config_module.dumps(cfg).encode("utf-8"))
+    except OSError:
+        run.path.rmdir()  # no half-made run for `tunetop ls` to show
+        raise
+    return run
+
+
+def mark_failed_start(run: RunDir, message: str, name: str = "") -> None:
+    """Record in status.json that a run's engine failed before it wrote any status of its own, so
+    `tunetop ls` shows it as failed (never trained) rather than in an unknown state."""
+    status = run.status()
+    if not status.get("state"):  # a run that has a state (one being resumed, a live one) keeps it
+        run.write_status({"name": name, **status, "state": "failed", "reason": "bad_input", "error": message})
+
+
+def start_run(
+    cfg: RunConfig, detach: bool, engine_args: list[str] | None = None, foreground: ForegroundEngine | None = None
+) -> tuple[RunDir, int]:
+    """Create a run for ``cfg`` and start its engine: (the run, an exit code).
+
+    Detached: the code is 0 once the engine trains (EngineStartError if it fails to start).
+    In the foreground (``foreground`` given): the engine's own exit code, after the run.
+    """
+    from .daemon import EngineStartError
+
+    run = new_run(cfg)
+    try:
+        return run, _start_engine(run, engine_args or [], detach, foreground)
+    except EngineStartError as error:
+        mark_failed_start(run, str(error), cfg.name)
+        raise
+
+
+def resume_run(
+    run: RunDir,
+    iteration: int | None,
+    detach: bool,
+    engine_args: list[str] | None = None,
+    foreground: ForegroundEngine | None = None,
+) -> int:
+    """Continue ``run`` in place from the checkpoint of ``iteration`` (None: the latest).
+
+    Nothing starts unless the run is not training and the checkpoint exists.
+    """
+    from .checkpoint import find_checkpoint
+
+    socket_dir()
+    if run.is_alive():
+        raise RunError(f"run {run.id} is still training (pid {run.engine_pid()}); nothing to resume.")
+    find_checkpoint(run.checkpoints, iteration)  # a clear error before anything starts
+    extra = ["--resume"] + ([] if iteration is None else ["--from", str(iteration)]) + (engine_args or [])
+    return _start_engine(run, extra, detach, foreground)
+
+
+def _start_engine(run: RunDir, extra: list[str], detach: bool, foreground: ForegroundEngine | None) -> int:
+    if detach or foreground is None:
+        from .daemon import spawn_engine
+
+        spawn_engine(run, extra_args=extra)
+        return 0
+    return foreground(run.path, extra)
