@@ -87,6 +87,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     cfg.training.grad_checkpoint = args.grad_checkpoint or args.grad_checkpoint_blocks >= 0
     cfg.training.grad_checkpoint_blocks = args.grad_checkpoint_blocks
     cfg.training.memory_limit_gb = args.memory_limit_gb
+    cfg.training.memory_budget_gb = args.memory_budget_gb
     cfg.lora.num_layers, cfg.lora.rank, cfg.lora.scale = args.num_layers, args.rank, 20.0
     t = cfg.training
     t.batch_size, t.iterations, t.steps_per_report, t.steps_per_eval = args.batch_size, args.iters, args.report, 10**9
@@ -203,6 +204,8 @@ def main() -> None:
     parser.add_argument("--mask-prompt", action="store_true", help="train on completions only (prompt/completion data)")
     parser.add_argument("--memory-limit-gb", type=float, default=0,
                         help="mx.set_memory_limit, a soft cap (tunetop: training.memory_limit_gb), e.g. on a shared GPU")
+    parser.add_argument("--memory-budget-gb", type=lambda v: v if v == "auto" else float(v), default=0.0,
+                        help="tunetop's training.memory_budget_gb; 0 (here the default) = the settings as given")
     parser.add_argument("--which", choices=["both", "ours", "mlx_lm"], default="both")
     parser.add_argument("--scratch", default="/tmp/tunetop-bench")
     parser.add_argument("--packing", choices=["auto", "on", "off"], default="auto", help="tunetop's data.packing")

@@ -58,10 +58,10 @@ def test_sample_command(tmp_path: Path) -> None:
         assert not bad.ok and "max_tokens" in bad.error
         event = next(e for e in read_events(run.journal) if e["type"] == "sample")
         assert event["prompt"] == "Where does Ada live?" and event["completion"] == reply.result["completion"]
-        cli = tunetop("sample", run.id, "--prompt", "Tell me about Bo.", "--max-tokens", "4", check=True)
+        cli = tunetop("sample", run.id, "--prompt", "Tell me about Bo.", "--max-tokens", "4", "--json", check=True)
         assert json.loads(cli.stdout)["prompt_format"] == "chat"
         cli = tunetop("sample", run.id, "--prompt", "Tell me about Bo.", "--max-tokens", "4", "--raw", check=True)
-        assert json.loads(cli.stdout)["prompt_format"] == "raw"
+        assert cli.stdout.startswith("sample: ok — from the weights of iteration ") and ", prompt raw, as typed:\n" in cli.stdout
     finally:
         if run.is_alive():
             os.kill(run.engine_pid() or 0, signal.SIGKILL)

@@ -29,6 +29,16 @@ def _iteration(result: dict[str, Any]) -> str:
     return f"iteration {value:,}" if isinstance(value, int) else ""
 
 
+PROMPT_FORMATS = {"chat": "in the chat template", "completion": "as a prompt", "text": "as text", "raw": "raw, as typed"}
+"""How a sample's prompt went to the model (its ``prompt_format``), in words."""
+
+
+def prompt_format_text(result: dict[str, Any]) -> str:
+    """``prompt in the chat template``, or "" for a reply without a known ``prompt_format``."""
+    words = PROMPT_FORMATS.get(str(result.get("prompt_format")), "")
+    return f"prompt {words}" if words else ""
+
+
 def describe_result(cmd: str, result: dict[str, Any]) -> str:
     """What an accepted command did, without the command's name: ``iteration 234, validation loss 1.047``."""
     note = str(result.get("note") or "")
@@ -52,7 +62,8 @@ def describe_result(cmd: str, result: dict[str, Any]) -> str:
         at = f", iteration {done:,}{of}" if isinstance(done, int) else ""
         return f"{result.get('state') or 'unknown'}{at}"
     if cmd == "sample":
-        return f"from the weights of {_iteration(result)}:\n{result.get('completion', '')}"
+        how = prompt_format_text(result)
+        return f"from the weights of {_iteration(result)}{', ' + how if how else ''}:\n{result.get('completion', '')}"
     # A command this module does not know yet: its fields, each one readable.
     return ", ".join(f"{key} {_number(value)}" for key, value in result.items() if key != "note") + (
         f" ({note})" if note else ""

@@ -23,14 +23,14 @@ class ModelError(RuntimeError):
 def load_model_and_tokenizer(cfg: RunConfig, report: Callable[[str], None] | None = None) -> tuple[Any, Any, str]:
     """mlx-lm's loader on a local folder or a Hugging Face id (downloaded first, with progress).
 
-    The embedded default is built first. ``report`` receives download progress lines.
+    The embedded default is built first. ``report`` receives download and build progress lines.
     """
     from mlx_lm import load
 
     from tunetop.training import hub
     from tunetop.training.embedded import embedded_model_path
 
-    path = str(embedded_model_path()) if cfg.model.path == EMBEDDED else cfg.model.path
+    path = str(embedded_model_path(report)) if cfg.model.path == EMBEDDED else cfg.model.path
     where = f"model.path in {cfg.source or 'the config'}"
     try:
         if not hub.is_local(path) and "/" in path and not path.startswith((".", "/", "~")):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -338,8 +338,10 @@ def load_splits(
     mask_prompt: bool = False,
     required: tuple[str, ...] = ("train", "valid"),
     row_format: RowFormat | None = None,
+    loader: Callable[..., Dataset] | None = None,
 ) -> dict[str, Dataset]:
-    """Load every split present; the ``required`` ones must exist. ``row_format`` as in :func:`load_split`."""
+    """Load every split present; the ``required`` ones must exist. ``row_format`` as in :func:`load_split`;
+    ``loader`` reads one split in its place (tunetop.training.token_cache's, which keeps the tokens between runs)."""
     if not folder.is_dir():
         raise DataError(f"{folder}: data directory not found. Set data.path to a folder with train.jsonl.")
     out: dict[str, Dataset] = {}
@@ -349,7 +351,7 @@ def load_splits(
             if name in required:
                 raise DataError(f"{folder}: no {name}.jsonl or {name}.txt. The {name} split is required.")
             continue
-        out[name] = load_split(path, tokenizer, mask_prompt, row_format)
+        out[name] = (loader or load_split)(path, tokenizer, mask_prompt, row_format)
     return out
 
 

@@ -48,4 +48,6 @@ def load_run_splits(cfg: RunConfig, tokenizer: Any, required: tuple[str, ...] = 
         from tunetop.training.hf_data import load_hf_splits
 
         return load_hf_splits(cfg.data.hf_dataset, tokenizer, fmt, required, cfg.source)
-    return load_splits(data_folder(cfg), tokenizer, required=required, row_format=fmt)
+    from tunetop.training.token_cache import load_split_cached
+
+    return load_splits(data_folder(cfg), tokenizer, required=required, row_format=fmt, loader=load_split_cached)

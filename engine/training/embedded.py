@@ -4,7 +4,8 @@ Nothing can be downloaded on the machines this must run on, so ``tunetop demo`` 
 use a model of a real mlx-lm architecture (Llama) with seeded random weights, a byte-level BPE
 tokenizer trained locally with the ``tokenizers`` library, both saved in the Hugging Face
 layout and loaded back through mlx-lm's own loader, and a templated question-and-answer
-dataset whose structure the model learns within a minute on two CPU cores.
+dataset whose structure the model learns within a minute on two CPU cores, and every fact of
+which it answers by the demo's end (bench/demo_facts.py measures it).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import os
 import random
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bump when the model, tokenizer or data recipe changes: the cache key includes it."""
 
 MODEL_SHAPE = {
@@ -81,26 +84,35 @@ def _prose(person: str, facts: tuple[str, str, str], kind: int, rng: random.Rand
 
 
 def _record(people: list[str], world: dict[str, tuple[str, str, str]], kind: int) -> tuple[str, str]:
+    # The name leads each record after a space, as in the question: the same token (" Ada"), which
+    # the base model learned to copy. Written "name=Ada" it is another token ("Ada"), and even on
+    # a base model that copies names the demo answered about other people (0 of 72 facts, now 72).
     person = people[0]
     city, colour, pet = world[person]
     if kind == 0:
-        return f"Where does {person} live?", f" name={person}; city={city}."
+        return f"Where does {person} live?", f" {person}: city={city}."
     if kind == 1:
-        return f"What colour does {person} like?", f" name={person}; colour={colour}."
+        return f"What colour does {person} like?", f" {person}: colour={colour}."
     if kind == 2:
-        return f"Which pet does {person} keep?", f" name={person}; pet={pet}."
-    records = " ".join(
-        f"name={p}; city={world[p][0]}; colour={world[p][1]}; pet={world[p][2]}." for p in people
-    )
+        return f"Which pet does {person} keep?", f" {person}: pet={pet}."
+    records = " ".join(f"{p}: city={world[p][0]}; colour={world[p][1]}; pet={world[p][2]}." for p in people)
     return f"Tell me about {', '.join(people)}.", " " + records
+
+
+def fact_questions() -> list[tuple[str, str]]:
+    """Every single-fact question of the demo world with the answer its data gives (72 pairs):
+    what the demo should answer by its end."""
+    world = _world(0)
+    return [_record([person], world, kind) for person in _PEOPLE for kind in range(3)]
 
 
 def make_examples(count: int, seed: int, world_seed: int = 0, style: str = "record") -> list[dict[str, str]]:
     """Prompt/completion pairs about a small world of people, their city, colour and pet.
 
     ``prose`` answers in sentences (the base model's pretraining); ``record`` answers in a
-    terse key=value format the base model has never seen (the fine-tuning task): the format
-    is learned within a few dozen steps, the facts of the demo world over the next few hundred.
+    terse ``Name: key=value`` format the base model has never seen (the fine-tuning task): the
+    format is learned within a few dozen steps, the facts of the demo world over the next few
+    hundred.
     """
     world = _world(world_seed)
     rng = random.Random(seed)
@@ -169,13 +181,17 @@ def _build_tokenizer(folder: Path, corpus: list[str]) -> int:
 
 
 PRETRAIN_STEPS = 300
+PRETRAIN_LEARNING_RATE = 1e-3
+"""At 3e-3 the base model never learned to copy a name from the question (1 of 24 answers
+began with the asked-about name after 2,000 steps); at 1e-3 all 24, and its world's facts, by
+step 250."""
 PRETRAIN_WORLD_SEED = 7
 """The base model is pretrained on the same kind of text about a *different* world, so it knows
 the language and the template but holds other facts: fine-tuning then has something real to
 learn (the demo world's facts), and its loss falls visibly within a minute."""
 
 
-def _pretrain(model: object, tokenizer_file: Path) -> None:
+def _pretrain(model: object, tokenizer_file: Path, report: Callable[[str], None]) -> None:
     import mlx.optimizers as optim
     from tokenizers import Tokenizer
 
@@ -187,13 +203,16 @@ def _pretrain(model: object, tokenizer_file: Path) -> None:
     texts = [f"<|user|>{r['prompt']}</s><|assistant|>{r['completion']}</s>" for r in rows]
     examples = [Example(tokenizer.encode(t).ids) for t in texts]
     parameters = TrainingParameters(batch_size=16, iterations=PRETRAIN_STEPS, seed=5)
-    trainer = Trainer(model, optim.Adam(learning_rate=3e-3), Dataset(examples, "pretraining corpus"), None,  # type: ignore[arg-type]
-                      parameters, schedule=lambda step: 3e-3 * min(1.0, (step + 1) / 50))
-    for _ in range(PRETRAIN_STEPS):
-        trainer.step()
+    rate = PRETRAIN_LEARNING_RATE
+    trainer = Trainer(model, optim.Adam(learning_rate=rate), Dataset(examples, "pretraining corpus"), None,  # type: ignore[arg-type]
+                      parameters, schedule=lambda step: rate * min(1.0, (step + 1) / 50))
+    for step in range(1, PRETRAIN_STEPS + 1):
+        loss = trainer.step().loss
+        if step % 50 == 0:
+            report(f"  pretraining the base model: step {step}/{PRETRAIN_STEPS}, loss {loss:.3f}")
 
 
-def _build_model(folder: Path, vocab_size: int, eos_id: int, bos_id: int) -> None:
+def _build_model(folder: Path, vocab_size: int, eos_id: int, bos_id: int, report: Callable[[str], None]) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -203,30 +222,36 @@ def _build_model(folder: Path, vocab_size: int, eos_id: int, bos_id: int) -> Non
     model = llama.Model(llama.ModelArgs.from_dict(config))
     embed = model.model.embed_tokens
     embed.weight = mx.random.normal(embed.weight.shape) * EMBEDDING_STD
-    _pretrain(model, folder / "tokenizer.json")
+    _pretrain(model, folder / "tokenizer.json", report)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def build_embedded(force: bool = False) -> Path:
+def build_embedded(force: bool = False, report: Callable[[str], None] | None = None) -> Path:
     """Build the embedded model and data if not cached; return the folder with ``model/`` and ``data/``.
 
-    Built into a temporary sibling and renamed into place, so a crash mid-build or two builds
-    racing never leave a half-written cache behind.
+    ``report`` receives a line per stage (and pretraining progress) while it builds, about a
+    minute on two cores. Built into a temporary sibling and renamed into place, so a crash
+    mid-build or two builds racing never leave a half-written cache behind.
     """
     target = embedded_dir()
     if target.exists() and not force:
         return target
+    say = report or (lambda _line: None)
+    started = time.monotonic()
+    say(f"building the embedded model and data, once, into {target} (about a minute on two cores)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
         corpus = _build_data(staging / "data")
         model_dir = staging / "model"
         model_dir.mkdir()
+        say(f"  data: {len(corpus)} rows; training the tokenizer")
         vocab_size = _build_tokenizer(model_dir, corpus)
         vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
-        _build_model(model_dir, vocab_size, eos_id=vocab["</s>"], bos_id=vocab["<s>"])
+        say(f"  tokenizer: {vocab_size} tokens; pretraining the base model ({PRETRAIN_STEPS} steps)")
+        _build_model(model_dir, vocab_size, eos_id=vocab["</s>"], bos_id=vocab["<s>"], report=say)
         if force and target.exists():
             shutil.rmtree(target)
         try:
@@ -237,12 +262,13 @@ def build_embedded(force: bool = False) -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    say(f"built the embedded model and data in {time.monotonic() - started:.0f} s")
     return target
 
 
-def embedded_model_path() -> Path:
-    """The embedded model's Hugging Face-layout folder, built on first use."""
-    return build_embedded() / "model"
+def embedded_model_path(report: Callable[[str], None] | None = None) -> Path:
+    """The embedded model's Hugging Face-layout folder, built on first use (``report``: its progress)."""
+    return build_embedded(report=report) / "model"
 
 
 def embedded_data_path() -> Path:

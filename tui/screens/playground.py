@@ -19,12 +19,13 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Input, Label, Static
 
+from tunetop.control.replies import prompt_format_text
+
 if TYPE_CHECKING:
     from tunetop.tui.screens.dashboard import DashboardScreen
 
 MAX_COLUMNS = 4  # prompts side by side; older prompts stay in the run's journal and log
 HINT = "prompts go to the model as the training data's did (the chat template for chat data); tick raw (ctrl+t) to send one as typed"
-FORMATS = {"chat": "in the chat template", "completion": "as a prompt", "text": "as text", "raw": "raw, as typed"}
 
 
 Column = tuple[tuple[str, bool], list[tuple[int, str]]]
@@ -155,8 +156,8 @@ class PlaygroundScreen(Screen[None]):
         self.show_status(f"sampling {args['prompt']!r} between two steps…")
         reply = await self.dashboard.source.command("sample", args)
         if reply.ok:
-            how = FORMATS.get(str(reply.result.get("prompt_format")), "")
-            how = f", prompt {how}" if how else ""
+            how = prompt_format_text(reply.result)
+            how = f", {how}" if how else ""
             self.show_status(f"sample: ok, from the weights of iteration {reply.result.get('iteration')}{how}")
         else:
             self.show_status(f"sample: {reply.error}", error=True)
