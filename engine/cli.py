@@ -22,7 +22,7 @@ from .blas import preload_optimized_blas
 from .config import LIVE_FIELDS, ConfigError
 from .endpoints import SocketError, socket_dir
 from .launch import mark_failed_start
-from .private import ENGINE_UMASK
+from .private import ENGINE_UMASK, raise_open_file_limit
 from .runs import RunError
 
 EXIT_UNREACHABLE = 3
@@ -139,6 +139,7 @@ def _run_engine(
     from .session import Engine
 
     os.umask(ENGINE_UMASK)  # what libraries write (checkpoints' safetensors) is private too
+    raise_open_file_limit()  # each client connection holds a descriptor; libzmq aborts at EMFILE
     preload_optimized_blas(warn=True)
     run = RunDir(run_path)
     cfg = config_module.load(run.config)

@@ -529,9 +529,18 @@ def adapter_path_problem(value: str) -> str:
         return "is an absolute path, outside the run folder"
     if ".." in path.parts:
         return "climbs out of the run folder with '..'"
-    if path.parts and path.parts[0] == "checkpoints":
+    if not path.parts:
+        return "is the run folder itself, where the run's own files live"
+    if path.parts[0] == "checkpoints":
         return "is inside the run's checkpoints/ folder, which checkpoint retention prunes"
+    first = path.parts[0]
+    if first in _RUN_FILES or first.startswith(("journal.", "history.", "engine.")) or re.fullmatch(r"rank\d+\.log", first):
+        return f"names {first!r}, one of the run's own files, which the adapter would overwrite"
     return ""
+
+
+# Names the engine keeps in a run folder (engine/runs.py, journal.py, history.py, session.py).
+_RUN_FILES = frozenset({"config.toml", "status.json", "endpoints.json", "lock", "tensorboard", "wandb", "swanlog"})
 
 
 def load(path: str | Path) -> RunConfig:
