@@ -100,7 +100,10 @@ def export_mlx(run: RunDir, output: Path, checkpoint: int | None = None) -> Path
     weights, adapter_config = adapter_source(run, checkpoint)
     output.mkdir(parents=True, exist_ok=True)
     # Temp file + rename: replaces whatever had the name, and never writes through it.
-    write_atomic(output / "adapters.safetensors", lambda temp: shutil.copyfile(weights, temp))
+    def copy(temp: Path) -> None:
+        shutil.copyfile(weights, temp)
+
+    write_atomic(output / "adapters.safetensors", copy)
     write_text_atomic(output / "adapter_config.json", json.dumps(adapter_config, indent=2))
     return output
 
