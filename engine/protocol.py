@@ -39,7 +39,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "rank_failed": ("ranks", "iteration", "message"),
     "state": ("state", "iteration"),
     "log": ("message",),
-    "warning": ("message",),
+    "warning": ("message", "count", "source"),
     "error": ("message",),
     "heartbeat": ("iteration", "state", "notice"),
     "config_changed": ("changes",),
@@ -56,6 +56,7 @@ OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
     "state": ("iteration",),  # absent until the model is loaded
     "heartbeat": ("notice",),  # only while writes fail
     "save": ("checkpoint", "removed"),  # not in journals of older versions (the trainer's Save always has them)
+    "warning": ("count", "source"),  # only a warning from a library or the data layer (engine.run_warnings)
 }
 """Fields of :data:`EVENT_FIELDS` an event of that type may leave out."""
 
