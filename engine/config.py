@@ -721,9 +721,12 @@ def coerce_live(key: str, value: Any) -> Any:
         if len(value) > MAX_LIVE_TEXT:
             raise ConfigError(f"'{key}': a value of {len(value)} characters is not a value for it. {takes}")
         try:
-            value = tomllib.loads(f"v = {value}")["v"]
+            document = tomllib.loads(f"v = {value}")
         except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # ValueError: integers past 4,300 digits
-            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}). {takes}") from None
+            raise ConfigError(f"'{key}': {_shown(value)} is not a value (expected {expected.__name__}). {takes}") from None
+        if set(document) != {"v"}:  # "2e-4\nsave_every = 1": one value, not a TOML document
+            raise ConfigError(f"'{key}': {_shown(value)} holds more than one value. {takes}")
+        value = document["v"]
     try:
         return coerce_field(section, name, value, "set")
     except ConfigError as error:

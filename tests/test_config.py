@@ -129,6 +129,7 @@ def test_live_fields_are_coerced_and_others_refused() -> None:
         ("memory_limit_gb", "[" * 90, "is not a value"),
         ("learning_rate", {"x": "y" * 10_000}, "must be a finite number, got dict"),
         ("steps_per_eval", [1], "must be an integer, got a list"),
+        ("learning_rate", "2e-4\nsave_every = 1", "holds more than one value"),
     ],
 )
 def test_live_values_are_refused_with_a_sentence(key: str, value: object, message: str) -> None:
