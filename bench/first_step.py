@@ -89,7 +89,7 @@ def main() -> None:
     build_embedded()  # built once (cached); neither timing includes it
     scratch = Path(tempfile.mkdtemp(prefix="tt-first-step-"))
     cache = Path(os.environ.get("TUNETOP_CACHE") or Path.home() / ".cache" / "tunetop")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TUNETOP_HOME=str(scratch / "home"), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TUNETOP_HOME=str(scratch / "home"), PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     config = scratch / "run.toml"
     config.write_text(starter_text().replace("steps_per_eval = 50", "steps_per_eval = 100")
                       .replace('packing = "auto"', f'packing = "{args.packing}"'))

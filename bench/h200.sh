@@ -16,6 +16,9 @@ out=${1:-/tmp/h200-out}
 part=${2:-all}
 mkdir -p "$out"
 export TUNETOP_CACHE=/tmp/tunetop-cache PYTHONUNBUFFERED=1
+# No pip registry there: tunetop runs from this checkout through a view of the installed package.
+bash .ci/source-view /tmp/tunetop-src
+export PYTHONPATH=/tmp/tunetop-src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())' | tee -a "$out/gpu.txt"
 [ -d /tmp/bench1b/model ] || python3 bench/make_bench_model.py /tmp/bench1b --shape llama-1b --rows 3000 2>&1 | tail -2

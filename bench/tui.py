@@ -103,7 +103,7 @@ def idle(args: argparse.Namespace) -> None:
     if shutil.which("tmux") is None:
         raise SystemExit("tmux is needed (bash .ci/setup installs it)")
     home = Path(tempfile.mkdtemp(prefix="tt-bench-idle-"))
-    env = dict(os.environ, TUNETOP_HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TUNETOP_HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     env.pop("COLUMNS", None)
     env.pop("LINES", None)
     cli = [sys.executable, "-m", "tunetop.cli"]
@@ -144,7 +144,7 @@ def follow(args: argparse.Namespace) -> None:
     if shutil.which("tmux") is None:
         raise SystemExit("tmux is needed (bash .ci/setup installs it)")
     home = Path(tempfile.mkdtemp(prefix="tt-bench-follow-"))
-    env = dict(os.environ, TUNETOP_HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TUNETOP_HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     env.pop("COLUMNS", None)
     env.pop("LINES", None)
     os.environ.update(TUNETOP_HOME=env["TUNETOP_HOME"], XDG_CONFIG_HOME=env["XDG_CONFIG_HOME"])

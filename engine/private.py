@@ -76,3 +76,21 @@ def write_private(path: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def raise_open_file_limit(target: int = 65536) -> None:
+    """Raise this process's soft limit on open files towards ``target`` (never above the hard limit).
+
+    Each client connection to the engine's sockets holds a file descriptor, and libzmq aborts the
+    whole process when accept() meets EMFILE: at the usual soft limit of 1,024-2,048 a few thousand
+    idle connections ended a run without a save. The hard limit is typically far higher.
+    """
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = target if hard == resource.RLIM_INFINITY else min(target, hard)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):
+        pass  # a platform or sandbox that refuses: keep the limit we have

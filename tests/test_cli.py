@@ -131,6 +131,9 @@ def test_detached_run_survives_and_reports(tmp_path: Path) -> None:
         time.sleep(0.2)
     assert run.status()["state"] == "finished"
     assert tunetop("pause", run_id).returncode == 3  # no live engine any more
+    status = tunetop("status", run_id)  # ... but a finished run still says where it ended
+    assert status.returncode == 0 and "finished (completed) at iteration 30 of 30" in status.stdout
+    assert json.loads(tunetop("status", run_id, "--json", check=True).stdout)["live"] is False
     assert os.path.getsize(run.log) > 0
 
 

@@ -129,6 +129,7 @@ def test_live_fields_are_coerced_and_others_refused() -> None:
         ("memory_limit_gb", "[" * 90, "is not a value"),
         ("learning_rate", {"x": "y" * 10_000}, "must be a finite number, got dict"),
         ("steps_per_eval", [1], "must be an integer, got a list"),
+        ("learning_rate", "2e-4\nsave_every = 1", "holds more than one value"),
     ],
 )
 def test_live_values_are_refused_with_a_sentence(key: str, value: object, message: str) -> None:
@@ -146,6 +147,10 @@ def test_live_values_are_refused_with_a_sentence(key: str, value: object, messag
         ("~/adapters", "starts with '~'"),
         ("", "is empty"),
         ("checkpoints/mine", "checkpoint retention prunes"),
+        (".", "is the run folder itself"),
+        ("journal.ttj", "one of the run's own files"),
+        ("config.toml/x", "one of the run's own files"),
+        ("rank1.log", "one of the run's own files"),
     ],
 )
 def test_adapter_path_must_stay_inside_the_run_folder(value: str, why: str) -> None:
@@ -156,7 +161,7 @@ def test_adapter_path_must_stay_inside_the_run_folder(value: str, why: str) -> N
 
 
 def test_adapter_paths_inside_the_run_folder_are_fine() -> None:
-    for value in ("adapters", "out", "out/lora", ".", "./adapters", "my..adapters"):
+    for value in ("adapters", "out", "out/lora", "./adapters", "my..adapters", "ranked"):
         assert config.parse(f'[checkpoints]\nadapter_path = "{value}"\n').checkpoints.adapter_path == value
 
 

@@ -83,6 +83,21 @@ def test_export_says_what_it_wrote_and_keeps_a_folder_that_holds_files(trained_r
     assert (out / "adapters.safetensors").read_bytes() != before
 
 
+def test_export_never_writes_through_a_link(trained_run: RunDir, tmp_path: Path) -> None:
+    """A link in the output folder (to another file, or to the run's own adapter) is refused, even with --force."""
+    own = trained_run.adapters / "adapters.safetensors"
+    own_before = own.read_bytes()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapters.safetensors").symlink_to(own)
+    (out / "adapter_config.json").symlink_to(victim)
+    refused = tunetop("export", trained_run.id, "--format", "mlx", "--checkpoint", "5", "--output", str(out), "--force")
+    assert refused.returncode == 2 and "symbolic links" in refused.stderr and "Traceback" not in refused.stderr
+    assert own.read_bytes() == own_before and victim.read_text() == "someone's file"
+
+
 def test_metrics_export(trained_run: RunDir) -> None:
     rows = list(csv.DictReader(io.StringIO(tunetop("export-metrics", trained_run.id, check=True).stdout)))
     assert [r["iteration"] for r in rows if r["type"] == "train"] == ["5", "10"]

@@ -120,6 +120,7 @@ def test_frames_that_broke_the_parser_leave_the_engine_serving(tmp_path: Path, e
         b'{"v":1,"id":"digits","cmd":"set","args":{"learning_rate":' + b"1" * 5000 + b"}}",
         b'{"v":1,"id":"nest","cmd":"set","args":{"learning_rate":' + b"[" * 3000 + b"]" * 3000 + b"}}",
         b'{"v":1,"id":"deep","cmd":"set","args":{"learning_rate":' + b"[" * 100 + b"]" * 100 + b"}}",
+        b'{"v":1,"id":"bool","cmd":"replay","args":{"since":true}}',  # JSON true is not a seq
     ]
     for frame in hostile:
         socket.send(frame)

@@ -151,18 +151,21 @@ def test_the_engine_plans_at_start_and_says_so(tmp_path: Path) -> None:
         assert not any(getattr(type(layer), "recomputes_activations", False) for layer in trainer.model.layers)  # type: ignore[attr-defined]
 
         lines = []
-        trainer = _build(tmp_path / "tight", lines, memory_budget_gb=0.001)
+        trainer = _build(tmp_path / "tight", lines, memory_budget_gb=0.008)  # the leanest step (~13 MB) within 2x of it
         layers = trainer.model.layers  # type: ignore[attr-defined]
         assert all(getattr(type(layer), "recomputes_activations", False) for layer in layers)
         assert any(f"{len(layers)} of {len(layers)} blocks recompute" in line and "nothing fits" not in line or
                    "more than the budget" in line for line in lines), lines
 
         lines = []
-        trainer = _build(tmp_path / "explicit", lines, memory_budget_gb=0.001, grad_checkpoint=True, grad_checkpoint_blocks=1)
+        trainer = _build(tmp_path / "explicit", lines, memory_budget_gb=0.015, grad_checkpoint=True, grad_checkpoint_blocks=1)
         flags = [getattr(type(layer), "recomputes_activations", False) for layer in trainer.model.layers]  # type: ignore[attr-defined]
         assert flags == [True] + [False] * (len(flags) - 1)  # grad_checkpoint_blocks as set wins
-        trainer = _build(tmp_path / "none", lines, memory_budget_gb=0.001, grad_checkpoint_blocks=0)
+        trainer = _build(tmp_path / "none", lines, memory_budget_gb=0.015, grad_checkpoint_blocks=0)
         assert not any(getattr(type(layer), "recomputes_activations", False) for layer in trainer.model.layers)  # type: ignore[attr-defined]
+
+        with pytest.raises(config.ConfigError, match=r"more than 2x the memory budget .* training.batch_size"):
+            _build(tmp_path / "refused", [], memory_budget_gb=0.001)  # far past what any setting saves: refused at start
 
         lines = []
         _build(tmp_path / "off", lines, memory_budget_gb=0.0)

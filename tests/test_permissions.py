@@ -253,3 +253,41 @@ def test_a_non_loopback_listener_is_warned_about(tmp_path: Path, host: str) -> N
     finally:
         os.kill(run.engine_pid() or 0, signal.SIGKILL)
         wait_for(lambda: not run.is_alive(), timeout=10)
+
+
+def test_a_client_will_not_talk_to_sockets_that_are_not_private(tmp_path: Path) -> None:
+    """A socket in a folder others can enter (or another user's socket) may not be the engine's."""
+    from tunetop.control.endpoints import SocketDirError, check_endpoint
+    from tunetop.runs.client_sync import request
+
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    os.chmod(loose, 0o755)
+    (loose / "run.cmd").touch()
+    with pytest.raises(SocketDirError, match="not private"):
+        check_endpoint(f"ipc://{loose}/run.cmd")
+    with pytest.raises(SocketDirError, match="not private"):
+        request(f"ipc://{loose}/run.cmd", "status", timeout=1)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    (private / "run.cmd").touch()
+    check_endpoint(f"ipc://{private}/run.cmd")  # ours and private: fine
+    if os.getuid() == 0:
+        os.chown(private / "run.cmd", 65534, 65534)  # bound by someone else
+        with pytest.raises(SocketDirError, match="belongs to"):
+            check_endpoint(f"ipc://{private}/run.cmd")
+
+
+def test_a_socket_folder_inside_another_users_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner of a parent folder could move the private socket folder aside and pose as the engine."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to hand a folder to another user")
+    from tunetop.control.endpoints import SocketDirError, socket_dir
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setenv("TUNETOP_SOCKET_DIR", str(theirs / "sockets"))
+    with pytest.raises(SocketDirError, match="pose as your runs' engines"):
+        socket_dir()

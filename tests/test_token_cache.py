@@ -190,3 +190,44 @@ def test_the_run_loads_its_data_through_the_cache(tmp_path: Path, monkeypatch: p
     assert again.keys() == first.keys() and all(same(again[k], first[k]) for k in first)
     assert np.mean([e.offset > 0 for e in again["train"].examples]) == 1.0  # data.mask_prompt in the starter config
 
+
+
+class WarningTokenizer(CountingTokenizer):
+    """Logs a warning the way transformers' tokenizers do for a long text."""
+
+    def encode(self, text: str) -> list[int]:
+        import logging
+
+        if len(text) > 40:
+            logging.getLogger("transformers.tokenization_utils_base").warning("Token indices sequence length is long")
+        return super().encode(text)
+
+
+def test_a_cache_hit_says_again_what_tokenizing_said(tmp_path: Path, tokenizer: CountingTokenizer) -> None:
+    """A run's warnings do not depend on the cache: the tokenizer's logged warning comes on a hit too."""
+    from tunetop.runs.run_warnings import WarningSink
+
+    talking = WarningTokenizer(Path(tokenizer.name_or_path))
+    split = write_split(tmp_path / "data" / "train.jsonl", ROWS)
+    seen = []
+    for _ in range(2):  # a miss, then a hit
+        said: list[dict[str, Any]] = []
+        with WarningSink(lambda _type, said=said, **fields: said.append(fields)):
+            load_split_cached(split, talking)
+        seen.append([s["message"] for s in said if s["source"] == "transformers"])
+    assert seen[0] and seen[0][0] == "Token indices sequence length is long"
+    assert seen[1] == seen[0]  # the same warnings, the same totals
+    calls = talking.calls
+    load_split_cached(split, talking)
+    assert talking.calls == calls
+
+
+def test_a_fifo_split_is_refused_not_hashed(tmp_path: Path, tokenizer: CountingTokenizer) -> None:
+    """Hashing a named pipe for the cache key waited for a writer forever; load_split refuses it first."""
+    from tunetop.training.data import DataError
+
+    fifo = tmp_path / "data" / "train.jsonl"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a data file"):
+        load_split_cached(fifo, tokenizer)

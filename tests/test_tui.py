@@ -278,11 +278,13 @@ async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
         await pilot.click("#prompt")
         await pilot.press(*"The river")
         await pilot.press("enter")
+        assert playground.query_one("#prompt", Input).value == ""  # sent: the box is ready for the next one
         await settle(pilot, lambda: "sample: ok, from the weights of iteration" in playground.status_text, timeout=60)
         await settle(pilot, lambda: len(playground.query(".column")) == 1)
         (column,) = playground.query(".column")
         assert column.border_title == "The river"
-        assert "iter " in str(column.query_one(".sample").render())
+        shown = str(column.query_one(".sample").render())
+        assert "iter " in shown and "The river\n→ " in shown  # the answer on a line of its own
         # a sample asked by another client shows up too, as the newest column
         send_command(engine_run, "sample", {"prompt": "A lantern", "max_tokens": 4}, timeout=60)
         await settle(pilot, lambda: len(playground.query(".column")) == 2)
@@ -292,6 +294,7 @@ async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
         await pilot.press("ctrl+t")
         assert playground.query_one("#raw", Checkbox).value
         await pilot.click("#prompt")
+        await pilot.press(*"The river")
         await pilot.press("enter")
         await settle(pilot, lambda: len(playground.query(".column")) == 3, timeout=60)
         assert playground.query(".column").first().border_title == "raw: The river"

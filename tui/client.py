@@ -20,7 +20,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from tunetop.control.endpoints import Endpoints
+from tunetop.control.endpoints import Endpoints, SocketError, check_endpoint
 from tunetop.control.journal import RecordStream
 from tunetop.control.protocol import (
     END_MARKER,
@@ -128,6 +128,11 @@ class RunClient:
 
     async def _session(self) -> None:
         self._set_status("connecting")
+        try:  # sockets someone else bound would receive our commands and could pose as the engine
+            check_endpoint(self.endpoints.events)
+            check_endpoint(self.endpoints.commands)
+        except SocketError as error:
+            raise ClientError(str(error)) from None
         sub = self._context.socket(zmq.SUB)
         dealer = self._context.socket(zmq.DEALER)
         for socket in (sub, dealer):

@@ -11,7 +11,7 @@ from typing import Any
 from tunetop.blas import preload_optimized_blas
 from tunetop.cli.common import _fail
 from tunetop.control.endpoints import socket_dir
-from tunetop.private import ENGINE_UMASK
+from tunetop.private import ENGINE_UMASK, raise_open_file_limit
 from tunetop.runs.folders import RunError
 from tunetop.runs.launch import mark_failed_start
 from tunetop.training.config import ConfigError
@@ -112,6 +112,7 @@ def _run_engine(
     from tunetop.training import config as config_module
 
     os.umask(ENGINE_UMASK)  # what libraries write (checkpoints' safetensors) is private too
+    raise_open_file_limit()  # each client connection holds a descriptor; libzmq aborts at EMFILE
     preload_optimized_blas(warn=True)
     run = RunDir(run_path)
     cfg = config_module.load(run.config)

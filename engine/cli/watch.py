@@ -185,6 +185,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     elif args.command == "sample":
         command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "raw": args.raw}
     if not run.is_alive():
+        if args.command == "status":  # a question a finished run can answer from what it left
+            return _recorded_status(run, args.json)
         return _fail(f"run {run.id} has no live engine; `tunetop ls` shows its state.", EXIT_UNREACHABLE)
     try:
         reply = send_command(run, args.command, command_args, timeout=args.timeout)
@@ -198,6 +200,29 @@ def cmd_control(args: argparse.Namespace) -> int:
         from tunetop.control.replies import describe
 
         print(describe(args.command, reply))
+    return 0
+
+
+def _recorded_status(run: Any, as_json: bool) -> int:
+    """`tunetop status` of a run with no live engine: its last recorded state (exit 0), or exit 3."""
+    status = run.status()
+    if not status.get("state"):
+        return _fail(f"run {run.id} has no live engine and no recorded state; `tunetop ls` shows it.", EXIT_UNREACHABLE)
+    state = status["state"] if status["state"] in ("finished", "failed") else f"{status['state']} (engine gone)"
+    if as_json:
+        print(json.dumps({"ok": True, "live": False, **status, "state": state}))
+        return 0
+    parts = [f"{run.id}: {state}"]
+    if status.get("reason"):
+        parts.append(f"({status['reason']})")
+    if status.get("iteration") is not None:
+        total = status.get("iterations")
+        parts.append(f"at iteration {status['iteration']:,}" + (f" of {total:,}" if isinstance(total, int) else ""))
+    if isinstance(status.get("loss"), float):
+        parts.append(f"— last train loss {status['loss']:.4f}")
+    if isinstance(status.get("val_loss"), float):
+        parts.append(f", validation loss {status['val_loss']:.4f}")
+    print(" ".join(parts).replace(" ,", ","))
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -58,7 +59,52 @@ def socket_dir() -> Path:
         )
     if info.st_mode & 0o077:
         raise SocketDirError(f"the socket folder {path} must have mode 0700 and could not be made so; {elsewhere}.")
+    _check_ancestors(path, elsewhere)
     return path
+
+
+def _check_ancestors(path: Path, elsewhere: str) -> None:
+    """Refuse a socket folder inside a folder another user may rename things in.
+
+    A private folder is only private while nobody else can move it aside: the owner of a parent
+    (or anyone, where a parent is writable by others without the sticky bit, as /tmp has) could
+    rename ours away and put a folder of theirs, with sockets that pose as the engine, in its place.
+    """
+    me = os.getuid()
+    for parent in path.resolve().parents:
+        info = parent.stat()
+        loose = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX
+        if info.st_uid not in (0, me) or loose:
+            owner = _user(info.st_uid)
+            raise SocketDirError(
+                f"the socket folder {path} lies in {parent}, which {owner} "
+                f"{'owns' if info.st_uid not in (0, me) else 'and others can write to'}: they could move "
+                f"the socket folder aside and pose as your runs' engines. {elsewhere[0].upper()}{elsewhere[1:]}."
+            )
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Refuse to talk to an ipc socket that is not this user's, in a folder that is not private.
+
+    A client sends commands (and sample prompts) to these sockets: one that someone else bound
+    would receive them and could answer as if it were the engine.
+    """
+    if not endpoint.startswith("ipc://"):
+        return  # TCP endpoints are authenticated by CURVE keys instead (curve.py)
+    socket_path = Path(endpoint.removeprefix("ipc://"))
+    me = os.getuid()
+    for checked in (socket_path.parent, socket_path):
+        try:
+            info = checked.lstat() if checked == socket_path else checked.stat()
+        except FileNotFoundError:
+            return  # nothing bound there yet: the connection simply finds no engine
+        if info.st_uid != me or (checked == socket_path.parent and info.st_mode & 0o077):
+            raise SocketDirError(
+                f"{checked} belongs to {_user(info.st_uid)} or is not private (mode "
+                f"{stat.S_IMODE(info.st_mode):o}): it may not be your run's engine, so tunetop will not "
+                "send it commands. Stop the run's engine with `kill` on its pid (tunetop ls) if needed, "
+                "and set TUNETOP_SOCKET_DIR to a private folder of yours."
+            )
 
 
 def _user(uid: int) -> str:

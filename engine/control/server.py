@@ -316,7 +316,7 @@ class Server:
         Records from the sparse index point before ``since`` come along; the client skips them.
         """
         since = command.args.get("since", 0)
-        if not isinstance(since, int) or since < 0:
+        if not isinstance(since, int) or isinstance(since, bool) or since < 0:  # JSON true is no seq
             self._send(router, identity, [b"REP", Reply(command.id, False, "'since' must be a whole number >= 0").encode()])
             return
         events = self.engine.events

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunetop.atomic import write_atomic, write_text_atomic
 from tunetop.control.journal import read_events
 from tunetop.runs.folders import RunDir
 
@@ -73,7 +74,17 @@ def check_output(output: Path, force: bool) -> None:
     """Refuse to write into a file, or into a folder that holds anything, unless ``force``."""
     if output.exists() and not output.is_dir():
         raise ExportError(f"{output} is a file; --output names the folder to export into. Choose another path.")
-    if force or not output.is_dir():
+    if not output.is_dir():
+        return
+    links = sorted(p.name for p in output.iterdir() if p.is_symlink())
+    if links:
+        # An export writes files by name; through a link it would write wherever the link points
+        # (another folder's files, or the run's own adapter).
+        raise ExportError(
+            f"{output} holds symbolic links ({', '.join(links[:5])}); an export never writes through a link. "
+            "Remove them, or export into a new or empty folder."
+        )
+    if force:
         return
     entries = sorted(p.name for p in output.iterdir())
     if entries:
@@ -88,8 +99,12 @@ def export_mlx(run: RunDir, output: Path, checkpoint: int | None = None) -> Path
     """An adapter folder as mlx_lm.generate / fuse / server load it (``--adapter-path``)."""
     weights, adapter_config = adapter_source(run, checkpoint)
     output.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, output / "adapters.safetensors")
-    (output / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    # Temp file + rename: replaces whatever had the name, and never writes through it.
+    def copy(temp: Path) -> None:
+        shutil.copyfile(weights, temp)
+
+    write_atomic(output / "adapters.safetensors", copy)
+    write_text_atomic(output / "adapter_config.json", json.dumps(adapter_config, indent=2))
     return output
 
 
@@ -141,7 +156,9 @@ def export_peft(run: RunDir, output: Path, checkpoint: int | None = None) -> Pat
     params = adapter_config.get("lora_parameters", {})
     rank = int(params.get("rank", 8))
     output.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_atomic(
+        output / "adapter_model.safetensors", lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"})
+    )
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -154,7 +171,7 @@ def export_peft(run: RunDir, output: Path, checkpoint: int | None = None) -> Pat
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
-    (output / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    write_text_atomic(output / "adapter_config.json", json.dumps(peft_config, indent=2))
     return output
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import zmq
 
-from tunetop.control.endpoints import Endpoints, endpoints_for
+from tunetop.control.endpoints import Endpoints, check_endpoint, endpoints_for
 from tunetop.control.journal import RecordStream
 from tunetop.control.protocol import END_MARKER, Command, ProtocolError, Reply, decode, loads_many
 from tunetop.runs.folders import RunDir
@@ -28,6 +28,7 @@ def run_endpoints(run: RunDir) -> Endpoints:
 
 
 def _dealer(endpoint: str) -> zmq.Socket:
+    check_endpoint(endpoint)
     socket: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.connect(endpoint)

@@ -44,15 +44,26 @@ def _failure_message(run: RunDir) -> str:
     last = said[-1] if said else lines[-1] if lines else "it wrote nothing"
     return f"{last} (the engine's output is in {run.log})"
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+def source_root() -> Path | None:
+    """The folder on sys.path this process found ``tunetop`` in, when it was found that way (a
+    source view on PYTHONPATH, .ci/source-view); None when an installer maps it (pip install,
+    editable or not), which every process of this Python then finds on its own."""
+    import tunetop
+
+    folder = Path(tunetop.__file__).parent.parent  # not resolved: a view is a tree of links
+    if (folder / "tunetop").is_dir() and not {"site-packages", "dist-packages"} & set(folder.parts):
+        return folder
+    return None
 
 
 def child_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a tunetop child process (an engine, a rank): ``base`` (default this
-    process's), with this source tree first on PYTHONPATH so that the child imports this same
-    engine package, installed or not, and unbuffered output for its log."""
+    process's), with the folder this process imported tunetop from first on PYTHONPATH (if it
+    came from one) so that the child imports the same package, and unbuffered output for its log."""
     env = dict(os.environ if base is None else base)
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    root = source_root()
+    if root is not None:
+        env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -278,7 +278,7 @@ def mpi_launch_command(run_path: Path, hosts: list[Host], extra: list[str]) -> l
 
     Every host needs tunetop, the model and the data at the same paths; only rank 0 writes.
     """
-    from tunetop.runs.daemon import PROJECT_ROOT
+    from tunetop.runs.daemon import source_root
 
     control = f"tcp://{hosts[0].ip()}:{free_port()}"
     launcher = str(Path(sys.executable).with_name("mlx.launch"))
@@ -288,7 +288,8 @@ def mpi_launch_command(run_path: Path, hosts: list[Host], extra: list[str]) -> l
         "--hosts", ",".join(h.address for h in hosts),
         "--env", f"{CONTROL_ENV}={control}",
         "--env", "PYTHONUNBUFFERED=1",
-        "--env", f"PYTHONPATH={PROJECT_ROOT}",  # tunetop at the same path on every host
+        # tunetop at the same path on every host: installed in the same Python, or this source view
+        *(["--env", f"PYTHONPATH={root}"] if (root := source_root()) else []),
         "--cwd", str(run_path),
         "--",
         sys.executable, "-m", "tunetop.cli", "_engine", str(run_path), "--launched", "--backend", "mpi",

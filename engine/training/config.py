@@ -533,9 +533,18 @@ def adapter_path_problem(value: str) -> str:
         return "is an absolute path, outside the run folder"
     if ".." in path.parts:
         return "climbs out of the run folder with '..'"
-    if path.parts and path.parts[0] == "checkpoints":
+    if not path.parts:
+        return "is the run folder itself, where the run's own files live"
+    if path.parts[0] == "checkpoints":
         return "is inside the run's checkpoints/ folder, which checkpoint retention prunes"
+    first = path.parts[0]
+    if first in _RUN_FILES or first.startswith(("journal.", "history.", "engine.")) or re.fullmatch(r"rank\d+\.log", first):
+        return f"names {first!r}, one of the run's own files, which the adapter would overwrite"
     return ""
+
+
+# Names the engine keeps in a run folder (engine/runs.py, journal.py, history.py, session.py).
+_RUN_FILES = frozenset({"config.toml", "status.json", "endpoints.json", "lock", "tensorboard", "wandb", "swanlog"})
 
 
 def load(path: str | Path) -> RunConfig:
@@ -725,9 +734,12 @@ def coerce_live(key: str, value: Any) -> Any:
         if len(value) > MAX_LIVE_TEXT:
             raise ConfigError(f"'{key}': a value of {len(value)} characters is not a value for it. {takes}")
         try:
-            value = tomllib.loads(f"v = {value}")["v"]
+            document = tomllib.loads(f"v = {value}")
         except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # ValueError: integers past 4,300 digits
-            raise ConfigError(f"'{key}': {value!r} is not a value (expected {expected.__name__}). {takes}") from None
+            raise ConfigError(f"'{key}': {_shown(value)} is not a value (expected {expected.__name__}). {takes}") from None
+        if set(document) != {"v"}:  # "2e-4\nsave_every = 1": one value, not a TOML document
+            raise ConfigError(f"'{key}': {_shown(value)} holds more than one value. {takes}")
+        value = document["v"]
     try:
         return coerce_field(section, name, value, "set")
     except ConfigError as error:

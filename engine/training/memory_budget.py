@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tunetop.training.config import RunConfig
+from tunetop.training.config import ConfigError, RunConfig
 from tunetop.training.memory_plan import GB, Fixed, MemoryPlan, ModelShape, Workload, plan_memory, size
 
 GPU_SHARE = 0.9
@@ -169,6 +169,10 @@ def fixed_settings(cfg: RunConfig, layers: int) -> Fixed:
     )
 
 
+REFUSE_OVER = 2.0
+"""A run whose leanest step is estimated past this multiple of its budget is refused at start."""
+
+
 def as_configured(cfg: RunConfig) -> MemorySettings:
     """The three settings as the config writes them (the budget off)."""
     t = cfg.training
@@ -216,5 +220,14 @@ def plan_run(
     )
     plan = plan_memory(shape, work, budget_bytes, cap_applies, fixed_settings(cfg, shape.layers))
     say(f"memory budget {size(budget_bytes)} ({where}): {plan.describe()}")
+    if plan.need.total > REFUSE_OVER * budget_bytes:
+        # Far past anything the cap can throttle: starting would end in an allocation failure
+        # (a crash in MLX, no save) minutes later, so say it now, with what to change.
+        raise ConfigError(
+            f"a training step needs about {size(plan.need.total)} even with the leanest memory settings, more "
+            f"than {REFUSE_OVER:g}x the memory budget of {size(budget_bytes)} ({where}). Lower training.batch_size, "
+            "data.max_seq_length or lora.rank (or lora.num_layers), or set training.memory_budget_gb higher "
+            "(0 starts without a budget, at your own risk)."
+        )
     blocks = plan.recompute_blocks
     return MemorySettings(plan.memory_limit_gb, plan.ce_chunk_tokens, blocks > 0, blocks if blocks else -1, plan)

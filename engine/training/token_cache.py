@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -24,10 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from tunetop.runs.run_warnings import LOGGERS
 from tunetop.training.data import Dataset, Example, RowFormat, Tokenizer, load_split
+from tunetop.userfiles import not_a_regular_file
 
-FORMAT_VERSION = 1
-"""Bump when the tokens a row becomes change (tunetop.training.data): every older entry then misses."""
+FORMAT_VERSION = 2
+"""Bump when the tokens a row becomes change (tunetop.training.data), or what an entry holds: every older entry then misses.
+2: entries keep the warnings the libraries logged while tokenizing."""
 MAX_CACHE_BYTES = 2_000_000_000
 """Past this, the least recently used entries are deleted."""
 STALE_TEMP_SECONDS = 3600
@@ -89,7 +93,7 @@ def load_split_cached(
     """:func:`tunetop.training.data.load_split`, through the cache: the same Dataset, tokenized at most once."""
     fmt = row_format or RowFormat(mask_prompt=mask_prompt)
     digest = tokenizer_fingerprint(tokenizer)
-    if digest is None:
+    if digest is None or not_a_regular_file(path):  # load_split refuses a FIFO before reading it; hashing would hang
         return load_split(path, tokenizer, row_format=fmt)
     try:
         key = entry_key(path, digest, fmt)
@@ -98,17 +102,40 @@ def load_split_cached(
     entry = cache_folder() / f"{key}.npz"
     found = read_entry(entry, key)
     if found is not None:
-        examples, prompt_format = found
+        examples, prompt_format, replayed = found
+        for name, message in replayed:  # what tokenizing said the first time, said again: a run's warnings do not depend on the cache
+            logging.getLogger(name).warning(message)
         return Dataset(examples, str(path), prompt_format, fmt)
-    dataset = load_split(path, tokenizer, row_format=fmt)
+    with _LoggedWarnings() as logged:
+        dataset = load_split(path, tokenizer, row_format=fmt)
     with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next run time
-        write_entry(entry, key, dataset)
+        write_entry(entry, key, dataset, logged.records)
         prune(entry.parent, keep=entry)
     return dataset
 
 
-def read_entry(entry: Path, key: str) -> tuple[list[Example], str] | None:
-    """The examples and prompt format stored at ``entry``, or None if absent, damaged or not for ``key``."""
+class _LoggedWarnings(logging.Handler):
+    """Records the libraries' logged warnings while a split is tokenized (they still reach every other handler)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.name, record.getMessage()))
+
+    def __enter__(self) -> _LoggedWarnings:
+        for name in LOGGERS:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for name in LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+
+def read_entry(entry: Path, key: str) -> tuple[list[Example], str, list[tuple[str, str]]] | None:
+    """The examples, prompt format and logged warnings stored at ``entry``, or None if absent, damaged or not for ``key``."""
     try:
         with np.load(entry, allow_pickle=False) as stored:
             meta = json.loads(bytes(stored["meta"]).decode())
@@ -129,15 +156,17 @@ def read_entry(entry: Path, key: str) -> tuple[list[Example], str] | None:
         os.utime(entry)  # recently used: pruned last
     bounds = np.cumsum(lengths)[:-1]
     examples = [Example(row.tolist(), int(offset)) for row, offset in zip(np.split(tokens, bounds), offsets, strict=True)]
-    return examples, str(meta["prompt_format"])
+    logged = [(str(name), str(message)) for name, message in meta.get("warnings", [])]
+    return examples, str(meta["prompt_format"]), logged
 
 
-def write_entry(entry: Path, key: str, dataset: Dataset) -> None:
+def write_entry(entry: Path, key: str, dataset: Dataset, logged: list[tuple[str, str]] | None = None) -> None:
     """Store ``dataset`` at ``entry``, atomically (a temporary file renamed into place)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     lengths = np.array([len(e.tokens) for e in dataset.examples], dtype=np.int64)
     tokens = np.fromiter((t for e in dataset.examples for t in e.tokens), dtype=np.int32, count=int(lengths.sum()))
-    meta = {"key": key, "version": FORMAT_VERSION, "count": len(lengths), "prompt_format": dataset.prompt_format}
+    meta = {"key": key, "version": FORMAT_VERSION, "count": len(lengths), "prompt_format": dataset.prompt_format,
+            "warnings": logged or []}
     handle, temp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".npz")
     try:
         with os.fdopen(handle, "wb") as out:

@@ -1,8 +1,10 @@
 """The dashboard of one run: header, loss chart, sparklines, throughput, tables, log, and keys.
 
 Events are folded into a :class:`RunState` as they arrive; the screen repaints from it on a
-timer (at most ``REFRESH_HZ`` times a second) and only when something changed, so a flood of
-events costs one repaint per tick, not one per event.
+timer and only what changed, each part at its own pace: the header (iteration, state) up to
+``REFRESH_HZ`` times a second, the numbers, tables and log ``PANEL_HZ``, the loss chart and
+sparklines ``CHART_HZ``. A flood of events costs one repaint per tick, not one per event, and no
+layout pass (bench/tui.py follow: a TUI following 10 reports a second uses under 5% of a core).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import math
 import os
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.text import Text
 from textual import work
@@ -19,6 +21,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
 
 from tunetop.control.replies import describe
@@ -31,7 +34,14 @@ from tunetop.tui.themes import theme_color
 from tunetop.tui.widgets.chart import Y_MODES, LossChart
 from tunetop.tui.widgets.panels import RunHeader, ThroughputPanel
 
+W = TypeVar("W", bound=Widget)
 REFRESH_HZ = 8
+"""The timer's pace, and the header's: the iteration and state are what say the screen is live."""
+PANEL_HZ = 4
+"""The throughput numbers, the tables and the log: read, not watched move."""
+CHART_HZ = 1
+"""The loss chart and the sparklines (the chart only when it would look different): the costliest
+widgets to draw, and a report moves a long run's curve by a fraction of a dot."""
 STEERING = frozenset({"toggle_pause", "save", "evaluate", "stop", "set_form"})
 """Actions that send the engine a command: hidden when no engine can take one."""
 SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
@@ -82,6 +92,11 @@ class DashboardScreen(Screen[None]):
         self._dirty = True
         self._dirty_header = True
         self._header_painted = 0.0
+        self._chart_dirty = True
+        self._chart_painted = 0.0
+        self._chart_title_shown = ""
+        self._panels_painted = 0.0
+        self._found: dict[str, Widget] = {}
         self._shown_validations: tuple[int, int] = (0, 0)
         self._shown_checkpoints: list[tuple[int, float | None, float]] = []
         self._shown_logs = 0
@@ -164,6 +179,7 @@ class DashboardScreen(Screen[None]):
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         self.run_state.apply_all(events)
         self._dirty = True
+        self._dirty_header = True
 
     def _on_heartbeat(self, event: dict[str, Any]) -> None:
         self.run_state.apply(event)  # the engine's iteration now, between reports
@@ -187,18 +203,31 @@ class DashboardScreen(Screen[None]):
         self._dirty = True
 
     def _tick(self) -> None:
-        # Repaint only when events arrived; the header's clock (whole seconds) once a second.
+        # Repaint only when events arrived, each part at its pace; the header's clock (whole
+        # seconds) once a second.
         now = time.monotonic()
-        if self._dirty:
-            self.repaint()
+        chart_due = now - self._chart_painted >= 1 / CHART_HZ
+        if self._dirty and now - self._panels_painted >= 1 / PANEL_HZ:
+            self._panels_painted = now
+            self._repaint(chart=chart_due)
+        elif self._chart_dirty and chart_due:
+            self._paint_chart()
         if self._dirty_header or now - self._header_painted >= 1.0:
             self._header_painted = now
             self._dirty_header = False
-            self.query_one(RunHeader).refresh_from_state()
+            self._widget("#header", RunHeader).refresh_from_state()
+
+    def _widget(self, selector: str, kind: type[W]) -> W:
+        """``query_one``, remembered: the widgets live as long as the screen, and a query walks the
+        DOM (a third of a millisecond, several times a repaint)."""
+        found = self._found.get(selector)
+        if found is None:
+            found = self._found[selector] = self.query_one(selector, kind)
+        return found  # type: ignore[return-value]
 
     def can_steer(self) -> bool:
         """Whether an engine may take commands: a live run that has not ended."""
-        if not self.is_mounted or not self.live or self.query_one(RunHeader).read_only:
+        if not self.is_mounted or not self.live or self._widget("#header", RunHeader).read_only:
             return False
         return self.run_state.state not in ("finished", "failed")
 
@@ -210,19 +239,34 @@ class DashboardScreen(Screen[None]):
 
     def repaint(self) -> None:
         """Bring every widget up to date with the run state now."""
+        self._repaint(chart=True)
+
+    def _paint_chart(self) -> None:
+        self._chart_dirty = False
+        self._chart_painted = time.monotonic()
+        self._widget("#chart", LossChart).update_from_state()
+        s = self.run_state  # the sparklines are charts too: at the chart's pace
+        self._widget("#spark-loss", Sparkline).data = [x for x in s.train_losses[-200:] if math.isfinite(x)]
+        self._widget("#spark-tps", Sparkline).data = s.tokens_per_second_history[-200:]
+        title = self._chart_title()
+        if title != self._chart_title_shown:  # setting a title redraws the box, even the same title
+            self._chart_title_shown = title
+            self._widget("#chart-box", Vertical).border_title = title
+
+    def _repaint(self, chart: bool) -> None:
         self._dirty = False
         self._dirty_header = True
         s = self.run_state
         if self.can_steer() != self._steerable:
             self._steerable = not self._steerable
             self.refresh_bindings()
-        self.query_one(ThroughputPanel).refresh_from_state()
-        self.query_one(LossChart).refresh()
-        self.query_one("#chart-box").border_title = self._chart_title()
-        self.query_one("#spark-loss", Sparkline).data = [x for x in s.train_losses[-200:] if math.isfinite(x)]
-        self.query_one("#spark-tps", Sparkline).data = s.tokens_per_second_history[-200:]
+        self._widget("#throughput", ThroughputPanel).refresh_from_state()
+        if chart:
+            self._paint_chart()
+        else:
+            self._chart_dirty = True
         self._refresh_tables()
-        log = self.query_one("#log", RichLog)
+        log = self._widget("#log", RichLog)
         new = min(s.log_total - self._shown_logs, len(s.logs))
         for line in list(s.logs)[len(s.logs) - new :] if new > 0 else []:
             stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
@@ -231,7 +275,7 @@ class DashboardScreen(Screen[None]):
         self._shown_logs = s.log_total
 
     def _chart_title(self) -> str:
-        chart = self.query_one(LossChart)
+        chart = self._widget("#chart", LossChart)
         theme = self.app.current_theme
         window = "whole run" if chart.window == 0 else f"last {chart.window:,} iterations"
         if chart.y_mode == "full":
@@ -244,7 +288,7 @@ class DashboardScreen(Screen[None]):
         s = self.run_state
         shown_validations = (len(s.validations), id(s.validations[-1]) if s.validations else 0)
         if shown_validations != self._shown_validations:
-            table = self.query_one("#validation-table", DataTable)
+            table = self._widget("#validation-table", DataTable)
             best = s.best_validation
             table.clear()
             for row in reversed(s.validations[-200:]):
@@ -255,7 +299,7 @@ class DashboardScreen(Screen[None]):
         # Rows come and go (retention) and gain a validation loss later: compare what they show.
         shown_checkpoints = [(c.iteration, c.validation_loss, c.ts) for c in s.checkpoints]
         if shown_checkpoints != self._shown_checkpoints:
-            checkpoints = self.query_one("#checkpoint-table", DataTable)
+            checkpoints = self._widget("#checkpoint-table", DataTable)
             checkpoints.clear()
             for saved in reversed(s.checkpoints[-200:]):
                 weights = os.path.join(saved.checkpoint, "adapters.safetensors") if saved.checkpoint else saved.path
@@ -311,19 +355,19 @@ class DashboardScreen(Screen[None]):
         chart = self.query_one(LossChart)
         index = SMOOTHING_STEPS.index(chart.smoothing) if chart.smoothing in SMOOTHING_STEPS else 0
         chart.smoothing = SMOOTHING_STEPS[(index + 1) % len(SMOOTHING_STEPS)]
-        self._dirty = True
+        self._paint_chart()  # the chart redraws itself (a reactive); its title now too
 
     def action_window(self) -> None:
         chart = self.query_one(LossChart)
         index = WINDOW_STEPS.index(chart.window) if chart.window in WINDOW_STEPS else 0
         chart.window = WINDOW_STEPS[(index + 1) % len(WINDOW_STEPS)]
-        self._dirty = True
+        self._paint_chart()
 
     def action_y_range(self) -> None:
         """Toggle the loss chart's y-axis: fitted to the recent curve (an early spike clipped), or all of it."""
         chart = self.query_one(LossChart)
         chart.y_mode = Y_MODES[(Y_MODES.index(chart.y_mode) + 1) % len(Y_MODES)] if chart.y_mode in Y_MODES else Y_MODES[0]
-        self._dirty = True
+        self._paint_chart()
 
     def action_edit_config(self) -> None:
         from tunetop.tui.screens.editor import ConfigEditorScreen

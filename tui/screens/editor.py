@@ -43,8 +43,19 @@ class ConfigEditorScreen(Screen[None]):
         self.path = path
         self.valid = False
 
+    @property
+    def is_run_config(self) -> bool:
+        """A run's own config.toml: a live engine read it at start and does not read it again."""
+        return self.path.name == "config.toml" and (self.path.parent / "journal.ttj").exists()
+
     def compose(self) -> ComposeResult:
-        yield Static(f"config: {self.path}", id="path", markup=False)
+        note = (
+            "  (this run's file: a running engine keeps the values it started with and the live changes "
+            "of `l`; what you save here applies when the run is resumed)"
+            if self.is_run_config
+            else ""
+        )
+        yield Static(f"config: {self.path}{note}", id="path", markup=False)
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -80,7 +91,8 @@ class ConfigEditorScreen(Screen[None]):
             self.notify("not saved: fix the error under the editor first", severity="error")
             return False
         self.path.write_text(self.query_one(TextArea).text, encoding="utf-8")
-        self.notify(f"saved {self.path}", markup=False)
+        applies = "; it applies when the run is resumed (live settings: `l`)" if self.is_run_config else ""
+        self.notify(f"saved {self.path}{applies}", markup=False)
         return True
 
     def action_format(self) -> None:

@@ -112,13 +112,15 @@ class PlaygroundScreen(Screen[None]):
             return
         for (prompt, raw), completions in columns(samples):
             column = VerticalScroll(classes="column")
-            column.border_title = column_title(prompt, raw)
+            column.border_title = Text(column_title(prompt, raw))  # Text: a prompt's [x] is not markup
             box.mount(column)
             for iteration, completion in completions:
                 entry = Text()
                 entry.append(f"iter {iteration:,}\n", style="bold")
                 entry.append(prompt, style="dim")
-                entry.append(completion)
+                # A raw prompt is continued by the model; a formatted one is answered, so the answer
+                # gets a line of its own instead of reading as if the model repeated the question.
+                entry.append(completion if raw else f"\n→ {completion}")
                 column.mount(Static(entry, classes="sample"))
 
     def _request(self) -> dict[str, Any] | None:
@@ -139,6 +141,7 @@ class PlaygroundScreen(Screen[None]):
         args = self._request()
         if args is not None:
             self.sample(args)
+            self.query_one("#prompt", Input).value = ""  # the next question starts in an empty box
 
     def action_resample(self) -> None:
         """Every prompt on screen again, with the weights as they are now."""

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from rich.text import Text
+from textual.geometry import Size
 from textual.reactive import reactive
 from textual.widget import Widget
 
@@ -188,12 +189,23 @@ def plot(series: list[Series], width: int, height: int, y_range: YRange | None =
         elif row == plot_h // 2:
             label = _fmt((y0 + y1) / 2)
         line = Text(label.rjust(AXIS_WIDTH - 2) + " ┤", style="dim")
+        # One span per run of cells in one style (most of a row is blank): a chart redrawn at
+        # every report must not cost an append per cell.
+        run: list[str] = []
+        run_style = ""
         for col in range(plot_w):
             bits = cells[row][col]
             if row == 0 and not bits and col in above:
-                line.append("↑", style=f"{above[col]} dim")
-                continue
-            line.append(chr(BRAILLE_BASE + bits) if bits else " ", style=styles[row][col] or "")
+                char, style = "↑", f"{above[col]} dim"
+            else:
+                char, style = (chr(BRAILLE_BASE + bits) if bits else " "), (styles[row][col] or "")
+            if style != run_style and run:
+                line.append("".join(run), style=run_style)
+                run = []
+            run_style = style
+            run.append(char)
+        if run:
+            line.append("".join(run), style=run_style)
         lines.append(line)
     left, right = f"{x0:.0f}", f"{x1:.0f}"
     axis = " " * AXIS_WIDTH + left + right.rjust(max(plot_w - len(left), len(right)))
@@ -245,6 +257,20 @@ class LossChart(Widget):
     def __init__(self, state: RunState, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.run_state = state
+        self._shown: list[Text] | None = None  # the lines the last render drew
+        self._ready: tuple[Size, list[Text]] | None = None  # lines update_from_state made for the next render
+
+    def update_from_state(self) -> bool:
+        """Redraw if the run state now plots differently from what is on screen; True if it does.
+
+        A report usually moves no dot of a long run's curve; then the screen has nothing to redo.
+        """
+        lines = self._lines()
+        if lines == self._shown:
+            return False
+        self._ready = (self.size, lines)
+        self.refresh()
+        return True
 
     def series(self, buckets: int) -> list[Series]:
         state = self.run_state
@@ -266,9 +292,14 @@ class LossChart(Widget):
         return out
 
     def render(self) -> Text:
+        ready, self._ready = self._ready, None
+        lines = ready[1] if ready is not None and ready[0] == self.size else self._lines()
+        self._shown = lines
+        return Text("\n").join(lines)
+
+    def _lines(self) -> list[Text]:
         width, height = self.size.width, self.size.height
         series = self.series(max((width - AXIS_WIDTH) * 2, 1))
         for s in series:
             s.style = themed(s.style, self.app.current_theme)
-        lines = plot(series, width, height, fit_range(series, self.y_mode))
-        return Text("\n").join(lines)
+        return plot(series, width, height, fit_range(series, self.y_mode))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
@@ -42,6 +41,7 @@ class RunHeader(Static):
         self.run_state = state
         self.connection = "connecting"
         self.read_only = False
+        self._shown: Text | None = None
 
     def _style(self, name: str) -> str:
         return themed(STATE_STYLES.get(name, "bold"), self.app.current_theme)
@@ -71,7 +71,13 @@ class RunHeader(Static):
         # Training time, not wall time: a paused or dead run's clock stands still.
         bottom.append(f"   training time {format_duration(s.training_time(None if self.read_only else now))}")
         bottom.append(f"   ETA {format_duration(s.eta())}")
-        self.update(Text("\n").join([top, bottom]))
+        text = Text("\n").join([top, bottom])
+        if text == self._shown:
+            return
+        self._shown = text
+        # Two lines in a two-line box: nothing about the layout changes, so no layout pass (which
+        # re-renders every widget on the screen).
+        self.update(text, layout=False)
 
 
 def _memory(peak: float | None, cap: float | None) -> str:
@@ -92,12 +98,10 @@ class ThroughputPanel(Static):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.run_state = state
         self.border_title = "throughput"
+        self._shown: Text | None = None
 
     def refresh_from_state(self) -> None:
         s = self.run_state
-        table = Table.grid(padding=(0, 2))
-        table.add_column(style="dim")
-        table.add_column(justify="right", style="bold")
         last_loss = s.train_losses[-1] if s.train_losses else None
         best = s.best_validation
         rows = [
@@ -110,6 +114,15 @@ class ThroughputPanel(Static):
             ("learning rate", f"{s.learning_rate:.2e}" if s.learning_rate is not None else "-"),
             ("trainable", f"{format_count(s.trainable_parameters)} / {format_count(s.total_parameters)}"),
         ]
-        for name, value in rows:
-            table.add_row(name, value)
-        self.update(table)
+        # Two columns, names dim and values bold and right-aligned, as plain text: a Rich table
+        # measures and lays out its cells at every report, several times the cost.
+        names, values = max(len(n) for n, _ in rows), max(len(v) for _, v in rows)
+        text = Text(no_wrap=True, overflow="crop")
+        for number, (name, value) in enumerate(rows):
+            text.append(("\n" if number else "") + name.ljust(names + 2), style="dim")
+            text.append(value.rjust(values), style="bold")
+        if text == self._shown:
+            return
+        # Its height follows its rows, which do not change: a layout pass only the first time.
+        self.update(text, layout=self._shown is None)
+        self._shown = text
