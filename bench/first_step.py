@@ -1,6 +1,7 @@
 """How soon a run shows something: from the command to the first validation and the first training report.
 
     python bench/first_step.py [--rounds 5] [--which both|tunetop|mlx_lm] [--cold] [--packing auto|off]
+                               [--model DIR --data DIR]
 
 ``tunetop train CONFIG`` (the starter config: the embedded model and data, batch 8, a report every
 10 steps) against ``python -m mlx_lm.lora`` with the same model, data, batch, report interval,
@@ -11,7 +12,9 @@ validate before their first step. mlx-lm gets the same OpenBLAS as tunetop (LD_P
 steps cost the same. ``--cold`` adds a third contestant, tunetop with its token cache emptied first
 (a first run on new data); otherwise only tunetop's first round can be cold. Packed (the default), a tunetop step
 trains about 38 examples where mlx-lm's trains 8; ``--packing off`` gives both the same batches. The machine's load average is printed
-with the medians, because on a shared machine it moves every figure.
+with the medians, because on a shared machine it moves every figure. ``--model``/``--data`` time
+another model and plain-text data instead (bench/make_bench_model.py's, on the H200): then both
+train on whole rows (no prompt masking), LoRA on the last 16 blocks.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=600, help="seconds a run may take to print both lines")
     parser.add_argument("--packing", choices=["auto", "off"], default="auto",
                         help="tunetop's data.packing: off trains mlx-lm's batches of 8 padded examples")
+    parser.add_argument("--model", default="", help="a model folder instead of the embedded model")
+    parser.add_argument("--data", default="", help="a folder of plain-text train/valid.jsonl (with --model)")
     args = parser.parse_args()
 
     from tunetop.blas import loaded_blas
@@ -91,14 +96,20 @@ def main() -> None:
     cache = Path(os.environ.get("TUNETOP_CACHE") or Path.home() / ".cache" / "tunetop")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TUNETOP_HOME=str(scratch / "home"), PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     config = scratch / "run.toml"
-    config.write_text(starter_text().replace("steps_per_eval = 50", "steps_per_eval = 100")
-                      .replace('packing = "auto"', f'packing = "{args.packing}"'))
+    text = (starter_text().replace("steps_per_eval = 50", "steps_per_eval = 100")
+            .replace('packing = "auto"', f'packing = "{args.packing}"'))
+    model, data, layers, mask = str(embedded_model_path()), str(embedded_data_path()), "4", ["--mask-prompt"]
+    if args.model:
+        model, data, layers, mask = args.model, args.data, "16", []
+        text = (text.replace('path = "@embedded"', f'path = "{model}"', 1).replace('path = "@embedded"', f'path = "{data}"', 1)
+                .replace("mask_prompt = true", "mask_prompt = false"))
+    config.write_text(text)
     tunetop = [sys.executable, "-m", "tunetop.cli", "train", str(config)]
     mlx_lm = [
-        sys.executable, "-m", "mlx_lm.lora", "--model", str(embedded_model_path()), "--train",
-        "--data", str(embedded_data_path()), "--batch-size", "8", "--iters", "300", "--num-layers", "4",
+        sys.executable, "-m", "mlx_lm.lora", "--model", model, "--train",
+        "--data", data, "--batch-size", "8", "--iters", "300", "--num-layers", layers,
         "--steps-per-report", "10", "--steps-per-eval", "100", "--val-batches", "10", "--save-every", "1000",
-        "--adapter-path", str(scratch / "mlx_lm"), "--learning-rate", "5e-4", "--mask-prompt",
+        "--adapter-path", str(scratch / "mlx_lm"), "--learning-rate", "5e-4", *mask,
     ]
     mlx_env = dict(env, LD_PRELOAD=loaded_blas() or "")
     which = ["tunetop", "mlx_lm"] if args.which == "both" else [args.which]

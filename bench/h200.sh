@@ -9,8 +9,9 @@
 # that led there; part "engine": `tunetop train` and `tunetop test` end to end; part "attention":
 # bench/attention_paths.py (fused vs unfused attention by length); part "budget": `tunetop train`
 # with only training.memory_budget_gb set (the 1B shape at 20 GB, an 8B shape quantized to 4 bits by
-# mlx_lm.convert at 16 and 24 GB), printing each run's plan, tokens/s and peak. Memory capped
-# at 100 GB. Every tunetop-only run prints a RESULT line (JSON); the summary lists them.
+# mlx_lm.convert at 16 and 24 GB) against mlx_lm.lora, printing each run's plan, tokens/s, peak
+# and MFU; part "equal": equal work per step against mlx_lm.lora and PyTorch + PEFT, and the time
+# to the first step on the 1B model. Memory capped at 100 GB. Every tunetop-only run prints a RESULT line (JSON); the summary lists them.
 set -uo pipefail
 out=${1:-/tmp/h200-out}
 part=${2:-all}
@@ -23,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.t
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())' | tee -a "$out/gpu.txt"
 [ -d /tmp/bench1b/model ] || python3 bench/make_bench_model.py /tmp/bench1b --shape llama-1b --rows 3000 2>&1 | tail -2
 peak=0
-if [ "$part" != engine ] && [ "$part" != budget ]; then  # the denominator of MFU, for the throughput parts
+if [ "$part" != engine ] && [ "$part" != budget ] && [ "$part" != equal ]; then  # MFU's denominator, for the throughput parts
   peak=$(python3 bench/throughput.py --measure-peak | awk '/^PEAK/ {print $2}')
   echo "bf16 matmul peak: $peak TFLOP/s" | tee -a "$out/gpu.txt"
 fi
@@ -108,13 +109,10 @@ fi
 # Lean by default: `tunetop train` with training.memory_budget_gb and nothing else about memory; the
 # engine picks memory_limit_gb, ce_chunk_tokens and the recomputing blocks from the model's shape and
 # says so in its log ("memory budget ..."). 1B: 8 packed rows of 2048 (49.6 GB uncapped) in 20 GB;
-# 8B, 4-bit: 2 rows of 2048 (the issue's QLoRA run, every block recomputing: 15.5 GB) in 16 and 24 GB.
-if [ "$part" = budget ]; then
-  export TUNETOP_HOME=/tmp/tt-home-budget
-  rm -rf "$TUNETOP_HOME"
-  [ -d /tmp/bench8b/model ] || python3 bench/make_bench_model.py /tmp/bench8b --shape llama-8b --quantize 4 --rows 64 2>&1 | tail -2
-  budget_run() {  # NAME MODEL ROWS BUDGET_GB
-    cat > "/tmp/$1.toml" <<TOML
+# 8B, 4-bit: 2 rows of 2048 (the issue's QLoRA run, every block recomputing: 15.5 GB) in 16 and 24
+# GB, against mlx_lm.lora with --grad-checkpoint at batch 4 under a 16 GB cap (the issue's anchor).
+budget_run() {  # NAME MODEL ROWS BUDGET_GB ITERATIONS
+  cat > "/tmp/$1.toml" <<TOML
 name = "$1"
 [model]
 path = "$2"
@@ -125,21 +123,45 @@ num_layers = 16
 rank = 8
 [training]
 batch_size = $3
-iterations = 60
+iterations = $5
 steps_per_report = 10
-steps_per_eval = 1000
+steps_per_eval = 100000
 memory_budget_gb = $4
 [optimizer]
 learning_rate = 1e-4
 [checkpoints]
-save_every = 1000
+save_every = 100000
 TOML
-    python3 -m tunetop.cli train "/tmp/$1.toml" > "$out/$1.txt" 2>&1; echo "$1: train exit $?"
-    python3 -m tunetop.cli events "$1" | python3 bench/run_summary.py "$1" | tee -a "$out/$1.txt" "$out/budget.txt"
-  }
-  budget_run budget-1b-20 /tmp/bench1b/model 8 20
-  budget_run budget-8b-16 /tmp/bench8b/model 2 16
-  budget_run budget-8b-24 /tmp/bench8b/model 2 24
+  python3 -m tunetop.cli train "/tmp/$1.toml" > "$out/$1.txt" 2>&1; echo "$1: train exit $?"
+  python3 -m tunetop.cli events "$1" | python3 bench/run_summary.py "$1" "$peak" | tee -a "$out/$1.txt" "$out/budget.txt"
+}
+if [ "$part" = budget ] || [ "$part" = equal ]; then
+  export TUNETOP_HOME=/tmp/tt-home-$part
+  rm -rf "$TUNETOP_HOME"
+  peak=$(python3 bench/throughput.py --measure-peak | awk '/^PEAK/ {print $2}')
+  echo "bf16 matmul peak: $peak TFLOP/s" | tee -a "$out/gpu.txt"
+fi
+if [ "$part" = budget ]; then
+  budget_run budget-1b-20 /tmp/bench1b/model 8 20 80
+  [ -d /tmp/bench8b/model ] || python3 bench/make_bench_model.py /tmp/bench8b --shape llama-8b --quantize 4 --rows 64 2>&1 | tail -2
+  budget_run budget-8b-16 /tmp/bench8b/model 2 16 40
+  budget_run budget-8b-24 /tmp/bench8b/model 2 24 40
+  python3 bench/throughput.py --model /tmp/bench8b/model --num-layers 16 --rank 8 --memory-limit-gb 16 --scratch /tmp/tt-scratch \
+    --peak-tflops "$peak" --which mlx_lm --mlx-lm-grad-checkpoint --batch-size 4 --data /tmp/bench1b/variable --iters 30 --report 5 \
+    2>&1 | tee "$out/mlx-8b-16.txt" | grep RESULT | tee -a "$out/budget.txt"
+fi
+# Equal work. Variable-length data: tunetop's 4 packed rows of 2048 hold about 9 examples, so
+# mlx_lm.lora at batch 9 (both unconstrained: the speed of the same work, not the memory goal).
+# Fixed 512-token rows at batch 8, one example a row on every side: tunetop (--packing off),
+# mlx_lm.lora, and PyTorch + PEFT (bench/peft_throughput.py). Then the first step on the 1B model.
+if [ "$part" = equal ]; then
+  eq=(--model /tmp/bench1b/model --num-layers 16 --rank 8 --memory-limit-gb 100 --scratch /tmp/tt-scratch --peak-tflops "$peak")
+  python3 bench/throughput.py "${eq[@]}" --which ours --batch-size 4 --pack-length 2048 --data /tmp/bench1b/variable --iters 80 --report 10 2>&1 | tee "$out/eq-variable-ours.txt" | grep RESULT | tee -a "$out/equal.txt"
+  python3 bench/throughput.py "${eq[@]}" --which mlx_lm --batch-size 9 --data /tmp/bench1b/variable --iters 60 --report 10 2>&1 | tee "$out/eq-variable-mlx.txt" | grep RESULT | tee -a "$out/equal.txt"
+  python3 bench/throughput.py "${eq[@]}" --which ours --packing off --batch-size 8 --data /tmp/bench1b/fixed512 --iters 80 --report 10 2>&1 | tee "$out/eq-fixed-ours.txt" | grep RESULT | tee -a "$out/equal.txt"
+  python3 bench/throughput.py "${eq[@]}" --which mlx_lm --batch-size 8 --data /tmp/bench1b/fixed512 --iters 60 --report 10 2>&1 | tee "$out/eq-fixed-mlx.txt" | grep RESULT | tee -a "$out/equal.txt"
+  python3 bench/peft_throughput.py --model /tmp/bench1b/model --data /tmp/bench1b/fixed512 --batch-size 8 --iters 60 --report 10 --peak-tflops "$peak" 2>&1 | tee "$out/eq-fixed-peft.txt" | grep RESULT | tee -a "$out/equal.txt"
+  python3 bench/first_step.py --rounds 2 --model /tmp/bench1b/model --data /tmp/bench1b/variable 2>&1 | tee "$out/first-step.txt" | tail -4
 fi
 if [ "$part" = all ] || [ "$part" = attention ]; then
   python3 bench/attention_paths.py 2>&1 | tee "$out/attention.txt"

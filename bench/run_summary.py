@@ -1,8 +1,11 @@
-"""A finished run's speed and memory, from its events: ``tunetop events RUN | python bench/run_summary.py NAME``.
+"""A finished run's speed and memory, from its events: ``tunetop events RUN | python bench/run_summary.py NAME [PEAK_TFLOPS]``.
 
 Prints the run's memory plan (its "memory budget" log line), then a RESULT line (JSON) as
 bench/throughput.py does: steady tokens/s (every report but the first, which includes
-compiling), the peak memory over the run, and the trainable and total parameters.
+compiling), the peak memory over the run, the trainable and total parameters, and with the bf16
+matmul rate measured on the same machine (bench/throughput.py --measure-peak) the MFU, counted as
+bench/throughput.py does: 4 x total parameters a token (forward and the backward through the
+activations; the frozen weights get no gradient).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 
 def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "run"
+    peak_tflops = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
     events = [json.loads(line) for line in sys.stdin if line.strip()]
     for event in events:
         if event["type"] == "log" and event["message"].startswith("memory budget"):
@@ -30,6 +34,9 @@ def main() -> None:
         "total_parameters": started.get("total_parameters"),
         "finished": next((e["reason"] for e in events if e["type"] == "finished"), "no"),
     }
+    if peak_tflops and result["total_parameters"]:
+        flops = result["steady_tokens_per_second"] * 4 * result["total_parameters"]
+        result["mfu"] = round(flops / (peak_tflops * 1e12), 4)
     print("RESULT " + json.dumps(result))
 
 

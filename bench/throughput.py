@@ -152,6 +152,7 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
             "--max-seq-length", str(args.max_seq_length),
         ]
         + (["--mask-prompt"] if args.mask_prompt else [])
+        + (["--grad-checkpoint"] if args.mlx_lm_grad_checkpoint else [])
     )
     values = vars(namespace)
     for key, value in lora.CONFIG_DEFAULTS.items():
@@ -212,6 +213,7 @@ def main() -> None:
     parser.add_argument("--pack-length", type=int, default=0, help="tunetop's data.pack_length (0 = automatic)")
     parser.add_argument("--ce-chunk-tokens", type=int, default=0, help="tunetop's training.ce_chunk_tokens")
     parser.add_argument("--grad-checkpoint", action="store_true", help="tunetop's training.grad_checkpoint")
+    parser.add_argument("--mlx-lm-grad-checkpoint", action="store_true", help="mlx_lm.lora's --grad-checkpoint")
     parser.add_argument("--grad-checkpoint-blocks", type=int, default=-1,
                         help="tunetop's training.grad_checkpoint_blocks (>= 0 turns grad_checkpoint on)")
     parser.add_argument("--clear-cache-gb", type=float, default=-1.0, help="tunetop's training.clear_cache_gb")
