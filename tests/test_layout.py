@@ -8,6 +8,7 @@ TUI uses, and validates a config.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -131,3 +132,16 @@ def test_no_module_level_import_cycles() -> None:
     for name in sorted(imports):
         if name not in seen:
             visit(name, [name])
+
+
+def test_code_imports_the_installed_names_only() -> None:
+    """engine/ and tui/ are folders, not packages: `import tui.app` from the checkout's root would
+    load a second copy of the module beside tunetop.tui.app (its classes then differ)."""
+    pattern = re.compile(r"^\s*(?:from|import)\s+(engine|tui)(?:\.|\s)", re.MULTILINE)
+    wrong = [
+        f"{path.relative_to(ROOT)}: {match.group(0).strip()}"
+        for folder in ("engine", "tui", "tests", "bench")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for match in pattern.finditer(path.read_text())
+    ]
+    assert not wrong, "import tunetop.* instead: " + "; ".join(wrong)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tunetop, write_config
-from tunetop.runs.run_warnings import WarningSink
 from tunetop.training.data import Dataset, DataWarning, Example
 from tunetop.training.embedded import embedded_data_path
 from tunetop.training.packing import PackPlan
+from tunetop.training.run_warnings import WarningSink
 
 
 def test_a_long_example_keeps_max_seq_length_tokens_in_a_row_of_its_own() -> None:

@@ -205,7 +205,7 @@ class WarningTokenizer(CountingTokenizer):
 
 def test_a_cache_hit_says_again_what_tokenizing_said(tmp_path: Path, tokenizer: CountingTokenizer) -> None:
     """A run's warnings do not depend on the cache: the tokenizer's logged warning comes on a hit too."""
-    from tunetop.runs.run_warnings import WarningSink
+    from tunetop.training.run_warnings import WarningSink
 
     talking = WarningTokenizer(Path(tokenizer.name_or_path))
     split = write_split(tmp_path / "data" / "train.jsonl", ROWS)

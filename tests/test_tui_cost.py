@@ -10,11 +10,11 @@ from typing import Any
 
 from tests.recorded import RUN_ID, T0, recorded_events, write_recorded_run
 from tests.test_tui import SIZE, settle
-from tui.app import TunetopApp
-from tui.screens.dashboard import CHART_HZ, REFRESH_HZ, DashboardScreen
-from tui.state import format_count
-from tui.widgets.chart import LossChart
 from tunetop.control.protocol import make_event
+from tunetop.tui.app import TunetopApp
+from tunetop.tui.screens.dashboard import CHART_HZ, REFRESH_HZ, DashboardScreen
+from tunetop.tui.state import format_count
+from tunetop.tui.widgets.chart import LossChart
 
 
 def shown(app: TunetopApp) -> str:

@@ -56,7 +56,7 @@ OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
     "state": ("iteration",),  # absent until the model is loaded
     "heartbeat": ("notice",),  # only while writes fail
     "save": ("checkpoint", "removed"),  # not in journals of older versions (the trainer's Save always has them)
-    "warning": ("count", "source"),  # only a warning from a library or the data layer (tunetop.runs.run_warnings)
+    "warning": ("count", "source"),  # only a warning from a library or the data layer (tunetop.training.run_warnings)
 }
 """Fields of :data:`EVENT_FIELDS` an event of that type may leave out."""
 

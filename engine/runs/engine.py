@@ -726,7 +726,7 @@ class Engine:
             shard = self._start_world(text)
         except Exception as error:  # WorldError, or the backend refusing to start
             return self._fail_world(f"the ranks could not start: {error}")
-        from tunetop.runs.run_warnings import WarningSink
+        from tunetop.training.run_warnings import WarningSink
 
         try:
             # From loading the model and data to the end: every warning is a journaled event.

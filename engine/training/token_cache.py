@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from tunetop.runs.run_warnings import LOGGERS
 from tunetop.training.data import Dataset, Example, RowFormat, Tokenizer, load_split
+from tunetop.training.run_warnings import LOGGERS
 from tunetop.userfiles import not_a_regular_file
 
 FORMAT_VERSION = 2
