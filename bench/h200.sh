@@ -163,6 +163,18 @@ if [ "$part" = equal ]; then
   python3 bench/peft_throughput.py --model /tmp/bench1b/model --data /tmp/bench1b/fixed512 --batch-size 8 --iters 60 --report 10 --peak-tflops "$peak" 2>&1 | tee "$out/eq-fixed-peft.txt" | grep RESULT | tee -a "$out/equal.txt"
   python3 bench/first_step.py --rounds 2 --model /tmp/bench1b/model --data /tmp/bench1b/variable 2>&1 | tee "$out/first-step.txt" | tail -4
 fi
+# What fits 8 (or 4, 6) packed rows of 2048 of the 1B shape in 20 GB, fastest: the settings the
+# budget's plan chooses between (cross-entropy chunking, recomputing blocks), under a 19 GB cap.
+if [ "$part" = budget-sweep ]; then
+  sw=(--model /tmp/bench1b/model --num-layers 16 --rank 8 --scratch /tmp/tt-scratch --which ours --data /tmp/bench1b/variable
+      --pack-length 2048 --iters 60 --report 10 --memory-limit-gb 19)
+  for setting in "8 2048 0" "8 4096 4" "8 2048 6" "8 0 10" "6 2048 2" "4 0 0" "4 2048 0" "4 4096 2"; do
+    read -r rows chunk blocks <<< "$setting"
+    gc=(); [ "$blocks" -gt 0 ] && gc=(--grad-checkpoint-blocks "$blocks")
+    echo "rows $rows ce_chunk_tokens $chunk blocks $blocks: $(python3 bench/throughput.py "${sw[@]}" --batch-size "$rows" \
+      --ce-chunk-tokens "$chunk" "${gc[@]}" 2>&1 | grep RESULT | cut -c1-400)" | tee -a "$out/budget-sweep.txt"
+  done
+fi
 if [ "$part" = all ] || [ "$part" = attention ]; then
   python3 bench/attention_paths.py 2>&1 | tee "$out/attention.txt"
 fi
