@@ -204,6 +204,16 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 # Keys that take AUTO or a number (the number within RANGES).
 AUTO_OR_NUMBER = {("training", "memory_budget_gb")}
 
+MAX_LEARNING_RATE = 10.0
+"""The largest learning rate a config or a live ``set`` takes."""
+_RATE_NOTE = "fine-tuning rates are about 1e-6 to 1e-2"
+RANGE_NOTES: dict[tuple[str, str], str] = {
+    ("optimizer", "learning_rate"): _RATE_NOTE,
+    ("schedule", "warmup_init"): _RATE_NOTE,
+    ("schedule", "end_learning_rate"): _RATE_NOTE,
+}
+"""Why a bound is where it is, said with the refusal."""
+
 # (minimum, maximum) for numbers; None leaves that side open.
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "max_seq_length"): (2, None),
@@ -225,13 +235,15 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("training", "validation_batches"): (0, None),
     ("training", "seed"): (0, 2**32 - 1),
     ("training", "grad_accumulation_steps"): (1, None),
-    ("optimizer", "learning_rate"): (0.0, None),
+    # Fine-tuning rates are 1e-6 to 1e-2; far past them a rate is a typo that ruins the weights
+    # (a live `set learning_rate=1e9` was accepted and ruined the run's weights).
+    ("optimizer", "learning_rate"): (0.0, MAX_LEARNING_RATE),
     ("optimizer", "weight_decay"): (0.0, None),
     ("optimizer", "momentum"): (0.0, 1.0),
     ("optimizer", "eps"): (0.0, None),
     ("schedule", "warmup"): (0, None),
-    ("schedule", "warmup_init"): (0.0, None),
-    ("schedule", "end_learning_rate"): (0.0, None),
+    ("schedule", "warmup_init"): (0.0, MAX_LEARNING_RATE),
+    ("schedule", "end_learning_rate"): (0.0, MAX_LEARNING_RATE),
     ("schedule", "decay_steps"): (0, None),
     ("checkpoints", "save_every"): (1, None),
     ("checkpoints", "keep_last"): (0, None),
@@ -382,7 +394,8 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
                 if low is None
                 else f"between {low} and {high}"
             )
-            raise ConfigError(f"{where}: '{full}' must be {span}, got {_shown(value)}.")
+            note = f" ({RANGE_NOTES[section, key]})" if (section, key) in RANGE_NOTES else ""
+            raise ConfigError(f"{where}: '{full}' must be {span}, got {_shown(value)}{note}.")
     return value
 
 
