@@ -1,7 +1,8 @@
 """What the control plane costs, and how fast it moves events.
 
-    python bench/control_plane.py overhead [--iters 300] [--rounds 3]
+    python bench/control_plane.py overhead [--iters 300] [--rounds 3] [--system-seconds S]
         trainer steps/s: bare loop vs. the engine with journal + server + 2 attached client processes
+        (and the machine sampled every S seconds: metrics.system_seconds, the config's default unless given)
     python bench/control_plane.py events [--count 200000]
         events/s through EventLog (journal append + PUB) with one subscriber counting them
     python bench/control_plane.py replay [--count 1000000]
@@ -85,7 +86,8 @@ def subscriber_main(events_endpoint: str, commands_endpoint: str) -> None:
     print(received, flush=True)
 
 
-def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[float, int]:
+def engine_loop(iters: int, report: int, scratch: Path, clients: int, system_seconds: float | None = None) -> tuple[float, int, int]:
+    """(steps/s, events the clients received, system events the engine journaled)."""
     from tunetop.control.server import attach_server
     from tunetop.runs.client_sync import run_endpoints
     from tunetop.runs.engine import Engine
@@ -94,6 +96,8 @@ def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[f
     run = RunDir(scratch / f"run-{time.monotonic_ns()}")
     run.path.mkdir(parents=True)
     cfg = _config(iters, report)
+    if system_seconds is not None:
+        cfg.metrics.system_seconds = system_seconds
     owner = Engine(cfg, run)
     owner.on_ready.append(attach_server)
     subscribers: list[_Subscriber] = []
@@ -117,7 +121,10 @@ def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[f
     seconds = time.perf_counter() - timing["start"]
     for subscriber in subscribers:
         subscriber.stop()
-    return (iters - 1) / seconds, sum(s.received for s in subscribers)
+    from tunetop.control.journal import read_events
+
+    sampled = sum(1 for event in read_events(run.journal) if event["type"] == "system")
+    return (iters - 1) / seconds, sum(s.received for s in subscribers), sampled
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -125,7 +132,7 @@ def overhead(args: argparse.Namespace) -> None:
     for report in args.reports:
         bare: list[float] = []
         full: list[float] = []
-        received = 0
+        received = sampled = 0
         for round_ in range(args.rounds):
             # Interleaved, and the order alternates: runs share one process, and whichever runs
             # second in it was measured slower, whatever it was.
@@ -134,13 +141,13 @@ def overhead(args: argparse.Namespace) -> None:
                 if which == "bare":
                     bare.append(bare_loop(args.iters, report, scratch))
                 else:
-                    rate, received = engine_loop(args.iters, report, scratch, clients=args.clients)
+                    rate, received, sampled = engine_loop(args.iters, report, scratch, args.clients, args.system_seconds)
                     full.append(rate)
         b, f = statistics.median(bare), statistics.median(full)
         print(
             f"steps_per_report={report:<3} bare loop {b:7.2f} steps/s   engine+journal+server+{args.clients} clients "
             f"{f:7.2f} steps/s   difference {100 * (b - f) / b:+.2f}%   (median of {args.rounds}, order alternating; "
-            f"clients received {received} events in the last round)"
+            f"clients received {received} events, the engine journaled {sampled} system events in the last round)"
         )
 
 
@@ -277,6 +284,8 @@ def main() -> None:
     p.add_argument("--reports", type=int, nargs="+", default=[10, 1], help="steps_per_report values to try")
     p.add_argument("--clients", type=int, default=2, help="client processes attached (replay, then live)")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--system-seconds", type=float, default=None,
+                   help="metrics.system_seconds for the engine (default: the config's default; 0 = off)")
     p = sub.add_parser("events")
     p.add_argument("--count", type=int, default=200_000)
     p = sub.add_parser("replay")

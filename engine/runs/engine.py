@@ -146,6 +146,7 @@ class Engine:
         self._slow_sample = float(os.environ.get("TUNETOP_FAULT_SLOW_SAMPLE") or 0)
         self._server_failure = ""  # set by the server thread as it ends; read by the loop
         self._warnings: Any = None  # run_warnings.WarningSink while the run is active
+        self._monitor: Any = None  # machine.SystemMonitor while the loop runs (metrics.system_seconds)
 
     # -- events --------------------------------------------------------------------------
 
@@ -514,6 +515,7 @@ class Engine:
         from tunetop.training.trainer import Disposition
 
         self._scheduled_samples(trainer)
+        self._emit_system()
         if self._first_iteration is None:
             self._first_iteration = trainer.iteration
         elif trainer.iteration > self._first_iteration and not self._status.get("stepped"):
@@ -538,8 +540,19 @@ class Engine:
                 continue
             if not self.control.paused:
                 return Disposition.MORE
+            self._emit_system()  # paused, the machine is still watched
             with contextlib.suppress(queue.Empty):  # paused with nothing to do: wait for a command
                 self._enqueue(self.commands.get(timeout=0.2))
+
+    def _emit_system(self) -> None:
+        """The machine's newest sample as a ``system`` event, if one was taken since the last.
+
+        Not while writes fail: a reading of the machine is not worth holding in memory for later."""
+        if self._monitor is None or self.trouble is not None:
+            return
+        sample = self._monitor.take()
+        if sample is not None:
+            self.emit("system", **sample)
 
     def _enqueue(self, pending: PendingCommand) -> None:
         if pending.command.cmd == "sample":  # bad arguments are answered now, not after the queue's wait
@@ -841,6 +854,11 @@ class Engine:
         self.set_state("running")
         from tunetop.training.trainer import run_loop
 
+        if self.cfg.metrics.system_seconds > 0:
+            from tunetop.runs.machine import SystemMonitor
+
+            self._monitor = SystemMonitor(self.cfg.metrics.system_seconds)
+            self._monitor.start()
         try:
             result = run_loop(trainer, self._progress, self._control)
         except Exception as error:
@@ -852,6 +870,10 @@ class Engine:
             self.emit("finished", reason="failed", iteration=trainer.iteration)
             self._refuse_waiting("the run has failed")
             return EXIT_FAILED
+        finally:
+            if self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
         self.set_state("failed" if reason == "server_failed" else "finished")

@@ -154,6 +154,10 @@ class MetricsConfig:
     wandb: bool = field(default=False, metadata={"help": "Also report to Weights & Biases (pip install 'tunetop[wandb]')"})
     swanlab: bool = field(default=False, metadata={"help": "Also report to SwanLab (pip install 'tunetop[swanlab]')"})
     project: str = field(default="", metadata={"help": "The W&B / SwanLab project; empty = tunetop"})
+    system_seconds: float = field(
+        default=5.0,
+        metadata={"help": "Sample CPU, memory and GPU every N seconds as `system` events (the dashboard's machine panel); 0 = off"},
+    )
 
 
 @dataclass
@@ -238,6 +242,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("sampling", "sample_every"): (0, None),
     ("sampling", "max_tokens"): (1, 4096),
     ("sampling", "temperature"): (0.0, 10.0),
+    ("metrics", "system_seconds"): (0.0, 86400.0),
 }
 
 
@@ -492,6 +497,10 @@ def _check_consistency(config: RunConfig, text: str) -> None:
     _check_optimizer(config, text)
     if config.training.grad_accumulation_steps > 1 and config.training.batch_size < 1:
         raise ConfigError(f"{_where(source, None)}: batch_size must be at least 1.")
+    if 0 < config.metrics.system_seconds < 1:  # a sample per step or more would fill the journal with machine readings
+        line = _find_line(text, "metrics", "system_seconds")
+        raise ConfigError(f"{_where(source, line)}: 'metrics.system_seconds' must be at least 1 (seconds between "
+                          f"samples of the machine), or 0 to turn sampling off; got {config.metrics.system_seconds:g}.")
     if not config.model.path:
         line = _find_line(text, "model", "path")
         raise ConfigError(
