@@ -5,6 +5,8 @@
         (and the machine sampled every S seconds: metrics.system_seconds, the config's default unless given)
     python bench/control_plane.py events [--count 200000]
         events/s through EventLog (journal append + PUB) with one subscriber counting them
+    python bench/control_plane.py system [--count 2000]
+        what sampling the machine costs: a sample on its thread, and taking + journaling it on the loop
     python bench/control_plane.py replay [--count 1000000]
         a journal of N events: raw read, replay over ZeroMQ to a client, and folding into RunState
 """
@@ -273,6 +275,42 @@ def replay_bench(args: argparse.Namespace) -> None:
     json.dumps({})
 
 
+def system_bench(args: argparse.Namespace) -> None:
+    import mlx.core as mx
+
+    from tunetop.control.events import EventLog
+    from tunetop.control.journal import JournalWriter
+    from tunetop.runs.machine import SystemMonitor, mlx_memory
+    from tunetop.training.config import RunConfig
+
+    mx.eval(mx.ones((1024, 1024)))  # MLX loaded and holding memory, as in a run
+    monitor = SystemMonitor(5.0)
+    start = time.perf_counter()
+    for _ in range(args.count):
+        sample = monitor.sample()
+    on_thread = (time.perf_counter() - start) / args.count
+    scratch = Path(tempfile.mkdtemp(prefix="tt-bench-"))
+    log = EventLog("bench", JournalWriter(scratch / "journal.ttj"))
+    start = time.perf_counter()
+    for _ in range(args.count):
+        log.emit("system", **sample, **mlx_memory())
+    on_loop = (time.perf_counter() - start) / args.count
+    lone = []
+    for _ in range(50):  # the usual case: the last sync a second or more ago (once a second at most)
+        log._last_sync -= 2.0
+        start = time.perf_counter()
+        log.emit("system", **sample, **mlx_memory())
+        lone.append(time.perf_counter() - start)
+    alone = statistics.median(lone)
+    log.close()
+    every = RunConfig().metrics.system_seconds
+    print(f"one sample on its thread: {on_thread * 1e6:7.1f} us   taking + journaling it on the loop: {on_loop * 1e6:7.1f} us "
+          f"(mean of {args.count:,}; fields {sorted(sample)} + mlx)")
+    print(f"one alone, a second after the journal's last fsync: {alone * 1e6:7.1f} us (median of 50; "
+          "system events cost no fsync of their own, control.events.UNSYNCED_TYPES)")
+    print(f"at the default metrics.system_seconds = {every:g}: the loop's share {100 * alone / every:.4f}%, "
+          f"the thread's {100 * on_thread / every:.4f}% of one core")
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "_subscriber":  # a client process of `overhead`
         subscriber_main(sys.argv[2], sys.argv[3])
@@ -290,8 +328,10 @@ def main() -> None:
     p.add_argument("--count", type=int, default=200_000)
     p = sub.add_parser("replay")
     p.add_argument("--count", type=int, default=1_000_000)
+    p = sub.add_parser("system")
+    p.add_argument("--count", type=int, default=2_000)
     args = parser.parse_args()
-    {"overhead": overhead, "events": events, "replay": replay_bench}[args.what](args)
+    {"overhead": overhead, "events": events, "replay": replay_bench, "system": system_bench}[args.what](args)
 
 
 if __name__ == "__main__":

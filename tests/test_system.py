@@ -303,3 +303,18 @@ async def test_the_panel_at_120x40_80x24_and_without_system_events(isolated_stat
             await pilot.pause(0.05)
         await pilot.pause(0.3)
         assert not screen.query_one(SystemPanel).display  # hidden: the chart keeps the room
+
+
+def test_a_system_event_costs_no_fsync_of_its_own(tmp_path: Path) -> None:
+    """An fsync took 15 ms on a busy disk, on the loop's thread: machine readings ride along with the next one."""
+    log = EventLog("r", JournalWriter(tmp_path / "journal.ttj"))
+    synced: list[int] = []
+    original = log.journal.sync
+    log.journal.sync = lambda: (synced.append(log.last_seq), original())[1]  # type: ignore[method-assign]
+    log._last_sync -= 2.0  # a second and more since the last fsync
+    system(log, 1)
+    assert synced == []
+    log.emit("log", message="a line")  # any other event syncs, the reading with it
+    assert synced == [2]
+    log.close()
+    assert [e["type"] for e in read_events(tmp_path / "journal.ttj")] == ["system", "log"]

@@ -212,6 +212,7 @@ class SystemMonitor:
         self._nvml_module = nvml
         self._nvml: Nvml | None = None
         self._latest: dict[str, Any] | None = None
+        self._lock = threading.Lock()  # the newest sample changes hands between the two threads
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_loop, name="tunetop-system", daemon=True)
         self._cpu_mark = (time.monotonic(), _cpu_seconds())
@@ -228,7 +229,8 @@ class SystemMonitor:
         """The sample taken since the last call (None if none), with MLX's counters read now.
 
         Called by the loop's thread between steps."""
-        sample, self._latest = self._latest, None  # one assignment each: no lock needed under the GIL
+        with self._lock:
+            sample, self._latest = self._latest, None
         if sample is None:
             return None
         sample.update(mlx_memory())
@@ -239,9 +241,11 @@ class SystemMonitor:
         try:
             while not self._stop.wait(self.seconds):
                 try:
-                    self._latest = self.sample()
+                    sample = self.sample()
                 except Exception:  # a reading that fails must not end the thread, nor the run
                     continue
+                with self._lock:
+                    self._latest = sample
         finally:
             if self._nvml is not None:
                 self._nvml.close()
