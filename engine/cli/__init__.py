@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", default="")
     p.add_argument("--backend", default="ring")
     p.add_argument("--launched", action="store_true", help="started by mlx.launch: MLX_RANK says which rank")
+    p.add_argument("--config-source", default="", help="the file the run's config was copied from, for messages")
     p.set_defaults(func=cmd_engine)
 
     p = sub.add_parser("_follower")

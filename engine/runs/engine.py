@@ -797,7 +797,8 @@ class Engine:
             trainer, model_path, trainable, total = self._build(config_text, shard)
             self._open_trackers()
         except (ConfigError, DataError, ModelError) as error:
-            self.emit("error", message=str(error))
+            message = config_module.place_error(str(error), self.cfg.source) if isinstance(error, ConfigError) else str(error)
+            self.emit("error", message=message)
             self.set_state("failed")
             self.emit("finished", reason="bad_input", iteration=0)
             return EXIT_BAD_INPUT

@@ -581,6 +581,34 @@ def load(path: str | Path) -> RunConfig:
     return config
 
 
+def place_error(message: str, source: str) -> str:
+    """A config error found after validation (the engine's checks: the optimizer's arguments, the
+    loss, packing, the memory plan), named at ``source`` and at the line of the first key it
+    mentions that the file sets, as :func:`parse` names its own errors."""
+    if not source:
+        return message
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    line = None
+    for match in re.finditer(r"\b(?:" + "|".join(SECTIONS) + r")(?:\.[A-Za-z0-9_]+)+", message):
+        parts = match.group(0).split(".")
+        # optimizer.options.x: the key x of [optimizer.options], else options of [optimizer]
+        for cut in range(len(parts) - 1, 0, -1):
+            line = _find_line(text, ".".join(parts[:cut]), parts[cut])
+            if line:
+                break
+        if line:
+            break
+    where = _where(source, line)
+    if message.startswith(f"{source}: "):
+        return f"{where}: {message[len(source) + 2:]}"
+    if source in message:
+        return message.replace(source, where, 1)
+    return f"{where}: {message}"
+
+
 def check_ranks(cfg: RunConfig, ranks: int) -> None:
     """The batch size is global: it must split evenly over the ranks (ConfigError otherwise)."""
     if ranks > 1 and cfg.training.batch_size % ranks:
