@@ -199,7 +199,8 @@ class RunState:
         if isinstance(e.get("iteration"), int):
             self.iteration = e["iteration"]
         self.finished_reason = str(e.get("reason", ""))
-        self._note(e, f"finished ({self.finished_reason}) at iteration {e.get('iteration', self.iteration)}")
+        best = f", best at iteration {e['best_iteration']}" if e.get("best_iteration") is not None else ""
+        self._note(e, f"finished ({self.finished_reason}) at iteration {e.get('iteration', self.iteration)}{best}")
         if self.state in ACTIVE_STATES or self.state == "unknown":
             self.state = "failed" if self.finished_reason in ("failed", "bad_input", "rank_failed") else "finished"
 

@@ -14,7 +14,15 @@ import argparse
 import errno
 import sys
 
-from tunetop.cli.common import CONTROL_HELP, EXIT_DAMAGED, EXIT_UNREACHABLE, RUN_HELP, _fail
+from tunetop.cli.common import (
+    CHECKPOINT_HELP,
+    CONTROL_HELP,
+    EXIT_DAMAGED,
+    EXIT_UNREACHABLE,
+    RUN_HELP,
+    _fail,
+    checkpoint_arg,
+)
 from tunetop.cli.compare import cmd_compare
 from tunetop.cli.outputs import cmd_export, cmd_export_metrics, cmd_import_config, cmd_test
 from tunetop.cli.train import cmd_demo, cmd_engine, cmd_follower, cmd_init, cmd_train, demo_config
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", help="score a run's saved adapter on its test split (or another): loss and perplexity")
     p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--split", choices=["test", "valid", "train"], default="test")
-    p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
+    p.add_argument("--checkpoint", type=checkpoint_arg, metavar="ITERATION|best", help=CHECKPOINT_HELP)
     p.add_argument("--batches", type=int, default=0, help="batches of training.batch_size to score; 0 = the whole split")
     p.add_argument("--base", action="store_true", help="the base model without the adapter, for comparison")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a sentence")
@@ -160,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--format", choices=["mlx", "peft", "fused"], required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
+    p.add_argument("--checkpoint", type=checkpoint_arg, metavar="ITERATION|best", help=CHECKPOINT_HELP)
     p.add_argument("--force", action="store_true", help="write into a non-empty --output folder (same-named files are replaced)")
     p.set_defaults(func=cmd_export)
 

@@ -856,7 +856,11 @@ class Engine:
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
         self.set_state("failed" if reason == "server_failed" else "finished")
-        self.emit("finished", reason=reason, iteration=trainer.iteration)
+        stopping = trainer.early_stopping
+        if reason == "early_stopped":
+            self.emit("log", message=stopping.describe())
+        best = {} if stopping.best_iteration is None else {"best_iteration": stopping.best_iteration, "best_loss": stopping.best_loss}
+        self.emit("finished", reason=reason, iteration=trainer.iteration, **best)
         self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code
 

@@ -93,6 +93,12 @@ class TrainingConfig:
     )
     grad_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
     on_nonfinite: str = field(default="pause", metadata={"help": "NaN/inf loss: pause, stop, or skip the batch"})
+    early_stopping_patience: int = field(
+        default=0, metadata={"help": "End the run after N validations without an improvement; 0 = off"}
+    )
+    early_stopping_min_delta: float = field(
+        default=0.0, metadata={"help": "The validation loss must fall by more than this to count as an improvement"}
+    )
     ce_chunk_tokens: int = field(default=0, metadata={"help": "Cross-entropy N positions at a time (saves logits memory); 0 = off"})
     clear_cache_gb: float = field(
         default=-1.0, metadata={"help": "Empty MLX's buffer cache after a step when it holds more GB; 0 = every step, -1 = never"}
@@ -149,6 +155,14 @@ class SamplingConfig:
 
 
 @dataclass
+class NotifyConfig:
+    command: str = field(
+        default="", metadata={"help": "Shell command run when the run ends or pauses on NaN, the event as JSON on stdin; empty = none"}
+    )
+    timeout: float = field(default=30.0, metadata={"help": "Seconds the command may take before it is killed"})
+
+
+@dataclass
 class MetricsConfig:
     tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard event files to the run's tensorboard/ folder"})
     wandb: bool = field(default=False, metadata={"help": "Also report to Weights & Biases (pip install 'tunetop[wandb]')"})
@@ -170,6 +184,7 @@ class RunConfig:
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     source: str = field(default="", compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +206,7 @@ SECTIONS: dict[str, type] = {
     "checkpoints": CheckpointConfig,
     "sampling": SamplingConfig,
     "metrics": MetricsConfig,
+    "notify": NotifyConfig,
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -223,6 +239,9 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("training", "steps_per_report"): (1, None),
     ("training", "steps_per_eval"): (1, None),
     ("training", "validation_batches"): (0, None),
+    ("training", "early_stopping_patience"): (0, None),
+    ("training", "early_stopping_min_delta"): (0.0, None),
+    ("notify", "timeout"): (0.1, 86_400.0),
     ("training", "seed"): (0, 2**32 - 1),
     ("training", "grad_accumulation_steps"): (1, None),
     ("optimizer", "learning_rate"): (0.0, None),
@@ -682,12 +701,14 @@ LIVE_FIELDS: dict[str, tuple[str, str]] = {
     "save_every": ("checkpoints", "save_every"),
     "validation_batches": ("training", "validation_batches"),
     "memory_limit_gb": ("training", "memory_limit_gb"),
+    "early_stopping_patience": ("training", "early_stopping_patience"),
+    "early_stopping_min_delta": ("training", "early_stopping_min_delta"),
 }
 """Fields a running engine accepts through the ``set`` command, and where they live."""
 
 # What changes how a run is watched, saved or fitted in memory, not what it computes: a resume
 # with other values here is still exact.
-WATCH_ONLY_SECTIONS = ("checkpoints", "sampling", "metrics")
+WATCH_ONLY_SECTIONS = ("checkpoints", "sampling", "metrics", "notify")
 WATCH_ONLY_KEYS = {
     ("training", "steps_per_report"),
     ("training", "steps_per_eval"),
@@ -696,6 +717,8 @@ WATCH_ONLY_KEYS = {
     ("training", "memory_limit_gb"),
     ("training", "clear_cache_gb"),
     ("training", "memory_budget_gb"),
+    ("training", "early_stopping_patience"),  # when the run ends, not what a step computes
+    ("training", "early_stopping_min_delta"),
 }
 
 

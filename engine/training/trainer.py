@@ -37,6 +37,7 @@ from tunetop.training.adapters import describe_fine_tuning, prune_numbered, save
 from tunetop.training.chunked_loss import summed_cross_entropy
 from tunetop.training.config import RunConfig
 from tunetop.training.data import Batch, BatchPlan, Dataset
+from tunetop.training.early_stopping import EarlyStopping
 from tunetop.training.optimizers import Schedule
 from tunetop.training.packing import (
     PackedBatch,
@@ -61,6 +62,8 @@ FROM_CONFIG: dict[str, tuple[str, str]] = {
     "seed": ("training", "seed"),
     "keep_last": ("checkpoints", "keep_last"),
     "on_nonfinite": ("training", "on_nonfinite"),  # pause | stop | skip: a NaN or infinite loss, gradient or update
+    "early_stopping_patience": ("training", "early_stopping_patience"),  # validations without improvement; 0 = off
+    "early_stopping_min_delta": ("training", "early_stopping_min_delta"),
     "ce_chunk_tokens": ("training", "ce_chunk_tokens"),  # > 0: cross-entropy this many positions at a time
     "clear_cache_gb": ("training", "clear_cache_gb"),  # >= 0: empty MLX's buffer cache past this many GB
     "memory_limit_gb": ("training", "memory_limit_gb"),  # > 0: mx.set_memory_limit (a soft cap)
@@ -98,6 +101,8 @@ class TrainingParameters:
     adapter_config: dict[str, Any] = field(default_factory=dict)  # empty: read from the adapted model
     checkpoint_path: Path | None = None  # full-state checkpoints for exact resume; None = adapters only
     on_nonfinite: str = _default("on_nonfinite")
+    early_stopping_patience: int = _default("early_stopping_patience")
+    early_stopping_min_delta: float = _default("early_stopping_min_delta")
     # With "skip": this many unusable batches in a row pause the run (stop it without a control
     # hook), since skipping cannot recover from a learning rate that breaks every step.
     nonfinite_streak_limit: int = 10
@@ -376,6 +381,8 @@ class Trainer:
         self.learning_rate = schedule(0)
         self.learning_rate_override: float | None = None
         self.last_validation_loss: float | None = None
+        self.last_validation_iteration: int | None = None  # the weights last_validation_loss was measured on
+        self.early_stopping = EarlyStopping(parameters.early_stopping_patience, parameters.early_stopping_min_delta)
         self.last_nonfinite: NonFinite | None = None
         self.nonfinite_streak = 0  # unusable steps in a row (tunetop.training.trainer.NonFinite)
         self.journal_seq: Callable[[], int] = lambda: 0
@@ -469,6 +476,8 @@ class Trainer:
                 raise
         elif key in FROM_CONFIG:
             setattr(self.parameters, key, value)
+            self.early_stopping.patience = self.parameters.early_stopping_patience
+            self.early_stopping.min_delta = self.parameters.early_stopping_min_delta
         else:
             raise KeyError(f"{key} is not a live setting")
 
@@ -543,7 +552,7 @@ class Trainer:
             return None
         start = time.perf_counter()
         value = evaluate(self.model, self.valid_plan, batch_count=self.parameters.validation_batches, loss=self.loss)
-        self.last_validation_loss = value
+        self.last_validation_loss, self.last_validation_iteration = value, self.iteration
         return Validation(self.iteration, value, time.perf_counter() - start)
 
     def weights_finite(self) -> bool:
@@ -593,6 +602,8 @@ class Trainer:
             position=self.position,
             learning_rate_override=self.learning_rate_override,
             validation_loss=self.last_validation_loss,
+            validation_iteration=self.last_validation_iteration,
+            early_stopping=self.early_stopping.state(),
             seq=self.journal_seq(),
             config_hash=p.config_hash,
             saved_at=time.time(),
@@ -616,6 +627,8 @@ class Trainer:
         self.install(weights, optimizer_state)
         self.set_counters(state.iteration, state.trained_tokens, state.epoch, state.position, state.learning_rate_override)
         self.last_validation_loss = state.validation_loss
+        self.last_validation_iteration = state.validation_iteration
+        self.early_stopping.restore(state.early_stopping)
         return state
 
     def install(self, weights: dict[str, mx.array], optimizer_state: dict[str, mx.array]) -> None:
@@ -644,7 +657,7 @@ class TrainResult:
     """How a ``train`` call ended."""
 
     iteration: int
-    reason: str  # "completed", "stopped", "non_finite"
+    reason: str  # "completed", "stopped", "non_finite", "early_stopped"
 
 
 class Meter:
@@ -745,9 +758,11 @@ def run_loop(
     p = trainer.parameters
     meter = Meter()
     result = TrainResult(trainer.iteration, "completed")
-    if trainer.iteration == 0 and (validation := trainer.validate()) is not None and _emit(progress, validation):
-        result.reason = "stopped"
-        return result
+    if trainer.iteration == 0 and (validation := trainer.validate()) is not None:
+        trainer.early_stopping.observe(validation.iteration, validation.loss)  # the base model's loss: the first best
+        if _emit(progress, validation):
+            result.reason = "stopped"
+            return result
     while trainer.iteration < p.iterations:
         if control is not None and control(trainer) is Disposition.STOP:
             result.reason = "stopped"
@@ -777,6 +792,9 @@ def run_loop(
             validation = trainer.validate()
             if validation is not None:
                 stop = _emit(progress, validation)
+                if trainer.early_stopping.observe(validation.iteration, validation.loss) and not stop:
+                    result.reason = "early_stopped"  # the save after the loop keeps this iteration's weights
+                    break
         if not stop and it % p.save_every == 0 and it != p.iterations:
             stop = _save(trainer, progress)
         if stop:
