@@ -1,4 +1,4 @@
-"""engine/memory_plan.py against the H200 figures it was calibrated on, and what it picks at a few budgets.
+"""engine/training/memory_plan.py against the H200 figures it was calibrated on, and what it picks at a few budgets.
 
     python bench/memory_plan_table.py
 

@@ -14,15 +14,7 @@ import argparse
 import errno
 import sys
 
-from tunetop.cli.common import (
-    CHECKPOINT_HELP,
-    CONTROL_HELP,
-    EXIT_DAMAGED,
-    EXIT_UNREACHABLE,
-    RUN_HELP,
-    _fail,
-    checkpoint_arg,
-)
+from tunetop.cli.common import CHECKPOINT_HELP, CONTROL_HELP, RUN_HELP, _fail, checkpoint_arg
 from tunetop.cli.compare import cmd_compare
 from tunetop.cli.outputs import cmd_export, cmd_export_metrics, cmd_import_config, cmd_test
 from tunetop.cli.train import cmd_demo, cmd_engine, cmd_follower, cmd_init, cmd_train, demo_config
@@ -37,6 +29,7 @@ from tunetop.cli.watch import (
     cmd_remote_info,
 )
 from tunetop.control.endpoints import SocketError
+from tunetop.exit_codes import EXIT_DAMAGED, EXIT_UNREACHABLE
 from tunetop.runs.folders import RunError
 from tunetop.training.config import LIVE_FIELDS, ConfigError
 

@@ -562,7 +562,7 @@ def adapter_path_problem(value: str) -> str:
     return ""
 
 
-# Names the engine keeps in a run folder (engine/runs.py, journal.py, history.py, session.py).
+# Names the engine keeps in a run folder (runs/folders.py, control/journal.py, control/history.py, runs/engine.py).
 _RUN_FILES = frozenset({"config.toml", "status.json", "endpoints.json", "lock", "tensorboard", "wandb", "swanlog"})
 
 
