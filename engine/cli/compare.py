@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-from tunetop.cli.common import EXIT_UNREACHABLE, _fail
+from tunetop.cli.common import _fail
+from tunetop.exit_codes import EXIT_UNREACHABLE
 from tunetop.runs.folders import RunError
 
 
