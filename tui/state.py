@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tunetop.training.config import LIVE_FIELDS
+
+SYSTEM_SERIES = ("cpu_percent", "rss", "memory_used", "mlx_active", "gpu_utilization", "gpu_memory_used", "gpu_power")
+"""The ``system`` readings kept over time (the machine panel's sparklines); the rest only as of now."""
 
 ACTIVE_STATES = frozenset({"starting", "running", "paused", "stopping"})
 
@@ -72,6 +76,7 @@ class RunState:
     peak_memory: float | None = None
     train_iterations: list[int] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
+    train_tokens: list[int] = field(default_factory=list)  # trained tokens at each train point (x by tokens)
     tokens_per_second_history: list[float] = field(default_factory=list)
     validations: list[ValidationRow] = field(default_factory=list)
     checkpoints: list[CheckpointRow] = field(default_factory=list)
@@ -81,6 +86,9 @@ class RunState:
     last_seq: int = 0
     events_applied: int = 0
     world_size: int = 1  # ranks of a data-parallel run
+    system: dict[str, float] = field(default_factory=dict)  # the newest reading of each `system` field
+    system_series: dict[str, list[float]] = field(default_factory=dict)  # SYSTEM_SERIES over time
+    system_events: int = 0
     running_seconds: float = 0.0  # time spent in the running state, up to running_since
     running_since: float | None = None  # when the current running stretch began; None when not running
     _previous_ts: float | None = None  # the ts of the event before the one being applied
@@ -130,6 +138,7 @@ class RunState:
         loss = e.get("loss")
         self.train_iterations.append(self.iteration)
         self.train_losses.append(float(loss) if loss is not None else math.nan)
+        self.train_tokens.append(int(e.get("trained_tokens") or 0))
         self.learning_rate = e.get("learning_rate")
         self.iterations_per_second = e.get("iterations_per_second")
         self.tokens_per_second = e.get("tokens_per_second")
@@ -196,7 +205,8 @@ class RunState:
         if isinstance(e.get("iteration"), int):
             self.iteration = e["iteration"]
         self.finished_reason = str(e.get("reason", ""))
-        self._note(e, f"finished ({self.finished_reason}) at iteration {e.get('iteration', self.iteration)}")
+        best = f", best at iteration {e['best_iteration']}" if e.get("best_iteration") is not None else ""
+        self._note(e, f"finished ({self.finished_reason}) at iteration {e.get('iteration', self.iteration)}{best}")
         if self.state in ACTIVE_STATES or self.state == "unknown":
             self.state = "failed" if self.finished_reason in ("failed", "bad_input", "rank_failed") else "finished"
 
@@ -224,6 +234,7 @@ class RunState:
         iteration = int(e.get("iteration") or 0)
         keep = next((i for i, x in enumerate(self.train_iterations) if x > iteration), len(self.train_iterations))
         del self.train_iterations[keep:], self.train_losses[keep:], self.tokens_per_second_history[keep:]
+        del self.train_tokens[keep:]
         self.validations = [v for v in self.validations if v.iteration <= iteration]
         self.iteration = iteration
         self.finished_reason = ""
@@ -237,6 +248,17 @@ class RunState:
 
     def _on_nonfinite(self, e: dict[str, Any]) -> None:
         pass  # the warning event that follows carries the message
+
+    def _on_system(self, e: dict[str, Any]) -> None:
+        """The machine: a field this engine could not read stays absent (not zero)."""
+        self.system_events += 1
+        self.system = {
+            key: float(value) for key, value in e.items()
+            if key not in ("seq", "ts", "run", "type") and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        for key in SYSTEM_SERIES:
+            if key in self.system:
+                self.system_series.setdefault(key, []).append(self.system[key])
 
     def _on_heartbeat(self, e: dict[str, Any]) -> None:
         if isinstance(e.get("iteration"), int):  # the engine's iteration now, between reports
@@ -312,7 +334,7 @@ def ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def downsample(xs: list[int], ys: list[float], buckets: int) -> tuple[list[float], list[float]]:
+def downsample(xs: Sequence[float], ys: list[float], buckets: int) -> tuple[list[float], list[float]]:
     """At most ``buckets`` points: the mean of each bucket of consecutive points."""
     n = len(xs)
     if n <= buckets or buckets <= 0:

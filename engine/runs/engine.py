@@ -34,6 +34,7 @@ from tunetop.control.endpoints import SocketError
 from tunetop.control.events import EventLog
 from tunetop.control.journal import JournalWriter
 from tunetop.control.protocol import Command, Reply
+from tunetop.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
 from tunetop.runs.folders import RunDir, RunError, RunLock
 from tunetop.runs.write_trouble import ROOM_BYTES, WriteTrouble, free_bytes, reason
 from tunetop.training import config as config_module
@@ -41,12 +42,6 @@ from tunetop.training.build import ModelError, build_trainer
 from tunetop.training.config import ConfigError, RunConfig
 from tunetop.training.data import DataError
 from tunetop.training.sampling import SampleError, SampleInterrupted, sample
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
 
 HEAVY_COMMANDS = ("sample", "evaluate")
 """Commands that run the model: one per step boundary while training, so a queue of them cannot hold the loop."""
@@ -151,6 +146,7 @@ class Engine:
         self._slow_sample = float(os.environ.get("TUNETOP_FAULT_SLOW_SAMPLE") or 0)
         self._server_failure = ""  # set by the server thread as it ends; read by the loop
         self._warnings: Any = None  # run_warnings.WarningSink while the run is active
+        self._monitor: Any = None  # machine.SystemMonitor while the loop runs (metrics.system_seconds)
 
     # -- events --------------------------------------------------------------------------
 
@@ -524,6 +520,7 @@ class Engine:
         from tunetop.training.trainer import Disposition
 
         self._scheduled_samples(trainer)
+        self._emit_system()
         if self._first_iteration is None:
             self._first_iteration = trainer.iteration
         elif trainer.iteration > self._first_iteration and not self._status.get("stepped"):
@@ -548,8 +545,19 @@ class Engine:
                 continue
             if not self.control.paused:
                 return Disposition.MORE
+            self._emit_system()  # paused, the machine is still watched
             with contextlib.suppress(queue.Empty):  # paused with nothing to do: wait for a command
                 self._enqueue(self.commands.get(timeout=0.2))
+
+    def _emit_system(self) -> None:
+        """The machine's newest sample as a ``system`` event, if one was taken since the last.
+
+        Not while writes fail: a reading of the machine is not worth holding in memory for later."""
+        if self._monitor is None or self.trouble is not None:
+            return
+        sample = self._monitor.take()
+        if sample is not None:
+            self.emit("system", **sample)
 
     def _enqueue(self, pending: PendingCommand) -> None:
         if pending.command.cmd == "sample":  # bad arguments are answered now, not after the queue's wait
@@ -687,8 +695,9 @@ class Engine:
 
         if isinstance(event, Train) and not math.isfinite(event.loss):
             self.emit("warning", message=f"non-finite training loss at iteration {event.iteration}")
-        if isinstance(event, (Train, Validation, Save)):
-            self.emit(event.event_type, **asdict(event))
+        if not isinstance(event, (Train, Validation, Save)):  # a new progress type must be sent here, not dropped
+            raise TypeError(f"Engine._progress does not know {type(event).__name__}: add it there")
+        self.emit(event.event_type, **asdict(event))
         return Disposition.STOP if self.control.stop_reason else Disposition.MORE
 
     def run(self) -> int:
@@ -875,6 +884,11 @@ class Engine:
         self.set_state("running")
         from tunetop.training.trainer import run_loop
 
+        if self.cfg.metrics.system_seconds > 0:
+            from tunetop.runs.machine import SystemMonitor
+
+            self._monitor = SystemMonitor(self.cfg.metrics.system_seconds)
+            self._monitor.start()
         try:
             result = run_loop(trainer, self._progress, self._control)
         except Exception as error:
@@ -886,10 +900,18 @@ class Engine:
             self.emit("finished", reason="failed", iteration=trainer.iteration)
             self._refuse_waiting("the run has failed")
             return EXIT_FAILED
+        finally:
+            if self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
         self.set_state("failed" if reason == "server_failed" else "finished")
-        self.emit("finished", reason=reason, iteration=trainer.iteration)
+        stopping = trainer.early_stopping
+        if reason == "early_stopped":
+            self.emit("log", message=stopping.describe())
+        best = {} if stopping.best_iteration is None else {"best_iteration": stopping.best_iteration, "best_loss": stopping.best_loss}
+        self.emit("finished", reason=reason, iteration=trainer.iteration, **best)
         self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code
 

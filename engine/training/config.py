@@ -91,8 +91,14 @@ class TrainingConfig:
     grad_checkpoint_blocks: int = field(
         default=-1, metadata={"help": "With grad_checkpoint: blocks that recompute, from the first; -1 = all"}
     )
-    grad_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
+    grad_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step (their mean gradients averaged)"})
     on_nonfinite: str = field(default="pause", metadata={"help": "NaN/inf loss: pause, stop, or skip the batch"})
+    early_stopping_patience: int = field(
+        default=0, metadata={"help": "End the run after N validations without an improvement; 0 = off"}
+    )
+    early_stopping_min_delta: float = field(
+        default=0.0, metadata={"help": "The validation loss must fall by more than this to count as an improvement"}
+    )
     ce_chunk_tokens: int = field(default=0, metadata={"help": "Cross-entropy N positions at a time (saves logits memory); 0 = off"})
     clear_cache_gb: float = field(
         default=-1.0, metadata={"help": "Empty MLX's buffer cache after a step when it holds more GB; 0 = every step, -1 = never"}
@@ -102,8 +108,12 @@ class TrainingConfig:
     )
     memory_budget_gb: float | str = field(
         default=AUTO,
-        metadata={"help": "GB a step may use: picks memory_limit_gb, ce_chunk_tokens, grad_checkpoint_blocks left at "
-                  "their defaults; auto = a safe share of the device, 0 = off"},
+        metadata={"help": "GB a step may use: picks memory_limit_gb, micro_batches, ce_chunk_tokens, grad_checkpoint_blocks "
+                  "left at their defaults; auto = a safe share of the device, 0 = off"},
+    )
+    micro_batches: int = field(
+        default=0, metadata={"help": "Passes a batch's rows take for one update (the same update, less memory); "
+                             "0 = as memory_budget_gb picks, 1 = one pass"}
     )
     loss: str = field(
         default="", metadata={"help": "A custom loss, \"package.module:function\" or \"file.py:function\"; empty = the default"}
@@ -149,11 +159,23 @@ class SamplingConfig:
 
 
 @dataclass
+class NotifyConfig:
+    command: str = field(
+        default="", metadata={"help": "Shell command run when the run ends or pauses on NaN, the event as JSON on stdin; empty = none"}
+    )
+    timeout: float = field(default=30.0, metadata={"help": "Seconds the command may take before it is killed"})
+
+
+@dataclass
 class MetricsConfig:
     tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard event files to the run's tensorboard/ folder"})
     wandb: bool = field(default=False, metadata={"help": "Also report to Weights & Biases (pip install 'tunetop[wandb]')"})
     swanlab: bool = field(default=False, metadata={"help": "Also report to SwanLab (pip install 'tunetop[swanlab]')"})
     project: str = field(default="", metadata={"help": "The W&B / SwanLab project; empty = tunetop"})
+    system_seconds: float = field(
+        default=5.0,
+        metadata={"help": "Sample CPU, memory and GPU every N seconds as `system` events (the dashboard's machine panel); 0 = off"},
+    )
 
 
 @dataclass
@@ -170,6 +192,7 @@ class RunConfig:
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     source: str = field(default="", compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +214,7 @@ SECTIONS: dict[str, type] = {
     "checkpoints": CheckpointConfig,
     "sampling": SamplingConfig,
     "metrics": MetricsConfig,
+    "notify": NotifyConfig,
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -233,8 +257,12 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("training", "steps_per_report"): (1, None),
     ("training", "steps_per_eval"): (1, None),
     ("training", "validation_batches"): (0, None),
+    ("training", "early_stopping_patience"): (0, None),
+    ("training", "early_stopping_min_delta"): (0.0, None),
+    ("notify", "timeout"): (0.1, 86_400.0),
     ("training", "seed"): (0, 2**32 - 1),
     ("training", "grad_accumulation_steps"): (1, None),
+    ("training", "micro_batches"): (0, None),
     # Fine-tuning rates are 1e-6 to 1e-2; far past them a rate is a typo that ruins the weights
     # (a live `set learning_rate=1e9` was accepted and ruined the run's weights).
     ("optimizer", "learning_rate"): (0.0, MAX_LEARNING_RATE),
@@ -250,6 +278,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("sampling", "sample_every"): (0, None),
     ("sampling", "max_tokens"): (1, 4096),
     ("sampling", "temperature"): (0.0, 10.0),
+    ("metrics", "system_seconds"): (0.0, 86400.0),
 }
 
 
@@ -505,6 +534,10 @@ def _check_consistency(config: RunConfig, text: str) -> None:
     _check_optimizer(config, text)
     if config.training.grad_accumulation_steps > 1 and config.training.batch_size < 1:
         raise ConfigError(f"{_where(source, None)}: batch_size must be at least 1.")
+    if 0 < config.metrics.system_seconds < 1:  # a sample per step or more would fill the journal with machine readings
+        line = _find_line(text, "metrics", "system_seconds")
+        raise ConfigError(f"{_where(source, line)}: 'metrics.system_seconds' must be at least 1 (seconds between "
+                          f"samples of the machine), or 0 to turn sampling off; got {config.metrics.system_seconds:g}.")
     if not config.model.path:
         line = _find_line(text, "model", "path")
         raise ConfigError(
@@ -556,7 +589,7 @@ def adapter_path_problem(value: str) -> str:
     return ""
 
 
-# Names the engine keeps in a run folder (engine/runs.py, journal.py, history.py, session.py).
+# Names the engine keeps in a run folder (runs/folders.py, control/journal.py, control/history.py, runs/engine.py).
 _RUN_FILES = frozenset({"config.toml", "status.json", "endpoints.json", "lock", "tensorboard", "wandb", "swanlog"})
 
 
@@ -695,12 +728,14 @@ LIVE_FIELDS: dict[str, tuple[str, str]] = {
     "save_every": ("checkpoints", "save_every"),
     "validation_batches": ("training", "validation_batches"),
     "memory_limit_gb": ("training", "memory_limit_gb"),
+    "early_stopping_patience": ("training", "early_stopping_patience"),
+    "early_stopping_min_delta": ("training", "early_stopping_min_delta"),
 }
 """Fields a running engine accepts through the ``set`` command, and where they live."""
 
 # What changes how a run is watched, saved or fitted in memory, not what it computes: a resume
 # with other values here is still exact.
-WATCH_ONLY_SECTIONS = ("checkpoints", "sampling", "metrics")
+WATCH_ONLY_SECTIONS = ("checkpoints", "sampling", "metrics", "notify")
 WATCH_ONLY_KEYS = {
     ("training", "steps_per_report"),
     ("training", "steps_per_eval"),
@@ -709,6 +744,8 @@ WATCH_ONLY_KEYS = {
     ("training", "memory_limit_gb"),
     ("training", "clear_cache_gb"),
     ("training", "memory_budget_gb"),
+    ("training", "early_stopping_patience"),  # when the run ends, not what a step computes
+    ("training", "early_stopping_min_delta"),
 }
 
 

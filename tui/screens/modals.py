@@ -125,7 +125,7 @@ class SetScreen(Modal[dict[str, Any] | None]):
     """A form for the live-editable fields; returns only the changed ones, validated."""
 
     DEFAULT_CSS = """
-    SetScreen Grid { grid-size: 2; grid-columns: 22 1fr; grid-rows: 1; grid-gutter: 1 1; height: auto; }
+    SetScreen Grid { grid-size: 2; grid-columns: 25 1fr; grid-rows: 1; grid-gutter: 1 1; height: auto; }
     """
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
