@@ -7,7 +7,7 @@ printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter save
 terminated by SIGTERM (adapter saved first). ``wait`` exits with how the run ended: 0, 10-17
 (runs.notify.WAIT_CODES).
 
-This module is the parser and `main`; the commands live in cli.train, cli.watch and cli.outputs."""
+This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs and cli.compare."""
 
 from __future__ import annotations
 
@@ -15,15 +15,8 @@ import argparse
 import errno
 import sys
 
-from tunetop.cli.common import (
-    CHECKPOINT_HELP,
-    CONTROL_HELP,
-    EXIT_DAMAGED,
-    EXIT_UNREACHABLE,
-    RUN_HELP,
-    _fail,
-    checkpoint_arg,
-)
+from tunetop.cli.common import CHECKPOINT_HELP, CONTROL_HELP, RUN_HELP, _fail, checkpoint_arg
+from tunetop.cli.compare import cmd_compare
 from tunetop.cli.outputs import cmd_export, cmd_export_metrics, cmd_import_config, cmd_test
 from tunetop.cli.train import cmd_demo, cmd_engine, cmd_follower, cmd_init, cmd_train, demo_config
 from tunetop.cli.watch import (
@@ -38,6 +31,7 @@ from tunetop.cli.watch import (
     cmd_wait,
 )
 from tunetop.control.endpoints import SocketError
+from tunetop.exit_codes import EXIT_DAMAGED, EXIT_UNREACHABLE
 from tunetop.runs.folders import RunError
 from tunetop.training.config import LIVE_FIELDS, ConfigError
 
@@ -120,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--all", action="store_true", help="also the runs that failed before training (hidden by default)")
     p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("compare", help="runs side by side: state, best validation loss, speed, and the config keys that differ")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run ids, prefixes or names, or user@host[:port]:RUN over ssh")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("events", help="print a run's events as JSON lines")
     p.add_argument("run", nargs="?", help=RUN_HELP)

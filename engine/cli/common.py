@@ -1,15 +1,9 @@
-"""What every command module of the CLI shares: exit codes, help lines, and the one way to fail."""
+"""What every command module of the CLI shares: help lines and the one way to fail (the exit codes live in tunetop.exit_codes)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-EXIT_UNREACHABLE = 3
-
-
-EXIT_DAMAGED = 4
-
 
 CONTROL_HELP = {
     "pause": "pause a live run between two steps (`resume` continues it)",

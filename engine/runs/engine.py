@@ -34,6 +34,7 @@ from tunetop.control.endpoints import SocketError
 from tunetop.control.events import EventLog
 from tunetop.control.journal import JournalWriter
 from tunetop.control.protocol import Command, Reply
+from tunetop.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
 from tunetop.runs.folders import RunDir, RunError, RunLock
 from tunetop.runs.write_trouble import ROOM_BYTES, WriteTrouble, free_bytes, reason
 from tunetop.training import config as config_module
@@ -41,12 +42,6 @@ from tunetop.training.build import ModelError, build_trainer
 from tunetop.training.config import ConfigError, RunConfig
 from tunetop.training.data import DataError
 from tunetop.training.sampling import SampleError, SampleInterrupted, sample
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
 
 HEAVY_COMMANDS = ("sample", "evaluate")
 """Commands that run the model: one per step boundary while training, so a queue of them cannot hold the loop."""
@@ -655,8 +650,9 @@ class Engine:
 
         if isinstance(event, Train) and not math.isfinite(event.loss):
             self.emit("warning", message=f"non-finite training loss at iteration {event.iteration}")
-        if isinstance(event, (Train, Validation, Save)):
-            self.emit(event.event_type, **asdict(event))
+        if not isinstance(event, (Train, Validation, Save)):  # a new progress type must be sent here, not dropped
+            raise TypeError(f"Engine._progress does not know {type(event).__name__}: add it there")
+        self.emit(event.event_type, **asdict(event))
         return Disposition.STOP if self.control.stop_reason else Disposition.MORE
 
     def run(self) -> int:

@@ -20,7 +20,7 @@ from tunetop.training import config as config_module
 from tunetop.training.config import RunConfig
 
 ForegroundEngine = Callable[[Path, list[str]], int]
-"""Runs the engine for a run folder in this process with ``_engine``'s flags (cli._engine_main)."""
+"""Runs the engine for a run folder in this process with ``_engine``'s flags (cli.train._engine_main)."""
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -91,7 +91,7 @@ class TrainingConfig:
     grad_checkpoint_blocks: int = field(
         default=-1, metadata={"help": "With grad_checkpoint: blocks that recompute, from the first; -1 = all"}
     )
-    grad_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
+    grad_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step (their mean gradients averaged)"})
     on_nonfinite: str = field(default="pause", metadata={"help": "NaN/inf loss: pause, stop, or skip the batch"})
     early_stopping_patience: int = field(
         default=0, metadata={"help": "End the run after N validations without an improvement; 0 = off"}
@@ -108,8 +108,12 @@ class TrainingConfig:
     )
     memory_budget_gb: float | str = field(
         default=AUTO,
-        metadata={"help": "GB a step may use: picks memory_limit_gb, ce_chunk_tokens, grad_checkpoint_blocks left at "
-                  "their defaults; auto = a safe share of the device, 0 = off"},
+        metadata={"help": "GB a step may use: picks memory_limit_gb, micro_batches, ce_chunk_tokens, grad_checkpoint_blocks "
+                  "left at their defaults; auto = a safe share of the device, 0 = off"},
+    )
+    micro_batches: int = field(
+        default=0, metadata={"help": "Passes a batch's rows take for one update (the same update, less memory); "
+                             "0 = as memory_budget_gb picks, 1 = one pass"}
     )
     loss: str = field(
         default="", metadata={"help": "A custom loss, \"package.module:function\" or \"file.py:function\"; empty = the default"}
@@ -244,6 +248,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("notify", "timeout"): (0.1, 86_400.0),
     ("training", "seed"): (0, 2**32 - 1),
     ("training", "grad_accumulation_steps"): (1, None),
+    ("training", "micro_batches"): (0, None),
     ("optimizer", "learning_rate"): (0.0, None),
     ("optimizer", "weight_decay"): (0.0, None),
     ("optimizer", "momentum"): (0.0, 1.0),
@@ -562,7 +567,7 @@ def adapter_path_problem(value: str) -> str:
     return ""
 
 
-# Names the engine keeps in a run folder (engine/runs.py, journal.py, history.py, session.py).
+# Names the engine keeps in a run folder (runs/folders.py, control/journal.py, control/history.py, runs/engine.py).
 _RUN_FILES = frozenset({"config.toml", "status.json", "endpoints.json", "lock", "tensorboard", "wandb", "swanlog"})
 
 
