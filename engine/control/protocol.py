@@ -45,6 +45,19 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "config_changed": ("changes",),
     "finished": ("reason", "iteration", "best_iteration", "best_loss"),
     "sample": ("iteration", "prompt", "completion", "max_tokens", "temperature", "prompt_format"),
+    "system": (
+        "cpu_percent",
+        "rss",
+        "memory_used",
+        "memory_total",
+        "mlx_active",
+        "mlx_cache",
+        "mlx_peak",
+        "gpu_utilization",
+        "gpu_memory_used",
+        "gpu_memory_total",
+        "gpu_power",
+    ),
 }
 """The event schema: each type and the fields it carries beyond seq, ts, run and type.
 
@@ -58,6 +71,7 @@ OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
     "save": ("checkpoint", "removed"),  # not in journals of older versions (the trainer's Save always has them)
     "warning": ("count", "source"),  # only a warning from a library or the data layer (tunetop.training.run_warnings)
     "finished": ("best_iteration", "best_loss"),  # only once a validation has run
+    "system": EVENT_FIELDS["system"],  # each only where this machine can read it (tunetop.runs.machine)
 }
 """Fields of :data:`EVENT_FIELDS` an event of that type may leave out."""
 
