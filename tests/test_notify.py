@@ -124,41 +124,51 @@ def test_a_hanging_or_failing_notify_command_costs_the_run_nothing(tmp_path: Pat
 
 # -- tunetop wait --------------------------------------------------------------------------
 
+NAN_LOSS = """
+import mlx.core as mx
+from tunetop.training.trainer import default_loss
+
+
+def nan_loss(model, tokens, lengths, segments=None):
+    loss, count = default_loss(model, tokens, lengths)
+    return loss * mx.array(float("nan")), count
+"""
+
+
 @pytest.mark.timeout(400)
-def test_wait_blocks_until_the_run_pauses_on_nan_then_stops(tmp_path: Path) -> None:
+def test_wait_returns_when_the_run_pauses_on_nan_and_again_when_it_is_stopped(tmp_path: Path) -> None:
     out = tmp_path / "heard.jsonl"
     hook = script(tmp_path / "hook.sh", f"cat >> {out}")
-    config = write_config(tmp_path / "run.toml", training={"iterations": 100_000, "steps_per_report": 1,
-                          "on_nonfinite": "pause"}, optimizer={"learning_rate": 1e40}, notify={"command": str(hook)})
+    (tmp_path / "losses.py").write_text(NAN_LOSS)
+    config = write_config(tmp_path / "run.toml", data={"mask_prompt": True, "packing": "off"},
+                          training={"iterations": 100_000, "steps_per_report": 1, "on_nonfinite": "pause",
+                                    "loss": "losses.py:nan_loss"}, notify={"command": str(hook)})
     run = resolve(tunetop("train", str(config), "--detach", check=True).stdout.strip())
     try:
         paused = wait(run)
         assert paused.wait(timeout=120) == WAIT_CODES["paused_nonfinite"] == 12
-        assert "paused: non-finite" in paused.stdout.read()  # type: ignore[union-attr]
+        assert "paused: non-finite loss at iteration 1" in paused.stdout.read()  # type: ignore[union-attr]
         heard = wait_for(lambda: out.exists() and [json.loads(line) for line in out.read_text().splitlines()], timeout=30)
         assert heard[0]["type"] == "nonfinite" and heard[0]["action"] == "pause"
-        # `wait` on a run paused by its owner blocks; --timeout gives up with its own code
-        assert send_command(run, "resume").ok
-        wait_for(lambda: [e for e in events_of(run) if e["type"] == "nonfinite"][1:], timeout=60)  # paused again
-        assert send_command(run, "set", {"learning_rate": "1e-4"}).ok and send_command(run, "resume").ok
-        wait_for(lambda: send_command(run, "status").result["state"] == "running", timeout=60)
-        assert send_command(run, "pause").ok
-        assert wait(run, "--timeout", "2").wait(timeout=60) == WAIT_TIMED_OUT
-        blocked = wait(run)
-        time.sleep(2)
-        assert blocked.poll() is None  # still waiting: a pause someone asked for is no end
+        assert run.is_alive()  # it waits for someone
+        stopped = wait(run, "--timeout", "300")
         assert send_command(run, "stop").ok
-        assert blocked.wait(timeout=120) == WAIT_CODES["stopped"] == 11
-        assert "stopped at iteration" in blocked.stdout.read()  # type: ignore[union-attr]
+        assert stopped.wait(timeout=120) == WAIT_CODES["stopped"] == 11
+        assert "stopped at iteration" in stopped.stdout.read()  # type: ignore[union-attr]
+        wait_for(lambda: len(out.read_text().splitlines()) == 2, timeout=30)
+        assert json.loads(out.read_text().splitlines()[1])["reason"] == "stopped"
     finally:
         if run.is_alive():
             os.kill(run.engine_pid() or 0, signal.SIGKILL)
 
 
-def test_wait_on_a_killed_engine(engine_run: RunDir) -> None:
+def test_wait_blocks_through_a_pause_gives_up_at_its_timeout_and_sees_a_killed_engine(engine_run: RunDir) -> None:
     wait_for(lambda: send_command(engine_run, "status").result.get("iteration", 0) >= 1, timeout=60)
+    assert send_command(engine_run, "pause").ok  # a pause someone asked for is no end
+    assert wait(engine_run, "--timeout", "2").wait(timeout=60) == WAIT_TIMED_OUT == 17
     waiting = wait(engine_run)
-    time.sleep(1)
+    time.sleep(2)
+    assert waiting.poll() is None
     os.kill(engine_run.engine_pid() or 0, signal.SIGKILL)
     assert waiting.wait(timeout=60) == WAIT_ENGINE_GONE == 16
     assert f"tunetop train --resume {engine_run.id}" in waiting.stderr.read()  # type: ignore[union-attr]
