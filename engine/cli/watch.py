@@ -74,22 +74,31 @@ def cmd_ls(args: argparse.Namespace) -> int:
             return _fail(str(error), EXIT_UNREACHABLE)
         return 0
 
+    from tunetop.runs.labels import labels_of
+
     rows = []
-    trained = []
+    extra = []
     hidden = 0
     for run in list_runs():
-        s = run.summary()
+        status = run.status()
+        s = run.summary(status)
         if s["failed_before_training"] and not args.all:  # a config or data mistake: nothing to see
             hidden += 1
             continue
+        labels = labels_of(run, status)
+        best = s["best_val_loss"]
+        note = labels.note_line
         rows.append(
-            (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
+            (s["run"], s["name"], s["state"], s["iter"], s["loss"], "-" if best is None else f"{best:.4f}",
+             "yes" if s["alive"] else "no", _age(s["age_seconds"]), ",".join(labels.tags) or "-",
+             note if len(note) <= 40 else note[:39] + "…")
         )
-        trained.append(s["trained"])
-    header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
+        extra.append({"trained": s["trained"], "best_val_iteration": s["best_val_iteration"],
+                      "tags": labels.tags, "note": labels.note})
+    header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "BEST_VAL", "ALIVE", "AGE", "TAGS", "NOTE")
     if args.json:
-        for row, was_trained in zip(rows, trained, strict=True):
-            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), "trained": was_trained}))
+        for row, more in zip(rows, extra, strict=True):
+            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), **more}))
         return 0
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for number, row in enumerate((header, *rows)):
