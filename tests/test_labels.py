@@ -25,6 +25,7 @@ from tunetop.tui.app import TunetopApp
 from tunetop.tui.screens.dashboard import DashboardScreen
 from tunetop.tui.screens.modals import LabelsScreen
 from tunetop.tui.screens.runs import COLUMNS, RunsScreen
+from tunetop.tui.state import RunState
 from tunetop.tui.widgets.panels import RunHeader
 
 
@@ -121,6 +122,11 @@ async def test_tags_and_note_on_a_finished_run_through_cli_and_tui(tmp_path: Pat
     tunetop("train", "--resume", run.id, check=True)
     assert labels_of(run).tags == ["keep", "sweep:1", "best"]
     assert json.loads(run.status_file.read_text())["note"] == "the one to ship"
+    # The resumed engine's run_started carries the config's tags again; a replay keeps the journaled ones.
+    state = RunState()
+    state.apply_all(list(read_events(run.journal)))
+    assert [e["type"] for e in read_events(run.journal)].count("run_started") == 2
+    assert state.tags == ["keep", "sweep:1", "best"] and state.note == "the one to ship"
 
 
 # -- a live engine -------------------------------------------------------------------------------
