@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from tunetop.cli.common import EXIT_UNREACHABLE, _fail
+from tunetop.cli.common import _fail
+from tunetop.exit_codes import EXIT_BAD_INPUT, EXIT_UNREACHABLE
 from tunetop.runs.folders import resolve
 from tunetop.runs.labels import LabelError, Labels, change_labels, labels_of
 
@@ -58,7 +59,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     try:
         labels = change_labels(run, add, remove, timeout=args.timeout)
     except LabelError as error:
-        return _fail(f"{run.id}: {error}", EXIT_UNREACHABLE if error.unreachable else 2)
+        return _fail(f"{run.id}: {error}", EXIT_UNREACHABLE if error.unreachable else EXIT_BAD_INPUT)
     _print(run.id, labels, args.json, "tags")
     return 0
 
@@ -71,6 +72,6 @@ def cmd_note(args: argparse.Namespace) -> int:
     try:
         labels = change_labels(run, note="" if args.clear else args.text, timeout=args.timeout)
     except LabelError as error:
-        return _fail(f"{run.id}: {error}", EXIT_UNREACHABLE if error.unreachable else 2)
+        return _fail(f"{run.id}: {error}", EXIT_UNREACHABLE if error.unreachable else EXIT_BAD_INPUT)
     _print(run.id, labels, args.json, "note")
     return 0

@@ -20,7 +20,7 @@ from tunetop.training import config as config_module
 from tunetop.training.config import RunConfig
 
 ForegroundEngine = Callable[[Path, list[str]], int]
-"""Runs the engine for a run folder in this process with ``_engine``'s flags (cli._engine_main)."""
+"""Runs the engine for a run folder in this process with ``_engine``'s flags (cli.train._engine_main)."""
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -67,8 +67,10 @@ def start_run(
     from tunetop.runs.daemon import EngineStartError
 
     run = new_run(cfg)
+    # The engine's own checks then name the file the user gave (and its line), not the run's copy.
+    origin = ["--config-source", str(Path(cfg.source).resolve())] if cfg.source else []
     try:
-        return run, _start_engine(run, engine_args or [], detach, foreground)
+        return run, _start_engine(run, origin + (engine_args or []), detach, foreground)
     except EngineStartError as error:
         mark_failed_start(run, str(error), cfg.name)
         raise

@@ -98,6 +98,8 @@ class RunsScreen(Screen[None]):
 
     BINDINGS = [
         Binding("enter", "open", "Attach / open"),
+        Binding("space", "mark", "Mark"),
+        Binding("c", "compare", "Compare marked"),
         Binding("n", "new_run", "New run from config"),
         Binding("u", "resume_run", "Resume run"),
         Binding("d", "delete", "Delete run"),
@@ -119,6 +121,8 @@ class RunsScreen(Screen[None]):
         self.sort_descending = True  # newest first
         self.show_failed = False
         self._shown_key: tuple[Any, ...] = ()
+        self.marked: list[str] = []
+        """Run ids marked (space) for a comparison, in the order marked: the comparison's colours."""
 
     def compose(self) -> ComposeResult:
         yield Static("tunetop — runs", id="title")
@@ -139,7 +143,7 @@ class RunsScreen(Screen[None]):
     def _show(self) -> None:
         """Filter, sort and draw the rows; the table is rebuilt only when what it shows changed."""
         self.shown = arrange(self.rows, self.query_text, self.sort_column, self.sort_descending, self.show_failed)
-        key = (self.sort_column, self.sort_descending, tuple((r.run.id, r.cells) for r in self.shown))
+        key = (self.sort_column, self.sort_descending, tuple(self.marked), tuple((r.run.id, r.cells) for r in self.shown))
         self._title()
         if key == self._shown_key:
             return
@@ -152,11 +156,14 @@ class RunsScreen(Screen[None]):
             label = name + (arrow if number == self.sort_column else "")
             # Widths measured here from the strings: DataTable would otherwise measure every cell's
             # rendering, most of the cost of opening a list of hundreds of runs.
-            width = max([len(label), *(len(r.cells[number]) for r in self.shown)])
+            width = max([len(label), *(len(r.cells[number]) for r in self.shown)]) + (2 if number == 0 and self.marked else 0)
             table.add_column(label, key=name, width=min(width, MAX_WIDTH))
         # Text cells: DataTable reads a str cell as Rich markup, and names, tags and notes are the user's.
         for r in self.shown:
-            table.add_row(*(Text(cell) for cell in r.cells), key=r.run.id)
+            cells = [Text(cell) for cell in r.cells]
+            if r.run.id in self.marked:  # marked for a comparison (space)
+                cells[0] = Text.assemble(("● ", "bold"), cells[0])
+            table.add_row(*cells, key=r.run.id)
         if self.shown:
             ids = [r.run.id for r in self.shown]
             table.move_cursor(row=ids.index(selected.id) if selected is not None and selected.id in ids else 0)
@@ -268,6 +275,30 @@ class RunsScreen(Screen[None]):
             from tunetop.tui.screens.dashboard import DashboardScreen
 
             self.app.push_screen(DashboardScreen(run))
+
+    def action_mark(self) -> None:
+        """Mark the run under the cursor for a comparison, or unmark it."""
+        run = self._selected()
+        if run is None:
+            return
+        if run.id in self.marked:
+            self.marked.remove(run.id)
+        else:
+            self.marked.append(run.id)
+        self.action_reload()
+        table = self.query_one(DataTable)
+        table.move_cursor(row=min(table.cursor_row + 1, table.row_count - 1))  # as file managers do: on to the next
+
+    def action_compare(self) -> None:
+        """Open the comparison of the marked runs."""
+        runs = {r.id: r for r in list_runs()}
+        chosen = [runs[key] for key in self.marked if key in runs]  # a marked run may have been deleted since
+        if len(chosen) < 2:
+            self.notify("mark two runs or more with space, then press c to compare them", severity="warning")
+            return
+        from tunetop.tui.screens.compare import CompareScreen
+
+        self.app.push_screen(CompareScreen(chosen))
 
     def action_new_run(self) -> None:
         def chosen(path: str | None) -> None:
