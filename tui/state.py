@@ -14,6 +14,9 @@ from typing import Any
 
 from tunetop.training.config import LIVE_FIELDS
 
+SYSTEM_SERIES = ("cpu_percent", "rss", "memory_used", "mlx_active", "gpu_utilization", "gpu_memory_used", "gpu_power")
+"""The ``system`` readings kept over time (the machine panel's sparklines); the rest only as of now."""
+
 ACTIVE_STATES = frozenset({"starting", "running", "paused", "stopping"})
 
 RATE_SECONDS = 120.0
@@ -86,6 +89,9 @@ class RunState:
     tags: list[str] = field(default_factory=list)  # the config's, until the first ``tags`` event
     note: str = ""
     _tagged: bool = False  # a ``tags`` event was seen: later run_started configs (resumes) no longer set the tags
+    system: dict[str, float] = field(default_factory=dict)  # the newest reading of each `system` field
+    system_series: dict[str, list[float]] = field(default_factory=dict)  # SYSTEM_SERIES over time
+    system_events: int = 0
     running_seconds: float = 0.0  # time spent in the running state, up to running_since
     running_since: float | None = None  # when the current running stretch began; None when not running
     _previous_ts: float | None = None  # the ts of the event before the one being applied
@@ -257,6 +263,17 @@ class RunState:
 
     def _on_nonfinite(self, e: dict[str, Any]) -> None:
         pass  # the warning event that follows carries the message
+
+    def _on_system(self, e: dict[str, Any]) -> None:
+        """The machine: a field this engine could not read stays absent (not zero)."""
+        self.system_events += 1
+        self.system = {
+            key: float(value) for key, value in e.items()
+            if key not in ("seq", "ts", "run", "type") and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        for key in SYSTEM_SERIES:
+            if key in self.system:
+                self.system_series.setdefault(key, []).append(self.system[key])
 
     def _on_heartbeat(self, e: dict[str, Any]) -> None:
         if isinstance(e.get("iteration"), int):  # the engine's iteration now, between reports
