@@ -148,6 +148,7 @@ class Engine:
         self._slow_sample = float(os.environ.get("TUNETOP_FAULT_SLOW_SAMPLE") or 0)
         self._server_failure = ""  # set by the server thread as it ends; read by the loop
         self._warnings: Any = None  # run_warnings.WarningSink while the run is active
+        self._notifier: Any = None  # notify.CommandNotifier when the config has notify.command
         self._monitor: Any = None  # machine.SystemMonitor while the loop runs (metrics.system_seconds)
 
     # -- events --------------------------------------------------------------------------
@@ -767,6 +768,11 @@ class Engine:
 
                 self._tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard", private=True)
                 self.events.subscribers.append(self._tensorboard.on_event)
+            if self.cfg.notify.command:
+                from tunetop.runs.notify import CommandNotifier
+
+                self._notifier = CommandNotifier(self.cfg.notify.command, self.cfg.notify.timeout, self._warn)
+                self.events.subscribers.append(self._notifier.on_event)
             code = EXIT_FAILED  # what the trackers hear if the run ends by an exception
             try:
                 try:
@@ -784,6 +790,8 @@ class Engine:
             except Exception as error:  # a bug: the run still ends as failed, with one clear line
                 return self._crashed(error)
             finally:
+                if self._notifier is not None:  # its failure is still journaled and published
+                    self._notifier.close()
                 for hook in self.on_close:
                     hook(self)
                 self.events.close()

@@ -27,6 +27,7 @@ from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
 from tunetop.control.replies import describe
 from tunetop.runs.folders import RunDir
 from tunetop.training.config import LIVE_FIELDS
+from tunetop.tui.notify import fresh, ring
 from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, LabelsScreen, SetScreen
 from tunetop.tui.source import EventSource, JournalSource, LiveSource
 from tunetop.tui.state import ACTIVE_STATES, RunState
@@ -122,6 +123,7 @@ class DashboardScreen(Screen[None]):
         self._source_task: asyncio.Task[None] | None = None
         self._tunnel_task: asyncio.Task[None] | None = None
         self.last_reply = ""
+        self._opened_at = time.time()  # notable events since then ring (tunetop.tui.notify)
 
     # -- layout --------------------------------------------------------------------------
 
@@ -188,6 +190,9 @@ class DashboardScreen(Screen[None]):
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         self.run_state.apply_all(events)
+        if isinstance(self.source, LiveSource):  # an engine that was running when the screen opened
+            for event in fresh(events, self._opened_at):
+                ring(self.app, event)
         self._dirty = True
         self._dirty_header = True
 
