@@ -62,6 +62,28 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
+def _ls_record(run: Any, s: dict[str, Any]) -> dict[str, Any]:
+    """One run of `ls --json`: raw values for scripts (numbers, booleans, an ISO 8601 time in UTC),
+    where the table shows them formatted for people."""
+    import datetime
+
+    status = run.status()
+    iteration, iterations, loss = status.get("iteration"), status.get("iterations"), status.get("loss")
+    updated = time.time() - s["age_seconds"]  # what AGE counts from
+    return {
+        "run": s["run"],
+        "name": s["name"],
+        "state": s["state"],
+        "iteration": None if s["failed_before_training"] or not isinstance(iteration, int) else iteration,
+        "iterations": iterations if isinstance(iterations, int) else None,
+        "loss": float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None,
+        "alive": bool(s["alive"]),
+        "trained": bool(s["trained"]),
+        "updated": datetime.datetime.fromtimestamp(updated, datetime.UTC).isoformat(timespec="seconds"),
+        "age_seconds": round(s["age_seconds"], 3),
+    }
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from tunetop.runs.folders import list_runs
 
@@ -78,7 +100,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from tunetop.runs.labels import labels_of
 
     rows = []
-    extra = []
+    records = []
     hidden = 0
     for run in list_runs():
         status = run.status()
@@ -94,12 +116,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
              "yes" if s["alive"] else "no", _age(s["age_seconds"]), ",".join(labels.tags) or "-",
              note if len(note) <= 40 else note[:39] + "…")
         )
-        extra.append({"trained": s["trained"], "best_val_iteration": s["best_val_iteration"],
-                      "tags": labels.tags, "note": labels.note})
+        if args.json:
+            records.append({**_ls_record(run, s), "best_val_loss": best, "best_val_iteration": s["best_val_iteration"],
+                            "tags": labels.tags, "note": labels.note})
     header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "BEST_VAL", "ALIVE", "AGE", "TAGS", "NOTE")
     if args.json:
-        for row, more in zip(rows, extra, strict=True):
-            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), **more}))
+        for record in records:
+            print(json.dumps(record))
         return 0
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for number, row in enumerate((header, *rows)):
