@@ -146,7 +146,8 @@ if [ "$part" = budget ]; then
   [ -d /tmp/bench8b/model ] || python3 bench/make_bench_model.py /tmp/bench8b --shape llama-8b --quantize 4 --rows 64 2>&1 | tail -2
   budget_run budget-8b-16 /tmp/bench8b/model 2 16 40
   budget_run budget-8b-24 /tmp/bench8b/model 2 24 40
-  python3 bench/throughput.py --model /tmp/bench8b/model --num-layers 16 --rank 8 --memory-limit-gb 16 --scratch /tmp/tt-scratch \
+  # BASELINE=0: the tunetop runs only (a plan change checked again; mlx-lm's figure is the part's last run)
+  [ "${BASELINE:-1}" = 0 ] || python3 bench/throughput.py --model /tmp/bench8b/model --num-layers 16 --rank 8 --memory-limit-gb 16 --scratch /tmp/tt-scratch \
     --peak-tflops "$peak" --which mlx_lm --mlx-lm-grad-checkpoint --batch-size 4 --data /tmp/bench1b/variable --iters 30 --report 5 \
     2>&1 | tee "$out/mlx-8b-16.txt" | grep RESULT | tee -a "$out/budget.txt"
 fi

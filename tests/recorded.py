@@ -14,11 +14,13 @@ RUN_ID = "20261129-120000-abcd"
 T0 = 1_800_000_000.0
 
 
-def recorded_events(iterations: int = 400, report: int = 10, evaluate: int = 50, save: int = 100) -> list[dict[str, Any]]:
+def recorded_events(
+    iterations: int = 400, report: int = 10, evaluate: int = 50, save: int = 100, run_id: str = RUN_ID
+) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
 
     def add(type_: str, t: float, **fields: Any) -> None:
-        events.append(make_event(RUN_ID, len(events) + 1, type_, ts=T0 + t, **fields))
+        events.append(make_event(run_id, len(events) + 1, type_, ts=T0 + t, **fields))
 
     add("state", 0.0, state="starting")
     add(
@@ -50,12 +52,12 @@ def recorded_events(iterations: int = 400, report: int = 10, evaluate: int = 50,
     return events
 
 
-def write_recorded_run(home: Path, events: list[dict[str, Any]] | None = None) -> RunDir:
+def write_recorded_run(home: Path, events: list[dict[str, Any]] | None = None, run_id: str = RUN_ID) -> RunDir:
     """A finished run folder (no engine) whose journal holds the recorded events."""
-    run = RunDir(home / "runs" / RUN_ID)
+    run = RunDir(home / "runs" / run_id)
     run.path.mkdir(parents=True, exist_ok=True)
     writer = JournalWriter(run.journal)
-    for event in events or recorded_events():
+    for event in events or recorded_events(run_id=run_id):
         writer.append(event)
     writer.close()
     run.write_status({"name": "recorded", "state": "finished", "iteration": 400, "iterations": 400, "loss": 1.6})

@@ -128,6 +128,19 @@ def test_train_detach_says_so_when_the_engine_fails_at_start(tmp_path: Path) -> 
     assert result.stdout.strip() == ""  # no run id printed as if it trained
 
 
+@pytest.mark.parametrize("detach", [False, True], ids=["foreground", "detached"])
+def test_an_engine_side_config_error_names_the_users_file_and_line(detach: bool, tmp_path: Path) -> None:
+    # The optimizer's arguments are checked where MLX is (the engine): the message used to name
+    # the run's copy (runs/ID/config.toml), whose lines are not the user's.
+    config = write_config(tmp_path / "run.toml", optimizer={"learning_rate": 5e-4, "options": {"nosuch": 1}})
+    line = next(n for n, text in enumerate(config.read_text().splitlines(), 1) if text.startswith("nosuch"))
+    result = tunetop("train", str(config), *(["--detach"] if detach else []), timeout=240)
+    output = _clear(result, 2, f"{config.resolve()}:{line}: optimizer.options.nosuch")
+    assert "config.toml" not in output  # the run's copy is not named
+    (run,) = list_runs()
+    assert run.summary()["state"] == "failed"
+
+
 # -- export, export-metrics and import-config ------------------------------------------------------
 
 

@@ -189,3 +189,27 @@ def test_replies_read_as_sentences(engine_run) -> None:  # type: ignore[no-untyp
     data = json.loads(tunetop("status", engine_run.id, "--json", check=True).stdout)
     assert data["ok"] and data["state"] == "running"
     assert tunetop("pause", engine_run.id, check=True).stdout.startswith("pause: ok — paused at iteration ")
+
+
+def test_a_run_name_or_prefix_that_matches_several_runs_is_refused_with_the_candidates(isolated_state: Path) -> None:
+    from tunetop.runs.folders import RunDir, resolve
+
+    def made(run_id: str, **status: object) -> RunDir:
+        run = RunDir(isolated_state / "runs" / run_id)
+        run.path.mkdir(parents=True)
+        run.write_status(status)
+        return run
+
+    made("20261129-100000-aaaa", name="exp", state="finished", iteration=40, iterations=40)
+    made("20261129-100100-bbbb", name="exp", state="failed", iteration=12, iterations=40)
+    early = made("20261129-100200-cccc", name="solo", state="failed", reason="bad_input")
+    solo = made("20261129-100300-dddd", name="solo", state="finished", iteration=40, iterations=40)
+    for spec, count in (("exp", 2), ("20261129-100", 3)):
+        result = tunetop("status", spec, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert f"'{spec}' matches {count} runs; give one's id" in result.stderr
+        assert "20261129-100000-aaaa  exp  finished" in result.stderr
+        assert "20261129-100100-bbbb  exp  failed" in result.stderr
+    # a run that failed before training (hidden by `ls`) leaves the name meaning the one that trained
+    assert resolve("solo") == solo and resolve(early.id) == early

@@ -184,3 +184,16 @@ def test_train_refuses_an_escaping_adapter_path_and_writes_nothing_outside(tmp_p
     run.path.mkdir()
     run.config.write_text(f'[checkpoints]\nadapter_path = "{outside}"\n')
     assert run.adapters == run.path / "adapters"
+
+
+def test_place_error_names_the_file_and_the_line_of_the_key_it_mentions(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[optimizer]\nname = "adam"\noptions = { nosuch = 1 }\n\n[lora]\nrank = 8\n')
+    assert config.place_error(f"{path}: optimizer.options.nosuch is wrong", str(path)) == f"{path}:3: optimizer.options.nosuch is wrong"
+    assert config.place_error("a step needs 9 GB. Lower training.batch_size or lora.rank", str(path)) == (
+        f"{path}:6: a step needs 9 GB. Lower training.batch_size or lora.rank"  # the first key the file sets
+    )
+    assert config.place_error(f"model.path in {path} is gone", str(path)) == f"model.path in {path} is gone"
+    path.write_text("[optimizer.options]\nnosuch = 1\n")
+    assert config.place_error(f"{path}: optimizer.options.nosuch is wrong", str(path)).startswith(f"{path}:2: ")
+    assert config.place_error("plain", "") == "plain"

@@ -8,6 +8,7 @@ TUI uses, and validates a config.
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -15,6 +16,14 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+MLX_AT_MODULE_LEVEL = {
+    "tunetop.training.trainer", "tunetop.training.adapters", "tunetop.training.chunked_loss",
+    "tunetop.training.lora_precision", "tunetop.training.packing",
+}
+"""docs/ARCHITECTURE.md: the only modules that import mlx when they are imported; every other
+module (the CLI, the TUI, the engine's process code) reaches mlx inside functions, so a machine
+without MLX can validate configs, start nothing heavy, and attach."""
 
 NO_MLX = textwrap.dedent(
     """
@@ -27,19 +36,21 @@ NO_MLX = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, NoMLX())
-    import tunetop.tui
-    names = ["tunetop.tui"] + [m.name for m in pkgutil.walk_packages(tunetop.tui.__path__, "tunetop.tui.")]
-    names += ["tunetop.training.config", "tunetop.training.checkpoint", "tunetop.runs.launch", "tunetop.runs.folders",
-              "tunetop.runs.daemon", "tunetop.runs.ssh", "tunetop.control.protocol", "tunetop.runs.client_sync",
-              "tunetop.control.replies", "tunetop.control.journal", "tunetop.control.history", "tunetop.interop.export"]
+    import tunetop, tunetop.tui
+    names = [m.name for m in pkgutil.walk_packages(tunetop.__path__, "tunetop.")]
+    names += ["tunetop.tui"] + [m.name for m in pkgutil.walk_packages(tunetop.tui.__path__, "tunetop.tui.")]
+    failed = []
     for name in names:
-        importlib.import_module(name)
+        if not name.endswith("__main__"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                failed.append(name)
     from tunetop.training import config
     config.parse(config.starter_text(), source="starter.toml")
     from tunetop.runs.launch import load_run_config
     print(load_run_config(sys.argv[1]).name)
-    assert not [m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm")]
-    print("ok", len(names))
+    print("ok", len(names), ",".join(sorted(failed)))
     """
 )
 
@@ -53,7 +64,9 @@ def test_tui_and_config_import_without_mlx(tmp_path: Path) -> None:
         [sys.executable, "-c", NO_MLX, str(config)], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[:2] == ["starter", "ok"]
+    name, ok, count, *failed = result.stdout.split()
+    assert (name, ok) == ("starter", "ok") and int(count) > 60
+    assert set(",".join(failed).split(",")) - {""} <= MLX_AT_MODULE_LEVEL, "these import mlx when imported: " + failed[0]
 
 
 MAY_IMPORT = {
@@ -74,8 +87,6 @@ def _modules() -> dict[str, Path]:
     for folder, package in (("engine", "tunetop"), ("tui", "tunetop.tui")):
         for path in (ROOT / folder).rglob("*.py"):
             parts = path.relative_to(ROOT / folder).with_suffix("").parts
-            if folder == "engine" and parts[0] == "tui":  # the alias of tui/
-                continue
             found[".".join((package, *parts)).removesuffix(".__init__")] = path
     return found
 
@@ -87,13 +98,28 @@ def _part(module: str) -> str:
     return "helpers"  # tunetop itself, blas, atomic, private, faults, userfiles
 
 
+def _module_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements run on import: the top level, inside try/if/with at the top level too, but
+    not `if TYPE_CHECKING:` (names for the type checker only)."""
+    found: list[ast.stmt] = []
+    for node in body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            found.extend(_module_level(node.orelse))
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            inner = [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", [])]
+            inner += [s for handler in getattr(node, "handlers", []) for s in handler.body]
+            found.extend(_module_level(inner))
+        else:
+            found.append(node)
+    return found
+
+
 def _module_level_imports(modules: dict[str, Path]) -> dict[str, set[str]]:
-    import ast
 
     imports: dict[str, set[str]] = {}
     for name, path in modules.items():
         found = set()
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level only
+        for node in _module_level(ast.parse(path.read_text(encoding="utf-8")).body):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunetop"):
                 for alias in node.names:
                     target = f"{node.module}.{alias.name}"

@@ -19,7 +19,7 @@ from tunetop.training.checkpoint import list_checkpoints
 from tunetop.tui.app import TunetopApp
 from tunetop.tui.screens.dashboard import DashboardScreen
 from tunetop.tui.screens.editor import ConfigEditorScreen
-from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
+from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen, UnsavedScreen
 from tunetop.tui.screens.playground import PlaygroundScreen, columns
 from tunetop.tui.screens.runs import RunsScreen
 from tunetop.tui.widgets.chart import LossChart
@@ -225,6 +225,44 @@ async def test_config_editor_validates_as_you_type_and_saves(tmp_path: Path) -> 
         saved = tomllib.loads(path.read_text())
         assert saved["training"]["iterations"] == 20 and "batch_size" in saved["training"]
         assert "# my comment" not in path.read_text()
+
+
+async def test_config_editor_asks_before_escape_drops_unsaved_edits(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[training]\niterations = 10\n")
+    app = TunetopApp(None)
+    async with app.run_test(size=SIZE) as pilot:
+        app.push_screen(ConfigEditorScreen(path))
+        await pilot.pause()
+        editor_screen = app.screen
+        await pilot.press("escape")  # nothing edited: closes at once
+        assert app.screen is not editor_screen
+        app.push_screen(ConfigEditorScreen(path))
+        await pilot.pause()
+        editor_screen = app.screen
+        editor_screen.query_one(TextArea).text = "[training]\niterations = 20\n"
+        await pilot.pause()
+        await pilot.press("escape")
+        assert isinstance(app.screen, UnsavedScreen)
+        await pilot.press("escape")  # keep editing: back in the editor, the edit still there
+        assert app.screen is editor_screen
+        assert "iterations = 20" in editor_screen.query_one(TextArea).text
+        await pilot.press("escape", "s")  # save, then close
+        await pilot.pause()
+        assert app.screen is not editor_screen
+        assert path.read_text() == "[training]\niterations = 20\n"
+        app.push_screen(ConfigEditorScreen(path))
+        await pilot.pause()
+        editor_screen = app.screen
+        editor_screen.query_one(TextArea).text = "[training]\nbatch_sise = 2\n"
+        await pilot.pause()
+        await pilot.press("escape", "s")  # an invalid text is not saved, and the editor stays
+        await pilot.pause()
+        assert app.screen is editor_screen and "batch_sise" not in path.read_text()
+        await pilot.press("escape", "d")  # discard: closes, the file as it was
+        await pilot.pause()
+        assert app.screen is not editor_screen
+        assert path.read_text() == "[training]\niterations = 20\n"
 
 
 async def test_theme_choice_is_applied_and_remembered(isolated_state: Path, tmp_path: Path) -> None:

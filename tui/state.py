@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,7 @@ class RunState:
     peak_memory: float | None = None
     train_iterations: list[int] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
+    train_tokens: list[int] = field(default_factory=list)  # trained tokens at each train point (x by tokens)
     tokens_per_second_history: list[float] = field(default_factory=list)
     validations: list[ValidationRow] = field(default_factory=list)
     checkpoints: list[CheckpointRow] = field(default_factory=list)
@@ -130,6 +132,7 @@ class RunState:
         loss = e.get("loss")
         self.train_iterations.append(self.iteration)
         self.train_losses.append(float(loss) if loss is not None else math.nan)
+        self.train_tokens.append(int(e.get("trained_tokens") or 0))
         self.learning_rate = e.get("learning_rate")
         self.iterations_per_second = e.get("iterations_per_second")
         self.tokens_per_second = e.get("tokens_per_second")
@@ -196,7 +199,8 @@ class RunState:
         if isinstance(e.get("iteration"), int):
             self.iteration = e["iteration"]
         self.finished_reason = str(e.get("reason", ""))
-        self._note(e, f"finished ({self.finished_reason}) at iteration {e.get('iteration', self.iteration)}")
+        best = f", best at iteration {e['best_iteration']}" if e.get("best_iteration") is not None else ""
+        self._note(e, f"finished ({self.finished_reason}) at iteration {e.get('iteration', self.iteration)}{best}")
         if self.state in ACTIVE_STATES or self.state == "unknown":
             self.state = "failed" if self.finished_reason in ("failed", "bad_input", "rank_failed") else "finished"
 
@@ -224,6 +228,7 @@ class RunState:
         iteration = int(e.get("iteration") or 0)
         keep = next((i for i, x in enumerate(self.train_iterations) if x > iteration), len(self.train_iterations))
         del self.train_iterations[keep:], self.train_losses[keep:], self.tokens_per_second_history[keep:]
+        del self.train_tokens[keep:]
         self.validations = [v for v in self.validations if v.iteration <= iteration]
         self.iteration = iteration
         self.finished_reason = ""
@@ -312,7 +317,7 @@ def ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def downsample(xs: list[int], ys: list[float], buckets: int) -> tuple[list[float], list[float]]:
+def downsample(xs: Sequence[float], ys: list[float], buckets: int) -> tuple[list[float], list[float]]:
     """At most ``buckets`` points: the mean of each bucket of consecutive points."""
     n = len(xs)
     if n <= buckets or buckets <= 0:

@@ -6,7 +6,8 @@ reached or refused a command; 4 ``events`` met damaged journal records (every in
 printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter saved first); 143
 terminated by SIGTERM (adapter saved first).
 
-This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs and cli.queue."""
+This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs, cli.compare
+and cli.queue."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import argparse
 import errno
 import sys
 
-from tunetop.cli.common import CONTROL_HELP, EXIT_DAMAGED, EXIT_UNREACHABLE, RUN_HELP, _fail
+from tunetop.cli.common import CHECKPOINT_HELP, CONTROL_HELP, RUN_HELP, _fail, checkpoint_arg
+from tunetop.cli.compare import cmd_compare
 from tunetop.cli.outputs import cmd_export, cmd_export_metrics, cmd_import_config, cmd_test
 from tunetop.cli.queue import add_parsers as add_queue_parsers
 from tunetop.cli.queue import main_argv as queue_argv
@@ -30,6 +32,7 @@ from tunetop.cli.watch import (
     cmd_remote_info,
 )
 from tunetop.control.endpoints import SocketError
+from tunetop.exit_codes import EXIT_DAMAGED, EXIT_UNREACHABLE
 from tunetop.runs.folders import RunError
 from tunetop.training.config import LIVE_FIELDS, ConfigError
 
@@ -113,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also the runs that failed before training (hidden by default)")
     p.set_defaults(func=cmd_ls)
 
+    p = sub.add_parser("compare", help="runs side by side: state, best validation loss, speed, and the config keys that differ")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run ids, prefixes or names, or user@host[:port]:RUN over ssh")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("events", help="print a run's events as JSON lines")
     p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--since", type=int, default=0)
@@ -146,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", help="score a run's saved adapter on its test split (or another): loss and perplexity")
     p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--split", choices=["test", "valid", "train"], default="test")
-    p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
+    p.add_argument("--checkpoint", type=checkpoint_arg, metavar="ITERATION|best", help=CHECKPOINT_HELP)
     p.add_argument("--batches", type=int, default=0, help="batches of training.batch_size to score; 0 = the whole split")
     p.add_argument("--base", action="store_true", help="the base model without the adapter, for comparison")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a sentence")
@@ -156,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--format", choices=["mlx", "peft", "fused"], required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--checkpoint", type=int, metavar="ITERATION", help="a checkpoint instead of the latest adapter")
+    p.add_argument("--checkpoint", type=checkpoint_arg, metavar="ITERATION|best", help=CHECKPOINT_HELP)
     p.add_argument("--force", action="store_true", help="write into a non-empty --output folder (same-named files are replaced)")
     p.set_defaults(func=cmd_export)
 
@@ -190,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", default="")
     p.add_argument("--backend", default="ring")
     p.add_argument("--launched", action="store_true", help="started by mlx.launch: MLX_RANK says which rank")
+    p.add_argument("--config-source", default="", help="the file the run's config was copied from, for messages")
     p.set_defaults(func=cmd_engine)
 
     p = sub.add_parser("_follower")

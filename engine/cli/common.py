@@ -1,14 +1,9 @@
-"""What every command module of the CLI shares: exit codes, help lines, and the one way to fail."""
+"""What every command module of the CLI shares: help lines and the one way to fail (the exit codes live in tunetop.exit_codes)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
-
-EXIT_UNREACHABLE = 3
-
-
-EXIT_DAMAGED = 4
-
 
 CONTROL_HELP = {
     "pause": "pause a live run between two steps (`resume` continues it)",
@@ -19,6 +14,22 @@ CONTROL_HELP = {
     "status": "print a live run's state and iteration",
 }
 """The commands that steer a live engine, each with its help line."""
+
+
+def checkpoint_arg(text: str) -> int | str:
+    """``--checkpoint``: an iteration, or ``best`` (the lowest validation loss, checkpoint.best_checkpoint)."""
+    if text.strip().lower() == "best":
+        return "best"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither an iteration nor 'best'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: an iteration is 0 or more")
+    return value
+
+
+CHECKPOINT_HELP = "a checkpoint (ITERATION, or best: the lowest validation loss) instead of the latest adapter"
 
 
 RUN_HELP = "run id, a unique prefix of one, or a run name (default: the latest run)"

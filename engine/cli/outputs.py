@@ -12,6 +12,7 @@ from tunetop.cli.common import _fail
 
 def cmd_test(args: argparse.Namespace) -> int:
     from tunetop.interop.evaluation import EvaluationError, score
+    from tunetop.interop.export import ExportError, chosen_checkpoint
     from tunetop.runs.folders import resolve
     from tunetop.training import config as config_module
     from tunetop.training.build import ModelError
@@ -20,8 +21,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     run = resolve(args.run)
     cfg = config_module.load(run.config)
     try:
-        result = score(run, cfg, args.split, args.checkpoint, args.batches, base=args.base)
-    except (EvaluationError, DataError, ModelError) as error:
+        checkpoint = None if args.base else chosen_checkpoint(run, args.checkpoint)
+        result = score(run, cfg, args.split, checkpoint, args.batches, base=args.base)
+    except (EvaluationError, DataError, ModelError, ExportError) as error:
         return _fail(str(error))
     if args.json:
         print(json.dumps({**result.__dict__, "perplexity": result.perplexity}))
@@ -36,6 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         ExportError,
         check_output,
         check_outside_run,
+        chosen_checkpoint,
         saved_iteration,
     )
     from tunetop.runs.folders import resolve
@@ -43,16 +46,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     run = resolve(args.run)
     output = Path(args.output).expanduser().absolute()
     try:
+        checkpoint = chosen_checkpoint(run, args.checkpoint)
         check_outside_run(run, output)
         check_output(output, args.force)
-        out = EXPORTERS[args.format](run, output, args.checkpoint)
+        out = EXPORTERS[args.format](run, output, checkpoint)
     except ExportError as error:
         return _fail(str(error))
     except OSError as error:  # a folder that cannot be written, a full disk
         return _fail(f"cannot export to {output}: {error.strerror or error}. Choose a folder you can write to.")
-    iteration = saved_iteration(run, args.checkpoint)
+    iteration = saved_iteration(run, checkpoint)
     what = f"the adapter of iteration {iteration:,}" if iteration is not None else "the latest adapter"
-    source = f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the latest save"
+    source = {None: "the latest save", "best": "the best checkpoint"}.get(args.checkpoint, f"checkpoint {checkpoint}")
     print(f"exported {what} ({source}) of run {run.id} as {args.format} to {out}")
     return 0
 

@@ -7,7 +7,8 @@ import json
 import time
 from typing import Any
 
-from tunetop.cli.common import EXIT_UNREACHABLE, _fail
+from tunetop.cli.common import _fail
+from tunetop.exit_codes import EXIT_UNREACHABLE
 
 QUEUE_ACTIONS = ("add", "rm", "up", "down", "pause", "resume")
 

@@ -60,7 +60,8 @@ def _engine_main(run_path: Path, extra: list[str]) -> int:
 
     args = build_parser().parse_args(["_engine", str(run_path), *extra])
     return _run_engine(
-        run_path, foreground=True, resume=args.resume, resume_from=args.start_from, listen=args.listen, plan=_plan(args)
+        run_path, foreground=True, resume=args.resume, resume_from=args.start_from, listen=args.listen, plan=_plan(args),
+        config_source=args.config_source,
     )
 
 
@@ -104,8 +105,10 @@ def _run_engine(
     resume_from: int | None = None,
     listen: str = "",
     plan: Any = None,
+    config_source: str = "",
 ) -> int:
-    """Run the engine for an existing run folder in this process."""
+    """Run the engine for an existing run folder in this process; ``config_source`` is the file
+    a new run's config was copied from (its errors name that file)."""
     from tunetop.runs.console import ConsoleReporter
     from tunetop.runs.engine import Engine
     from tunetop.runs.folders import RunDir
@@ -116,6 +119,8 @@ def _run_engine(
     preload_optimized_blas(warn=True)
     run = RunDir(run_path)
     cfg = config_module.load(run.config)
+    if config_source and not resume:
+        cfg.source = config_source
     reporter = ConsoleReporter(cfg.training.iterations) if foreground else ConsoleReporter(cfg.training.iterations, sys.stdout)
     engine = Engine(cfg, run, echo=reporter, resume=resume, resume_from=resume_from, plan=plan)
     from tunetop.control.server import attach_server
@@ -205,6 +210,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         resume_from=args.start_from,
         listen=args.listen,
         plan=_plan(args),
+        config_source=args.config_source,
     )
 
 

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunetop.cli.common import EXIT_DAMAGED, EXIT_UNREACHABLE, _fail
+from tunetop.cli.common import _fail
+from tunetop.exit_codes import EXIT_DAMAGED, EXIT_UNREACHABLE
 from tunetop.runs.folders import RunError
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tunetop.control.history import write_digest
 from tunetop.control.journal import JournalWriter
 from tunetop.control.protocol import encode, make_event
 
@@ -111,7 +112,6 @@ class EventLog:
 
     def write_digest(self) -> None:
         """Save the journal's history digest beside it (tunetop.control.history), consistent with the journal."""
-        from tunetop.control.history import write_digest
 
         history = self.journal.history
         if history is None:

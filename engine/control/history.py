@@ -15,13 +15,13 @@ digest, then replays from its last seq as usual. No mlx import here.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tunetop.control.journal import Damage
+from tunetop.control.journal import MAGIC, Damage, frame, read_payloads, scan
+from tunetop.private import write_private
 
 TYPE_MARK = b'"type":"'
 
@@ -94,11 +94,6 @@ def write_digest(history: History, journal_path: Path, journal_end: int) -> None
     Journal framing: a seq-0 record with where it stops, then the kept records. Derived data
     (the journal stays the truth), so a crash mid-write only costs the next reader a full read.
     """
-    import json
-
-    from tunetop.control.journal import MAGIC, frame
-    from tunetop.private import write_private
-
     upto, records = history.records()
     header = json.dumps({"upto": upto, "journal_end": journal_end}).encode()
     data = MAGIC + frame(0, header) + b"".join(frame(seq, payload) for seq, payload in records)
@@ -107,10 +102,6 @@ def write_digest(history: History, journal_path: Path, journal_end: int) -> None
 
 def _saved_digest(journal_path: Path) -> tuple[int, int, list[tuple[int, bytes]]] | None:
     """(upto, journal_end, records) from the saved digest, or None when absent or unusable."""
-    import json
-
-    from tunetop.control.journal import MAGIC, scan
-
     try:
         data = journal_path.with_name(DIGEST_NAME).read_bytes()
     except OSError:
@@ -132,8 +123,6 @@ def read_history(path: str | Path, damage: list[Damage] | None = None) -> tuple[
 
     No event is decoded either way. Damaged records read past are listed in ``damage``.
     """
-    from tunetop.control.journal import read_payloads
-
     journal = Path(path)
     history = History()
     saved = _saved_digest(journal)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tunetop.control.journal_index import IndexWriter, open_sealed, read_seal
+from tunetop.control.protocol import loads_many
 from tunetop.private import open_private
 
 if TYPE_CHECKING:
@@ -179,6 +180,7 @@ class JournalWriter:
             clean = data.startswith(MAGIC) and not damage and seqs == array("Q", range(1, len(seqs) + 1))
             whole = clean and good_end == len(data)
             if not whole or (sealed is not None and sealed.last_seq > max(seqs, default=0)):
+                # cycle: the repair builds on this module's framing
                 from tunetop.control import journal_repair
 
                 if not seqs and not data.startswith(MAGIC) and not MAGIC.startswith(data) and sealed is None:
@@ -208,6 +210,7 @@ class JournalWriter:
             self._crc = 0
             self._fast_index = IndexWriter(self.path)
             if sealed is not None:  # the journal was deleted or emptied, its seal is still here
+                # cycle: the repair builds on this module's framing
                 from tunetop.control import journal_repair
 
                 known_last = journal_repair.last_written(data, len(MAGIC), 0, sealed)
@@ -215,6 +218,7 @@ class JournalWriter:
         if known_last > self.last_seq:
             # Records that were written and are gone (a cut file, a damaged last record): each
             # seq gets a warning event in its place, so no seq is ever used twice.
+            # cycle: the repair builds on this module's framing
             from tunetop.control import journal_repair
 
             run = journal_repair.run_id(self.path, data, len(MAGIC) if self._count else None)
@@ -353,7 +357,6 @@ def read_events(path: str | Path, since: int = 0) -> Iterator[dict[str, Any]]:
     """Decoded events with seq > ``since`` (decoded in batches: tunetop.control.protocol.loads_many)."""
     from itertools import islice
 
-    from tunetop.control.protocol import loads_many
 
     payloads = (payload for _seq, payload in read_payloads(path, since))
     while batch := list(islice(payloads, 4096)):

@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from tunetop.atomic import fsync_dir, fsync_file, write_bytes_atomic
+from tunetop.control.history import DIGEST_NAME
 from tunetop.control.journal import HEADER, MAGIC, MAX_RECORD, Damage, frame
 from tunetop.control.journal_index import Seal
+from tunetop.control.protocol import make_event
 from tunetop.private import open_private
 
 
@@ -69,7 +71,6 @@ def run_id(path: Path, data: bytes, first_offset: int | None) -> str:
 
 def placeholder(run: str, seq: int, ts: float, message: str) -> dict[str, Any]:
     """The event that stands in for a lost record: a warning with the lost record's seq."""
-    from tunetop.control.protocol import make_event
 
     return make_event(run, seq, "warning", ts=ts, message=message)
 
@@ -147,7 +148,6 @@ def repair(
     fsync_dir(path.parent)
     os.replace(temp, path)
     fsync_dir(path.parent)
-    from tunetop.control.history import DIGEST_NAME
 
     path.with_name(DIGEST_NAME).unlink(missing_ok=True)  # derived from the old bytes; rebuilt at close
 

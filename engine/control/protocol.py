@@ -43,7 +43,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "error": ("message",),
     "heartbeat": ("iteration", "state", "notice"),
     "config_changed": ("changes",),
-    "finished": ("reason", "iteration"),
+    "finished": ("reason", "iteration", "best_iteration", "best_loss"),
     "sample": ("iteration", "prompt", "completion", "max_tokens", "temperature", "prompt_format"),
 }
 """The event schema: each type and the fields it carries beyond seq, ts, run and type.
@@ -57,6 +57,7 @@ OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
     "heartbeat": ("notice",),  # only while writes fail
     "save": ("checkpoint", "removed"),  # not in journals of older versions (the trainer's Save always has them)
     "warning": ("count", "source"),  # only a warning from a library or the data layer (tunetop.training.run_warnings)
+    "finished": ("best_iteration", "best_loss"),  # only once a validation has run
 }
 """Fields of :data:`EVENT_FIELDS` an event of that type may leave out."""
 

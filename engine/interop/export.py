@@ -39,6 +39,23 @@ def adapter_source(run: RunDir, checkpoint: int | None) -> tuple[Path, dict[str,
     return folder / "adapters.safetensors", adapter_config
 
 
+def chosen_checkpoint(run: RunDir, checkpoint: int | str | None) -> int | None:
+    """``--checkpoint``'s iteration: as given, or for ``best`` the iteration of the checkpoint with
+    the lowest validation loss measured on its own weights (checkpoint.best_checkpoint)."""
+    if checkpoint != "best":
+        return checkpoint  # type: ignore[return-value]
+    from tunetop.training.checkpoint import best_checkpoint, checkpoint_iteration
+
+    best = best_checkpoint(run.checkpoints)
+    if best is None:
+        raise ExportError(
+            f"run {run.id} has no checkpoint whose validation loss was measured on its own weights, so none is "
+            "the best: a checkpoint counts when it was saved at an iteration that was validated (make "
+            "checkpoints.save_every divide training.steps_per_eval). Pass --checkpoint ITERATION instead."
+        )
+    return checkpoint_iteration(best)
+
+
 def saved_iteration(run: RunDir, checkpoint: int | None) -> int | None:
     """The iteration whose adapter ``adapter_source`` gives: the checkpoint's, or the latest save's.
 

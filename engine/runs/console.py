@@ -47,7 +47,9 @@ def describe(event: dict[str, Any]) -> str | None:
     if kind == "nonfinite":
         return None  # the warning that follows says it in words
     if kind == "finished":
-        return f"finished ({event['reason']}) at iteration {event['iteration']}"
+        best = event.get("best_iteration")
+        after = f"; best validation loss {event['best_loss']:.4f} at iteration {best}" if best is not None and isinstance(event.get("best_loss"), float) else ""
+        return f"finished ({event['reason']}) at iteration {event['iteration']}{after}"
     if kind == "config_changed":
         return "changed: " + ", ".join(f"{k}={v}" for k, v in event.get("changes", {}).items())
     return None

@@ -34,6 +34,7 @@ from tunetop.control.endpoints import SocketError
 from tunetop.control.events import EventLog
 from tunetop.control.journal import JournalWriter
 from tunetop.control.protocol import Command, Reply
+from tunetop.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
 from tunetop.runs.folders import RunDir, RunError, RunLock
 from tunetop.runs.write_trouble import ROOM_BYTES, WriteTrouble, free_bytes, reason
 from tunetop.training import config as config_module
@@ -41,12 +42,6 @@ from tunetop.training.build import ModelError, build_trainer
 from tunetop.training.config import ConfigError, RunConfig
 from tunetop.training.data import DataError
 from tunetop.training.sampling import SampleError, SampleInterrupted, sample
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
 
 HEAVY_COMMANDS = ("sample", "evaluate")
 """Commands that run the model: one per step boundary while training, so a queue of them cannot hold the loop."""
@@ -654,8 +649,9 @@ class Engine:
 
         if isinstance(event, Train) and not math.isfinite(event.loss):
             self.emit("warning", message=f"non-finite training loss at iteration {event.iteration}")
-        if isinstance(event, (Train, Validation, Save)):
-            self.emit(event.event_type, **asdict(event))
+        if not isinstance(event, (Train, Validation, Save)):  # a new progress type must be sent here, not dropped
+            raise TypeError(f"Engine._progress does not know {type(event).__name__}: add it there")
+        self.emit(event.event_type, **asdict(event))
         return Disposition.STOP if self.control.stop_reason else Disposition.MORE
 
     def run(self) -> int:
@@ -797,7 +793,8 @@ class Engine:
             trainer, model_path, trainable, total = self._build(config_text, shard)
             self._open_trackers()
         except (ConfigError, DataError, ModelError) as error:
-            self.emit("error", message=str(error))
+            message = config_module.place_error(str(error), self.cfg.source) if isinstance(error, ConfigError) else str(error)
+            self.emit("error", message=message)
             self.set_state("failed")
             self.emit("finished", reason="bad_input", iteration=0)
             return EXIT_BAD_INPUT
@@ -855,7 +852,11 @@ class Engine:
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
         self.set_state("failed" if reason == "server_failed" else "finished")
-        self.emit("finished", reason=reason, iteration=trainer.iteration)
+        stopping = trainer.early_stopping
+        if reason == "early_stopped":
+            self.emit("log", message=stopping.describe())
+        best = {} if stopping.best_iteration is None else {"best_iteration": stopping.best_iteration, "best_loss": stopping.best_loss}
+        self.emit("finished", reason=reason, iteration=trainer.iteration, **best)
         self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code
 

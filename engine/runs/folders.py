@@ -404,8 +404,23 @@ def _owner_of(path: Path) -> str:
     return ""
 
 
+def ambiguous(spec: str, matches: list[RunDir]) -> str:
+    """The refusal of a RUN that names several runs: each one (id, name, state), and how to pick."""
+    shown = matches[-10:]
+    lines = [f"'{spec}' matches {len(matches)} runs; give one's id (or enough of it to be unique):"]
+    for run in shown:
+        summary = run.summary()
+        lines.append(f"  {run.id}  {summary['name'] or '-'}  {summary['state']}")
+    if len(matches) > len(shown):
+        lines.append(f"  ... and {len(matches) - len(shown)} older (`tunetop ls --all` lists them)")
+    return "\n".join(lines)
+
+
 def resolve(spec: str | None) -> RunDir:
-    """A run by id, unique id prefix, or name; the latest run when ``spec`` is empty."""
+    """A run by id, unique id prefix, or name; the latest run when ``spec`` is empty.
+
+    A prefix or name that several runs match is refused (RunError listing them), never guessed.
+    """
     runs = list_runs()
     if not runs:
         raise RunError(f"no runs yet under {runs_root()}. Start one with `tunetop train CONFIG` or `tunetop demo`.")
@@ -416,12 +431,11 @@ def resolve(spec: str | None) -> RunDir:
     if exact:
         return exact[0]
     prefixed = [r for r in runs if r.id.startswith(spec)]
-    named = [r for r in runs if r.status().get("name") == spec]
-    matches = prefixed or named
+    matches = prefixed + [r for r in runs if r.status().get("name") == spec and r not in prefixed]
+    if len(matches) > 1:  # runs that failed before training (hidden by `ls`) do not make it ambiguous
+        matches = [r for r in matches if not r.summary()["failed_before_training"]] or matches
     if len(matches) == 1:
         return matches[0]
-    if named and not prefixed:
-        return named[-1]  # a reused name means the latest run of that name
     if matches:
-        raise RunError(f"'{spec}' matches {len(matches)} runs ({', '.join(r.id for r in matches[:5])}); give more of the id.")
+        raise RunError(ambiguous(spec, matches))
     raise RunError(f"no run matches '{spec}'. `tunetop ls` lists the runs.")

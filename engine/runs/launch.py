@@ -22,7 +22,7 @@ from tunetop.training import config as config_module
 from tunetop.training.config import RunConfig
 
 ForegroundEngine = Callable[[Path, list[str]], int]
-"""Runs the engine for a run folder in this process with ``_engine``'s flags (cli._engine_main)."""
+"""Runs the engine for a run folder in this process with ``_engine``'s flags (cli.train._engine_main)."""
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -78,8 +78,10 @@ def start_run(
     from tunetop.runs.daemon import EngineStartError
 
     run = new_run(cfg, run_id)
+    # The engine's own checks then name the file the user gave (and its line), not the run's copy.
+    origin = ["--config-source", str(Path(cfg.source).resolve())] if cfg.source else []
     try:
-        return run, _start_engine(run, engine_args or [], detach, foreground, keep_fds)
+        return run, _start_engine(run, origin + (engine_args or []), detach, foreground, keep_fds)
     except EngineStartError as error:
         if error.code >= 0:  # killed by a signal (negative) is no failure of the run's own
             mark_failed_start(run, str(error), cfg.name)

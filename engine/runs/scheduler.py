@@ -275,7 +275,7 @@ class Scheduler:
             if start.resume:
                 launch.resume_run(run, None, detach=True, keep_fds=(fd,))
             else:
-                cfg = config_module.parse(start.config, source=f"queue entry {start.entry}")
+                cfg = config_module.parse(start.config)  # checked when queued; errors then name the run's copy
                 launch.start_run(cfg, detach=True, run_id=start.run, keep_fds=(fd,))
         except EngineStartError as error:
             if error.code < 0:  # a signal, not the run's own failure

@@ -90,6 +90,7 @@ def build_trainer(
         grad_checkpoint=memory.grad_checkpoint,
         grad_checkpoint_blocks=memory.grad_checkpoint_blocks,
         ce_chunk_tokens=memory.ce_chunk_tokens,
+        micro_batches=memory.micro_batches,
         memory_limit_gb=memory.memory_limit_gb,
         adapter_config=adapter_config(cfg.lora, model_path),
         checkpoint_path=checkpoint_path,

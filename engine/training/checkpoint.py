@@ -71,6 +71,10 @@ class TrainerState:
     # config.computation_values at the run's start (None in checkpoints of older versions,
     # which only have config_hash, a hash of the whole file's text).
     config: dict[str, Any] | None = None
+    # The iteration validation_loss was measured at: this checkpoint's own weights only when it
+    # equals ``iteration`` (None in checkpoints of older versions).
+    validation_iteration: int | None = None
+    early_stopping: dict[str, Any] | None = None  # early_stopping.EarlyStopping.state(), for an exact resume
 
 
 def config_hash(text: str) -> str:
@@ -315,22 +319,48 @@ def read_checkpoint(folder: Path) -> tuple[TrainerState, dict[str, mx.array], di
     return state, weights, optimizer_state  # type: ignore[return-value]
 
 
+def _saved_state(folder: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def best_checkpoint(directory: Path) -> Path | None:
+    """The complete checkpoint with the lowest validation loss measured on its own weights.
+
+    A checkpoint records the last validation loss before it; only one saved at the iteration of
+    that validation holds the weights the loss was measured on (a save between validations
+    carries an older loss, and once kept the first such checkpoint forever). Of equal losses the
+    earliest, the iteration early stopping names. A checkpoint of an older version (no
+    ``validation_iteration``) counts with its loss as before, equal losses going to the newest.
+    None when no checkpoint qualifies.
+    """
+    best: tuple[float, Path] | None = None
+    for folder in list_checkpoints(directory):  # oldest first
+        state = _saved_state(folder)
+        loss = state.get("validation_loss")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or loss != loss or loss in (float("inf"), float("-inf")):
+            continue
+        legacy = "validation_iteration" not in state
+        if not legacy and state["validation_iteration"] != checkpoint_iteration(folder):
+            continue
+        if best is None or loss < best[0] or (legacy and loss == best[0]):
+            best = (loss, folder)
+    return None if best is None else best[1]
+
+
 def prune(directory: Path, keep_last: int) -> list[Path]:
-    """Keep the newest ``keep_last`` checkpoints and the best by validation loss; delete the rest."""
+    """Keep the newest ``keep_last`` checkpoints and the best by validation loss
+    (:func:`best_checkpoint`); delete the rest."""
     found = list_checkpoints(directory)
     if keep_last <= 0 or len(found) <= keep_last:
         return []
     keep = set(found[-keep_last:])
-    scored = []
-    for folder in found:
-        try:
-            loss = json.loads((folder / STATE_FILE).read_text()).get("validation_loss")
-        except (OSError, ValueError):
-            loss = None
-        if isinstance(loss, (int, float)) and loss == loss:
-            scored.append((loss, folder))
-    if scored:
-        keep.add(min(scored)[1])
+    best = best_checkpoint(directory)
+    if best is not None:
+        keep.add(best)
     latest = latest_checkpoint(directory)
     if latest is not None:
         keep.add(latest)
@@ -339,4 +369,3 @@ def prune(directory: Path, keep_last: int) -> list[Path]:
         if folder not in keep and _retire(folder):
             removed.append(folder)
     return removed
-

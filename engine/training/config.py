@@ -91,8 +91,14 @@ class TrainingConfig:
     grad_checkpoint_blocks: int = field(
         default=-1, metadata={"help": "With grad_checkpoint: blocks that recompute, from the first; -1 = all"}
     )
-    grad_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
+    grad_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step (their mean gradients averaged)"})
     on_nonfinite: str = field(default="pause", metadata={"help": "NaN/inf loss: pause, stop, or skip the batch"})
+    early_stopping_patience: int = field(
+        default=0, metadata={"help": "End the run after N validations without an improvement; 0 = off"}
+    )
+    early_stopping_min_delta: float = field(
+        default=0.0, metadata={"help": "The validation loss must fall by more than this to count as an improvement"}
+    )
     ce_chunk_tokens: int = field(default=0, metadata={"help": "Cross-entropy N positions at a time (saves logits memory); 0 = off"})
     clear_cache_gb: float = field(
         default=-1.0, metadata={"help": "Empty MLX's buffer cache after a step when it holds more GB; 0 = every step, -1 = never"}
@@ -102,8 +108,12 @@ class TrainingConfig:
     )
     memory_budget_gb: float | str = field(
         default=AUTO,
-        metadata={"help": "GB a step may use: picks memory_limit_gb, ce_chunk_tokens, grad_checkpoint_blocks left at "
-                  "their defaults; auto = a safe share of the device, 0 = off"},
+        metadata={"help": "GB a step may use: picks memory_limit_gb, micro_batches, ce_chunk_tokens, grad_checkpoint_blocks "
+                  "left at their defaults; auto = a safe share of the device, 0 = off"},
+    )
+    micro_batches: int = field(
+        default=0, metadata={"help": "Passes a batch's rows take for one update (the same update, less memory); "
+                             "0 = as memory_budget_gb picks, 1 = one pass"}
     )
     loss: str = field(
         default="", metadata={"help": "A custom loss, \"package.module:function\" or \"file.py:function\"; empty = the default"}
@@ -149,6 +159,14 @@ class SamplingConfig:
 
 
 @dataclass
+class NotifyConfig:
+    command: str = field(
+        default="", metadata={"help": "Shell command run when the run ends or pauses on NaN, the event as JSON on stdin; empty = none"}
+    )
+    timeout: float = field(default=30.0, metadata={"help": "Seconds the command may take before it is killed"})
+
+
+@dataclass
 class MetricsConfig:
     tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard event files to the run's tensorboard/ folder"})
     wandb: bool = field(default=False, metadata={"help": "Also report to Weights & Biases (pip install 'tunetop[wandb]')"})
@@ -171,6 +189,7 @@ class RunConfig:
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     source: str = field(default="", compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +213,7 @@ SECTIONS: dict[str, type] = {
     "checkpoints": CheckpointConfig,
     "sampling": SamplingConfig,
     "metrics": MetricsConfig,
+    "notify": NotifyConfig,
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -226,8 +246,12 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("training", "steps_per_report"): (1, None),
     ("training", "steps_per_eval"): (1, None),
     ("training", "validation_batches"): (0, None),
+    ("training", "early_stopping_patience"): (0, None),
+    ("training", "early_stopping_min_delta"): (0.0, None),
+    ("notify", "timeout"): (0.1, 86_400.0),
     ("training", "seed"): (0, 2**32 - 1),
     ("training", "grad_accumulation_steps"): (1, None),
+    ("training", "micro_batches"): (0, None),
     ("optimizer", "learning_rate"): (0.0, None),
     ("optimizer", "weight_decay"): (0.0, None),
     ("optimizer", "momentum"): (0.0, 1.0),
@@ -554,7 +578,7 @@ def adapter_path_problem(value: str) -> str:
     return ""
 
 
-# Names the engine keeps in a run folder (engine/runs.py, journal.py, history.py, session.py).
+# Names the engine keeps in a run folder (runs/folders.py, control/journal.py, control/history.py, runs/engine.py).
 _RUN_FILES = frozenset({"config.toml", "status.json", "endpoints.json", "lock", "tensorboard", "wandb", "swanlog"})
 
 
@@ -590,6 +614,34 @@ def load(path: str | Path) -> RunConfig:
     if template and "{" not in template and not Path(template).is_absolute() and (base / template).is_file():
         config.data.chat_template = str(base / template)
     return config
+
+
+def place_error(message: str, source: str) -> str:
+    """A config error found after validation (the engine's checks: the optimizer's arguments, the
+    loss, packing, the memory plan), named at ``source`` and at the line of the first key it
+    mentions that the file sets, as :func:`parse` names its own errors."""
+    if not source:
+        return message
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    line = None
+    for match in re.finditer(r"\b(?:" + "|".join(SECTIONS) + r")(?:\.[A-Za-z0-9_]+)+", message):
+        parts = match.group(0).split(".")
+        # optimizer.options.x: the key x of [optimizer.options], else options of [optimizer]
+        for cut in range(len(parts) - 1, 0, -1):
+            line = _find_line(text, ".".join(parts[:cut]), parts[cut])
+            if line:
+                break
+        if line:
+            break
+    where = _where(source, line)
+    if message.startswith(f"{source}: "):
+        return f"{where}: {message[len(source) + 2:]}"
+    if source in message:
+        return message.replace(source, where, 1)
+    return f"{where}: {message}"
 
 
 def check_ranks(cfg: RunConfig, ranks: int) -> None:
@@ -665,12 +717,14 @@ LIVE_FIELDS: dict[str, tuple[str, str]] = {
     "save_every": ("checkpoints", "save_every"),
     "validation_batches": ("training", "validation_batches"),
     "memory_limit_gb": ("training", "memory_limit_gb"),
+    "early_stopping_patience": ("training", "early_stopping_patience"),
+    "early_stopping_min_delta": ("training", "early_stopping_min_delta"),
 }
 """Fields a running engine accepts through the ``set`` command, and where they live."""
 
 # What changes how a run is watched, saved or fitted in memory, not what it computes: a resume
 # with other values here is still exact.
-WATCH_ONLY_SECTIONS = ("checkpoints", "sampling", "metrics")
+WATCH_ONLY_SECTIONS = ("checkpoints", "sampling", "metrics", "notify")
 WATCH_ONLY_KEYS = {
     ("training", "steps_per_report"),
     ("training", "steps_per_eval"),
@@ -679,6 +733,8 @@ WATCH_ONLY_KEYS = {
     ("training", "memory_limit_gb"),
     ("training", "clear_cache_gb"),
     ("training", "memory_budget_gb"),
+    ("training", "early_stopping_patience"),  # when the run ends, not what a step computes
+    ("training", "early_stopping_min_delta"),
 }
 
 

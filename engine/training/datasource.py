@@ -1,7 +1,7 @@
 """Where a run's data comes from, as its config names it: a folder of split files, the embedded
 default, or Hugging Face datasets (tunetop.training.hf_data), read with the row format of the ``[data]`` table (feature names, chat template, prompt mask).
 
-The trainer (tunetop.runs.engine) and ``tunetop test`` (tunetop.interop.evaluation) both load through here, so
+A run's build (tunetop.training.build) and ``tunetop test`` (tunetop.interop.evaluation) both load through here, so
 they tokenize a run's data the same way.
 """
 

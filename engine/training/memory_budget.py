@@ -2,9 +2,10 @@
 
 The planning itself is :func:`tunetop.training.memory_plan.plan_memory`, a pure function; this module
 gathers its inputs (the device's memory, the model's shape, the rows of a step) and applies its
-answer to the three settings it may choose: ``memory_limit_gb``, ``ce_chunk_tokens`` and the
-recomputing blocks. A setting the config gives (a cap above 0, a chunk above 0,
-``grad_checkpoint = true``, or ``grad_checkpoint_blocks`` of 0 or more without it: none) is kept as given.
+answer to the four settings it may choose: ``memory_limit_gb``, ``micro_batches``,
+``ce_chunk_tokens`` and the recomputing blocks. A setting the config gives (a cap above 0,
+micro-batches above 0, a chunk above 0, ``grad_checkpoint = true``, or ``grad_checkpoint_blocks``
+of 0 or more without it: none) is kept as given.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class MemorySettings:
     ce_chunk_tokens: int
     grad_checkpoint: bool
     grad_checkpoint_blocks: int
+    micro_batches: int = 0  # 0 or 1: one pass
     plan: MemoryPlan | None = None
 
 
@@ -166,6 +168,7 @@ def fixed_settings(cfg: RunConfig, layers: int) -> Fixed:
         memory_limit_gb=t.memory_limit_gb if t.memory_limit_gb > 0 else None,
         ce_chunk_tokens=t.ce_chunk_tokens if t.ce_chunk_tokens > 0 else None,
         recompute_blocks=blocks,
+        micro_batches=t.micro_batches if t.micro_batches > 0 else None,
     )
 
 
@@ -174,9 +177,9 @@ REFUSE_OVER = 2.0
 
 
 def as_configured(cfg: RunConfig) -> MemorySettings:
-    """The three settings as the config writes them (the budget off)."""
+    """The settings as the config writes them (the budget off)."""
     t = cfg.training
-    return MemorySettings(t.memory_limit_gb, t.ce_chunk_tokens, t.grad_checkpoint, t.grad_checkpoint_blocks)
+    return MemorySettings(t.memory_limit_gb, t.ce_chunk_tokens, t.grad_checkpoint, t.grad_checkpoint_blocks, t.micro_batches)
 
 
 def plan_run(
@@ -205,7 +208,7 @@ def plan_run(
         shape = dataclasses.replace(shape, chunkable_head=False)
     if not budget_bytes or shape is None:
         why = "the model's shape cannot be read" if shape is None else where
-        say(f"memory budget: none ({why}); memory_limit_gb, ce_chunk_tokens and grad_checkpoint as configured")
+        say(f"memory budget: none ({why}); memory_limit_gb, micro_batches, ce_chunk_tokens and grad_checkpoint as configured")
         return as_configured(cfg)
     width = step_width(cfg, train_set, pack_width)
     cuda = mx.default_device().type == mx.gpu and bool(getattr(mx, "cuda", None)) and mx.cuda.is_available()
@@ -230,4 +233,5 @@ def plan_run(
             "(0 starts without a budget, at your own risk)."
         )
     blocks = plan.recompute_blocks
-    return MemorySettings(plan.memory_limit_gb, plan.ce_chunk_tokens, blocks > 0, blocks if blocks else -1, plan)
+    return MemorySettings(plan.memory_limit_gb, plan.ce_chunk_tokens, blocks > 0, blocks if blocks else -1,
+                          plan.micro_batches, plan)

@@ -37,6 +37,7 @@ from tunetop.training.adapters import describe_fine_tuning, prune_numbered, save
 from tunetop.training.chunked_loss import summed_cross_entropy
 from tunetop.training.config import RunConfig
 from tunetop.training.data import Batch, BatchPlan, Dataset
+from tunetop.training.early_stopping import EarlyStopping
 from tunetop.training.optimizers import Schedule
 from tunetop.training.packing import (
     PackedBatch,
@@ -61,9 +62,12 @@ FROM_CONFIG: dict[str, tuple[str, str]] = {
     "seed": ("training", "seed"),
     "keep_last": ("checkpoints", "keep_last"),
     "on_nonfinite": ("training", "on_nonfinite"),  # pause | stop | skip: a NaN or infinite loss, gradient or update
+    "early_stopping_patience": ("training", "early_stopping_patience"),  # validations without improvement; 0 = off
+    "early_stopping_min_delta": ("training", "early_stopping_min_delta"),
     "ce_chunk_tokens": ("training", "ce_chunk_tokens"),  # > 0: cross-entropy this many positions at a time
     "clear_cache_gb": ("training", "clear_cache_gb"),  # >= 0: empty MLX's buffer cache past this many GB
     "memory_limit_gb": ("training", "memory_limit_gb"),  # > 0: mx.set_memory_limit (a soft cap)
+    "micro_batches": ("training", "micro_batches"),  # > 1: a batch's rows in this many passes, one update
 }
 """The parameters a run's config gives, and where each lives in it: the one mapping from config
 to trainer (their defaults are the config's, their help is the config's)."""
@@ -98,6 +102,8 @@ class TrainingParameters:
     adapter_config: dict[str, Any] = field(default_factory=dict)  # empty: read from the adapted model
     checkpoint_path: Path | None = None  # full-state checkpoints for exact resume; None = adapters only
     on_nonfinite: str = _default("on_nonfinite")
+    early_stopping_patience: int = _default("early_stopping_patience")
+    early_stopping_min_delta: float = _default("early_stopping_min_delta")
     # With "skip": this many unusable batches in a row pause the run (stop it without a control
     # hook), since skipping cannot recover from a learning rate that breaks every step.
     nonfinite_streak_limit: int = 10
@@ -107,6 +113,9 @@ class TrainingParameters:
     ce_chunk_tokens: int = _default("ce_chunk_tokens")
     clear_cache_gb: float = _default("clear_cache_gb")
     memory_limit_gb: float = _default("memory_limit_gb")
+    # > 1: each batch's rows go through the model in this many passes (micro-batches) whose
+    # gradients are summed into the one update the whole batch gives; 0 or 1: one pass.
+    micro_batches: int = _default("micro_batches")
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **rest: Any) -> TrainingParameters:
@@ -312,6 +321,16 @@ class Shard:
         return batch.rows(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
+def split_rows(batch: Any, micro_batches: int) -> list[Any]:
+    """A batch's rows in ``micro_batches`` contiguous blocks (sizes differ by at most one), or the batch whole."""
+    rows = len(batch.tokens)
+    parts = max(1, min(micro_batches, rows))
+    if parts == 1:
+        return [batch]
+    bounds = [rows * k // parts for k in range(parts + 1)]
+    return [batch.rows(start, stop) for start, stop in zip(bounds, bounds[1:], strict=False)]
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -376,6 +395,8 @@ class Trainer:
         self.learning_rate = schedule(0)
         self.learning_rate_override: float | None = None
         self.last_validation_loss: float | None = None
+        self.last_validation_iteration: int | None = None  # the weights last_validation_loss was measured on
+        self.early_stopping = EarlyStopping(parameters.early_stopping_patience, parameters.early_stopping_min_delta)
         self.last_nonfinite: NonFinite | None = None
         self.nonfinite_streak = 0  # unusable steps in a row (tunetop.training.trainer.NonFinite)
         self.journal_seq: Callable[[], int] = lambda: 0
@@ -403,10 +424,25 @@ class Trainer:
         shard = self.shard
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(previous: Any, update: bool, *batch: mx.array) -> Any:
+        def step(previous: Any, pending: Any, update: bool, split: bool, batch_done: bool, *batch: mx.array) -> Any:
+            """One pass: ``previous`` sums the step's finished batches' mean gradients (None at the
+            first); ``pending`` is (token-weighted gradient sum, tokens) of this batch's earlier
+            micro-batches when ``split``; ``batch_done``: the batch's last pass; ``update``: the step's."""
             (value, count), grad = loss_and_grad(self.model, *batch)
             if shard is not None:
                 value, count, grad = _combine_ranks(value, count, grad, shard)
+            if split:
+                # The loss is a mean over every target token of the batch: a micro-batch's mean
+                # gradient times its tokens is its summed loss's gradient; their sum divided by the
+                # batch's tokens is the unsplit batch's gradient. A pass without tokens adds nothing.
+                tokens = mx.where(count > 0, count, 0).astype(mx.float32)
+                grad = tree_map(lambda g: mx.where(tokens > 0, g * tokens.astype(g.dtype), 0), grad)
+                if pending is not None:
+                    grad = tree_map(lambda a, b: a + b, grad, pending[0])
+                    tokens = tokens + pending[1]
+                if not batch_done:
+                    return value, count, previous, (grad, tokens), mx.array([True, True])
+                grad = tree_map(lambda g: g / tokens.astype(g.dtype), grad)
             if previous is not None:
                 grad = tree_map(lambda a, b: a + b, grad, previous)
             # (gradients finite, weights finite after the update): a finite loss can still come
@@ -420,7 +456,7 @@ class Trainer:
                 self.optimizer.update(self.model, grad)
                 health = mx.stack([grad_ok, _all_finite(self.model.trainable_parameters())])
                 grad = None
-            return value, count, grad, health
+            return value, count, grad, None, health
 
         self._state = state
         return step
@@ -469,6 +505,8 @@ class Trainer:
                 raise
         elif key in FROM_CONFIG:
             setattr(self.parameters, key, value)
+            self.early_stopping.patience = self.parameters.early_stopping_patience
+            self.early_stopping.min_delta = self.parameters.early_stopping_min_delta
         else:
             raise KeyError(f"{key} is not a live setting")
 
@@ -489,17 +527,23 @@ class Trainer:
         accumulation = self.parameters.grad_accumulation_steps
         total_loss = 0.0
         total_tokens = 0
-        for micro in range(accumulation):
+        for index in range(accumulation):
             batch = self.next_batch()
             if self.shard is not None:
                 batch = self.shard.rows(batch)
-            value, count, self._accumulated, health = self._step(
-                self._accumulated, micro == accumulation - 1, *batch.arrays()
-            )
-            mx.eval(self._state, value, count, self._accumulated, health)
-            tokens = int(count.item())
-            total_loss += value.item() * tokens
-            total_tokens += tokens
+            parts = split_rows(batch, self.parameters.micro_batches)
+            pending = None
+            for number, part in enumerate(parts):
+                last = number == len(parts) - 1
+                value, count, self._accumulated, pending, health = self._step(
+                    self._accumulated, pending, last and index == accumulation - 1, len(parts) > 1, last, *part.arrays()
+                )
+                # Evaluated pass by pass: a micro-batch's activations are freed before the next one's.
+                mx.eval(self._state, value, count, self._accumulated, pending, health)
+                tokens = int(count.item())
+                if tokens or len(parts) == 1:  # a pass without tokens (its mean is NaN) adds nothing
+                    total_loss += value.item() * tokens
+                total_tokens += tokens
         self.iteration += 1
         loss = total_loss / max(total_tokens, 1)
         grad_ok, weights_ok = (bool(flag) for flag in health.tolist())  # type: ignore[union-attr]
@@ -543,7 +587,7 @@ class Trainer:
             return None
         start = time.perf_counter()
         value = evaluate(self.model, self.valid_plan, batch_count=self.parameters.validation_batches, loss=self.loss)
-        self.last_validation_loss = value
+        self.last_validation_loss, self.last_validation_iteration = value, self.iteration
         return Validation(self.iteration, value, time.perf_counter() - start)
 
     def weights_finite(self) -> bool:
@@ -593,6 +637,8 @@ class Trainer:
             position=self.position,
             learning_rate_override=self.learning_rate_override,
             validation_loss=self.last_validation_loss,
+            validation_iteration=self.last_validation_iteration,
+            early_stopping=self.early_stopping.state(),
             seq=self.journal_seq(),
             config_hash=p.config_hash,
             saved_at=time.time(),
@@ -616,6 +662,8 @@ class Trainer:
         self.install(weights, optimizer_state)
         self.set_counters(state.iteration, state.trained_tokens, state.epoch, state.position, state.learning_rate_override)
         self.last_validation_loss = state.validation_loss
+        self.last_validation_iteration = state.validation_iteration
+        self.early_stopping.restore(state.early_stopping)
         return state
 
     def install(self, weights: dict[str, mx.array], optimizer_state: dict[str, mx.array]) -> None:
@@ -644,7 +692,7 @@ class TrainResult:
     """How a ``train`` call ended."""
 
     iteration: int
-    reason: str  # "completed", "stopped", "non_finite"
+    reason: str  # "completed", "stopped", "non_finite", "early_stopped"
 
 
 class Meter:
@@ -745,9 +793,11 @@ def run_loop(
     p = trainer.parameters
     meter = Meter()
     result = TrainResult(trainer.iteration, "completed")
-    if trainer.iteration == 0 and (validation := trainer.validate()) is not None and _emit(progress, validation):
-        result.reason = "stopped"
-        return result
+    if trainer.iteration == 0 and (validation := trainer.validate()) is not None:
+        trainer.early_stopping.observe(validation.iteration, validation.loss)  # the base model's loss: the first best
+        if _emit(progress, validation):
+            result.reason = "stopped"
+            return result
     while trainer.iteration < p.iterations:
         if control is not None and control(trainer) is Disposition.STOP:
             result.reason = "stopped"
@@ -777,6 +827,9 @@ def run_loop(
             validation = trainer.validate()
             if validation is not None:
                 stop = _emit(progress, validation)
+                if trainer.early_stopping.observe(validation.iteration, validation.loss) and not stop:
+                    result.reason = "early_stopped"  # the save after the loop keeps this iteration's weights
+                    break
         if not stop and it % p.save_every == 0 and it != p.iterations:
             stop = _save(trainer, progress)
         if stop:

@@ -2,7 +2,8 @@
 
 Save (ctrl+s) writes the text as typed once it validates, so comments survive; ctrl+f rewrites
 the buffer as tomli-w's canonical TOML of the validated config (every key, no comments), for
-whoever prefers that; ctrl+n starts a new detached run from the edited config.
+whoever prefers that; ctrl+n starts a new detached run from the edited config. Escape with
+unsaved edits asks first: save, discard, or keep editing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from textual.widgets import Footer, Static, TextArea
 
 from tunetop.training import config as config_module
 from tunetop.training.config import ConfigError
+from tunetop.tui.screens.modals import UnsavedScreen
 
 
 class ConfigEditorScreen(Screen[None]):
@@ -42,6 +44,7 @@ class ConfigEditorScreen(Screen[None]):
         super().__init__()
         self.path = path
         self.valid = False
+        self.saved_text = ""  # the text as on disk (or the starter text of a new file): escape compares with it
 
     @property
     def is_run_config(self) -> bool:
@@ -60,6 +63,7 @@ class ConfigEditorScreen(Screen[None]):
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             text = config_module.starter_text()
+        self.saved_text = text
         editor = TextArea.code_editor(text, language="toml", id="editor")
         yield editor
         yield Static("", id="validation")
@@ -90,7 +94,9 @@ class ConfigEditorScreen(Screen[None]):
         if not self.valid:
             self.notify("not saved: fix the error under the editor first", severity="error")
             return False
-        self.path.write_text(self.query_one(TextArea).text, encoding="utf-8")
+        text = self.query_one(TextArea).text
+        self.path.write_text(text, encoding="utf-8")
+        self.saved_text = text
         applies = "; it applies when the run is resumed (live settings: `l`)" if self.is_run_config else ""
         self.notify(f"saved {self.path}{applies}", markup=False)
         return True
@@ -151,4 +157,12 @@ class ConfigEditorScreen(Screen[None]):
         self.app.push_screen(PromptScreen(f"Resume from iteration (checkpoints: {have}; empty = latest):"), chosen)
 
     def action_close(self) -> None:
-        self.app.pop_screen()
+        """Close; with unsaved edits, ask first (save / discard / keep editing)."""
+        if self.query_one(TextArea).text == self.saved_text:
+            self.app.pop_screen()
+            return
+        def answered(answer: str | None) -> None:
+            if answer == "discard" or (answer == "save" and self.action_save()):
+                self.app.pop_screen()
+
+        self.app.push_screen(UnsavedScreen(str(self.path)), answered)

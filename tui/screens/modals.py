@@ -1,4 +1,4 @@
-"""Modal screens: key help, a yes/no confirmation, the live-settings form, a path prompt."""
+"""Modal screens: key help, a yes/no confirmation, unsaved edits, the live-settings form, a path prompt."""
 
 from __future__ import annotations
 
@@ -89,11 +89,43 @@ class ConfirmScreen(Modal[bool]):
         self.dismiss(answer)
 
 
+class UnsavedScreen(Modal[str]):
+    """Leaving an editor with unsaved edits: answers "save", "discard" or "keep" (editing)."""
+
+    BINDINGS = [
+        Binding("s", "answer('save')", "Save"),
+        Binding("d", "answer('discard')", "Discard"),
+        Binding("escape,k", "answer('keep')", "Keep editing"),
+    ]
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(f"{self.path} has unsaved edits.", classes="title", markup=False)
+            yield Label("Save them, discard them, or keep editing?")
+            with Horizontal(classes="buttons"):
+                yield Button("Save (s)", id="save", variant="primary")
+                yield Button("Discard (d)", id="discard", variant="error")
+                yield Button("Keep editing (esc)", id="keep")
+
+    def on_mount(self) -> None:
+        self.query_one("#keep", Button).focus()  # enter on the default loses nothing
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id or "keep")
+
+    def action_answer(self, answer: str) -> None:
+        self.dismiss(answer)
+
+
 class SetScreen(Modal[dict[str, Any] | None]):
     """A form for the live-editable fields; returns only the changed ones, validated."""
 
     DEFAULT_CSS = """
-    SetScreen Grid { grid-size: 2; grid-columns: 22 1fr; grid-rows: 1; grid-gutter: 1 1; height: auto; }
+    SetScreen Grid { grid-size: 2; grid-columns: 25 1fr; grid-rows: 1; grid-gutter: 1 1; height: auto; }
     """
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 

@@ -41,6 +41,8 @@ class RunsScreen(Screen[None]):
 
     BINDINGS = [
         Binding("enter", "open", "Attach / open"),
+        Binding("space", "mark", "Mark"),
+        Binding("c", "compare", "Compare marked"),
         Binding("n", "new_run", "New run from config"),
         Binding("u", "resume_run", "Resume run"),
         Binding("d", "delete", "Delete run"),
@@ -48,6 +50,11 @@ class RunsScreen(Screen[None]):
         Binding("q,ctrl+d", "quit", "Quit"),
         *QUEUE_BINDINGS,
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marked: list[str] = []
+        """Run ids marked (space) for a comparison, in the order marked: the comparison's colours."""
 
     def compose(self) -> ComposeResult:
         yield Static("tunetop — runs", id="title")
@@ -67,7 +74,10 @@ class RunsScreen(Screen[None]):
         table.clear()
         self._add_queue_rows(table)
         for run in reversed(list_runs()):
-            table.add_row(*run_row(run), key=run.id)
+            row = run_row(run)
+            if run.id in self.marked:
+                row = (Text.assemble(("● ", "bold"), row[0]), *row[1:])
+            table.add_row(*row, key=run.id)
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
 
@@ -87,6 +97,30 @@ class RunsScreen(Screen[None]):
             from tunetop.tui.screens.dashboard import DashboardScreen
 
             self.app.push_screen(DashboardScreen(run))
+
+    def action_mark(self) -> None:
+        """Mark the run under the cursor for a comparison, or unmark it."""
+        run = self._selected()
+        if run is None:
+            return
+        if run.id in self.marked:
+            self.marked.remove(run.id)
+        else:
+            self.marked.append(run.id)
+        self.action_reload()
+        table = self.query_one(DataTable)
+        table.move_cursor(row=min(table.cursor_row + 1, table.row_count - 1))  # as file managers do: on to the next
+
+    def action_compare(self) -> None:
+        """Open the comparison of the marked runs."""
+        runs = {r.id: r for r in list_runs()}
+        chosen = [runs[key] for key in self.marked if key in runs]  # a marked run may have been deleted since
+        if len(chosen) < 2:
+            self.notify("mark two runs or more with space, then press c to compare them", severity="warning")
+            return
+        from tunetop.tui.screens.compare import CompareScreen
+
+        self.app.push_screen(CompareScreen(chosen))
 
     def action_new_run(self) -> None:
         def chosen(path: str | None) -> None:

@@ -1,12 +1,15 @@
 """A line chart drawn with braille characters: training and validation loss on one set of axes.
 
 ``plot`` is pure (series in, styled text lines out) so it is tested without a terminal; the
-``LossChart`` widget feeds it from :class:`tunetop.tui.state.RunState` at the size it has.
+``LossChart`` widget feeds it from :class:`tunetop.tui.state.RunState` at the size it has
+(``loss_series`` makes one run's series; tunetop.tui.widgets.compare_chart overlays several).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -108,11 +111,18 @@ def _clip_segment(
     return (xa + t0 * (xb - xa), ya + t0 * dy), (xa + t1 * (xb - xa), ya + t1 * dy)
 
 
-def plot(series: list[Series], width: int, height: int, y_range: YRange | None = None) -> list[Text]:
+def plot(
+    series: list[Series],
+    width: int,
+    height: int,
+    y_range: YRange | None = None,
+    x_format: Callable[[float], str] | None = None,
+) -> list[Text]:
     """Render the series into ``height`` lines of ``width`` cells (axis labels included).
 
     ``y_range`` defaults to :func:`fit_range`'s. Values above it are clipped: the columns where
     a series runs above the top show ``↑`` in the top row, and the x-axis line says up to what.
+    ``x_format`` writes the x-axis's two labels (default: whole numbers, for iterations).
     """
     width = max(width, AXIS_WIDTH + 4)
     height = max(height, 3)
@@ -207,7 +217,7 @@ def plot(series: list[Series], width: int, height: int, y_range: YRange | None =
         if run:
             line.append("".join(run), style=run_style)
         lines.append(line)
-    left, right = f"{x0:.0f}", f"{x1:.0f}"
+    left, right = (x_format(x0), x_format(x1)) if x_format is not None else (f"{x0:.0f}", f"{x1:.0f}")
     axis = " " * AXIS_WIDTH + left + right.rjust(max(plot_w - len(left), len(right)))
     if fitted.clipped is not None:  # say what the ↑ marks hide, between the x labels
         note = f" ↑ up to {_fmt(fitted.clipped)}, above the top ('y' shows all) "
@@ -274,22 +284,10 @@ class LossChart(Widget):
 
     def series(self, buckets: int) -> list[Series]:
         state = self.run_state
-        xs, ys = state.train_iterations, state.train_losses
-        val_x = [v.iteration for v in state.validations]
-        val_y = [v.loss for v in state.validations]
-        if self.window > 0 and xs:
-            start = xs[-1] - self.window
-            keep = next((i for i, x in enumerate(xs) if x >= start), len(xs))
-            xs, ys = xs[keep:], ys[keep:]
-            kept = [(x, y) for x, y in zip(val_x, val_y, strict=True) if x >= start]
-            val_x, val_y = [x for x, _ in kept], [y for _, y in kept]
-        smooth = ema(ys, self.smoothing)
-        dx, dy = downsample(xs, smooth, buckets)
-        out = []
-        if val_x:  # dots, as the legend says: a validation is a measurement at one iteration
-            out.append(Series([float(x) for x in val_x], val_y, "bold $warning", "validation", markers=True, line=False))
-        out.append(Series(dx, dy, "bold $accent", "train"))  # drawn last: on top where they overlap
-        return out
+        start = state.train_iterations[-1] - self.window if self.window > 0 and state.train_iterations else None
+        validation, train = loss_series(state, self.smoothing, buckets, start)
+        # validation drawn first: the train line on top where they overlap
+        return [s for s in (validation, train) if s is not None]
 
     def render(self) -> Text:
         ready, self._ready = self._ready, None
@@ -302,4 +300,61 @@ class LossChart(Widget):
         series = self.series(max((width - AXIS_WIDTH) * 2, 1))
         for s in series:
             s.style = themed(s.style, self.app.current_theme)
-        return plot(series, width, height, fit_range(series, self.y_mode))
+        return plot(series, width, height, fit_range(series, self.y_mode), self.x_format())
+
+    def x_format(self) -> Callable[[float], str] | None:
+        """How the x-axis labels read (None: iterations, whole numbers)."""
+        return None
+
+
+def loss_series(
+    state: RunState,
+    smoothing: float,
+    buckets: int,
+    start: int | None = None,
+    x_by: str = "iteration",
+    train_style: str = "bold $accent",
+    validation_style: str = "bold $warning",
+    label: str = "",
+) -> tuple[Series | None, Series]:
+    """One run's (validation dots or None, smoothed train line) from iteration ``start`` on (None:
+    the whole run), against iterations or trained tokens (``x_by``: ``iteration`` or ``tokens``)."""
+    xs, ys = state.train_iterations, state.train_losses
+    val_x = [v.iteration for v in state.validations]
+    val_y = [v.loss for v in state.validations]
+    if start is not None and xs:
+        keep = bisect.bisect_left(xs, start)
+        xs, ys = xs[keep:], ys[keep:]
+        kept = [(x, y) for x, y in zip(val_x, val_y, strict=True) if x >= start]
+        val_x, val_y = [x for x, _ in kept], [y for _, y in kept]
+    smooth = ema(ys, smoothing)
+    if x_by == "tokens":
+        train_x: list[float] = [float(t) for t in state.train_tokens[len(state.train_tokens) - len(xs):]]
+        val_at = tokens_at(state, val_x)
+    else:
+        train_x, val_at = [float(x) for x in xs], [float(x) for x in val_x]
+    dx, dy = downsample(train_x, smooth, buckets)
+    # dots, as the legend says: a validation is a measurement at one iteration
+    validation = Series(val_at, val_y, validation_style, f"{label} validation".strip(), markers=True, line=False) if val_x else None
+    return validation, Series(dx, dy, train_style, f"{label} train".strip())
+
+
+def tokens_at(state: RunState, iterations: list[int]) -> list[float]:
+    """The trained tokens at each of ``iterations`` (a validation's), read off the train reports:
+    interpolated between two reports, from 0 at iteration 0, and at the run's average tokens per
+    iteration past the last report."""
+    xs, ts = state.train_iterations, state.train_tokens
+    out = []
+    for iteration in iterations:
+        at = bisect.bisect_left(xs, iteration)
+        if at < len(xs) and xs[at] == iteration:
+            out.append(float(ts[at]))
+            continue
+        x0, t0 = (xs[at - 1], ts[at - 1]) if at > 0 else (0, 0)
+        if at < len(xs):
+            x1, t1 = xs[at], ts[at]
+            out.append(t0 + (t1 - t0) * (iteration - x0) / (x1 - x0) if x1 != x0 else float(t0))
+        else:
+            per_iteration = ts[-1] / xs[-1] if xs and xs[-1] > 0 else 0.0
+            out.append(t0 + per_iteration * (iteration - x0))
+    return out
