@@ -12,6 +12,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from textual.widgets import DataTable
 from tests.conftest import tunetop, wait_for, write_config
 from tunetop.control.journal import read_events
 from tunetop.runs.folders import RunDir, list_runs, runs_root
-from tunetop.runs.queue import load_queue
+from tunetop.runs.queue import add_configs, load_queue
 from tunetop.runs.scheduler import scheduler_pid
 from tunetop.training import config as config_module
 from tunetop.training.checkpoint import latest_checkpoint
@@ -276,6 +278,57 @@ def test_scheduler_killed_at_random_points_loses_no_run_and_starts_none_twice(tm
     print(f"{rounds} kills of the scheduler, {everything} of them with every engine ({aimed} after a save); "
           f"{resumed} exact resumes")
     assert rounds >= 3 and resumed >= min(aimed, 1)
+
+
+SCHEDULER_STEPS = ("atomic queue.json: ", "scheduler: ", "launch: ", "daemon: ")
+"""Fault points the scheduler passes (tunetop.faults): its queue writes and its start of an engine."""
+
+
+def scheduler_process(**env: str) -> subprocess.CompletedProcess[bytes]:
+    """A scheduler in the foreground, until the queue is done or a fault point kills it."""
+    return subprocess.run([sys.executable, "-m", "tunetop.cli", "_scheduler"], env={**os.environ, **env},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_scheduler_killed_at_each_of_its_steps_recovers_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step of the state machine has one recovery: the scheduler is killed at each point it
+    passes for one entry (a trace of one run lists them), alone or with the engine; a new one ends
+    the entry exactly once, adopting a live engine rather than starting a second."""
+    config = config_module.load(tiny(tmp_path / "one.toml", "one", iterations=4))
+    trace = tmp_path / "trace"
+    add_configs([config], ["one.toml"])
+    assert scheduler_process(TUNETOP_FAULT_TRACE=str(trace)).returncode == 0 and all_ended()
+    seen: dict[str, int] = {}
+    points = []
+    for name in trace.read_text().splitlines():
+        if name.startswith(SCHEDULER_STEPS):
+            seen[name] = seen.get(name, 0) + 1
+            points.append(f"{name}#{seen[name]}")
+    assert "daemon: engine spawned#1" in points and len(points) >= 8, points
+    # With the engine too where one lives (from its spawn to the entry's last write); elsewhere
+    # killing everything is killing the scheduler alone.
+    alive = points[points.index("daemon: engine spawned#1"):-2]
+    for number, point in enumerate(points):
+        for everything in (False, True) if point in alive else (False,):
+            monkeypatch.setenv("TUNETOP_HOME", str(tmp_path / f"{number}-{everything}"))
+            add_configs([config], ["one.toml"])
+            assert scheduler_process(TUNETOP_FAULT_KILL_AT=point).returncode == -signal.SIGKILL, point
+            if everything:
+                kill_and_wait(engine_pids(), lambda: not engine_pids())
+            tunetop("queue", check=True)  # a new scheduler
+            wait_for(all_ended, timeout=180, interval=0.2)
+            wait_idle()
+            (entry,) = load_queue().entries
+            assert (entry.state, entry.reason) == ("done", "completed"), (point, everything, entry)
+            (run,) = list_runs()
+            assert run.id == entry.run
+            events = events_of(run)
+            assert [e["reason"] for e in events if e["type"] == "finished"] == ["completed"], (point, everything)
+            starts = sum(e["type"] == "run_started" for e in events)
+            assert starts == 1 or (everything and starts == 2), (point, everything, starts)
+            assert "already has a live engine" not in run.log.read_text(), (point, everything)
 
 
 # -- remote -------------------------------------------------------------------------------
