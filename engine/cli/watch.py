@@ -235,3 +235,41 @@ def cmd_keys(_args: argparse.Namespace) -> int:
     print(f"client public key: {public}")
     print(f"authorize it on the engine's machine: copy it into {clients_dir()}/ (any name ending in .key)")
     return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Block until a run ends, or pauses on a non-finite step; exit with that ending's code
+    (runs.notify.WAIT_CODES). A run that has already ended answers at once."""
+    from tunetop.control.journal import JournalTail
+    from tunetop.runs.folders import resolve
+    from tunetop.runs.notify import WAIT_CODES, WAIT_ENGINE_GONE, WAIT_TIMED_OUT, Ending, describe
+
+    try:
+        run = resolve(args.run)
+    except RunError as error:
+        return _fail(str(error))
+    if args.timeout < 0:
+        return _fail(f"--timeout {args.timeout:g}: give seconds, or 0 to wait as long as the run takes.")
+    tail = JournalTail(run.journal, since=0)
+    ending = Ending()
+    deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
+    try:
+        while True:
+            alive = run.is_alive()  # asked first: an engine gone by now has written all it will
+            for _seq, payload in tail.poll():
+                ending.apply(json.loads(payload))
+            if ending.event is not None:
+                break
+            if not alive:
+                print(f"tunetop: run {run.id}: its engine ended without finishing the run (killed, or the machine "
+                      f"went down); `tunetop train --resume {run.id}` continues it.", file=sys.stderr)
+                return WAIT_ENGINE_GONE
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"tunetop: run {run.id} is still going after {args.timeout:g} s.", file=sys.stderr)
+                return WAIT_TIMED_OUT
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        return 130
+    _title, body = describe(ending.event)
+    print(f"{run.id}: {'paused: ' if ending.reason == 'paused_nonfinite' else ''}{body}")
+    return WAIT_CODES.get(ending.reason, WAIT_CODES["failed"])
