@@ -183,7 +183,7 @@ class RunConfig:
     """A whole run config. ``source`` is the file it came from, for messages."""
 
     name: str = ""
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # labels for finding runs again (a sweep's "sweep:ID")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -22,8 +22,17 @@ from textual.widgets import DataTable, Footer, Input, Static
 
 from tunetop.runs.folders import RunDir, list_runs
 from tunetop.runs.labels import labels_of
+from tunetop.runs.queue import QueueError, edit_queue, load_queue
 from tunetop.tui.screens.modals import ConfirmScreen, LabelsScreen, PromptScreen
 from tunetop.tui.state import format_duration
+
+QUEUE_KEY = "queue:"
+"""Row keys of pending queue entries (``queue:ID``), which are no runs."""
+QUEUE_BINDINGS = [
+    Binding("shift+up,K", "queue_move(-1)", "Queued earlier"),
+    Binding("shift+down,J", "queue_move(1)", "Queued later"),
+    Binding("x", "queue_cancel", "Cancel queued"),
+]
 
 # -- rows: one per run, read once per refresh ----------------------------------------------
 
@@ -110,6 +119,7 @@ class RunsScreen(Screen[None]):
         Binding("t", "labels", "Tags/note"),
         Binding("r", "reload", "Refresh"),
         Binding("q,ctrl+d", "quit", "Quit"),
+        *QUEUE_BINDINGS,
     ]
 
     def __init__(self) -> None:
@@ -121,6 +131,7 @@ class RunsScreen(Screen[None]):
         self.sort_descending = True  # newest first
         self.show_failed = False
         self._shown_key: tuple[Any, ...] = ()
+        self.queued: list[tuple[str, tuple[str, ...]]] = []  # (row key, cells) of pending queue entries
         self.marked: list[str] = []
         """Run ids marked (space) for a comparison, in the order marked: the comparison's colours."""
 
@@ -138,35 +149,39 @@ class RunsScreen(Screen[None]):
     def action_reload(self) -> None:
         """Read every run again, and show what changed."""
         self.rows = [read_row(run) for run in list_runs()]
+        self.queued = self._queue_rows()
         self._show()
 
     def _show(self) -> None:
         """Filter, sort and draw the rows; the table is rebuilt only when what it shows changed."""
         self.shown = arrange(self.rows, self.query_text, self.sort_column, self.sort_descending, self.show_failed)
-        key = (self.sort_column, self.sort_descending, tuple(self.marked), tuple((r.run.id, r.cells) for r in self.shown))
+        key = (self.sort_column, self.sort_descending, tuple(self.marked), tuple(self.queued),
+               tuple((r.run.id, r.cells) for r in self.shown))
         self._title()
         if key == self._shown_key:
             return
         self._shown_key = key
         table = self.query_one(DataTable)
-        selected = self._selected()
+        selected = self._cursor_key()
         table.clear(columns=True)
         arrow = " ▼" if self.sort_descending else " ▲"
         for number, name in enumerate(COLUMNS):
             label = name + (arrow if number == self.sort_column else "")
             # Widths measured here from the strings: DataTable would otherwise measure every cell's
             # rendering, most of the cost of opening a list of hundreds of runs.
-            width = max([len(label), *(len(r.cells[number]) for r in self.shown)]) + (2 if number == 0 and self.marked else 0)
+            width = max([len(label), *(len(r.cells[number]) for r in self.shown),
+                         *(len(cells[number]) for _key, cells in self.queued)]) + (2 if number == 0 and self.marked else 0)
             table.add_column(label, key=name, width=min(width, MAX_WIDTH))
+        self._add_queue_rows(table)
         # Text cells: DataTable reads a str cell as Rich markup, and names, tags and notes are the user's.
         for r in self.shown:
             cells = [Text(cell) for cell in r.cells]
             if r.run.id in self.marked:  # marked for a comparison (space)
                 cells[0] = Text.assemble(("● ", "bold"), cells[0])
             table.add_row(*cells, key=r.run.id)
-        if self.shown:
-            ids = [r.run.id for r in self.shown]
-            table.move_cursor(row=ids.index(selected.id) if selected is not None and selected.id in ids else 0)
+        if table.row_count:
+            keys = [key for key, _cells in self.queued] + [r.run.id for r in self.shown]
+            table.move_cursor(row=keys.index(selected) if selected in keys else 0)
 
     def _title(self) -> None:
         total = len(self.rows)
@@ -178,6 +193,13 @@ class RunsScreen(Screen[None]):
         if hidden:
             parts.append(f"{hidden} failed before training hidden (a shows them)")
         self.query_one("#title", Static).update(Text(" · ".join(parts)))
+
+    def _cursor_key(self) -> str | None:
+        """The row key under the cursor: a run id, or a queue entry's key."""
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
 
     def _selected(self) -> RunDir | None:
         """The run under the cursor (rows are keyed by run id)."""
@@ -352,3 +374,62 @@ class RunsScreen(Screen[None]):
 
     def action_quit(self) -> None:
         self.app.exit()
+
+    # -- the queue (tunetop.runs.queue): pending entries first, in order; reorder and cancel them --
+
+    def _queue_rows(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(row key, cells) of each pending entry, in order (shown first, whatever the filter and sort)."""
+        try:
+            pending = load_queue().pending()
+        except QueueError as error:
+            self.notify(str(error), severity="error", timeout=10, markup=False)
+            return []
+        rows = []
+        for place, entry in enumerate(pending, start=1):
+            cells = [f"queue #{entry.id}", entry.name, f"queued ({place})"]
+            rows.append((f"{QUEUE_KEY}{entry.id}", tuple(cells + [""] * (len(COLUMNS) - len(cells)))))
+        return rows
+
+    def _add_queue_rows(self, table: DataTable[Text]) -> None:
+        for key, cells in self.queued:
+            table.add_row(*(Text(cell) for cell in cells), key=key)
+
+    def _queued(self) -> str | None:
+        """The selected row's queue entry number, when it is a queued entry."""
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        key = str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        return key.removeprefix(QUEUE_KEY) if key.startswith(QUEUE_KEY) else None
+
+    def action_queue_move(self, steps: int) -> None:
+        entry = self._queued()
+        if entry is None:
+            return
+        try:
+            with edit_queue() as queue:
+                queue.move(entry, steps)
+                place = [e.id for e in queue.pending()].index(int(entry))
+        except QueueError as error:
+            self.notify(str(error), severity="warning", markup=False)
+            return
+        self.action_reload()
+        self.query_one(DataTable).move_cursor(row=place)
+
+    def action_queue_cancel(self) -> None:
+        entry = self._queued()
+        if entry is None:
+            self.notify("x cancels a queued run: select one (the rows marked queued)", severity="warning")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                with edit_queue() as queue:
+                    queue.remove(entry)
+            except QueueError as error:
+                self.notify(str(error), severity="warning", markup=False)
+            self.action_reload()
+
+        self.app.push_screen(ConfirmScreen(f"Take queue entry {entry} out of the queue?"), answered)
