@@ -18,6 +18,8 @@ SYSTEM_SERIES = ("cpu_percent", "rss", "memory_used", "mlx_active", "gpu_utiliza
 """The ``system`` readings kept over time (the machine panel's sparklines); the rest only as of now."""
 
 ACTIVE_STATES = frozenset({"starting", "running", "paused", "stopping"})
+ENDED_STATES = frozenset({"finished", "failed"})
+"""States a `finished` event always follows at once: the log shows that event's line, not theirs."""
 
 RATE_SECONDS = 120.0
 """The ETA's speed is iterations over wall-clock time, with older intervals weighted down by
@@ -195,6 +197,8 @@ class RunState:
         if isinstance(e.get("iteration"), int):
             self.iteration = e["iteration"]
         self.state = new
+        if new in ENDED_STATES:
+            return  # the `finished` event right after says it, with the reason: one line, not two
         at = f" at iteration {e['iteration']:,}" if isinstance(e.get("iteration"), int) and new != "starting" else ""
         self._note(e, f"state: {self.state}{at}")
 
