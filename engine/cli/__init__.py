@@ -109,9 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theme")
     p.set_defaults(func=cmd_attach)
 
-    p = sub.add_parser("ls", help="list runs, here or on HOST (user@host[:port], over ssh)")
+    p = sub.add_parser(
+        "ls", help="list runs, here or on HOST (user@host[:port], over ssh)",
+        epilog="One run per line. ITER: the last iteration reported, of the run's total; LOSS: the last "
+        "training loss; ALIVE: whether its engine runs; AGE: how long ago the run last reported anything (a "
+        "training report, a validation, a save, a pause or its end); --json gives it as `updated`, an ISO time.",
+    )
     p.add_argument("host", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per run with raw values (numbers, an ISO time), for scripts")
     p.add_argument("--all", action="store_true", help="also the runs that failed before training (hidden by default)")
     p.set_defaults(func=cmd_ls)
 
