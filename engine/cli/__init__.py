@@ -7,7 +7,8 @@ printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter save
 terminated by SIGTERM (adapter saved first). ``wait`` exits with how the run ended: 0, 10-17
 (runs.notify.WAIT_CODES).
 
-This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs and cli.compare."""
+This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs, cli.compare
+and cli.queue."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import sys
 from tunetop.cli.common import CHECKPOINT_HELP, CONTROL_HELP, RUN_HELP, _fail, checkpoint_arg
 from tunetop.cli.compare import cmd_compare
 from tunetop.cli.outputs import cmd_export, cmd_export_metrics, cmd_import_config, cmd_test
+from tunetop.cli.queue import add_parsers as add_queue_parsers
+from tunetop.cli.queue import main_argv as queue_argv
 from tunetop.cli.train import cmd_demo, cmd_engine, cmd_follower, cmd_init, cmd_train, demo_config
 from tunetop.cli.watch import (
     _attach,
@@ -190,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_import_config)
 
+    add_queue_parsers(sub)
+
     p = sub.add_parser("keys", help="make and print your client key for TCP listeners")
     p.set_defaults(func=cmd_keys)
 
@@ -223,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     # `tunetop set KEY=VALUE` without a run: argparse would take KEY=VALUE as the run.
     if len(argv) >= 2 and argv[0] == "set" and "=" in argv[1]:
         argv = ["set", "", *argv[1:]]
+    argv = queue_argv(argv)
     unknown = _unknown_command(parser, argv)
     if unknown:
         return _fail(unknown)
