@@ -7,7 +7,8 @@ printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter save
 terminated by SIGTERM (adapter saved first). ``wait`` exits with how the run ended: 0, 10-17
 (runs.notify.WAIT_CODES).
 
-This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs and cli.compare."""
+This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs, cli.compare
+and cli.queue."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import sys
 from tunetop.cli.common import CHECKPOINT_HELP, CONTROL_HELP, RUN_HELP, _fail, checkpoint_arg
 from tunetop.cli.compare import cmd_compare
 from tunetop.cli.outputs import cmd_export, cmd_export_metrics, cmd_import_config, cmd_test
+from tunetop.cli.queue import add_parsers as add_queue_parsers
+from tunetop.cli.queue import main_argv as queue_argv
 from tunetop.cli.train import cmd_demo, cmd_engine, cmd_follower, cmd_init, cmd_train, demo_config
 from tunetop.cli.watch import (
     _attach,
@@ -109,9 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theme")
     p.set_defaults(func=cmd_attach)
 
-    p = sub.add_parser("ls", help="list runs, here or on HOST (user@host[:port], over ssh)")
+    p = sub.add_parser(
+        "ls", help="list runs, here or on HOST (user@host[:port], over ssh)",
+        epilog="One run per line. ITER: the last iteration reported, of the run's total; LOSS: the last "
+        "training loss; ALIVE: whether its engine runs; AGE: how long ago the run last reported anything (a "
+        "training report, a validation, a save, a pause or its end); --json gives it as `updated`, an ISO time.",
+    )
     p.add_argument("host", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per run with raw values (numbers, an ISO time), for scripts")
     p.add_argument("--all", action="store_true", help="also the runs that failed before training (hidden by default)")
     p.set_defaults(func=cmd_ls)
 
@@ -144,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--raw", action="store_true",
                    help="send the prompt as it is; by default it is formatted as the run's data was (the chat template for chat data)")
+    p.add_argument("--checkpoint", type=checkpoint_arg, metavar="ITERATION|best",
+                   help="a saved checkpoint's adapter, loaded here (no engine needed), instead of the live weights")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="sample")
@@ -183,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_import_config)
 
+    add_queue_parsers(sub)
+
     p = sub.add_parser("keys", help="make and print your client key for TCP listeners")
     p.set_defaults(func=cmd_keys)
 
@@ -216,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     # `tunetop set KEY=VALUE` without a run: argparse would take KEY=VALUE as the run.
     if len(argv) >= 2 and argv[0] == "set" and "=" in argv[1]:
         argv = ["set", "", *argv[1:]]
+    argv = queue_argv(argv)
     unknown = _unknown_command(parser, argv)
     if unknown:
         return _fail(unknown)

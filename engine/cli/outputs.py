@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from tunetop.cli.common import _fail
 
@@ -22,7 +24,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     cfg = config_module.load(run.config)
     try:
         checkpoint = None if args.base else chosen_checkpoint(run, args.checkpoint)
-        result = score(run, cfg, args.split, checkpoint, args.batches, base=args.base)
+        progress = _TestProgress(args.split) if sys.stderr.isatty() else None
+        try:
+            result = score(run, cfg, args.split, checkpoint, args.batches, base=args.base, progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
     except (EvaluationError, DataError, ModelError, ExportError) as error:
         return _fail(str(error))
     if args.json:
@@ -30,6 +37,61 @@ def cmd_test(args: argparse.Namespace) -> int:
     else:
         print(result.describe())
     return 0
+
+
+def cmd_sample_saved(args: argparse.Namespace, run: Any) -> int:
+    """`tunetop sample RUN --checkpoint ITERATION|best`: a completion from a saved adapter."""
+    from tunetop.interop.evaluation import EvaluationError
+    from tunetop.interop.export import ExportError, chosen_checkpoint
+    from tunetop.interop.saved_sample import sample_saved
+    from tunetop.training import config as config_module
+    from tunetop.training.build import ModelError
+    from tunetop.training.data import DataError
+    from tunetop.training.sampling import SampleError
+
+    cfg = config_module.load(run.config)
+    max_tokens = config_module.coerce_field("sampling", "max_tokens", args.max_tokens, "--max-tokens")
+    temperature = config_module.coerce_field("sampling", "temperature", args.temperature, "--temperature")
+    try:
+        checkpoint = chosen_checkpoint(run, args.checkpoint)
+        assert checkpoint is not None
+        result = sample_saved(run, cfg, checkpoint, args.prompt, max_tokens, temperature, args.raw)
+    except (EvaluationError, ExportError, DataError, ModelError, SampleError) as error:
+        return _fail(str(error))
+    if args.json:
+        print(json.dumps({"ok": True, **result.__dict__}))
+    else:
+        from tunetop.control.replies import describe_result
+
+        print(f"sample: {describe_result('sample', result.__dict__)}")
+    return 0
+
+
+class _TestProgress:
+    """`tunetop test`'s progress on a terminal's stderr: one line, rewritten in place (stdout keeps
+    only the result, for scripts)."""
+
+    def __init__(self, split: str) -> None:
+        self.split = split
+        self.started = time.monotonic()
+        self.shown = 0.0
+        self.written = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.shown < 0.2:  # a redraw five times a second is plenty
+            return
+        self.shown = now
+        elapsed = now - self.started
+        left = f", about {elapsed / done * (total - done):.0f}s left" if done < total else ""
+        sys.stderr.write(f"\rscoring the {self.split} split: batch {done:,} of {total:,} ({done / total:.0%}){left}\x1b[K")
+        sys.stderr.flush()
+        self.written = True
+
+    def close(self) -> None:
+        if self.written:  # the line goes; the result follows on stdout
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -62,6 +62,28 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
+def _ls_record(run: Any, s: dict[str, Any]) -> dict[str, Any]:
+    """One run of `ls --json`: raw values for scripts (numbers, booleans, an ISO 8601 time in UTC),
+    where the table shows them formatted for people."""
+    import datetime
+
+    status = run.status()
+    iteration, iterations, loss = status.get("iteration"), status.get("iterations"), status.get("loss")
+    updated = time.time() - s["age_seconds"]  # what AGE counts from
+    return {
+        "run": s["run"],
+        "name": s["name"],
+        "state": s["state"],
+        "iteration": None if s["failed_before_training"] or not isinstance(iteration, int) else iteration,
+        "iterations": iterations if isinstance(iterations, int) else None,
+        "loss": float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None,
+        "alive": bool(s["alive"]),
+        "trained": bool(s["trained"]),
+        "updated": datetime.datetime.fromtimestamp(updated, datetime.UTC).isoformat(timespec="seconds"),
+        "age_seconds": round(s["age_seconds"], 3),
+    }
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from tunetop.runs.folders import list_runs
 
@@ -76,7 +98,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
 
     rows = []
-    trained = []
+    records = []
     hidden = 0
     for run in list_runs():
         s = run.summary()
@@ -86,11 +108,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows.append(
             (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
         )
-        trained.append(s["trained"])
+        if args.json:
+            records.append(_ls_record(run, s))
     header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
     if args.json:
-        for row, was_trained in zip(rows, trained, strict=True):
-            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), "trained": was_trained}))
+        for record in records:
+            print(json.dumps(record))
         return 0
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for number, row in enumerate((header, *rows)):
@@ -184,6 +207,10 @@ def cmd_control(args: argparse.Namespace) -> int:
         except ValueError as error:
             return _fail(str(error))
     elif args.command == "sample":
+        if args.checkpoint is not None:  # a saved adapter, loaded in this process
+            from tunetop.cli.outputs import cmd_sample_saved
+
+            return cmd_sample_saved(args, run)
         command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "raw": args.raw}
     if not run.is_alive():
         if args.command == "status":  # a question a finished run can answer from what it left

@@ -369,10 +369,12 @@ class RunLock:
             self._fd = None
 
 
-def create_run() -> RunDir:
-    """A new, empty run folder (mode 0700, in a 0700 state folder)."""
-    run = RunDir(make_state_private() / new_run_id())
-    run.path.mkdir(mode=0o700)
+def create_run(run_id: str = "") -> RunDir:
+    """A new, empty run folder (mode 0700, in a 0700 state folder); ``run_id`` is one reserved
+    before (the queue writes it down first), else a fresh id. A reserved id's folder may exist
+    already (made before a crash), and is used as it is."""
+    run = RunDir(make_state_private() / (run_id or new_run_id()))
+    run.path.mkdir(mode=0o700, exist_ok=bool(run_id))
     return run
 
 

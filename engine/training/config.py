@@ -183,6 +183,7 @@ class RunConfig:
     """A whole run config. ``source`` is the file it came from, for messages."""
 
     name: str = ""
+    tags: list[str] = field(default_factory=list)  # labels for finding runs again (a sweep's "sweep:ID")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -201,6 +202,8 @@ class RunConfig:
         out.pop("source")
         if not out["name"]:
             out.pop("name")
+        if not out["tags"]:
+            out.pop("tags")
         return out
 
 
@@ -472,8 +475,16 @@ def parse(text: str, source: str = "") -> RunConfig:
 def from_dict(raw: dict[str, Any], source: str = "", text: str = "") -> RunConfig:
     """Validate already-parsed TOML data (as from ``tomllib``) into a :class:`RunConfig`."""
     config = RunConfig(source=source)
-    allowed_top = ["name", *SECTIONS]
+    allowed_top = ["name", "tags", *SECTIONS]
     for top, value in raw.items():
+        if top == "tags":
+            if not (isinstance(value, list) and all(isinstance(tag, str) for tag in value)):
+                raise ConfigError(
+                    f"{_where(source, _find_line(text, None, 'tags'))}: 'tags' must be a list of strings "
+                    f"(tags = [\"baseline\"]), got {_type_name(value)} ({_shown(value)})."
+                )
+            config.tags = list(value)
+            continue
         if top == "name":
             if not isinstance(value, str):
                 raise ConfigError(

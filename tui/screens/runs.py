@@ -11,8 +11,17 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from tunetop.runs.folders import RunDir, list_runs
+from tunetop.runs.queue import QueueError, edit_queue, load_queue
 from tunetop.tui.screens.modals import ConfirmScreen, PromptScreen
 from tunetop.tui.state import format_duration
+
+QUEUE_KEY = "queue:"
+"""Row keys of pending queue entries (``queue:ID``), which are no runs."""
+QUEUE_BINDINGS = [
+    Binding("shift+up,K", "queue_move(-1)", "Queued earlier"),
+    Binding("shift+down,J", "queue_move(1)", "Queued later"),
+    Binding("x", "queue_cancel", "Cancel queued"),
+]
 
 
 def run_row(run: RunDir) -> tuple[Text, ...]:
@@ -39,6 +48,7 @@ class RunsScreen(Screen[None]):
         Binding("d", "delete", "Delete run"),
         Binding("r", "reload", "Refresh"),
         Binding("q,ctrl+d", "quit", "Quit"),
+        *QUEUE_BINDINGS,
     ]
 
     def __init__(self) -> None:
@@ -62,6 +72,7 @@ class RunsScreen(Screen[None]):
         table = self.query_one(DataTable)
         cursor = table.cursor_row
         table.clear()
+        self._add_queue_rows(table)
         for run in reversed(list_runs()):
             row = run_row(run)
             if run.id in self.marked:
@@ -163,3 +174,56 @@ class RunsScreen(Screen[None]):
 
     def action_quit(self) -> None:
         self.app.exit()
+
+    # -- the queue (tunetop.runs.queue): pending entries first, in order; reorder and cancel them --
+
+    def _add_queue_rows(self, table: DataTable[Text]) -> None:
+        try:
+            pending = load_queue().pending()
+        except QueueError as error:
+            self.notify(str(error), severity="error", timeout=10, markup=False)
+            return
+        for place, entry in enumerate(pending, start=1):
+            cells = [f"queue #{entry.id}", entry.name, f"queued ({place})"]
+            cells += [""] * (len(table.columns) - len(cells))
+            table.add_row(*(Text(cell) for cell in cells), key=f"{QUEUE_KEY}{entry.id}")
+
+    def _queued(self) -> str | None:
+        """The selected row's queue entry number, when it is a queued entry."""
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        key = str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        return key.removeprefix(QUEUE_KEY) if key.startswith(QUEUE_KEY) else None
+
+    def action_queue_move(self, steps: int) -> None:
+        entry = self._queued()
+        if entry is None:
+            return
+        try:
+            with edit_queue() as queue:
+                queue.move(entry, steps)
+                place = [e.id for e in queue.pending()].index(int(entry))
+        except QueueError as error:
+            self.notify(str(error), severity="warning", markup=False)
+            return
+        self.action_reload()
+        self.query_one(DataTable).move_cursor(row=place)
+
+    def action_queue_cancel(self) -> None:
+        entry = self._queued()
+        if entry is None:
+            self.notify("x cancels a queued run: select one (the rows marked queued)", severity="warning")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                with edit_queue() as queue:
+                    queue.remove(entry)
+            except QueueError as error:
+                self.notify(str(error), severity="warning", markup=False)
+            self.action_reload()
+
+        self.app.push_screen(ConfirmScreen(f"Take queue entry {entry} out of the queue?"), answered)
