@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--raw", action="store_true",
                    help="send the prompt as it is; by default it is formatted as the run's data was (the chat template for chat data)")
+    p.add_argument("--checkpoint", type=checkpoint_arg, metavar="ITERATION|best",
+                   help="a saved checkpoint's adapter, loaded here (no engine needed), instead of the live weights")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="sample")

@@ -216,6 +216,10 @@ def cmd_control(args: argparse.Namespace) -> int:
         except ValueError as error:
             return _fail(str(error))
     elif args.command == "sample":
+        if args.checkpoint is not None:  # a saved adapter, loaded in this process
+            from tunetop.cli.outputs import cmd_sample_saved
+
+            return cmd_sample_saved(args, run)
         command_args = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "raw": args.raw}
     if not run.is_alive():
         if args.command == "status":  # a question a finished run can answer from what it left

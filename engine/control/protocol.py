@@ -271,7 +271,8 @@ def parse_command(payload: bytes) -> Command:
     prompt = args.get("prompt") if cmd == "sample" else None
     if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
         raise ProtocolError(f"the prompt is {len(prompt):,} characters long; a sample's prompt may hold at most {MAX_PROMPT_CHARS:,}")
-    if len(payload) > MAX_COMMAND_BYTES + 12 * len(prompt or ""):  # the prompt's escapes are its own; nothing else may grow
+    prompt_chars = len(prompt) if isinstance(prompt, str) else 0  # a prompt of another type is refused later, by the engine
+    if len(payload) > MAX_COMMAND_BYTES + 12 * prompt_chars:  # the prompt's escapes are its own; nothing else may grow
         raise ProtocolError(_over_the_limit(len(payload)))
     return Command(cmd=cmd, args=args, id=command_id)
 
