@@ -79,6 +79,11 @@ class RunHeader(Static):
         top.append(model, style="italic")
         if s.world_size > 1:
             top.append(f" × {s.world_size} ranks", style="italic")
+        if s.tags:  # tags and the note go before the state: they give way first on a narrow screen
+            top.append("  " + " ".join(f"#{tag}" for tag in s.tags), style="bold")
+        if s.note:
+            line = s.note.strip().split("\n", 1)[0]
+            top.append(f"  “{line if len(line) <= 40 else line[:39] + '…'}”", style="italic dim")
         status = Text("  ")
         status.append(f" {s.state.upper()} ", style=self._style(s.state) + " reverse")
         if self.read_only:
