@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tunetop.faults import point
 from tunetop.private import open_private, private_dir
-from tunetop.runs.folders import RunDir, RunError, new_run_id, runs_root
+from tunetop.runs.folders import RunDir, RunError, new_run_id, runs_root, state_home
 from tunetop.runs.queue import (
     ACTIVE,
     DONE,
@@ -64,8 +64,8 @@ def _lock_path() -> Path:
 
 
 def scheduler_pid() -> int | None:
-    """The live scheduler's pid, or None when none runs."""
-    path = _lock_path()
+    """The live scheduler's pid, or None when none runs (creates nothing)."""
+    path = state_home() / "queue" / "scheduler.lock"
     if not _held(path):
         return None
     try:
