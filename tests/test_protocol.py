@@ -198,3 +198,8 @@ def test_a_prompt_past_its_limit_and_other_large_frames_are_refused() -> None:
         parse_command(Command("pause", {}, id="x" * MAX_COMMAND_BYTES).encode())
     with pytest.raises(ProtocolError, match="over the 65536-byte limit"):
         parse_command(Command("sample", {"prompt": "x"}, id="x" * MAX_COMMAND_BYTES).encode())
+
+
+def test_only_a_prompts_text_may_make_a_sample_frame_larger() -> None:
+    with pytest.raises(ProtocolError, match="over the 65536-byte limit"):
+        parse_command(Command("sample", {"prompt": list(range(20_000))}, id="s").encode())

@@ -169,7 +169,7 @@ class Server:
         self._ready.set()
         pubs = [pub for pub, _ in pairs]
         routers = [router for _, router in pairs]
-        monitors = [router.get_monitor_socket(zmq.EVENT_DISCONNECTED) for router in routers]
+        monitors = [router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED) for router in routers]
         poller = zmq.Poller()
         for router in routers:
             poller.register(router, zmq.POLLIN)
@@ -186,12 +186,15 @@ class Server:
                     if self._wake_read in ready:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._wake_read, 4096)
-                    for router in routers:  # commands first: a client's last commands come before its goodbye
+                    # Connections first: a closed connection's descriptor may be reused by the next
+                    # one, whose commands must not be counted as the closed one's. libzmq says a
+                    # connection ended before it closes its descriptor, and that one began before
+                    # its first command can arrive, so in this order each command finds its own.
+                    for monitor in monitors:
+                        self._drain_monitor(monitor)
+                    for router in routers:
                         if router in ready:
                             self._drain_router(router)
-                    for monitor in monitors:
-                        if monitor in ready:
-                            self._drain_monitor(monitor)
                     self._drain_outbox(pubs)
                     now = time.monotonic()
                     if now - last_heartbeat >= HEARTBEAT_SECONDS:
@@ -267,9 +270,10 @@ class Server:
         """Connections that closed: the engine drops what their clients left waiting."""
         while monitor.poll(0):
             event = recv_monitor_message(monitor)
+            clients = self._clients.pop(int(event["value"]), set())
             if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            for client in self._clients.pop(int(event["value"]), ()):
+                continue  # accepted: a new connection on this descriptor, none of its clients known yet
+            for client in clients:
                 gone = getattr(self.engine, "client_gone", None)  # stand-in engines (tests, tools) may have none
                 if gone is not None:
                     gone(client)
