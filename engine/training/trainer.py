@@ -557,7 +557,11 @@ class Trainer:
             # Undone whatever the policy: the weights never hold NaN or infinity, so a pause can be
             # resumed (with a lower learning rate) and every save stays possible.
             self.model.update(tree_unflatten(before_model))
-            _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer))
+            # State the step created (MLX makes it at the first update) goes back to its initial
+            # zeros: left as the bad step made it, NaN moments poisoned every later update.
+            existed = {key for key, _ in before_optimizer}
+            created = [(key, mx.zeros_like(value)) for key, value in tree_flatten(self.optimizer.state) if key not in existed]
+            _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer + created))
             self._accumulated = None
             self.nonfinite_streak += 1
             cause = "loss" if not math.isfinite(loss) else "gradients" if not grad_ok else "update"
