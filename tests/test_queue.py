@@ -310,6 +310,7 @@ def test_scheduler_killed_at_each_of_its_steps_recovers_once(tmp_path: Path, mon
     # With the engine too where one lives (from its spawn to the entry's last write); elsewhere
     # killing everything is killing the scheduler alone.
     alive = points[points.index("daemon: engine spawned#1"):-2]
+    kills = 0
     for number, point in enumerate(points):
         for everything in (False, True) if point in alive else (False,):
             monkeypatch.setenv("TUNETOP_HOME", str(tmp_path / f"{number}-{everything}"))
@@ -329,6 +330,9 @@ def test_scheduler_killed_at_each_of_its_steps_recovers_once(tmp_path: Path, mon
             starts = sum(e["type"] == "run_started" for e in events)
             assert starts == 1 or (everything and starts == 2), (point, everything, starts)
             assert "already has a live engine" not in run.log.read_text(), (point, everything)
+            kills += 1
+    print(f"scheduler step kills: {len(points)} steps, {kills} kills ({len(alive)} with the live engine too); "
+          "each entry ended once, in one run folder")
 
 
 # -- remote -------------------------------------------------------------------------------

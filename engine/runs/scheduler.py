@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tunetop.faults import point
 from tunetop.private import open_private, private_dir
-from tunetop.runs.folders import RunDir, RunError, new_run_id, runs_root
+from tunetop.runs.folders import RunDir, RunError, new_run_id, runs_root, state_home
 from tunetop.runs.queue import (
     ACTIVE,
     DONE,
@@ -64,8 +64,8 @@ def _lock_path() -> Path:
 
 
 def scheduler_pid() -> int | None:
-    """The live scheduler's pid, or None when none runs."""
-    path = _lock_path()
+    """The live scheduler's pid, or None when none runs (creates nothing)."""
+    path = state_home() / "queue" / "scheduler.lock"
     if not _held(path):
         return None
     try:
@@ -100,7 +100,7 @@ def ensure_scheduler() -> int | None:
     process = subprocess.Popen(
         [sys.executable, "-m", "tunetop.cli", "_scheduler"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        cwd=str(folder), env=child_environment(),
+        cwd=str(folder), env={**child_environment(), "TUNETOP_HOME": str(state_home().absolute())},  # its cwd differs
     )
     log.close()
     return process.pid
@@ -146,12 +146,22 @@ class Scheduler:
         self.log(f"scheduler {os.getpid()} started")
         try:
             while True:
-                starts = self.settle()
+                try:
+                    starts = self.settle()
+                except OSError as error:  # a full disk: the queue file stays as it was; try again
+                    if self._fd is None:  # it was about to exit: the next scheduler does this again
+                        return 0
+                    self.log(f"cannot update the queue: {error}; trying again in 5 s")
+                    time.sleep(5)
+                    continue
                 if starts is None:
                     self.log("nothing left to run; scheduler exits")
                     return 0
                 for start in starts:
-                    self.start(start)
+                    try:
+                        self.start(start)
+                    except OSError as error:  # the entry stays starting: the next settle looks again
+                        self.log(f"entry {start.entry}: {error}")
                 _reap()
                 if not starts:
                     time.sleep(self.poll)
