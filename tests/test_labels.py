@@ -90,6 +90,8 @@ async def test_tags_and_note_on_a_finished_run_through_cli_and_tui(tmp_path: Pat
     bad = tunetop("tag", run.id, "+two words")
     assert bad.returncode == 2 and "not a short label" in bad.stderr and "Traceback" not in bad.stderr
     assert len(label_events(run)) == 2
+    mistaken = tunetop("note", "text without a run")
+    assert mistaken.returncode == 2 and "The run comes first" in mistaken.stderr
     # The status is a cache of the journal: without it (a change cut short by a crash) the digest answers the same.
     assert labels_from_history(run) == labels_of(run)
     status = json.loads(run.status_file.read_text())
