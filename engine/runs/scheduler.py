@@ -267,7 +267,7 @@ class Scheduler:
             elif outcome == FAILED:
                 entry.error = message
                 self._end(entry, RunDir(runs_root() / start.run), FAILED, "failed to start")
-            else:  # killed while starting: the next settle decides, as for any death
+            else:  # ended while starting: the next settle decides from the run, as for any end
                 self.watched.add(entry.id)
 
     def _launch(self, start: Start, fd: int) -> tuple[str, str]:
@@ -287,10 +287,10 @@ class Scheduler:
             else:
                 cfg = config_module.parse(start.config)  # checked when queued; errors then name the run's copy
                 launch.start_run(cfg, detach=True, run_id=start.run, keep_fds=(fd,))
-        except EngineStartError as error:
-            if error.code < 0:  # a signal, not the run's own failure
-                return STARTING, ""
-            return FAILED, str(error)
+        except EngineStartError:
+            # It ended before the first step was seen: failed (bad data), killed, or done already
+            # (a resume at its last iteration). The run's status says which: the next settle reads it.
+            return STARTING, ""
         except (ConfigError, CheckpointError, RunError, OSError) as error:
             if run.is_alive():  # someone resumed it by hand meanwhile
                 return STARTING, ""
