@@ -186,7 +186,7 @@ class Scheduler:
             for entry in queue.pending():
                 if queue.paused or busy >= queue.parallel:
                     break
-                entry.state, entry.run, entry.started = STARTING, new_run_id(), time.time()
+                entry.state, entry.run, entry.started = STARTING, _fresh_run_id(queue), time.time()
                 starts.append(Start(entry.id, entry.run, False, entry.config, entry.name))
                 busy += 1
             if not queue.active() and (queue.paused or not queue.pending()):
@@ -296,6 +296,16 @@ class Scheduler:
                 return STARTING, ""
             return FAILED, str(error)
         return RUNNING, ""
+
+
+def _fresh_run_id(queue: Queue) -> str:
+    """A run id no run folder and no entry has: a reserved id's folder is used as found, so two
+    entries reserving the same id in one second (1 in 65,536) must not share it."""
+    taken = {e.run for e in queue.entries}
+    while True:
+        run_id = new_run_id()
+        if run_id not in taken and not (runs_root() / run_id).exists():
+            return run_id
 
 
 def _journaled_end(run: RunDir, since: int) -> tuple[str, str] | None:
