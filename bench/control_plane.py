@@ -1,9 +1,12 @@
 """What the control plane costs, and how fast it moves events.
 
-    python bench/control_plane.py overhead [--iters 300] [--rounds 3]
+    python bench/control_plane.py overhead [--iters 300] [--rounds 3] [--system-seconds S]
         trainer steps/s: bare loop vs. the engine with journal + server + 2 attached client processes
+        (and the machine sampled every S seconds: metrics.system_seconds, the config's default unless given)
     python bench/control_plane.py events [--count 200000]
         events/s through EventLog (journal append + PUB) with one subscriber counting them
+    python bench/control_plane.py system [--count 2000]
+        what sampling the machine costs: a sample on its thread, and taking + journaling it on the loop
     python bench/control_plane.py replay [--count 1000000]
         a journal of N events: raw read, replay over ZeroMQ to a client, and folding into RunState
 """
@@ -85,7 +88,8 @@ def subscriber_main(events_endpoint: str, commands_endpoint: str) -> None:
     print(received, flush=True)
 
 
-def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[float, int]:
+def engine_loop(iters: int, report: int, scratch: Path, clients: int, system_seconds: float | None = None) -> tuple[float, int, int]:
+    """(steps/s, events the clients received, system events the engine journaled)."""
     from tunetop.control.server import attach_server
     from tunetop.runs.client_sync import run_endpoints
     from tunetop.runs.engine import Engine
@@ -94,6 +98,8 @@ def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[f
     run = RunDir(scratch / f"run-{time.monotonic_ns()}")
     run.path.mkdir(parents=True)
     cfg = _config(iters, report)
+    if system_seconds is not None:
+        cfg.metrics.system_seconds = system_seconds
     owner = Engine(cfg, run)
     owner.on_ready.append(attach_server)
     subscribers: list[_Subscriber] = []
@@ -117,7 +123,10 @@ def engine_loop(iters: int, report: int, scratch: Path, clients: int) -> tuple[f
     seconds = time.perf_counter() - timing["start"]
     for subscriber in subscribers:
         subscriber.stop()
-    return (iters - 1) / seconds, sum(s.received for s in subscribers)
+    from tunetop.control.journal import read_events
+
+    sampled = sum(1 for event in read_events(run.journal) if event["type"] == "system")
+    return (iters - 1) / seconds, sum(s.received for s in subscribers), sampled
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -125,7 +134,7 @@ def overhead(args: argparse.Namespace) -> None:
     for report in args.reports:
         bare: list[float] = []
         full: list[float] = []
-        received = 0
+        received = sampled = 0
         for round_ in range(args.rounds):
             # Interleaved, and the order alternates: runs share one process, and whichever runs
             # second in it was measured slower, whatever it was.
@@ -134,13 +143,13 @@ def overhead(args: argparse.Namespace) -> None:
                 if which == "bare":
                     bare.append(bare_loop(args.iters, report, scratch))
                 else:
-                    rate, received = engine_loop(args.iters, report, scratch, clients=args.clients)
+                    rate, received, sampled = engine_loop(args.iters, report, scratch, args.clients, args.system_seconds)
                     full.append(rate)
         b, f = statistics.median(bare), statistics.median(full)
         print(
             f"steps_per_report={report:<3} bare loop {b:7.2f} steps/s   engine+journal+server+{args.clients} clients "
             f"{f:7.2f} steps/s   difference {100 * (b - f) / b:+.2f}%   (median of {args.rounds}, order alternating; "
-            f"clients received {received} events in the last round)"
+            f"clients received {received} events, the engine journaled {sampled} system events in the last round)"
         )
 
 
@@ -266,6 +275,42 @@ def replay_bench(args: argparse.Namespace) -> None:
     json.dumps({})
 
 
+def system_bench(args: argparse.Namespace) -> None:
+    import mlx.core as mx
+
+    from tunetop.control.events import EventLog
+    from tunetop.control.journal import JournalWriter
+    from tunetop.runs.machine import SystemMonitor, mlx_memory
+    from tunetop.training.config import RunConfig
+
+    mx.eval(mx.ones((1024, 1024)))  # MLX loaded and holding memory, as in a run
+    monitor = SystemMonitor(5.0)
+    start = time.perf_counter()
+    for _ in range(args.count):
+        sample = monitor.sample()
+    on_thread = (time.perf_counter() - start) / args.count
+    scratch = Path(tempfile.mkdtemp(prefix="tt-bench-"))
+    log = EventLog("bench", JournalWriter(scratch / "journal.ttj"))
+    start = time.perf_counter()
+    for _ in range(args.count):
+        log.emit("system", **sample, **mlx_memory())
+    on_loop = (time.perf_counter() - start) / args.count
+    lone = []
+    for _ in range(50):  # the usual case: the last sync a second or more ago (once a second at most)
+        log._last_sync -= 2.0
+        start = time.perf_counter()
+        log.emit("system", **sample, **mlx_memory())
+        lone.append(time.perf_counter() - start)
+    alone = statistics.median(lone)
+    log.close()
+    every = RunConfig().metrics.system_seconds
+    print(f"one sample on its thread: {on_thread * 1e6:7.1f} us   taking + journaling it on the loop: {on_loop * 1e6:7.1f} us "
+          f"(mean of {args.count:,}; fields {sorted(sample)} + mlx)")
+    print(f"one alone, a second after the journal's last fsync: {alone * 1e6:7.1f} us (median of 50; "
+          "system events cost no fsync of their own, control.events.UNSYNCED_TYPES)")
+    print(f"at the default metrics.system_seconds = {every:g}: the loop's share {100 * alone / every:.4f}%, "
+          f"the thread's {100 * on_thread / every:.4f}% of one core")
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "_subscriber":  # a client process of `overhead`
         subscriber_main(sys.argv[2], sys.argv[3])
@@ -277,12 +322,16 @@ def main() -> None:
     p.add_argument("--reports", type=int, nargs="+", default=[10, 1], help="steps_per_report values to try")
     p.add_argument("--clients", type=int, default=2, help="client processes attached (replay, then live)")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--system-seconds", type=float, default=None,
+                   help="metrics.system_seconds for the engine (default: the config's default; 0 = off)")
     p = sub.add_parser("events")
     p.add_argument("--count", type=int, default=200_000)
     p = sub.add_parser("replay")
     p.add_argument("--count", type=int, default=1_000_000)
+    p = sub.add_parser("system")
+    p.add_argument("--count", type=int, default=2_000)
     args = parser.parse_args()
-    {"overhead": overhead, "events": events, "replay": replay_bench}[args.what](args)
+    {"overhead": overhead, "events": events, "replay": replay_bench, "system": system_bench}[args.what](args)
 
 
 if __name__ == "__main__":

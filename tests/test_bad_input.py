@@ -6,6 +6,7 @@ The tables below are the cases; docs/RELIABILITY.md ("Bad input") lists them wit
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -255,4 +256,11 @@ def test_ls_hides_runs_that_failed_before_training_and_says_how_many(trained_run
     assert all(row.split()[2:4] == ["failed", "-"] for row in rows if row.split()[0] != trained_run.id)
     listed = [json.loads(line) for line in tunetop("ls", "--json", "--all", check=True).stdout.splitlines()]
     assert sorted(row["trained"] for row in listed) == [False, False, True]
+    # raw values for scripts, not the table's display strings
+    (done,) = [row for row in listed if row["run"] == trained_run.id]
+    assert isinstance(done["iteration"], int) and isinstance(done["iterations"], int) and done["iteration"] == done["iterations"]
+    assert isinstance(done["loss"], float) and done["alive"] is False and isinstance(done["age_seconds"], float)
+    assert datetime.datetime.fromisoformat(done["updated"]).tzinfo is not None
+    assert all(row["iteration"] is None for row in listed if not row["trained"])
+    assert "AGE: how long ago the run last reported" in " ".join(tunetop("ls", "--help", check=True).stdout.split())
 

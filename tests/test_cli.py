@@ -188,6 +188,8 @@ def test_replies_read_as_sentences(engine_run) -> None:  # type: ignore[no-untyp
     assert len(loss.replace(".", "").lstrip("0")) <= 4  # four significant digits, not a float's repr
     data = json.loads(tunetop("status", engine_run.id, "--json", check=True).stdout)
     assert data["ok"] and data["state"] == "running"
+    refused = tunetop("set", engine_run.id, "learning_rate=1e9")  # the config's bound, live too
+    assert refused.returncode == 3 and "'optimizer.learning_rate' must be between 0.0 and 10.0" in refused.stdout + refused.stderr
     assert tunetop("pause", engine_run.id, check=True).stdout.startswith("pause: ok — paused at iteration ")
 
 

@@ -197,3 +197,15 @@ def test_place_error_names_the_file_and_the_line_of_the_key_it_mentions(tmp_path
     path.write_text("[optimizer.options]\nnosuch = 1\n")
     assert config.place_error(f"{path}: optimizer.options.nosuch is wrong", str(path)).startswith(f"{path}:2: ")
     assert config.place_error("plain", "") == "plain"
+
+
+def test_a_learning_rate_has_an_upper_bound_in_the_file_and_live() -> None:
+    # `tunetop set RUN learning_rate=1e9` was accepted: one rule (coerce_field) for both sides now.
+    with pytest.raises(ConfigError, match=r"run.toml:2: 'optimizer.learning_rate' must be between 0.0 and 10.0, got 1000000000.0"):
+        config.parse("[optimizer]\nlearning_rate = 1e9\n", source="run.toml")
+    with pytest.raises(ConfigError, match=r"'optimizer.learning_rate' must be between 0.0 and 10.0.*about 1e-6 to 1e-2"):
+        config.coerce_live("learning_rate", "1e9")
+    with pytest.raises(ConfigError, match="'schedule.warmup_init' must be between"):
+        config.parse("[schedule]\nwarmup = 5\nwarmup_init = 100.0\n")
+    assert config.coerce_live("learning_rate", 10) == 10.0
+    assert config.parse("[optimizer]\nlearning_rate = 0.5\n").optimizer.learning_rate == 0.5

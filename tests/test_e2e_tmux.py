@@ -131,3 +131,41 @@ def test_no_color_makes_the_tui_monochrome(isolated_state: Path) -> None:
             tmux.kill()
     assert any(len({r, g, b}) > 1 for r, g, b in seen["colour"])  # the check can see colour at all
     assert seen["nocolor"] and all(r == g == b for r, g, b in seen["nocolor"])
+
+
+def test_a_run_that_ends_rings_and_notifies_through_tmux(engine_run: RunDir, tmp_path: Path) -> None:
+    """The bell, OSC 9 and OSC 777 in tmux's passthrough, read from the pane's raw output
+    (pipe-pane: what the TUI wrote, before tmux interprets it); none for an end that was already
+    history when the TUI opened."""
+    attach = f"{sys.executable} -m tunetop.cli attach {engine_run.id}"
+    raw = tmp_path / "pane.raw"
+    tmux = Tmux("notify")
+    tmux.start(attach)
+    tmux.run("pipe-pane", "-t", tmux.session, f"cat >> {raw}")
+    try:
+        wait_for(lambda: shown_iteration(tmux.screen()) > 0, timeout=60)
+        assert b"\x1bPtmux;" not in raw.read_bytes()
+        assert send_command(engine_run, "stop").ok
+        wait_for(lambda: "FINISHED" in tmux.screen(), timeout=60)
+        title = f"tunetop: {engine_run.id} finished"
+        expected = [
+            f"\x1bPtmux;\x1b\x1b]9;{title}: stopped at iteration".encode(),
+            f"\x1bPtmux;\x1b\x1b]777;notify;{title};stopped at iteration".encode(),
+        ]
+        seen = wait_for(lambda: (data := raw.read_bytes()) and all(part in data for part in expected) and data, timeout=30)
+        assert seen.count(b"\x1b\x1b]9;") == 1 and seen.count(b"\x1b\x1b]777;") == 1  # once, not per repaint
+        assert b"\x07" + expected[0] in seen  # the bell, just before
+    finally:
+        tmux.kill()
+
+    # Opening the finished run later shows its end without ringing again.
+    again_raw = tmp_path / "again.raw"
+    again = Tmux("notify-again")
+    again.start(attach)
+    again.run("pipe-pane", "-t", again.session, f"cat >> {again_raw}")
+    try:
+        wait_for(lambda: "FINISHED" in again.screen(), timeout=60)
+        time.sleep(1)
+        assert b"]9;" not in again_raw.read_bytes() and b"]777;" not in again_raw.read_bytes()
+    finally:
+        again.kill()

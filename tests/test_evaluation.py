@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import pty
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.conftest import tunetop, write_config
+from tests.conftest import ROOT, tunetop, write_config
 from tunetop.control.journal import read_events
 from tunetop.runs.folders import list_runs
 from tunetop.training.embedded import embedded_data_path
@@ -74,3 +80,26 @@ def test_a_custom_adapter_path_is_where_test_and_export_look(tmp_path: Path) -> 
     assert scored(run.id, "--split", "valid")["iteration"] == 5
     tunetop("export", run.id, "--format", "mlx", "--output", str(tmp_path / "exported"), check=True)
     assert (tmp_path / "exported" / "adapters.safetensors").read_bytes() == (run.adapters / "adapters.safetensors").read_bytes()
+
+
+def test_a_terminal_sees_the_evaluation_progress_and_a_script_only_the_result(tmp_path: Path) -> None:
+    # `tunetop test` on a large split showed nothing for minutes.
+    config = write_config(tmp_path / "run.toml", training={"iterations": 4, "steps_per_report": 2, "steps_per_eval": 4},
+                          checkpoints={"save_every": 4})
+    tunetop("train", str(config), check=True)
+    (run,) = list_runs()
+    command = [sys.executable, "-m", "tunetop.cli", "test", run.id, "--split", "valid"]
+    terminal, its_end = pty.openpty()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=its_end, cwd=str(ROOT), text=True)
+    os.close(its_end)
+    said = b""
+    with contextlib.suppress(OSError):  # EIO: the process closed the terminal
+        while chunk := os.read(terminal, 4096):
+            said += chunk
+    out, _ = process.communicate(timeout=240)
+    os.close(terminal)
+    assert process.returncode == 0, said
+    assert re.search(rb"scoring the valid split: batch (\d+) of \1 \(100%\)", said), said
+    assert out.startswith("valid loss ") and "batch" not in out  # stdout holds the result alone
+    piped = tunetop("test", run.id, "--split", "valid", check=True)
+    assert "batch" not in piped.stderr and piped.stdout == out  # not a terminal: no progress line

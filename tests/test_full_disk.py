@@ -268,3 +268,30 @@ def test_a_last_save_that_does_not_fit_waits_for_room_and_is_written(tmp_path: P
     finally:
         _stop(run)
         subprocess.run(["umount", str(run.checkpoints)], check=False)
+
+
+def test_a_resume_that_fails_on_a_full_disk_says_its_own_failure(
+    tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure of an engine that could write nothing is its own, not the last error its run's
+    journal holds from an earlier engine (which `train --resume --detach` used to repeat)."""
+    from tunetop.control.protocol import make_event
+
+    monkeypatch.setenv("TUNETOP_HOME", str(small_disk / "state"))
+    config = write_config(tmp_path / "run.toml", training={"iterations": 4, "steps_per_report": 2, "steps_per_eval": 100},
+                          checkpoints={"save_every": 2})
+    tunetop("train", str(config), check=True)
+    run = resolve(None)
+    writer = JournalWriter(run.journal)  # an earlier engine's error, as a journal keeps it
+    writer.append(make_event(run.id, writer.last_seq + 1, "error", message="an earlier engine's error"))
+    writer.close()
+    filler = fill(small_disk)
+    try:
+        result = tunetop("train", "--resume", run.id, "--detach", timeout=240)
+    finally:
+        filler.unlink()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "an earlier engine's error" not in output
+    assert "failed to start" in output and "No space left on device" in output, output
+    assert "Traceback" not in output

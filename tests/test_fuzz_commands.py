@@ -231,20 +231,54 @@ def test_sigterm_cuts_a_sample_short(tmp_path: Path, engines: list[RunDir]) -> N
 
 
 def test_queued_samples_take_turns_with_training_steps(tmp_path: Path, engines: list[RunDir]) -> None:
-    """A burst of samples runs one per step boundary; past the waiting limit they are refused as busy."""
+    """A burst of samples runs one per step boundary; past the per-client and the overall waiting
+    limits they are refused as busy."""
     run = start_engine(tmp_path)
     engines.append(run)
     wait_for(lambda: iteration(run) >= 1, timeout=120)
-    socket = dealer(run)
-    for n in range(60):
-        socket.send(json.dumps({"v": 1, "id": f"s{n}", "cmd": "sample", "args": {"prompt": "Where does Ada live?", "max_tokens": 2}}).encode())
-    answers = [reply(socket, timeout=300) for _ in range(60)]
-    socket.close(0)
+    sockets = [dealer(run) for _ in range(5)]
+    ask = {"prompt": "Where does Ada live?", "max_tokens": 2}
+    for n in range(12):  # one client: 8 may wait, the rest are refused at once
+        sockets[0].send(json.dumps({"v": 1, "id": f"s{n}", "cmd": "sample", "args": ask}).encode())
+    answers = [reply(sockets[0], timeout=300)]
+    assert not answers[0].ok and answers[0].error.startswith("busy: this client already has 8"), answers[0]
+    for number, socket in enumerate(sockets[1:], start=1):  # four more: past 32 waiting in all
+        for n in range(8):
+            socket.send(json.dumps({"v": 1, "id": f"s{number * 12 + n}", "cmd": "sample", "args": ask}).encode())
+    answers += [reply(sockets[0], timeout=300) for _ in range(11)]
+    answers += [reply(socket, timeout=300) for socket in sockets[1:] for _ in range(8)]
+    for socket in sockets:
+        socket.close(0)
     done = [a for a in answers if a.ok]
     busy = [a for a in answers if not a.ok]
-    assert len(done) >= 32 and busy and all("busy: 32 samples and evaluations" in a.error for a in busy)
+    assert len(done) >= 32 and busy
+    assert all(a.error.startswith(("busy: 32 samples and evaluations", "busy: this client already has 8")) for a in busy)
+    assert {a.error[:12] for a in busy} == {"busy: 32 sam", "busy: this c"}, "one of the two limits never applied"
     iterations = [a.result["iteration"] for a in sorted(done, key=lambda a: int(a.id[1:]))]
-    assert iterations == sorted(set(iterations)), "two samples ran at one step boundary"
+    assert len(iterations) == len(set(iterations)), "two samples ran at one step boundary"
+
+
+def test_a_disconnected_clients_waiting_samples_are_dropped(tmp_path: Path, engines: list[RunDir]) -> None:
+    """Samples a client left waiting when it went away do not run (32 of them held training to a
+    step a minute); the journal says how many were dropped."""
+    run = start_engine(tmp_path, env={"TUNETOP_FAULT_SLOW_SAMPLE": "0.5"})  # each token half a second
+    engines.append(run)
+    wait_for(lambda: iteration(run) >= 1, timeout=120)
+    socket = dealer(run)
+    for n in range(8):
+        ask = {"prompt": "Where does Ada live?", "max_tokens": 8}
+        socket.send(json.dumps({"v": 1, "id": f"s{n}", "cmd": "sample", "args": ask}).encode())
+    # A quick command, answered between two tokens of the first sample: the loop has taken all 8.
+    socket.send(json.dumps({"v": 1, "id": "r", "cmd": "set", "args": {"steps_per_report": 1}}).encode())
+    assert reply(socket, timeout=120).id == "r"
+    socket.close(0)
+    wait_for(lambda: any(e["type"] == "log" and "for a client that disconnected" in e["message"] for e in journal(run)), timeout=120)
+    (note,) = [e["message"] for e in journal(run) if e["type"] == "log" and "disconnected" in e["message"]]
+    dropped = int(re.search(r"dropped (\d+) samples?", note).group(1))  # type: ignore[union-attr]
+    assert dropped >= 6, note  # at most the running sample and one more got their turn
+    after = iteration(run)
+    wait_for(lambda: iteration(run) >= after + 5, timeout=120)
+    assert len([e for e in journal(run) if e["type"] == "sample"]) == 8 - dropped
 
 
 # -- the fuzzer ------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import pytest
 from tunetop.control.protocol import (
     EVENT_FIELDS,
     MAX_COMMAND_BYTES,
+    MAX_PROMPT_CHARS,
+    MAX_SAMPLE_COMMAND_BYTES,
     OPTIONAL_FIELDS,
     PROTOCOL_VERSION,
     Command,
@@ -93,7 +95,7 @@ def test_command_round_trip() -> None:
         (json.dumps({"v": 99, "cmd": "pause"}).encode(), "protocol version 99 is not supported"),
         (json.dumps({"v": PROTOCOL_VERSION, "cmd": "explode"}).encode(), "unknown command 'explode'"),
         (json.dumps({"v": PROTOCOL_VERSION, "cmd": "set", "args": [1]}).encode(), "'args' must be a JSON object"),
-        (b"x" * (MAX_COMMAND_BYTES + 1), "over the"),
+        (b"x" * (MAX_SAMPLE_COMMAND_BYTES + 1), "over the"),
         (b"\xff\xfe", "not a JSON object"),
     ],
 )
@@ -179,3 +181,20 @@ def test_any_bytes_give_a_command_or_a_protocol_error() -> None:
             payload = b'{"v":1,"x":' + b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 400)))
         with contextlib.suppress(ProtocolError):
             parse_command(payload)
+
+
+@pytest.mark.parametrize("prompt", ['"' * 60_000, "é" * 60_000, "\x01" * 60_000, "😀" * 65_536], ids=["quotes", "accents", "controls", "emoji"])
+def test_a_prompts_limit_counts_its_own_characters_not_json_escapes(prompt: str) -> None:
+    # Escaped, these are 2 to 12 bytes a character: a 64 KB frame limit cut them at 5,000 to 32,000.
+    frame = Command("sample", {"prompt": prompt, "max_tokens": 4}, id="s").encode()
+    assert len(frame) > MAX_COMMAND_BYTES
+    assert parse_command(frame).args["prompt"] == prompt
+
+
+def test_a_prompt_past_its_limit_and_other_large_frames_are_refused() -> None:
+    with pytest.raises(ProtocolError, match=f"the prompt is {MAX_PROMPT_CHARS + 1:,} characters long; .* at most {MAX_PROMPT_CHARS:,}"):
+        parse_command(Command("sample", {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, id="s").encode())
+    with pytest.raises(ProtocolError, match="over the 65536-byte limit"):  # only a prompt may make a frame larger
+        parse_command(Command("pause", {}, id="x" * MAX_COMMAND_BYTES).encode())
+    with pytest.raises(ProtocolError, match="over the 65536-byte limit"):
+        parse_command(Command("sample", {"prompt": "x"}, id="x" * MAX_COMMAND_BYTES).encode())

@@ -241,3 +241,12 @@ def test_a_huge_spike_is_clipped_without_drawing_it_pixel_by_pixel() -> None:
     ys = [1e12 if x == 10 else 1.0 + 0.5 * math.cos(x / 50) for x in xs]
     lines = plot([Series(xs, ys, "b", "train")], 120, 30)
     assert "up to 1.0e+12" in lines[-1].plain and lines[0].plain.startswith("   2.5")
+
+
+def test_a_run_that_ends_says_finished_once_in_the_log() -> None:
+    from tunetop.runs.console import describe
+
+    s = folded()
+    assert [line.message for line in s.logs if "finished" in line.message] == ["finished (completed) at iteration 400"]
+    said = [describe(e) for e in recorded_events()]
+    assert [line for line in said if line and "finished" in line] == ["finished (completed) at iteration 400"]

@@ -14,7 +14,12 @@ from typing import Any
 
 from tunetop.training.config import LIVE_FIELDS
 
+SYSTEM_SERIES = ("cpu_percent", "rss", "memory_used", "mlx_active", "gpu_utilization", "gpu_memory_used", "gpu_power")
+"""The ``system`` readings kept over time (the machine panel's sparklines); the rest only as of now."""
+
 ACTIVE_STATES = frozenset({"starting", "running", "paused", "stopping"})
+ENDED_STATES = frozenset({"finished", "failed"})
+"""States a `finished` event always follows at once: the log shows that event's line, not theirs."""
 
 RATE_SECONDS = 120.0
 """The ETA's speed is iterations over wall-clock time, with older intervals weighted down by
@@ -83,6 +88,9 @@ class RunState:
     last_seq: int = 0
     events_applied: int = 0
     world_size: int = 1  # ranks of a data-parallel run
+    system: dict[str, float] = field(default_factory=dict)  # the newest reading of each `system` field
+    system_series: dict[str, list[float]] = field(default_factory=dict)  # SYSTEM_SERIES over time
+    system_events: int = 0
     running_seconds: float = 0.0  # time spent in the running state, up to running_since
     running_since: float | None = None  # when the current running stretch began; None when not running
     _previous_ts: float | None = None  # the ts of the event before the one being applied
@@ -189,6 +197,8 @@ class RunState:
         if isinstance(e.get("iteration"), int):
             self.iteration = e["iteration"]
         self.state = new
+        if new in ENDED_STATES:
+            return  # the `finished` event right after says it, with the reason: one line, not two
         at = f" at iteration {e['iteration']:,}" if isinstance(e.get("iteration"), int) and new != "starting" else ""
         self._note(e, f"state: {self.state}{at}")
 
@@ -242,6 +252,17 @@ class RunState:
 
     def _on_nonfinite(self, e: dict[str, Any]) -> None:
         pass  # the warning event that follows carries the message
+
+    def _on_system(self, e: dict[str, Any]) -> None:
+        """The machine: a field this engine could not read stays absent (not zero)."""
+        self.system_events += 1
+        self.system = {
+            key: float(value) for key, value in e.items()
+            if key not in ("seq", "ts", "run", "type") and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        for key in SYSTEM_SERIES:
+            if key in self.system:
+                self.system_series.setdefault(key, []).append(self.system[key])
 
     def _on_heartbeat(self, e: dict[str, Any]) -> None:
         if isinstance(e.get("iteration"), int):  # the engine's iteration now, between reports

@@ -4,7 +4,8 @@ Exit codes (also in README.md): 0 success; 1 internal failure (a bug: the engine
 traceback); 2 bad input (config, data, model, arguments, unknown run); 3 the engine cannot be
 reached or refused a command; 4 ``events`` met damaged journal records (every intact one was
 printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter saved first); 143
-terminated by SIGTERM (adapter saved first).
+terminated by SIGTERM (adapter saved first). ``wait`` exits with how the run ended: 0, 10-17
+(runs.notify.WAIT_CODES).
 
 This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs and cli.compare."""
 
@@ -27,6 +28,7 @@ from tunetop.cli.watch import (
     cmd_keys,
     cmd_ls,
     cmd_remote_info,
+    cmd_wait,
 )
 from tunetop.control.endpoints import SocketError
 from tunetop.exit_codes import EXIT_DAMAGED, EXIT_UNREACHABLE
@@ -107,9 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theme")
     p.set_defaults(func=cmd_attach)
 
-    p = sub.add_parser("ls", help="list runs, here or on HOST (user@host[:port], over ssh)")
+    p = sub.add_parser(
+        "ls", help="list runs, here or on HOST (user@host[:port], over ssh)",
+        epilog="One run per line. ITER: the last iteration reported, of the run's total; LOSS: the last "
+        "training loss; ALIVE: whether its engine runs; AGE: how long ago the run last reported anything (a "
+        "training report, a validation, a save, a pause or its end); --json gives it as `updated`, an ISO time.",
+    )
     p.add_argument("host", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per run with raw values (numbers, an ISO time), for scripts")
     p.add_argument("--all", action="store_true", help="also the runs that failed before training (hidden by default)")
     p.set_defaults(func=cmd_ls)
 
@@ -133,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=30.0)
         p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
         p.set_defaults(func=cmd_control, command=name)
+    p = sub.add_parser("wait", help="block until a run ends (or pauses on a non-finite step); the exit code says how")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
+    p.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (exit 17); 0 = no limit")
+    p.set_defaults(func=cmd_wait)
     p = sub.add_parser("sample", help="complete a prompt with a live run's current weights (between steps)")
     p.add_argument("run", nargs="?", help=RUN_HELP)
     p.add_argument("--prompt", required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from tunetop.cli.common import _fail
@@ -22,7 +23,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     cfg = config_module.load(run.config)
     try:
         checkpoint = None if args.base else chosen_checkpoint(run, args.checkpoint)
-        result = score(run, cfg, args.split, checkpoint, args.batches, base=args.base)
+        progress = _TestProgress(args.split) if sys.stderr.isatty() else None
+        try:
+            result = score(run, cfg, args.split, checkpoint, args.batches, base=args.base, progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
     except (EvaluationError, DataError, ModelError, ExportError) as error:
         return _fail(str(error))
     if args.json:
@@ -30,6 +36,33 @@ def cmd_test(args: argparse.Namespace) -> int:
     else:
         print(result.describe())
     return 0
+
+
+class _TestProgress:
+    """`tunetop test`'s progress on a terminal's stderr: one line, rewritten in place (stdout keeps
+    only the result, for scripts)."""
+
+    def __init__(self, split: str) -> None:
+        self.split = split
+        self.started = time.monotonic()
+        self.shown = 0.0
+        self.written = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.shown < 0.2:  # a redraw five times a second is plenty
+            return
+        self.shown = now
+        elapsed = now - self.started
+        left = f", about {elapsed / done * (total - done):.0f}s left" if done < total else ""
+        sys.stderr.write(f"\rscoring the {self.split} split: batch {done:,} of {total:,} ({done / total:.0%}){left}\x1b[K")
+        sys.stderr.flush()
+        self.written = True
+
+    def close(self) -> None:
+        if self.written:  # the line goes; the result follows on stdout
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -62,6 +62,28 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
+def _ls_record(run: Any, s: dict[str, Any]) -> dict[str, Any]:
+    """One run of `ls --json`: raw values for scripts (numbers, booleans, an ISO 8601 time in UTC),
+    where the table shows them formatted for people."""
+    import datetime
+
+    status = run.status()
+    iteration, iterations, loss = status.get("iteration"), status.get("iterations"), status.get("loss")
+    updated = time.time() - s["age_seconds"]  # what AGE counts from
+    return {
+        "run": s["run"],
+        "name": s["name"],
+        "state": s["state"],
+        "iteration": None if s["failed_before_training"] or not isinstance(iteration, int) else iteration,
+        "iterations": iterations if isinstance(iterations, int) else None,
+        "loss": float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None,
+        "alive": bool(s["alive"]),
+        "trained": bool(s["trained"]),
+        "updated": datetime.datetime.fromtimestamp(updated, datetime.UTC).isoformat(timespec="seconds"),
+        "age_seconds": round(s["age_seconds"], 3),
+    }
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from tunetop.runs.folders import list_runs
 
@@ -76,7 +98,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
 
     rows = []
-    trained = []
+    records = []
     hidden = 0
     for run in list_runs():
         s = run.summary()
@@ -86,11 +108,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows.append(
             (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
         )
-        trained.append(s["trained"])
+        if args.json:
+            records.append(_ls_record(run, s))
     header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
     if args.json:
-        for row, was_trained in zip(rows, trained, strict=True):
-            print(json.dumps({**dict(zip([h.lower() for h in header], row, strict=True)), "trained": was_trained}))
+        for record in records:
+            print(json.dumps(record))
         return 0
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for number, row in enumerate((header, *rows)):
@@ -235,3 +258,41 @@ def cmd_keys(_args: argparse.Namespace) -> int:
     print(f"client public key: {public}")
     print(f"authorize it on the engine's machine: copy it into {clients_dir()}/ (any name ending in .key)")
     return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Block until a run ends, or pauses on a non-finite step; exit with that ending's code
+    (runs.notify.WAIT_CODES). A run that has already ended answers at once."""
+    from tunetop.control.journal import JournalTail
+    from tunetop.runs.folders import resolve
+    from tunetop.runs.notify import WAIT_CODES, WAIT_ENGINE_GONE, WAIT_TIMED_OUT, Ending, describe
+
+    try:
+        run = resolve(args.run)
+    except RunError as error:
+        return _fail(str(error))
+    if args.timeout < 0:
+        return _fail(f"--timeout {args.timeout:g}: give seconds, or 0 to wait as long as the run takes.")
+    tail = JournalTail(run.journal, since=0)
+    ending = Ending()
+    deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
+    try:
+        while True:
+            alive = run.is_alive()  # asked first: an engine gone by now has written all it will
+            for _seq, payload in tail.poll():
+                ending.apply(json.loads(payload))
+            if ending.event is not None:
+                break
+            if not alive:
+                print(f"tunetop: run {run.id}: its engine ended without finishing the run (killed, or the machine "
+                      f"went down); `tunetop train --resume {run.id}` continues it.", file=sys.stderr)
+                return WAIT_ENGINE_GONE
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"tunetop: run {run.id} is still going after {args.timeout:g} s.", file=sys.stderr)
+                return WAIT_TIMED_OUT
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        return 130
+    _title, body = describe(ending.event)
+    print(f"{run.id}: {'paused: ' if ending.reason == 'paused_nonfinite' else ''}{body}")
+    return WAIT_CODES.get(ending.reason, WAIT_CODES["failed"])

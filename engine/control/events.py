@@ -28,6 +28,12 @@ Trouble = Callable[[str, OSError], None]
 SYNC_TYPES = frozenset({"run_started", "save", "state", "finished", "error", "validation"})
 """Events after which the journal is fsynced at once; others are synced at most once a second."""
 
+UNSYNCED_TYPES = frozenset({"system"})
+"""Events that never cost an fsync of their own: readings of the machine every few seconds (an
+fsync took 15 ms on a busy disk, on the loop's thread). The next event that syncs takes them
+along; a crash of the engine loses none of them (they are written), a crash of the machine at
+most those since."""
+
 
 class EventLog:
     """Assigns gap-free seq numbers, journals every event, and fans it out to subscribers."""
@@ -58,7 +64,7 @@ class EventLog:
             event = make_event(self.run_id, self.journal.last_seq + len(self._held) + 1, type_, **fields)
             self._held.append((event, encode(event)))
             self._sync_due = self._sync_due or type_ in SYNC_TYPES
-            written, error = self._write_held()
+            written, error = self._write_held(timed_sync=type_ not in UNSYNCED_TYPES)
         self._deliver(written)
         if error is not None:
             self._report(error.filename or self.journal.path.name, error)
@@ -72,8 +78,9 @@ class EventLog:
         self._deliver(written)
         return error is None
 
-    def _write_held(self) -> tuple[list[tuple[dict[str, Any], bytes]], OSError | None]:
-        """Append held events in order, then sync if due; stops at the first failed write."""
+    def _write_held(self, timed_sync: bool = True) -> tuple[list[tuple[dict[str, Any], bytes]], OSError | None]:
+        """Append held events in order, then sync if due (``timed_sync``: or if the last sync is a
+        second old); stops at the first failed write."""
         written = []
         try:
             while self._held:
@@ -81,7 +88,7 @@ class EventLog:
                 self.journal.append(event, payload)
                 written.append(self._held.pop(0))
             now = time.monotonic()
-            if self._sync_due or now - self._last_sync > 1.0:
+            if self._sync_due or (timed_sync and now - self._last_sync > 1.0):
                 self.journal.sync()
                 self._sync_due = False
                 self._last_sync = now

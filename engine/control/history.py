@@ -4,7 +4,8 @@ A run of days journals millions of ``train`` events; a screen draws a few thousa
 digest keeps every event that is rare and matters whole (validations, saves, states, errors,
 resumes...), the last ``recent`` train events whole (sparklines, "last N iterations"), and the
 rest of the train events thinned evenly to at most ``max_points`` (halved again, twice the
-stride, each time it fills up). Chatty types (logs, warnings, samples) keep their newest few
+stride, each time it fills up). ``system`` events (the machine, every few seconds: a day is
+17,280 of them) are a series of their own, thinned the same way. Chatty types (logs, warnings, samples) keep their newest few
 thousand. Events are kept as the journal's own payload bytes, in seq order, never decoded: the
 event type is read from the payload's fixed prefix.
 
@@ -25,6 +26,9 @@ from tunetop.private import write_private
 
 TYPE_MARK = b'"type":"'
 
+THINNED = (b"train", b"system")
+"""Series: each type's events kept evenly spread (at most ``2 * max_points``) plus its newest ``recent`` whole."""
+
 CAPPED = {"log": 2000, "warning": 2000, "sample": 1000, "nonfinite": 1000, "config_changed": 1000}
 """Chatty event types: only the newest this many are kept."""
 
@@ -39,16 +43,33 @@ def event_type(payload: bytes) -> bytes:
     return payload[start:end] if end > 0 else b""
 
 
+class _Series:
+    """One thinned type: every ``stride``-th event (the stride doubling as it fills) and the newest whole."""
+
+    def __init__(self, max_points: int, recent: int) -> None:
+        self.max_points = max_points
+        self.stride = 1
+        self.seen = 0
+        self.thinned: list[tuple[int, bytes]] = []
+        self.recent: deque[tuple[int, bytes]] = deque(maxlen=recent)
+
+    def add(self, seq: int, payload: bytes) -> None:
+        self.recent.append((seq, payload))
+        if self.seen % self.stride == 0:
+            self.thinned.append((seq, payload))
+            if len(self.thinned) >= 2 * self.max_points:
+                self.thinned = self.thinned[::2]
+                self.stride *= 2
+        self.seen += 1
+
+
 class History:
     """The digest; ``add`` is called for every journaled event in order, ``records`` reads it."""
 
     def __init__(self, max_points: int = 2048, recent: int = 1000) -> None:
         self.max_points = max_points
-        self.stride = 1
         self.upto = 0  # seq of the last event added
-        self._train_seen = 0
-        self._thinned: list[tuple[int, bytes]] = []
-        self._recent: deque[tuple[int, bytes]] = deque(maxlen=recent)
+        self._series = {kind: _Series(max_points, recent) for kind in THINNED}
         self._whole: list[tuple[int, bytes]] = []
         self._capped: dict[bytes, deque[tuple[int, bytes]]] = {
             kind.encode(): deque(maxlen=limit) for kind, limit in CAPPED.items()
@@ -59,14 +80,9 @@ class History:
         kind = event_type(payload)
         with self._lock:
             self.upto = seq
-            if kind == b"train":
-                self._recent.append((seq, payload))
-                if self._train_seen % self.stride == 0:
-                    self._thinned.append((seq, payload))
-                    if len(self._thinned) >= 2 * self.max_points:
-                        self._thinned = self._thinned[::2]
-                        self.stride *= 2
-                self._train_seen += 1
+            series = self._series.get(kind)
+            if series is not None:
+                series.add(seq, payload)
             elif kind in self._capped:
                 self._capped[kind].append((seq, payload))
             elif kind != b"heartbeat":
@@ -75,8 +91,10 @@ class History:
     def records(self) -> tuple[int, list[tuple[int, bytes]]]:
         """(the last seq covered, the kept events in seq order)."""
         with self._lock:
-            kept = dict(self._thinned)
-            kept.update(self._recent)
+            kept: dict[int, bytes] = {}
+            for series in self._series.values():
+                kept.update(series.thinned)
+                kept.update(series.recent)
             kept.update(self._whole)
             for queue in self._capped.values():
                 kept.update(queue)

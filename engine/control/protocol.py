@@ -45,6 +45,19 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "config_changed": ("changes",),
     "finished": ("reason", "iteration", "best_iteration", "best_loss"),
     "sample": ("iteration", "prompt", "completion", "max_tokens", "temperature", "prompt_format"),
+    "system": (
+        "cpu_percent",
+        "rss",
+        "memory_used",
+        "memory_total",
+        "mlx_active",
+        "mlx_cache",
+        "mlx_peak",
+        "gpu_utilization",
+        "gpu_memory_used",
+        "gpu_memory_total",
+        "gpu_power",
+    ),
 }
 """The event schema: each type and the fields it carries beyond seq, ts, run and type.
 
@@ -58,6 +71,7 @@ OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
     "save": ("checkpoint", "removed"),  # not in journals of older versions (the trainer's Save always has them)
     "warning": ("count", "source"),  # only a warning from a library or the data layer (tunetop.training.run_warnings)
     "finished": ("best_iteration", "best_loss"),  # only once a validation has run
+    "system": EVENT_FIELDS["system"],  # each only where this machine can read it (tunetop.runs.machine)
 }
 """Fields of :data:`EVENT_FIELDS` an event of that type may leave out."""
 
@@ -74,7 +88,15 @@ COMMAND_ARGS: dict[str, tuple[str, ...] | None] = {
 """The argument names each command takes (none when absent); others are refused, not ignored."""
 
 MAX_COMMAND_BYTES = 64 * 1024
-"""Larger command frames are refused without being parsed."""
+"""Larger command frames are refused (a ``sample``'s: see MAX_SAMPLE_COMMAND_BYTES)."""
+
+MAX_PROMPT_CHARS = 64 * 1024
+"""A sample's prompt may hold this many characters, counted as typed, not as JSON escapes them."""
+
+MAX_SAMPLE_COMMAND_BYTES = 12 * MAX_PROMPT_CHARS + MAX_COMMAND_BYTES
+"""A ``sample``'s frame may be this large: JSON writes a character in up to 12 bytes (a quote in
+2, a control character in 6, one past U+FFFF as a \\ud83d\\ude00 pair in 12), so any prompt of
+MAX_PROMPT_CHARS fits. Larger frames are refused without being parsed."""
 
 MAX_COMMAND_DEPTH = 32
 """Commands nesting arrays and objects deeper are refused (real ones nest two or three levels)."""
@@ -205,8 +227,8 @@ def parse_command(payload: bytes) -> Command:
     Any frame at all, of any size or content, gives a Command or a ProtocolError: the server
     thread answers the error and serves the next frame.
     """
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise ProtocolError(f"command of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
+    if len(payload) > MAX_SAMPLE_COMMAND_BYTES:
+        raise ProtocolError(_over_the_limit(len(payload)))
     try:
         message = _loads_command(payload)
     except ProtocolError:
@@ -227,6 +249,8 @@ def parse_command(payload: bytes) -> Command:
     cmd = message.get("cmd")
     if cmd not in COMMANDS:
         raise ProtocolError(f"unknown command {_short(repr(cmd))}; known commands: {', '.join(COMMANDS)}")
+    if len(payload) > MAX_COMMAND_BYTES and cmd != "sample":
+        raise ProtocolError(_over_the_limit(len(payload)))
     args = message.get("args", {})
     if not isinstance(args, dict):
         raise ProtocolError("'args' must be a JSON object")
@@ -238,7 +262,17 @@ def parse_command(payload: bytes) -> Command:
     command_id = message.get("id", "")
     if not isinstance(command_id, str):
         raise ProtocolError("'id' must be a string")
+    prompt = args.get("prompt") if cmd == "sample" else None
+    if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
+        raise ProtocolError(f"the prompt is {len(prompt):,} characters long; a sample's prompt may hold at most {MAX_PROMPT_CHARS:,}")
+    if len(payload) > MAX_COMMAND_BYTES + 12 * len(prompt or ""):  # the prompt's escapes are its own; nothing else may grow
+        raise ProtocolError(_over_the_limit(len(payload)))
     return Command(cmd=cmd, args=args, id=command_id)
+
+
+def _over_the_limit(size: int) -> str:
+    return (f"command of {size} bytes is over the {MAX_COMMAND_BYTES}-byte limit (a sample's frame may add 12 bytes "
+            f"per character of its prompt, which may hold {MAX_PROMPT_CHARS:,} characters)")
 
 
 def _loads_command(payload: bytes) -> dict[str, Any]:

@@ -8,6 +8,9 @@ some notices the gap in ``seq`` and asks for a replay, served from the journal.
 Frames on the ROUTER, client to engine: ``[command JSON]``. Engine to client: ``[b"REP",
 reply JSON]`` for commands; for ``replay``: ``[b"JRNL", raw journal records]``... then
 ``[b"END", last seq, command id]``. PUB frames: ``[b"evt", event JSON]`` (heartbeats included).
+
+A monitor on each ROUTER says when a connection closes; the clients that sent commands on it
+are then told to the engine, which drops the samples they left waiting (nobody would read them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from tunetop.control.endpoints import Endpoints, SocketError, endpoints_for
 from tunetop.control.journal import frame, read_range
@@ -71,6 +75,8 @@ class Server:
         self._error: BaseException | None = None
         self.malformed = 0
         self.failures = 0
+        self._clients: dict[int, set[bytes]] = {}
+        """Per connection (its file descriptor): the routing ids that sent the engine commands on it."""
         self.died: BaseException | None = None
         """Set when the socket thread ended by an error: nobody can reach the engine any more."""
         fault = os.environ.get(FAULT_ENV)
@@ -163,9 +169,12 @@ class Server:
         self._ready.set()
         pubs = [pub for pub, _ in pairs]
         routers = [router for _, router in pairs]
+        monitors = [router.get_monitor_socket(zmq.EVENT_DISCONNECTED) for router in routers]
         poller = zmq.Poller()
         for router in routers:
             poller.register(router, zmq.POLLIN)
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
         last_heartbeat = 0.0
         errors_in_a_row = 0
@@ -173,12 +182,16 @@ class Server:
             while not self._stop.is_set():
                 try:
                     until_heartbeat = max(0.0, last_heartbeat + HEARTBEAT_SECONDS - time.monotonic())
-                    for socket, _ in poller.poll(int(until_heartbeat * 1000) + 1):
-                        if socket == self._wake_read:
-                            with contextlib.suppress(BlockingIOError):
-                                os.read(self._wake_read, 4096)
-                        else:
-                            self._drain_router(socket)
+                    ready = [socket for socket, _ in poller.poll(int(until_heartbeat * 1000) + 1)]
+                    if self._wake_read in ready:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_read, 4096)
+                    for router in routers:  # commands first: a client's last commands come before its goodbye
+                        if router in ready:
+                            self._drain_router(router)
+                    for monitor in monitors:
+                        if monitor in ready:
+                            self._drain_monitor(monitor)
                     self._drain_outbox(pubs)
                     now = time.monotonic()
                     if now - last_heartbeat >= HEARTBEAT_SECONDS:
@@ -203,7 +216,10 @@ class Server:
         finally:
             for pub in pubs:
                 pub.close(1000)
-            for router in routers:
+            for router, monitor in zip(routers, monitors, strict=True):
+                with contextlib.suppress(zmq.ZMQError):
+                    router.disable_monitor()
+                monitor.close(0)
                 router.close(0)
             if self._authenticator is not None:
                 self._authenticator.stop()
@@ -247,12 +263,28 @@ class Server:
         except (zmq.Again, zmq.ZMQError):
             return False  # the peer is gone or hopelessly behind; it will ask again
 
+    def _drain_monitor(self, monitor: zmq.Socket) -> None:
+        """Connections that closed: the engine drops what their clients left waiting."""
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            for client in self._clients.pop(int(event["value"]), ()):
+                gone = getattr(self.engine, "client_gone", None)  # stand-in engines (tests, tools) may have none
+                if gone is not None:
+                    gone(client)
+
     def _drain_router(self, router: zmq.Socket) -> None:
         for _ in range(1000):  # bounded, so a flood cannot starve live publishing
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            try:
+                fd = int(parts[0].get(zmq.SRCFD))  # the connection, as the monitor names it
+            except (zmq.ZMQError, TypeError, ValueError):
+                fd = -1
+            frames = [part.bytes for part in parts]
             identity, body = frames[0], frames[1:]
             if self._fault is not None and body == [self._fault]:
                 raise InjectedFault(f"{FAULT_ENV} frame received")
@@ -265,7 +297,7 @@ class Server:
                 self._malformed(identity, router, str(error), _peek_id(body[0]))
                 continue
             try:
-                self._handle(identity, router, command)
+                self._handle(identity, router, command, fd)
             except Exception as error:  # one message must never end the thread that serves them all
                 self._failed(identity, router, command, error)
 
@@ -285,7 +317,7 @@ class Server:
         why = f"the engine could not serve '{command.cmd}': {type(error).__name__}: {error}"[:500]
         self._send(router, identity, [b"REP", Reply(command.id, False, why).encode()])
 
-    def _handle(self, identity: bytes, router: zmq.Socket, command: Command) -> None:
+    def _handle(self, identity: bytes, router: zmq.Socket, command: Command, fd: int = -1) -> None:
         engine = self.engine
         if command.cmd == "hello":
             result = {
@@ -306,7 +338,9 @@ class Server:
                 self.outbox.put(("rep", (router, identity, reply)))
                 self._wake()
 
-            engine.submit(command, respond)
+            if fd >= 0:
+                self._clients.setdefault(fd, set()).add(identity)
+            engine.submit(command, respond, identity)
 
     def _replay(self, identity: bytes, router: zmq.Socket, command: Command) -> None:
         """Send the journal's raw records after ``since`` up to now, then END with the last seq.

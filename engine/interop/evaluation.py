@@ -12,6 +12,7 @@ on those).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,13 +47,19 @@ class Score:
 
 
 def score(
-    run: RunDir, cfg: RunConfig, split: str = "test", checkpoint: int | None = None, batches: int = 0, base: bool = False
+    run: RunDir,
+    cfg: RunConfig,
+    split: str = "test",
+    checkpoint: int | None = None,
+    batches: int = 0,
+    base: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Score:
     """Load the run's model with its adapter (``base``: without one, for comparison) and return
     the mean per-token loss over ``split``.
 
     ``batches`` limits the pass to that many batches of ``training.batch_size`` (0 = the whole
-    split), chosen as validation chooses them.
+    split), chosen as validation chooses them; ``progress`` hears (batches done, batches in all).
     """
     from tunetop.training.build import load_model_and_tokenizer
     from tunetop.training.trainer import evaluate
@@ -63,7 +70,8 @@ def score(
     if weights_file:
         _put_adapter(model, cfg, weights_file, run)
     loss = evaluate(
-        model, dataset, batch_size=cfg.training.batch_size, batch_count=batches, max_seq_length=cfg.data.max_seq_length
+        model, dataset, batch_size=cfg.training.batch_size, batch_count=batches, max_seq_length=cfg.data.max_seq_length,
+        progress=progress,
     )
     examples = len(dataset) if batches == 0 else min(len(dataset), batches * cfg.training.batch_size)
     return Score(split, loss, examples, weights_file, iteration)

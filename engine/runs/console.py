@@ -39,7 +39,8 @@ def describe(event: dict[str, Any]) -> str | None:
         prefix = "" if kind == "log" else f"{kind}: "
         return prefix + str(event.get("message", ""))
     if kind == "state":
-        return f"state: {event['state']}"
+        # An ended run's `finished` event follows at once and says it with the reason: one line.
+        return None if event["state"] in ("finished", "failed") else f"state: {event['state']}"
     if kind == "sample":
         return f"Iter {event['iteration']}: sample {event['prompt']!r} -> {event['completion']!r}"
     if kind == "resumed":

@@ -7,13 +7,15 @@ appended to the run's engine.log. No mlx import here.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tunetop.control.journal import read_events
+from tunetop.control.journal import read_payloads
 from tunetop.private import open_private
 from tunetop.runs.folders import RunDir, RunError
 
@@ -27,22 +29,53 @@ class EngineStartError(RunError):
         self.run_id = run_id
 
 
-def _failure_message(run: RunDir) -> str:
-    """One line saying why an engine ended: its last error event, else what its log says last."""
+def _ends(run: RunDir) -> tuple[int, int]:
+    """Where the run's journal and log end now: what an engine started after adds is its own."""
+    sizes = []
+    for path in (run.journal, run.log):
+        try:
+            sizes.append(path.stat().st_size)
+        except OSError:
+            sizes.append(0)
+    return sizes[0], sizes[1]
+
+
+def _failure_message(run: RunDir, journal_from: int = 0, log_from: int = 0) -> str:
+    """One line saying why an engine ended: the last error event it journaled, else what it logged
+    last (only what it added after ``journal_from`` and ``log_from``: a resumed run's journal and
+    log hold earlier engines' errors), else, when it could write nothing, why that may be."""
+    errors = []
     try:
-        errors = [e["message"] for e in read_events(run.journal) if e.get("type") == "error"]
+        for _seq, payload in read_payloads(run.journal, start_offset=journal_from or None):
+            if b'"error"' in payload:
+                event = json.loads(payload)
+                if event.get("type") == "error":
+                    errors.append(str(event.get("message", "")))
     except Exception:  # no journal, or one that cannot be read: the log says why
         errors = []
     if errors:
-        return str(errors[-1])
+        return errors[-1]
     try:
-        lines = [line.strip() for line in run.log.read_text(errors="replace").splitlines() if line.strip()]
+        with open(run.log, "rb") as handle:
+            handle.seek(log_from)
+            text = handle.read().decode("utf-8", errors="replace")
     except OSError:
-        return "no log was written"
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        try:
+            free = shutil.disk_usage(run.path).free
+        except OSError:
+            free = -1
+        if 0 <= free < 1 << 20:
+            return (f"it could write nothing: the disk holding {run.path} is full ({free:,} bytes free; No space "
+                    "left on device). Make room there, then run the command again.")
+        return f"it wrote nothing (its output would be in {run.log})"
     # The CLI's own error line (`tunetop: ...`), else a traceback's last line (the exception).
     said = [line.removeprefix("tunetop: ") for line in lines if line.startswith("tunetop: ")]
-    last = said[-1] if said else lines[-1] if lines else "it wrote nothing"
+    last = said[-1] if said else lines[-1]
     return f"{last} (the engine's output is in {run.log})"
+
 
 def source_root() -> Path | None:
     """The folder on sys.path this process found ``tunetop`` in, when it was found that way (a
@@ -74,6 +107,7 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str]
     Raises :class:`EngineStartError` with the engine's own error when it exits first (bad
     data, a model that will not load), so ``tunetop train --detach`` can report it.
     """
+    ends = _ends(run)
     log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
     env = child_environment()
     process = subprocess.Popen(
@@ -86,19 +120,20 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str]
         env=env,
     )
     log.close()
-    return _wait_until_training(run, process, wait_seconds, engine_pid=process.pid)
+    return _wait_until_training(run, process, wait_seconds, engine_pid=process.pid, ends=ends)
 
 
 def _wait_until_training(
-    run: RunDir, process: subprocess.Popen[bytes], wait_seconds: float, engine_pid: int | None
+    run: RunDir, process: subprocess.Popen[bytes], wait_seconds: float, engine_pid: int | None, ends: tuple[int, int] = (0, 0)
 ) -> int:
     """Return ``process``'s pid once the run's status says it trains (written by ``engine_pid``,
-    when given); raise :class:`EngineStartError` if the process exits first."""
+    when given); raise :class:`EngineStartError` if the process exits first, with what it wrote
+    after ``ends`` (the journal's and the log's sizes when it started)."""
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
         code = process.poll()
         if code is not None:
-            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run)}", code, run.id)
+            raise EngineStartError(f"run {run.id} failed to start: {_failure_message(run, *ends)}", code, run.id)
         status = run.status()
         # Running is not enough: a first step that fails (a model the settings do not fit) is a
         # failure to start too, and the command that started the run should say so.
@@ -117,6 +152,7 @@ def spawn_command(run: RunDir, command: list[str], wait_seconds: float = 300.0) 
     (it holds the write end itself), since /dev/null would make that poll spin.
     """
     read_end, write_end = os.pipe()
+    ends = _ends(run)
     log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
     process = subprocess.Popen(
         command, stdin=read_end, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -126,4 +162,4 @@ def spawn_command(run: RunDir, command: list[str], wait_seconds: float = 300.0) 
     os.close(write_end)
     log.close()
     # Rank 0 is a grandchild here: any engine's status will do (this run has only this one).
-    return _wait_until_training(run, process, wait_seconds, engine_pid=None)
+    return _wait_until_training(run, process, wait_seconds, engine_pid=None, ends=ends)

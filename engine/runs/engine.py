@@ -49,6 +49,8 @@ QUICK_COMMANDS = ("pause", "resume", "stop", "set")
 """Commands applied as soon as they are seen, even between the tokens of a sample."""
 MAX_WAITING_HEAVY = 32
 """Samples and evaluations that may wait their turn; more are refused with a 'busy' reply."""
+MAX_WAITING_HEAVY_PER_CLIENT = 8
+"""Of those, what one client (one connection) may have waiting: one client cannot fill the queue."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class PendingCommand:
 
     command: Command
     respond: Callable[[Reply], None]
+    client: bytes = b""
+    """The connection that sent it (the server's routing id): its waiting samples go when it does."""
 
 
 @dataclass
@@ -136,11 +140,14 @@ class Engine:
         # for their step boundary while quick ones that came later are applied.
         self._waiting: collections.deque[PendingCommand] = collections.deque()
         self._heavy_waiting = 0
+        self._gone_clients: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         # Fault injection for tests: seconds to wait at each of a sample's checks, so that a sample
         # lasts long enough on the tiny embedded model for a pause, stop or signal to land inside it.
         self._slow_sample = float(os.environ.get("TUNETOP_FAULT_SLOW_SAMPLE") or 0)
         self._server_failure = ""  # set by the server thread as it ends; read by the loop
         self._warnings: Any = None  # run_warnings.WarningSink while the run is active
+        self._notifier: Any = None  # notify.CommandNotifier when the config has notify.command
+        self._monitor: Any = None  # machine.SystemMonitor while the loop runs (metrics.system_seconds)
 
     # -- events --------------------------------------------------------------------------
 
@@ -323,9 +330,14 @@ class Engine:
 
     # -- commands ------------------------------------------------------------------------
 
-    def submit(self, command: Command, respond: Callable[[Reply], None]) -> None:
-        """Queue a command for the loop (thread-safe)."""
-        self.commands.put(PendingCommand(command, respond))
+    def submit(self, command: Command, respond: Callable[[Reply], None], client: bytes = b"") -> None:
+        """Queue a command for the loop (thread-safe); ``client`` names the connection it came on."""
+        self.commands.put(PendingCommand(command, respond, client))
+
+    def client_gone(self, client: bytes) -> None:
+        """The server saw ``client`` disconnect (thread-safe): its samples and evaluations still
+        waiting are dropped, since nobody would read their answers."""
+        self._gone_clients.put(client)
 
     def _apply(self, pending: PendingCommand) -> None:
         command, respond = pending.command, pending.respond
@@ -509,6 +521,7 @@ class Engine:
         from tunetop.training.trainer import Disposition
 
         self._scheduled_samples(trainer)
+        self._emit_system()
         if self._first_iteration is None:
             self._first_iteration = trainer.iteration
         elif trainer.iteration > self._first_iteration and not self._status.get("stepped"):
@@ -533,8 +546,19 @@ class Engine:
                 continue
             if not self.control.paused:
                 return Disposition.MORE
+            self._emit_system()  # paused, the machine is still watched
             with contextlib.suppress(queue.Empty):  # paused with nothing to do: wait for a command
                 self._enqueue(self.commands.get(timeout=0.2))
+
+    def _emit_system(self) -> None:
+        """The machine's newest sample as a ``system`` event, if one was taken since the last.
+
+        Not while writes fail: a reading of the machine is not worth holding in memory for later."""
+        if self._monitor is None or self.trouble is not None:
+            return
+        sample = self._monitor.take()
+        if sample is not None:
+            self.emit("system", **sample)
 
     def _enqueue(self, pending: PendingCommand) -> None:
         if pending.command.cmd == "sample":  # bad arguments are answered now, not after the queue's wait
@@ -548,16 +572,39 @@ class Engine:
                 pending.respond(Reply(pending.command.id, False, f"busy: {MAX_WAITING_HEAVY} samples and evaluations "
                                       "are already waiting their turn; ask again once some are answered"))
                 return
+            mine = sum(1 for w in self._waiting if w.client == pending.client and w.command.cmd in HEAVY_COMMANDS)
+            if pending.client and mine >= MAX_WAITING_HEAVY_PER_CLIENT:
+                pending.respond(Reply(pending.command.id, False, f"busy: this client already has {mine} samples and "
+                                      f"evaluations waiting their turn (at most {MAX_WAITING_HEAVY_PER_CLIENT} per "
+                                      "client); ask again once some are answered"))
+                return
             self._heavy_waiting += 1
         self._waiting.append(pending)
 
     def _take_incoming(self) -> None:
-        """Move what the server thread queued to ``_waiting`` (refusing heavy commands past the limit)."""
+        """Move what the server thread queued to ``_waiting`` (refusing heavy commands past the limit),
+        then drop what disconnected clients left waiting."""
         while True:
             try:
                 self._enqueue(self.commands.get_nowait())
             except queue.Empty:
+                break
+        while True:
+            try:
+                self._drop_waiting_of(self._gone_clients.get_nowait())
+            except queue.Empty:
                 return
+
+    def _drop_waiting_of(self, client: bytes) -> None:
+        dropped = [w for w in self._waiting if w.client == client and w.command.cmd in HEAVY_COMMANDS]
+        for pending in dropped:
+            self._waiting.remove(pending)
+            self._heavy_waiting -= 1
+            pending.respond(Reply(pending.command.id, False, "dropped: the client that asked disconnected before its turn"))
+        if dropped:
+            kinds = collections.Counter(pending.command.cmd for pending in dropped)
+            what = " and ".join(f"{count} {cmd}{'s' if count > 1 else ''}" for cmd, count in sorted(kinds.items()))
+            self.emit("log", message=f"dropped {what} still waiting for a client that disconnected")
 
     def _next_waiting(self, heavy: bool) -> PendingCommand | None:
         """The oldest waiting command, skipping heavy ones unless ``heavy``."""
@@ -685,6 +732,11 @@ class Engine:
 
                 self._tensorboard = TensorBoardWriter(self.run_dir.path / "tensorboard", private=True)
                 self.events.subscribers.append(self._tensorboard.on_event)
+            if self.cfg.notify.command:
+                from tunetop.runs.notify import CommandNotifier
+
+                self._notifier = CommandNotifier(self.cfg.notify.command, self.cfg.notify.timeout, self._warn)
+                self.events.subscribers.append(self._notifier.on_event)
             code = EXIT_FAILED  # what the trackers hear if the run ends by an exception
             try:
                 try:
@@ -702,6 +754,8 @@ class Engine:
             except Exception as error:  # a bug: the run still ends as failed, with one clear line
                 return self._crashed(error)
             finally:
+                if self._notifier is not None:  # its failure is still journaled and published
+                    self._notifier.close()
                 for hook in self.on_close:
                     hook(self)
                 self.events.close()
@@ -838,6 +892,11 @@ class Engine:
         self.set_state("running")
         from tunetop.training.trainer import run_loop
 
+        if self.cfg.metrics.system_seconds > 0:
+            from tunetop.runs.machine import SystemMonitor
+
+            self._monitor = SystemMonitor(self.cfg.metrics.system_seconds)
+            self._monitor.start()
         try:
             result = run_loop(trainer, self._progress, self._control)
         except Exception as error:
@@ -849,6 +908,10 @@ class Engine:
             self.emit("finished", reason="failed", iteration=trainer.iteration)
             self._refuse_waiting("the run has failed")
             return EXIT_FAILED
+        finally:
+            if self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
         reason = self.control.stop_reason or result.reason
         self._scheduled_samples(trainer)  # the samples due at the last step (the loop's hook runs before steps)
         self.set_state("failed" if reason == "server_failed" else "finished")

@@ -172,6 +172,10 @@ class MetricsConfig:
     wandb: bool = field(default=False, metadata={"help": "Also report to Weights & Biases (pip install 'tunetop[wandb]')"})
     swanlab: bool = field(default=False, metadata={"help": "Also report to SwanLab (pip install 'tunetop[swanlab]')"})
     project: str = field(default="", metadata={"help": "The W&B / SwanLab project; empty = tunetop"})
+    system_seconds: float = field(
+        default=5.0,
+        metadata={"help": "Sample CPU, memory and GPU every N seconds as `system` events (the dashboard's machine panel); 0 = off"},
+    )
 
 
 @dataclass
@@ -224,6 +228,16 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 # Keys that take AUTO or a number (the number within RANGES).
 AUTO_OR_NUMBER = {("training", "memory_budget_gb")}
 
+MAX_LEARNING_RATE = 10.0
+"""The largest learning rate a config or a live ``set`` takes."""
+_RATE_NOTE = "fine-tuning rates are about 1e-6 to 1e-2"
+RANGE_NOTES: dict[tuple[str, str], str] = {
+    ("optimizer", "learning_rate"): _RATE_NOTE,
+    ("schedule", "warmup_init"): _RATE_NOTE,
+    ("schedule", "end_learning_rate"): _RATE_NOTE,
+}
+"""Why a bound is where it is, said with the refusal."""
+
 # (minimum, maximum) for numbers; None leaves that side open.
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "max_seq_length"): (2, None),
@@ -249,19 +263,22 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("training", "seed"): (0, 2**32 - 1),
     ("training", "grad_accumulation_steps"): (1, None),
     ("training", "micro_batches"): (0, None),
-    ("optimizer", "learning_rate"): (0.0, None),
+    # Fine-tuning rates are 1e-6 to 1e-2; far past them a rate is a typo that ruins the weights
+    # (a live `set learning_rate=1e9` was accepted and ruined the run's weights).
+    ("optimizer", "learning_rate"): (0.0, MAX_LEARNING_RATE),
     ("optimizer", "weight_decay"): (0.0, None),
     ("optimizer", "momentum"): (0.0, 1.0),
     ("optimizer", "eps"): (0.0, None),
     ("schedule", "warmup"): (0, None),
-    ("schedule", "warmup_init"): (0.0, None),
-    ("schedule", "end_learning_rate"): (0.0, None),
+    ("schedule", "warmup_init"): (0.0, MAX_LEARNING_RATE),
+    ("schedule", "end_learning_rate"): (0.0, MAX_LEARNING_RATE),
     ("schedule", "decay_steps"): (0, None),
     ("checkpoints", "save_every"): (1, None),
     ("checkpoints", "keep_last"): (0, None),
     ("sampling", "sample_every"): (0, None),
     ("sampling", "max_tokens"): (1, 4096),
     ("sampling", "temperature"): (0.0, 10.0),
+    ("metrics", "system_seconds"): (0.0, 86400.0),
 }
 
 
@@ -406,7 +423,8 @@ def _coerce(section: str, key: str, value: Any, expected: Any, where: str) -> An
                 if low is None
                 else f"between {low} and {high}"
             )
-            raise ConfigError(f"{where}: '{full}' must be {span}, got {_shown(value)}.")
+            note = f" ({RANGE_NOTES[section, key]})" if (section, key) in RANGE_NOTES else ""
+            raise ConfigError(f"{where}: '{full}' must be {span}, got {_shown(value)}{note}.")
     return value
 
 
@@ -516,6 +534,10 @@ def _check_consistency(config: RunConfig, text: str) -> None:
     _check_optimizer(config, text)
     if config.training.grad_accumulation_steps > 1 and config.training.batch_size < 1:
         raise ConfigError(f"{_where(source, None)}: batch_size must be at least 1.")
+    if 0 < config.metrics.system_seconds < 1:  # a sample per step or more would fill the journal with machine readings
+        line = _find_line(text, "metrics", "system_seconds")
+        raise ConfigError(f"{_where(source, line)}: 'metrics.system_seconds' must be at least 1 (seconds between "
+                          f"samples of the machine), or 0 to turn sampling off; got {config.metrics.system_seconds:g}.")
     if not config.model.path:
         line = _find_line(text, "model", "path")
         raise ConfigError(

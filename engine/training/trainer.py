@@ -229,8 +229,10 @@ def evaluate(
     batch_count: int = 0,
     max_seq_length: int = 2048,
     loss: LossFunction = default_loss,
+    progress: Callable[[int, int], None] | None = None,
 ) -> float:
-    """Mean per-token loss over ``batch_count`` batches (0 = the whole dataset)."""
+    """Mean per-token loss over ``batch_count`` batches (0 = the whole dataset); ``progress`` is
+    called with (batches done, batches in all) after each batch."""
     plan = (
         dataset
         if isinstance(dataset, BatchPlan)
@@ -240,11 +242,14 @@ def evaluate(
     model.eval()
     total = mx.array(0.0)
     count = mx.array(0)
-    for batch in plan.fixed_sample(batch_count):
+    batches = len(plan.batches) if batch_count <= 0 else min(batch_count, len(plan.batches))
+    for done, batch in enumerate(plan.fixed_sample(batch_count), start=1):
         value, tokens = loss(model, mx.array(batch.tokens), mx.array(batch.lengths))
         total = total + value * tokens
         count = count + tokens
         mx.eval(total, count)
+        if progress is not None:
+            progress(done, batches)
     if was_training:
         model.train()
     return float((total / count).item()) if count.item() else float("nan")  # type: ignore[arg-type]

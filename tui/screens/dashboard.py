@@ -1,4 +1,4 @@
-"""The dashboard of one run: header, loss chart, sparklines, throughput, tables, log, and keys.
+"""The dashboard of one run: header, loss chart, sparklines, the machine, throughput, tables, log, and keys.
 
 Events are folded into a :class:`RunState` as they arrive; the screen repaints from it on a
 timer and only what changed, each part at its own pace: the header (iteration, state) up to
@@ -27,12 +27,13 @@ from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
 from tunetop.control.replies import describe
 from tunetop.runs.folders import RunDir
 from tunetop.training.config import LIVE_FIELDS
+from tunetop.tui.notify import fresh, ring
 from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
 from tunetop.tui.source import EventSource, JournalSource, LiveSource
 from tunetop.tui.state import ACTIVE_STATES, RunState
 from tunetop.tui.themes import theme_color
 from tunetop.tui.widgets.chart import Y_MODES, LossChart
-from tunetop.tui.widgets.panels import RunHeader, ThroughputPanel
+from tunetop.tui.widgets.panels import RunHeader, SystemPanel, ThroughputPanel
 
 W = TypeVar("W", bound=Widget)
 REFRESH_HZ = 8
@@ -44,6 +45,8 @@ CHART_HZ = 1
 widgets to draw, and a report moves a long run's curve by a fraction of a dot."""
 STEERING = frozenset({"toggle_pause", "save", "evaluate", "stop", "set_form"})
 """Actions that send the engine a command: hidden when no engine can take one."""
+COMPACT_BELOW = 34
+"""Terminal rows under which the machine panel is one line (at 80x24 the chart would be gone)."""
 SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
 WINDOW_STEPS = (0, 100, 1000, 10000)
 
@@ -119,6 +122,7 @@ class DashboardScreen(Screen[None]):
         self._source_task: asyncio.Task[None] | None = None
         self._tunnel_task: asyncio.Task[None] | None = None
         self.last_reply = ""
+        self._opened_at = time.time()  # notable events since then ring (tunetop.tui.notify)
 
     # -- layout --------------------------------------------------------------------------
 
@@ -137,6 +141,7 @@ class DashboardScreen(Screen[None]):
                     with Vertical(classes="box"):
                         yield Static("tokens/s", classes="spark-label", id="spark-tps-label")
                         yield Sparkline([], id="spark-tps")
+                yield SystemPanel(self.run_state, id="system")
             with Vertical(id="right"):
                 yield ThroughputPanel(self.run_state, id="throughput")
                 validations = Vertical(id="validations", classes="box")
@@ -168,6 +173,12 @@ class DashboardScreen(Screen[None]):
             self._tunnel_task = asyncio.create_task(self.remote.tunnel.supervise(self._on_status))
         self.set_interval(1 / REFRESH_HZ, self._tick)
 
+    def on_resize(self) -> None:
+        # A short terminal keeps the loss chart: the machine panel shrinks to one line of readings.
+        panel = self.query_one(SystemPanel)
+        panel.set_class(self.size.height < COMPACT_BELOW, "compact")
+        panel.refresh_from_state()
+
     def on_unmount(self) -> None:
         self.source.close()
         for task in (self._source_task, self._tunnel_task):
@@ -178,6 +189,9 @@ class DashboardScreen(Screen[None]):
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         self.run_state.apply_all(events)
+        if isinstance(self.source, LiveSource):  # an engine that was running when the screen opened
+            for event in fresh(events, self._opened_at):
+                ring(self.app, event)
         self._dirty = True
         self._dirty_header = True
 
@@ -261,6 +275,7 @@ class DashboardScreen(Screen[None]):
             self._steerable = not self._steerable
             self.refresh_bindings()
         self._widget("#throughput", ThroughputPanel).refresh_from_state()
+        self._widget("#system", SystemPanel).refresh_from_state()
         if chart:
             self._paint_chart()
         else:

@@ -1,4 +1,4 @@
-"""Small read-only panels of the dashboard: the run header and the throughput panel."""
+"""Small read-only panels of the dashboard: the run header, the throughput panel, the machine panel."""
 
 from __future__ import annotations
 
@@ -126,3 +126,113 @@ class ThroughputPanel(Static):
         # Its height follows its rows, which do not change: a layout pass only the first time.
         self.update(text, layout=self._shown is None)
         self._shown = text
+
+
+SPARK_BARS = "▁▂▃▄▅▆▇█"
+
+
+def spark(values: list[float], width: int, top: float | None = None) -> str:
+    """The last ``width`` values as bars: from 0 to ``top`` when given (a percentage, a total),
+    else from their least to their most (a flat line when they do not move)."""
+    shown = values[-width:] if width > 0 else []
+    if not shown:
+        return ""
+    low, high = (0.0, top) if top else (min(shown), max(shown))
+    span = high - low
+    if span <= 0:
+        return SPARK_BARS[3] * len(shown)
+    last = len(SPARK_BARS) - 1
+    return "".join(SPARK_BARS[max(0, min(last, round((v - low) / span * last)))] for v in shown)
+
+
+def _bytes(value: float | None) -> str:
+    """1.2G, 340M, 12K (powers of 1024, as top and Activity Monitor count)."""
+    if value is None:
+        return "-"
+    for unit, size in (("T", 1024.0**4), ("G", 1024.0**3), ("M", 1024.0**2), ("K", 1024.0)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}B"
+
+
+class SystemPanel(Static):
+    """The machine (``system`` events): a reading and a sparkline each, in as many columns as fit.
+
+    Hidden until the first ``system`` event (older runs, or ``metrics.system_seconds = 0``).
+    ``compact`` (a short terminal): one line of readings, no sparklines, no border."""
+
+    DEFAULT_CSS = """
+    SystemPanel { height: auto; padding: 0 1; border: round $primary 50%; border-title-color: $text; display: none; }
+    SystemPanel.compact { border: none; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    """
+
+    def __init__(self, state: RunState, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.run_state = state
+        self.border_title = "machine"
+        self._shown_key: tuple[int, int, bool] | None = None
+        self._lines = 0
+
+    def on_resize(self) -> None:
+        # The columns and sparklines follow the width; after this layout pass, so that a change of
+        # height is laid out by the next one.
+        self.call_after_refresh(self.refresh_from_state)
+
+    def rows(self) -> list[tuple[str, str, str, float | None]]:
+        """(name, the reading now, its series in RunState.system_series, the sparkline's top) for
+        each reading this engine sends."""
+        now = self.run_state.system
+        rows: list[tuple[str, str, str, float | None]] = []
+        if "cpu_percent" in now:
+            rows.append(("cpu", f"{now['cpu_percent']:.0f}%", "cpu_percent", max(100.0, *self.run_state.system_series.get("cpu_percent", [0.0]))))
+        if "rss" in now:
+            rows.append(("rss", _bytes(now["rss"]), "rss", None))
+        if "memory_used" in now:
+            total = now.get("memory_total")
+            rows.append(("memory", f"{_bytes(now['memory_used'])}/{_bytes(total)}", "memory_used", total))
+        if "mlx_active" in now:
+            rows.append(("mlx +cache", f"{_bytes(now['mlx_active'])} +{_bytes(now.get('mlx_cache'))}", "mlx_active", None))
+        if "gpu_utilization" in now:
+            rows.append(("gpu", f"{now['gpu_utilization']:.0f}%", "gpu_utilization", 100.0))
+        if "gpu_memory_used" in now:
+            total = now.get("gpu_memory_total")
+            rows.append(("gpu mem", f"{_bytes(now['gpu_memory_used'])}/{_bytes(total)}", "gpu_memory_used", total))
+        if "gpu_power" in now:
+            rows.append(("power", f"{now['gpu_power']:.0f} W", "gpu_power", None))
+        return rows
+
+    def refresh_from_state(self) -> None:
+        s = self.run_state
+        if not s.system_events:
+            return
+        compact = self.has_class("compact")
+        key = (s.system_events, self.size.width, compact)
+        if key == self._shown_key:
+            return
+        self._shown_key = key
+        self.display = True
+        rows = self.rows()
+        text = Text(no_wrap=True, overflow="crop")
+        if compact:
+            for number, (name, value, _series, _top) in enumerate(rows):
+                text.append(("  " if number else "") + name + " ", style="dim")
+                text.append(value, style="bold")
+            lines = 1
+        else:
+            inner = max(self.size.width - 4, 20)  # border and padding
+            columns = 2 if inner >= 64 else 1
+            cell = inner // columns
+            names = max(len(name) for name, *_ in rows)
+            values = max(len(value) for _, value, *_ in rows)
+            bars = max(cell - names - values - 4, 0)
+            for number, (name, value, series, top) in enumerate(rows):
+                if number:
+                    text.append("\n" if number % columns == 0 else "  ")
+                text.append(name.ljust(names + 1), style="dim")
+                text.append(value.rjust(values), style="bold")
+                line = spark(s.system_series.get(series, []), bars, top)
+                text.append(" " + line.ljust(bars), style=themed("$accent", self.app.current_theme))
+            lines = -(-len(rows) // columns)
+        # A layout pass only when the panel's height changes (the first event, a resize).
+        self.update(text, layout=lines != self._lines)
+        self._lines = lines
