@@ -66,3 +66,20 @@ def test_checkpoints_of_older_versions_still_count_and_ties_go_to_the_newest(tmp
         fake_checkpoint(tmp_path, iteration, loss, validated_at=None, legacy=True)
     prune(tmp_path, keep_last=1)
     assert kept(tmp_path) == [30, 50]
+
+
+def test_checkpoint_best_without_one_says_why(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    import pytest
+
+    from tests.conftest import tunetop
+    from tunetop.interop.export import ExportError, chosen_checkpoint
+
+    fake_checkpoint(tmp_path, 10, 2.5, validated_at=0)
+    run = SimpleNamespace(id="r1", checkpoints=tmp_path)
+    with pytest.raises(ExportError, match="save_every divide training.steps_per_eval"):
+        chosen_checkpoint(run, "best")  # type: ignore[arg-type]
+    assert chosen_checkpoint(run, 10) == 10  # type: ignore[arg-type]
+    wrong = tunetop("export", "--format", "mlx", "--output", str(tmp_path / "out"), "--checkpoint", "soon")
+    assert wrong.returncode == 2 and "neither an iteration nor 'best'" in wrong.stderr

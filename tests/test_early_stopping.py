@@ -115,6 +115,14 @@ def test_a_run_stops_early_keeps_its_best_checkpoint_and_resumes_exactly(tmp_pat
         straight.checkpoints / f"{best_at:07d}" / "adapters.safetensors"
     ).read_bytes()
 
+    # sample --checkpoint best: a finished run (no engine) completes a prompt with the best adapter.
+    sampled = tunetop("sample", straight.id, "--prompt", "Where does Ivo live?", "--checkpoint", "best",
+                      "--max-tokens", "6", "--json", check=True)
+    answer = json.loads(sampled.stdout)
+    assert answer["iteration"] == best_at and answer["prompt_format"] != "raw" and answer["completion"]
+    said = tunetop("sample", straight.id, "--prompt", "Where does Ivo live?", "--checkpoint", str(stop_at), "--max-tokens", "6", check=True)
+    assert said.stdout.startswith(f"sample: from the weights of iteration {stop_at}")
+
     # Killed after a validation that did not improve (the count is 1), then resumed: the count
     # comes back with the checkpoint, so the run stops where the uninterrupted one did.
     kill_after = (best_at + EVERY) // EVERY  # the K-th checkpoint: the one just after the best

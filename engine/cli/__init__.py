@@ -7,7 +7,8 @@ printed, stderr names what was skipped); 130 interrupted by Ctrl-C (adapter save
 terminated by SIGTERM (adapter saved first). ``wait`` exits with how the run ended: 0, 10-17
 (runs.notify.WAIT_CODES).
 
-This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs and cli.compare."""
+This module is the parser and `main`; the commands live in cli.train, cli.watch, cli.outputs, cli.compare
+and cli.queue."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import sys
 
 from tunetop.cli.common import CHECKPOINT_HELP, CONTROL_HELP, RUN_HELP, _fail, checkpoint_arg
 from tunetop.cli.compare import cmd_compare
+from tunetop.cli.labels import cmd_note, cmd_tag, tag_argv
 from tunetop.cli.outputs import cmd_export, cmd_export_metrics, cmd_import_config, cmd_test
+from tunetop.cli.queue import add_parsers as add_queue_parsers
+from tunetop.cli.queue import main_argv as queue_argv
 from tunetop.cli.train import cmd_demo, cmd_engine, cmd_follower, cmd_init, cmd_train, demo_config
 from tunetop.cli.watch import (
     _attach,
@@ -151,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--raw", action="store_true",
                    help="send the prompt as it is; by default it is formatted as the run's data was (the chat template for chat data)")
+    p.add_argument("--checkpoint", type=checkpoint_arg, metavar="ITERATION|best",
+                   help="a saved checkpoint's adapter, loaded here (no engine needed), instead of the live weights")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="sample")
@@ -160,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="set")
+
+    p = sub.add_parser("tag", help="show or change a run's tags: tag RUN +x -y (the change is journaled)")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
+    p.add_argument("changes", nargs="*", metavar="+TAG|-TAG", help="+x adds tag x, -y removes tag y; none: print the tags")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="print the run's tags and note as one JSON object")
+    p.set_defaults(func=cmd_tag)
+    p = sub.add_parser("note", help="show or set a run's note: note RUN \"text\" (journaled; --clear removes it)")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
+    p.add_argument("text", nargs="?", help="the new note; none: print the note")
+    p.add_argument("--clear", action="store_true", help="remove the note")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="print the run's tags and note as one JSON object")
+    p.set_defaults(func=cmd_note)
 
     p = sub.add_parser("test", help="score a run's saved adapter on its test split (or another): loss and perplexity")
     p.add_argument("run", nargs="?", help=RUN_HELP)
@@ -189,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_import_config)
+
+    add_queue_parsers(sub)
 
     p = sub.add_parser("keys", help="make and print your client key for TCP listeners")
     p.set_defaults(func=cmd_keys)
@@ -223,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     # `tunetop set KEY=VALUE` without a run: argparse would take KEY=VALUE as the run.
     if len(argv) >= 2 and argv[0] == "set" and "=" in argv[1]:
         argv = ["set", "", *argv[1:]]
+    argv = queue_argv(argv)
+    if argv[:1] == ["tag"]:
+        argv = tag_argv(argv)
     unknown = _unknown_command(parser, argv)
     if unknown:
         return _fail(unknown)

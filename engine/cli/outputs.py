@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tunetop.cli.common import _fail
 
@@ -35,6 +36,34 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(json.dumps({**result.__dict__, "perplexity": result.perplexity}))
     else:
         print(result.describe())
+    return 0
+
+
+def cmd_sample_saved(args: argparse.Namespace, run: Any) -> int:
+    """`tunetop sample RUN --checkpoint ITERATION|best`: a completion from a saved adapter."""
+    from tunetop.interop.evaluation import EvaluationError
+    from tunetop.interop.export import ExportError, chosen_checkpoint
+    from tunetop.interop.saved_sample import sample_saved
+    from tunetop.training import config as config_module
+    from tunetop.training.build import ModelError
+    from tunetop.training.data import DataError
+    from tunetop.training.sampling import SampleError
+
+    cfg = config_module.load(run.config)
+    max_tokens = config_module.coerce_field("sampling", "max_tokens", args.max_tokens, "--max-tokens")
+    temperature = config_module.coerce_field("sampling", "temperature", args.temperature, "--temperature")
+    try:
+        checkpoint = chosen_checkpoint(run, args.checkpoint)
+        assert checkpoint is not None
+        result = sample_saved(run, cfg, checkpoint, args.prompt, max_tokens, temperature, args.raw)
+    except (EvaluationError, ExportError, DataError, ModelError, SampleError) as error:
+        return _fail(str(error))
+    if args.json:
+        print(json.dumps({"ok": True, **result.__dict__}))
+    else:
+        from tunetop.control.replies import describe_result
+
+        print(f"sample: {describe_result('sample', result.__dict__)}")
     return 0
 
 

@@ -58,6 +58,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
         "gpu_memory_total",
         "gpu_power",
     ),
+    "tags": ("tags",),
+    "note": ("text",),
 }
 """The event schema: each type and the fields it carries beyond seq, ts, run and type.
 
@@ -77,13 +79,17 @@ OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
 
 RUN_STATES = ("starting", "running", "paused", "stopping", "finished", "failed")
 
-COMMANDS = ("pause", "resume", "stop", "save", "evaluate", "set", "sample", "replay", "history", "hello", "status")
+COMMANDS = (
+    "pause", "resume", "stop", "save", "evaluate", "set", "sample", "replay", "history", "hello", "status", "tag", "note",
+)
 """Commands the engine accepts. ``replay``, ``history`` and ``hello`` are answered by the server thread."""
 
 COMMAND_ARGS: dict[str, tuple[str, ...] | None] = {
     "sample": ("prompt", "max_tokens", "temperature", "raw"),
     "replay": ("since",),
     "set": None,  # any key: each is checked against the live fields (config.coerce_live)
+    "tag": ("add", "remove"),
+    "note": ("text",),
 }
 """The argument names each command takes (none when absent); others are refused, not ignored."""
 
@@ -265,7 +271,8 @@ def parse_command(payload: bytes) -> Command:
     prompt = args.get("prompt") if cmd == "sample" else None
     if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
         raise ProtocolError(f"the prompt is {len(prompt):,} characters long; a sample's prompt may hold at most {MAX_PROMPT_CHARS:,}")
-    if len(payload) > MAX_COMMAND_BYTES + 12 * len(prompt or ""):  # the prompt's escapes are its own; nothing else may grow
+    prompt_chars = len(prompt) if isinstance(prompt, str) else 0  # a prompt of another type is refused later, by the engine
+    if len(payload) > MAX_COMMAND_BYTES + 12 * prompt_chars:  # the prompt's escapes are its own; nothing else may grow
         raise ProtocolError(_over_the_limit(len(payload)))
     return Command(cmd=cmd, args=args, id=command_id)
 

@@ -64,11 +64,11 @@ def score(
     from tunetop.training.build import load_model_and_tokenizer
     from tunetop.training.trainer import evaluate
 
-    weights_file, iteration = ("", None) if base else _saved_adapter(run, checkpoint)
+    weights_file, iteration = ("", None) if base else saved_adapter(run, checkpoint)
     model, tokenizer, _path = load_model_and_tokenizer(cfg)
     dataset = _split(cfg, tokenizer, split)
     if weights_file:
-        _put_adapter(model, cfg, weights_file, run)
+        put_adapter(model, cfg, weights_file, run)
     loss = evaluate(
         model, dataset, batch_size=cfg.training.batch_size, batch_count=batches, max_seq_length=cfg.data.max_seq_length,
         progress=progress,
@@ -77,7 +77,7 @@ def score(
     return Score(split, loss, examples, weights_file, iteration)
 
 
-def _saved_adapter(run: RunDir, checkpoint: int | None) -> tuple[str, int | None]:
+def saved_adapter(run: RunDir, checkpoint: int | None) -> tuple[str, int | None]:
     """The weights file of the latest adapter or a checkpoint's, and the iteration it was saved at."""
     from tunetop.interop.export import ExportError, adapter_source, saved_iteration
 
@@ -102,7 +102,7 @@ def _split(cfg: RunConfig, tokenizer: Any, split: str) -> Any:
     return splits[split]
 
 
-def _put_adapter(model: Any, cfg: RunConfig, weights_file: str, run: RunDir) -> None:
+def put_adapter(model: Any, cfg: RunConfig, weights_file: str, run: RunDir) -> None:
     """Set the model up as the run's config does (lora section) and load the adapter's weights."""
     import mlx.core as mx
 

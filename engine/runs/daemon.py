@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from tunetop.control.journal import read_payloads
+from tunetop.faults import point
 from tunetop.private import open_private
 from tunetop.runs.folders import RunDir, RunError
 
@@ -101,11 +102,14 @@ def child_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str] | None = None) -> int:
+def spawn_engine(
+    run: RunDir, wait_seconds: float = 120.0, extra_args: list[str] | None = None, keep_fds: tuple[int, ...] = ()
+) -> int:
     """Start the engine for ``run``; return its pid once it trains (or after ``wait_seconds``).
 
     Raises :class:`EngineStartError` with the engine's own error when it exits first (bad
-    data, a model that will not load), so ``tunetop train --detach`` can report it.
+    data, a model that will not load), so ``tunetop train --detach`` can report it. ``keep_fds``
+    are inherited by the engine (the queue's spawn lock: held for exactly the engine's life).
     """
     ends = _ends(run)
     log = os.fdopen(open_private(run.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")  # handed to the child
@@ -118,8 +122,10 @@ def spawn_engine(run: RunDir, wait_seconds: float = 120.0, extra_args: list[str]
         start_new_session=True,
         cwd=str(run.path),
         env=env,
+        pass_fds=keep_fds,
     )
     log.close()
+    point("daemon: engine spawned")
     return _wait_until_training(run, process, wait_seconds, engine_pid=process.pid, ends=ends)
 
 

@@ -28,7 +28,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunetop.control.endpoints import SocketError
 from tunetop.control.events import EventLog
@@ -36,6 +36,7 @@ from tunetop.control.journal import JournalWriter
 from tunetop.control.protocol import Command, Reply
 from tunetop.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
 from tunetop.runs.folders import RunDir, RunError, RunLock
+from tunetop.runs.labels import fold_labels, status_labels
 from tunetop.runs.write_trouble import ROOM_BYTES, WriteTrouble, free_bytes, reason
 from tunetop.training import config as config_module
 from tunetop.training.build import ModelError, build_trainer
@@ -43,9 +44,18 @@ from tunetop.training.config import ConfigError, RunConfig
 from tunetop.training.data import DataError
 from tunetop.training.sampling import SampleError, SampleInterrupted, sample
 
+if TYPE_CHECKING:  # names for the type checker: these modules import mlx, which this one does on first use only
+    from tunetop.interop.tensorboard import TensorBoardWriter
+    from tunetop.interop.trackers import Tracker
+    from tunetop.runs.distributed import Coordinator, Plan
+    from tunetop.runs.machine import SystemMonitor
+    from tunetop.runs.notify import CommandNotifier
+    from tunetop.training.run_warnings import WarningSink
+    from tunetop.training.trainer import Disposition, NonFinite, Progress, Shard, Trainer
+
 HEAVY_COMMANDS = ("sample", "evaluate")
 """Commands that run the model: one per step boundary while training, so a queue of them cannot hold the loop."""
-QUICK_COMMANDS = ("pause", "resume", "stop", "set")
+QUICK_COMMANDS = ("pause", "resume", "stop", "set", "tag", "note")
 """Commands applied as soon as they are seen, even between the tokens of a sample."""
 MAX_WAITING_HEAVY = 32
 """Samples and evaluations that may wait their turn; more are refused with a 'busy' reply."""
@@ -70,7 +80,7 @@ class ControlState:
     exit_code: int = EXIT_OK
 
 
-def nonfinite_message(event: Any) -> str:
+def nonfinite_message(event: NonFinite) -> str:
     """What an unusable step (``trainer.NonFinite``) was and what happens next, in a sentence or two."""
     where = f"at iteration {event.iteration} (epoch {event.epoch}, batch {event.batch})"
     cause = {
@@ -105,10 +115,10 @@ class Engine:
         echo: Callable[[dict[str, Any], bytes], None] | None = None,
         resume: bool = False,
         resume_from: int | None = None,
-        plan: Any = None,
+        plan: Plan | None = None,
     ):
         self.plan = plan  # distributed.Plan: how many ranks; None or size 1 = one process
-        self.world: Any = None  # distributed.Coordinator once the ranks have joined
+        self.world: Coordinator | None = None  # once the ranks have joined
         self.resume = resume
         self.resume_from = resume_from
         self.cfg = cfg
@@ -118,13 +128,14 @@ class Engine:
         self.lock = RunLock(run)
         self.events: EventLog | None = None
         self.echo = echo
-        self.trainer: Any = None
+        self.trainer: Trainer | None = None
         self.state = ""
         # The pid tells a starter waiting on status.json that this engine, not an earlier one, wrote it.
         self._status: dict[str, Any] = {"name": cfg.name, "iterations": cfg.training.iterations, "pid": os.getpid()}
         if resume:  # until the checkpoint is restored, `ls` keeps showing where the run stood
             previous = run.status()
-            self._status.update({k: previous[k] for k in ("iteration", "loss", "val_loss", "trained") if k in previous})
+            kept = ("iteration", "loss", "val_loss", "best_val_loss", "best_val_iteration", "trained")
+            self._status.update({k: previous[k] for k in kept if k in previous})
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
         self._sampled_at = -1
@@ -134,8 +145,8 @@ class Engine:
         self._digest_dirty = False  # nor the history digest
         self._unsaved: int | None = None  # the iteration of a save that failed
         self._save_bytes = 0
-        self._tensorboard: Any = None
-        self._trackers: list[Any] = []  # trackers.Tracker: W&B, SwanLab
+        self._tensorboard: TensorBoardWriter | None = None
+        self._trackers: list[Tracker] = []  # W&B, SwanLab
         # Commands taken off the queue but not applied yet (the loop's thread only): heavy ones wait
         # for their step boundary while quick ones that came later are applied.
         self._waiting: collections.deque[PendingCommand] = collections.deque()
@@ -145,11 +156,17 @@ class Engine:
         # lasts long enough on the tiny embedded model for a pause, stop or signal to land inside it.
         self._slow_sample = float(os.environ.get("TUNETOP_FAULT_SLOW_SAMPLE") or 0)
         self._server_failure = ""  # set by the server thread as it ends; read by the loop
-        self._warnings: Any = None  # run_warnings.WarningSink while the run is active
-        self._notifier: Any = None  # notify.CommandNotifier when the config has notify.command
-        self._monitor: Any = None  # machine.SystemMonitor while the loop runs (metrics.system_seconds)
+        self._warnings: WarningSink | None = None  # while the run is active
+        self._notifier: CommandNotifier | None = None  # when the config has notify.command
+        self._monitor: SystemMonitor | None = None  # while the loop runs (metrics.system_seconds)
 
     # -- events --------------------------------------------------------------------------
+
+    @property
+    def _trainer(self) -> Trainer:
+        """The trainer, where only a built run gets (commands between steps, samples, saves)."""
+        assert self.trainer is not None, "the run has no trainer yet"
+        return self.trainer
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
         assert self.events is not None
@@ -180,6 +197,13 @@ class Engine:
             status.update(iteration=event["iteration"], loss=event["loss"])
         elif kind == "validation":
             status.update(iteration=event["iteration"], val_loss=event["loss"])
+            best = status.get("best_val_loss")
+            if isinstance(event["loss"], (int, float)) and (not isinstance(best, (int, float)) or event["loss"] < best):
+                status.update(best_val_loss=event["loss"], best_val_iteration=event["iteration"])
+        elif kind == "tags":
+            status.update(tags=event["tags"])
+        elif kind == "note":
+            status.update(note=event["text"])
         elif kind == "state":
             status.update(state=event["state"])
         elif kind in ("save", "resumed"):  # a resume goes back to its checkpoint's iteration
@@ -341,7 +365,7 @@ class Engine:
 
     def _apply(self, pending: PendingCommand) -> None:
         command, respond = pending.command, pending.respond
-        trainer = self.trainer
+        trainer = self._trainer  # commands are applied between steps, once the run is built
         name = command.cmd
         try:
             if name == "pause":
@@ -392,6 +416,8 @@ class Engine:
             elif name == "set":
                 changes = self._apply_set(command.args)
                 respond(Reply(command.id, True, result={"changes": changes}))
+            elif name in ("tag", "note"):
+                respond(Reply(command.id, True, result=self._apply_labels(name, command.args)))
             elif name == "sample":
                 prompt, max_tokens, temperature, raw = self._sample_args(command.args)
                 try:
@@ -424,18 +450,18 @@ class Engine:
         return prompt, max_tokens, temperature, raw
 
     def _sample(self, prompt: str, max_tokens: int, temperature: float, raw: bool = False) -> dict[str, Any]:
-        completion = sample(self.trainer, prompt, max_tokens, temperature, raw, should_stop=self._between_tokens)
+        completion = sample(self._trainer, prompt, max_tokens, temperature, raw, should_stop=self._between_tokens)
         return self.emit(
             "sample",
-            iteration=self.trainer.iteration,
+            iteration=self._trainer.iteration,
             prompt=prompt,
             completion=completion,
             max_tokens=max_tokens,
             temperature=temperature,
-            prompt_format="raw" if raw else self.trainer.prompt_format,
+            prompt_format="raw" if raw else self._trainer.prompt_format,
         )
 
-    def _scheduled_samples(self, trainer: Any) -> None:
+    def _scheduled_samples(self, trainer: Trainer) -> None:
         """``sampling.sample_prompts`` every ``sample_every`` steps (once per iteration, even if paused)."""
         s = self.cfg.sampling
         due = s.sample_every and s.sample_prompts and trainer.iteration and trainer.iteration % s.sample_every == 0
@@ -464,15 +490,38 @@ class Engine:
         self._stop_if_deaf()
         return bool(self.control.stop_reason)
 
+    def _apply_labels(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A ``tag`` or ``note`` command: journal the change (tunetop.runs.labels); ConfigError says what is wrong."""
+        from tunetop.runs.labels import LabelError, apply_tag_change, note_problem
+
+        if name == "note":
+            text = args.get("text", "")
+            if problem := note_problem(text):
+                raise ConfigError(problem)
+            if text != self._status.get("note", ""):
+                self.emit("note", text=text)
+            return {"text": text}
+        add, remove = args.get("add", []), args.get("remove", [])
+        if not isinstance(add, list) or not isinstance(remove, list):
+            raise ConfigError("tag takes args.add and args.remove, lists of tags")
+        before = list(self._status.get("tags", []))
+        try:
+            tags = apply_tag_change(before, add, remove)
+        except LabelError as error:
+            raise ConfigError(str(error)) from None
+        if tags != before:
+            self.emit("tags", tags=tags)
+        return {"tags": tags}
+
     def _apply_set(self, args: dict[str, Any]) -> dict[str, Any]:
         if not args:
             raise ConfigError("set needs at least one KEY=VALUE; live fields: " + ", ".join(config_module.LIVE_FIELDS))
         values = {key: config_module.coerce_live(key, value) for key, value in args.items()}  # all or nothing
         if "memory_limit_gb" in values:  # the one change that can still fail (in MLX): first, undone on failure
             # A run sharing a GPU can be made to yield memory without a restart.
-            before = self.trainer.parameters.memory_limit_gb
+            before = self._trainer.parameters.memory_limit_gb
             try:
-                self.trainer.apply_live("memory_limit_gb", values["memory_limit_gb"])
+                self._trainer.apply_live("memory_limit_gb", values["memory_limit_gb"])
             except Exception as error:
                 raise ConfigError(f"memory_limit_gb = {values['memory_limit_gb']} was refused by MLX ({error}); "
                                   f"it stays {before}. Give a cap in GB within the machine's memory.") from None
@@ -480,7 +529,7 @@ class Engine:
             section, name = config_module.LIVE_FIELDS[key]
             setattr(getattr(self.cfg, section), name, value)
             if key != "memory_limit_gb":  # applied above
-                self.trainer.apply_live(key, value)
+                self._trainer.apply_live(key, value)
         self.emit("config_changed", changes=values)
         return values
 
@@ -512,7 +561,7 @@ class Engine:
             self.control.exit_code = EXIT_FAILED
             self.control.paused = False
 
-    def _control(self, trainer: Any) -> Any:
+    def _control(self, trainer: Trainer) -> Disposition:
         """The loop's between-steps hook: apply commands, idle while paused.
 
         While training, at most one heavy command (a sample or an evaluation) runs per step
@@ -674,7 +723,7 @@ class Engine:
         self.control.paused = True
         self.set_state("paused")
 
-    def _progress(self, event: Any) -> Any:
+    def _progress(self, event: Progress) -> Disposition:
         from tunetop.training.trainer import Disposition, NonFinite, Save, SaveFailed, Train, Validation
 
         if isinstance(event, NonFinite):
@@ -691,7 +740,7 @@ class Engine:
             if self.trouble is not None and self.trouble.save_iteration == event.iteration:
                 # A full disk: wait for room here rather than at the next step, since the run's
                 # last save has no next step. Other failures (NaN weights) pause at the next one.
-                return self._control(self.trainer)
+                return self._control(self._trainer)
             return Disposition.MORE
 
         if isinstance(event, Train) and not math.isfinite(event.loss):
@@ -710,7 +759,8 @@ class Engine:
             from tunetop.control.journal import JournalError
 
             try:
-                journal = JournalWriter(self.run_dir.journal, history=History())
+                history = History()
+                journal = JournalWriter(self.run_dir.journal, history=history)
             except JournalError as error:
                 raise RunError(
                     f"{error} The run's event history cannot be read, so this engine cannot add to it. The "
@@ -718,6 +768,7 @@ class Engine:
                     f"then shows only what happens from now on) and run `tunetop train --resume {self.run_dir.id}` again."
                 ) from None
             self.events = EventLog(self.run_dir.id, journal)
+            self._status.update(status_labels(fold_labels([p for _s, p in history.records()[1]], self.cfg.tags)))
             self.events.on_trouble = self._write_failed
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)
@@ -824,6 +875,7 @@ class Engine:
         return EXIT_FAILED
 
     def _rank_failed(self, error: BaseException) -> int:
+        assert self.world is not None and self.plan is not None  # only a distributed run loses a rank
         lost = self.world.lost_ranks()
         iteration = self.trainer.iteration if self.trainer else 0
         who = f"rank {lost[0]}" if len(lost) == 1 else f"ranks {lost}" if lost else "a rank"
@@ -840,7 +892,7 @@ class Engine:
         self.emit("finished", reason="rank_failed", iteration=iteration)
         return EXIT_FAILED
 
-    def _train(self, config_text: str, shard: Any) -> int:
+    def _train(self, config_text: str, shard: Shard | None) -> int:
         from tunetop.runs.distributed import is_peer_failure
 
         try:
@@ -963,7 +1015,7 @@ class Engine:
             return "config.toml's text differs"
         return ""
 
-    def _build(self, text: str, shard: Any) -> tuple[Any, str, int, int]:
+    def _build(self, text: str, shard: Shard | None) -> tuple[Trainer, str, int, int]:
         from tunetop.training.checkpoint import config_hash
 
         return build_trainer(

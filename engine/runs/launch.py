@@ -10,10 +10,12 @@ No mlx import here: the TUI starts runs on machines where only the engine has ML
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
 from tunetop.control.endpoints import socket_dir
+from tunetop.faults import point
 from tunetop.private import write_private
 from tunetop.runs.folders import RunDir, RunError, create_run
 from tunetop.training import config as config_module
@@ -32,18 +34,21 @@ def load_run_config(path: str | Path) -> RunConfig:
     return cfg
 
 
-def new_run(cfg: RunConfig) -> RunDir:
+def new_run(cfg: RunConfig, run_id: str = "") -> RunDir:
     """A fresh run folder holding ``cfg`` as config.toml (0600, as all of the run).
 
     The socket folder is checked first, so a folder that is not private is refused before
     anything is created; a config that cannot be written (a full disk) leaves no half-made run.
+    ``run_id``: an id reserved before (tunetop.runs.queue), whose folder may exist already.
     """
     socket_dir()
-    run = create_run()
+    run = create_run(run_id)
+    point("launch: run folder made")
     try:
         write_private(run.config, config_module.dumps(cfg).encode("utf-8"))
     except OSError:
-        run.path.rmdir()  # no half-made run for `tunetop ls` to show
+        with contextlib.suppress(OSError):  # a reserved run's folder may hold more: it stays
+            run.path.rmdir()  # no half-made run for `tunetop ls` to show
         raise
     return run
 
@@ -57,22 +62,29 @@ def mark_failed_start(run: RunDir, message: str, name: str = "") -> None:
 
 
 def start_run(
-    cfg: RunConfig, detach: bool, engine_args: list[str] | None = None, foreground: ForegroundEngine | None = None
+    cfg: RunConfig,
+    detach: bool,
+    engine_args: list[str] | None = None,
+    foreground: ForegroundEngine | None = None,
+    run_id: str = "",
+    keep_fds: tuple[int, ...] = (),
 ) -> tuple[RunDir, int]:
     """Create a run for ``cfg`` and start its engine: (the run, an exit code).
 
     Detached: the code is 0 once the engine trains (EngineStartError if it fails to start).
     In the foreground (``foreground`` given): the engine's own exit code, after the run.
+    ``run_id`` and ``keep_fds``: the queue's reserved id and spawn lock (tunetop.runs.scheduler).
     """
     from tunetop.runs.daemon import EngineStartError
 
-    run = new_run(cfg)
+    run = new_run(cfg, run_id)
     # The engine's own checks then name the file the user gave (and its line), not the run's copy.
     origin = ["--config-source", str(Path(cfg.source).resolve())] if cfg.source else []
     try:
-        return run, _start_engine(run, origin + (engine_args or []), detach, foreground)
+        return run, _start_engine(run, origin + (engine_args or []), detach, foreground, keep_fds)
     except EngineStartError as error:
-        mark_failed_start(run, str(error), cfg.name)
+        if error.code >= 0:  # killed by a signal (negative) is no failure of the run's own
+            mark_failed_start(run, str(error), cfg.name)
         raise
 
 
@@ -82,6 +94,7 @@ def resume_run(
     detach: bool,
     engine_args: list[str] | None = None,
     foreground: ForegroundEngine | None = None,
+    keep_fds: tuple[int, ...] = (),
 ) -> int:
     """Continue ``run`` in place from the checkpoint of ``iteration`` (None: the latest).
 
@@ -94,13 +107,15 @@ def resume_run(
         raise RunError(f"run {run.id} is still training (pid {run.engine_pid()}); nothing to resume.")
     find_checkpoint(run.checkpoints, iteration)  # a clear error before anything starts
     extra = ["--resume"] + ([] if iteration is None else ["--from", str(iteration)]) + (engine_args or [])
-    return _start_engine(run, extra, detach, foreground)
+    return _start_engine(run, extra, detach, foreground, keep_fds)
 
 
-def _start_engine(run: RunDir, extra: list[str], detach: bool, foreground: ForegroundEngine | None) -> int:
+def _start_engine(
+    run: RunDir, extra: list[str], detach: bool, foreground: ForegroundEngine | None, keep_fds: tuple[int, ...] = ()
+) -> int:
     if detach or foreground is None:
         from tunetop.runs.daemon import spawn_engine
 
-        spawn_engine(run, extra_args=extra)
+        spawn_engine(run, extra_args=extra, keep_fds=keep_fds)
         return 0
     return foreground(run.path, extra)

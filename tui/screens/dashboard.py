@@ -28,7 +28,7 @@ from tunetop.control.replies import describe
 from tunetop.runs.folders import RunDir
 from tunetop.training.config import LIVE_FIELDS
 from tunetop.tui.notify import fresh, ring
-from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
+from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, LabelsScreen, SetScreen
 from tunetop.tui.source import EventSource, JournalSource, LiveSource
 from tunetop.tui.state import ACTIVE_STATES, RunState
 from tunetop.tui.themes import theme_color
@@ -82,6 +82,7 @@ class DashboardScreen(Screen[None]):
         Binding("y", "y_range", "Y range"),
         Binding("c", "edit_config", "Config"),
         Binding("g", "playground", "Playground"),
+        Binding("t", "labels", "Tags/note"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q,ctrl+d", "detach", "Detach"),
     ]
@@ -365,6 +366,52 @@ class DashboardScreen(Screen[None]):
                 self.send("set", changes)
 
         self.app.push_screen(SetScreen(current), submitted)
+
+    # -- tags and note (tunetop.runs.labels) ------------------------------------------------
+
+    def action_labels(self) -> None:
+        """Edit the run's tags and note: a live engine journals the change, a run at rest is changed here."""
+        s = self.run_state
+
+        def chosen(result: tuple[list[str], str] | None) -> None:
+            if result is None:
+                return
+            tags, note = result
+            add = [t for t in tags if t not in s.tags]
+            remove = [t for t in s.tags if t not in tags]
+            new_note = note if note != s.note else None
+            if not add and not remove and new_note is None:
+                self.show_reply("tags and note: nothing changed")
+            elif self.can_steer():
+                if add or remove:
+                    self.send("tag", {"add": add, "remove": remove})
+                if new_note is not None:
+                    self.send("note", {"text": new_note})
+            elif self.remote is not None:
+                self.show_reply("this remote run has no live engine: change its tags on its machine (`tunetop tag`)", error=True)
+            else:
+                self._labels_at_rest(add, remove, new_note)
+
+        self.app.push_screen(LabelsScreen(self.run_dir.id, list(s.tags), s.note), chosen)
+
+    @work(thread=True, exclusive=True)
+    def _labels_at_rest(self, add: list[str], remove: list[str], note: str | None) -> None:
+        from tunetop.runs.folders import RunError
+        from tunetop.runs.labels import LabelError, change_labels
+
+        try:
+            labels = change_labels(self.run_dir, add, remove, note)
+        except (LabelError, RunError, OSError) as error:
+            self.app.call_from_thread(self.show_reply, f"tags and note: {error}", True)
+            return
+
+        def show() -> None:
+            # A journal source read the journal once: the new labels are folded in here.
+            self.run_state.tags, self.run_state.note = labels.tags, labels.note
+            self._dirty_header = True
+            self.show_reply(f"tags: {', '.join(labels.tags) or '(none)'}; note: {labels.note_line or '(none)'}")
+
+        self.app.call_from_thread(show)
 
     def action_smoothing(self) -> None:
         chart = self.query_one(LossChart)

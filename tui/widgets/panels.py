@@ -59,6 +59,11 @@ class RunHeader(Static):
             top.append(f" × {s.world_size} ranks", style="italic")
         top.append("  ")
         top.append(f" {s.state.upper()} ", style=self._style(s.state) + " reverse")
+        if s.tags:
+            top.append("  " + " ".join(f"#{tag}" for tag in s.tags), style="bold")
+        if s.note:
+            line = s.note.strip().split("\n", 1)[0]
+            top.append(f"  “{line if len(line) <= 40 else line[:39] + '…'}”", style="italic dim")
         if self.read_only:
             top.append("  read-only (journal)", style="dim")
         elif self.connection != "live":
