@@ -243,6 +243,21 @@ async def test_runs_list_marks_runs_and_opens_their_comparison(isolated_state: P
         await settle(pilot, lambda: not isinstance(app.screen, CompareScreen))
 
 
+async def test_c_with_nothing_marked_compares_the_latest_sweep(isolated_state: Path) -> None:
+    first, second = write_runs(isolated_state)
+    app = TunetopApp(None, theme="dark", remember=False)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await settle(pilot, lambda: app.screen.query_one(DataTable).row_count == 2)
+        await pilot.press("c")  # no marks, no tags: nothing to compare
+        await pilot.pause(0.3)
+        assert not isinstance(app.screen, CompareScreen)
+        for run in (first, second):
+            run.write_status({**run.status(), "tags": ["sweep:ab12cd"], "note": ""})
+        await pilot.press("c")
+        await settle(pilot, lambda: isinstance(app.screen, CompareScreen))
+        assert {r.id for r in app.screen.runs} == {first.id, second.id}  # type: ignore[attr-defined]
+
+
 def test_snapshot_of_two_recorded_runs_compared(snap_compare, isolated_state: Path) -> None:  # type: ignore[no-untyped-def]
     write_runs(isolated_state)
 
