@@ -167,8 +167,8 @@ class RunsScreen(Screen[None]):
         arrow = " ▼" if self.sort_descending else " ▲"
         for number, name in enumerate(COLUMNS):
             label = name + (arrow if number == self.sort_column else "")
-            # Widths measured here from the strings: DataTable would otherwise measure every cell's
-            # rendering, most of the cost of opening a list of hundreds of runs.
+            # Each column as wide as its longest cell, up to MAX_WIDTH: long tags or notes do not
+            # push the other columns off the screen.
             width = max([len(label), *(len(r.cells[number]) for r in self.shown),
                          *(len(cells[number]) for _key, cells in self.queued)]) + (2 if number == 0 and self.marked else 0)
             table.add_column(label, key=name, width=min(width, MAX_WIDTH))
