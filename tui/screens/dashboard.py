@@ -22,7 +22,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
+from textual.widgets import DataTable, RichLog, Sparkline, Static
 
 from tunetop.control.replies import describe
 from tunetop.runs.folders import RunDir
@@ -33,6 +33,7 @@ from tunetop.tui.source import EventSource, JournalSource, LiveSource
 from tunetop.tui.state import ACTIVE_STATES, RunState
 from tunetop.tui.themes import theme_color
 from tunetop.tui.widgets.chart import Y_MODES, LossChart
+from tunetop.tui.widgets.footer import KeysFooter
 from tunetop.tui.widgets.panels import RunHeader, SystemPanel, ThroughputPanel
 
 W = TypeVar("W", bound=Widget)
@@ -47,6 +48,9 @@ STEERING = frozenset({"toggle_pause", "save", "evaluate", "stop", "set_form"})
 """Actions that send the engine a command: hidden when no engine can take one."""
 COMPACT_BELOW = 34
 """Terminal rows under which the machine panel is one line (at 80x24 the chart would be gone)."""
+SHORT_BELOW = 30
+"""Terminal rows under which the log is shorter and the validation table gives way (at 80x24 the
+checkpoints had no row left to show)."""
 SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
 WINDOW_STEPS = (0, 100, 1000, 10000)
 
@@ -68,6 +72,8 @@ class DashboardScreen(Screen[None]):
     DashboardScreen #checkpoints { height: 1fr; }
     DashboardScreen DataTable { height: 1fr; }
     DashboardScreen #log { height: 8; }
+    DashboardScreen.short #log { height: 5; }
+    DashboardScreen.short #validations { display: none; }
     DashboardScreen #reply { height: 1; padding: 0 1; background: $panel; }
     """
 
@@ -86,6 +92,12 @@ class DashboardScreen(Screen[None]):
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q,ctrl+d", "detach", "Detach"),
     ]
+
+    FOOTER_PRIORITY = (
+        "detach", "help", "toggle_pause", "stop", "playground", "save", "evaluate", "set_form",
+        "edit_config", "labels", "smoothing", "window", "y_range",
+    )
+    """The footer's keys, the most needed first: a narrow terminal shows those that fit (KeysFooter)."""
 
     def __init__(self, run: RunDir, live: bool | None = None, remote: Any = None) -> None:
         super().__init__()
@@ -157,7 +169,7 @@ class DashboardScreen(Screen[None]):
         log.border_title = "log"
         yield log
         yield Static("", id="reply")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         # Fixed widths, a space of gap built in (no cell padding): every column fits the right-hand
@@ -179,6 +191,9 @@ class DashboardScreen(Screen[None]):
         panel = self.query_one(SystemPanel)
         panel.set_class(self.size.height < COMPACT_BELOW, "compact")
         panel.refresh_from_state()
+        # ... and the checkpoints keep rows to show: a shorter log, and the validation table (its
+        # best is in the throughput panel, every point on the chart) gives way.
+        self.set_class(self.size.height < SHORT_BELOW, "short")
 
     def on_unmount(self) -> None:
         self.source.close()
