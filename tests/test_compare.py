@@ -14,6 +14,7 @@ from textual.widgets import DataTable
 from tests import sshd
 from tests.conftest import ROOT, tunetop, wait_for, write_config
 from tests.recorded import RUN_ID, recorded_events, write_recorded_run
+from tunetop.control.protocol import make_event
 from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import RunDir, resolve
 from tunetop.training.config import RunConfig
@@ -137,11 +138,20 @@ def test_compare_alone_takes_the_latest_sweep_and_a_tag_names_a_group(isolated_s
     nothing = tunetop("compare")  # no runs at all
     assert nothing.returncode == 2 and "nothing to compare" in nothing.stderr and "Traceback" not in nothing.stderr
     for run_id, run_tags in tags.items():
-        run = write_recorded_run(isolated_state, recorded_events(run_id=run_id), run_id=run_id)
+        events = recorded_events(run_id=run_id)
+        events[1]["config"]["tags"] = run_tags  # as a sweep writes them into each run's config
+        if run_id.endswith("dddd"):
+            events.append(make_event(run_id, len(events) + 1, "note", ts=events[-1]["ts"] + 1, text="lr too high?\nsee log"))
+        run = write_recorded_run(isolated_state, events, run_id=run_id)
         run.write_status({**run.status(), "tags": run_tags, "note": ""})
     latest = tunetop("compare", "--json", check=True)
-    assert {r["run"] for r in json.loads(latest.stdout)["runs"]} == {"20261129-120000-cccc", "20261129-130000-dddd"}
+    runs = {r["run"]: r for r in json.loads(latest.stdout)["runs"]}
+    assert set(runs) == {"20261129-120000-cccc", "20261129-130000-dddd"}
+    assert runs["20261129-120000-cccc"]["tags"] == ["baseline", "sweep:s2"] and runs["20261129-130000-dddd"]["note"] == "lr too high?\nsee log"
     assert "comparing the 2 runs tagged sweep:s2" in latest.stderr
+    table = tunetop("compare", check=True).stdout.splitlines()  # tags and the note's first line, as columns
+    assert table[0].split()[-2:] == ["TAGS", "NOTE"] and table[1].endswith("baseline sweep:s2  -")
+    assert table[2].endswith("sweep:s2           lr too high?")
     by_id = tunetop("compare", "s1", "--json", check=True)  # a sweep's id alone
     assert {r["run"] for r in json.loads(by_id.stdout)["runs"]} == {"20261129-100000-aaaa", "20261129-110000-bbbb"}
     mixed = tunetop("compare", "lr", "20261129-140000-eeee", "--json", check=True)  # a tag and a run
