@@ -312,11 +312,19 @@ class RunsScreen(Screen[None]):
         table.move_cursor(row=min(table.cursor_row + 1, table.row_count - 1))  # as file managers do: on to the next
 
     def action_compare(self) -> None:
-        """Open the comparison of the marked runs."""
+        """Open the comparison of the marked runs; none marked, of the latest sweep or tag's runs."""
         runs = {r.id: r for r in list_runs()}
         chosen = [runs[key] for key in self.marked if key in runs]  # a marked run may have been deleted since
+        if not self.marked:
+            from tunetop.runs.groups import latest_group
+
+            group = latest_group(list(runs.values()))
+            if group is not None and len(group[1]) >= 2:
+                tag, chosen = group
+                self.notify(f"comparing the {len(chosen)} runs tagged {tag}", markup=False)
         if len(chosen) < 2:
-            self.notify("mark two runs or more with space, then press c to compare them", severity="warning")
+            self.notify("mark two runs or more with space, then press c to compare them "
+                        "(with none marked, c compares the latest sweep or tag's runs)", severity="warning")
             return
         from tunetop.tui.screens.compare import CompareScreen
 
