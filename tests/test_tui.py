@@ -342,3 +342,48 @@ async def test_playground_prompts_the_live_adapter(engine_run: RunDir) -> None:
         await pilot.press("escape")
         assert app.screen is dashboard
         await pilot.press("q")
+
+
+def _layout_holds(app: TunetopApp, essential: set[str]) -> None:
+    """At the app's size: the header's lines fit without wrapping and keep the state; the
+    checkpoints show rows; the footer shows the essential keys whole, apart from each other."""
+    screen = app.screen
+    width = app.size.width
+    header = screen.query_one(RunHeader)
+    lines = str(header.render()).split("\n")
+    assert len(lines) == 2 and all(len(line) <= header.content_size.width for line in lines), lines
+    assert screen.run_state.state.upper() in lines[0] and "%" in lines[1] and "ETA" in lines[1], lines
+    table = screen.query_one("#checkpoint-table", DataTable)
+    assert table.row_count >= 1 and table.region.height >= 2, table.region  # a header row and a checkpoint
+    keys = {key.key: key.region for key in screen.query(FooterKey)}
+    assert essential <= set(keys), (width, sorted(keys))
+    spans = sorted((region.x, region.right) for region in keys.values())
+    assert all(right <= width for _, right in spans), spans
+    assert all(a_right <= b_left for (_, a_right), (b_left, _) in zip(spans, spans[1:], strict=False)), spans
+
+
+async def test_the_dashboard_fits_80x24_and_120_columns(isolated_state: Path, engine_run: RunDir) -> None:
+    # At 80x24 the header wrapped (its second line lost) and the checkpoints had no row; at 120
+    # columns a live run's footer cut g, ? and q.
+    app = TunetopApp(write_recorded_run(isolated_state))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        await settle(pilot, lambda: screen.query_one("#checkpoint-table", DataTable).row_count == 4)
+        screen.run_state.name = "a-run-name-much-longer-than-any-header-has-room-for-" * 3  # other helpers add tags too
+        for size in ((80, 24), (120, 30), (80, 24)):
+            await pilot.resize_terminal(*size)
+            await pilot.pause(0.5)
+            screen.query_one(RunHeader).refresh_from_state()
+            await pilot.pause(0.1)
+            _layout_holds(app, {"g", "question_mark", "q", "c"})
+    live = TunetopApp(engine_run)
+    async with live.run_test(size=(120, 30)) as pilot:
+        screen = live.screen
+        await settle(pilot, lambda: screen.run_state.iteration >= 2)
+        await pilot.press("s")
+        await settle(pilot, lambda: screen.query_one("#checkpoint-table", DataTable).row_count >= 1)
+        for size in ((120, 30), (80, 24)):
+            await pilot.resize_terminal(*size)
+            await pilot.pause(0.5)
+            _layout_holds(live, {"p", "x", "g", "question_mark", "q"})
+        await pilot.press("q")

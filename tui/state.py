@@ -88,6 +88,9 @@ class RunState:
     last_seq: int = 0
     events_applied: int = 0
     world_size: int = 1  # ranks of a data-parallel run
+    tags: list[str] = field(default_factory=list)  # the config's, until the first ``tags`` event
+    note: str = ""
+    _tagged: bool = False  # a ``tags`` event was seen: later run_started configs (resumes) no longer set the tags
     system: dict[str, float] = field(default_factory=dict)  # the newest reading of each `system` field
     system_series: dict[str, list[float]] = field(default_factory=dict)  # SYSTEM_SERIES over time
     system_events: int = 0
@@ -128,7 +131,19 @@ class RunState:
         self.trainable_parameters = int(e.get("trainable_parameters") or 0)
         self.total_parameters = int(e.get("total_parameters") or 0)
         self.config = e.get("config") or {}
+        if not self._tagged:
+            tags = self.config.get("tags") if isinstance(self.config, dict) else None
+            self.tags = [str(t) for t in tags] if isinstance(tags, list) else []
         self._note(e, f"run started: {self.model}, {self.trainable_parameters:,} trainable parameters")
+
+    def _on_tags(self, e: dict[str, Any]) -> None:
+        self.tags = [str(t) for t in e.get("tags") or []]
+        self._tagged = True
+        self._note(e, f"tags: {', '.join(self.tags) or '(none)'}")
+
+    def _on_note(self, e: dict[str, Any]) -> None:
+        self.note = str(e.get("text") or "")
+        self._note(e, f"note: {self.note}" if self.note else "note cleared")
 
     def _on_world(self, e: dict[str, Any]) -> None:
         self.world_size = int(e.get("size") or 1)

@@ -18,6 +18,7 @@ import sys
 
 from tunetop.cli.common import CHECKPOINT_HELP, CONTROL_HELP, RUN_HELP, _fail, checkpoint_arg
 from tunetop.cli.compare import cmd_compare
+from tunetop.cli.labels import cmd_note, cmd_tag, tag_argv
 from tunetop.cli.outputs import cmd_export, cmd_export_metrics, cmd_import_config, cmd_test
 from tunetop.cli.queue import add_parsers as add_queue_parsers
 from tunetop.cli.queue import main_argv as queue_argv
@@ -124,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("compare", help="runs side by side: state, best validation loss, speed, and the config keys that differ")
-    p.add_argument("runs", nargs="*", metavar="RUN", help="run ids, prefixes or names, or user@host[:port]:RUN over ssh")
+    p.add_argument("runs", nargs="*", metavar="RUN",
+                   help="run ids, prefixes or names, a tag the runs carry (a sweep's id), or user@host[:port]:RUN over ssh; "
+                   "none: the runs of the latest sweep or tag")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     p.set_defaults(func=cmd_compare)
 
@@ -163,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="print the reply's result as one JSON object, for scripts")
     p.set_defaults(func=cmd_control, command="set")
+
+    p = sub.add_parser("tag", help="show or change a run's tags: tag RUN +x -y (the change is journaled)")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
+    p.add_argument("changes", nargs="*", metavar="+TAG|-TAG", help="+x adds tag x, -y removes tag y; none: print the tags")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="print the run's tags and note as one JSON object")
+    p.set_defaults(func=cmd_tag)
+    p = sub.add_parser("note", help="show or set a run's note: note RUN \"text\" (journaled; --clear removes it)")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
+    p.add_argument("text", nargs="?", help="the new note; none: print the note")
+    p.add_argument("--clear", action="store_true", help="remove the note")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="print the run's tags and note as one JSON object")
+    p.set_defaults(func=cmd_note)
 
     p = sub.add_parser("test", help="score a run's saved adapter on its test split (or another): loss and perplexity")
     p.add_argument("run", nargs="?", help=RUN_HELP)
@@ -229,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) >= 2 and argv[0] == "set" and "=" in argv[1]:
         argv = ["set", "", *argv[1:]]
     argv = queue_argv(argv)
+    if argv[:1] == ["tag"]:
+        argv = tag_argv(argv)
     unknown = _unknown_command(parser, argv)
     if unknown:
         return _fail(unknown)

@@ -97,20 +97,29 @@ def cmd_ls(args: argparse.Namespace) -> int:
             return _fail(str(error), EXIT_UNREACHABLE)
         return 0
 
+    from tunetop.runs.labels import labels_of
+
     rows = []
     records = []
     hidden = 0
     for run in list_runs():
-        s = run.summary()
+        status = run.status()
+        s = run.summary(status)
         if s["failed_before_training"] and not args.all:  # a config or data mistake: nothing to see
             hidden += 1
             continue
+        labels = labels_of(run, status)
+        best = s["best_val_loss"]
+        note = labels.note_line
         rows.append(
-            (s["run"], s["name"], s["state"], s["iter"], s["loss"], "yes" if s["alive"] else "no", _age(s["age_seconds"]))
+            (s["run"], s["name"], s["state"], s["iter"], s["loss"], "-" if best is None else f"{best:.4f}",
+             "yes" if s["alive"] else "no", _age(s["age_seconds"]), ",".join(labels.tags) or "-",
+             note if len(note) <= 40 else note[:39] + "…")
         )
         if args.json:
-            records.append(_ls_record(run, s))
-    header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "ALIVE", "AGE")
+            records.append({**_ls_record(run, s), "best_val_loss": best, "best_val_iteration": s["best_val_iteration"],
+                            "tags": labels.tags, "note": labels.note})
+    header = ("RUN", "NAME", "STATE", "ITER", "LOSS", "BEST_VAL", "ALIVE", "AGE", "TAGS", "NOTE")
     if args.json:
         for record in records:
             print(json.dumps(record))

@@ -58,6 +58,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
         "gpu_memory_total",
         "gpu_power",
     ),
+    "tags": ("tags",),
+    "note": ("text",),
 }
 """The event schema: each type and the fields it carries beyond seq, ts, run and type.
 
@@ -77,13 +79,17 @@ OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
 
 RUN_STATES = ("starting", "running", "paused", "stopping", "finished", "failed")
 
-COMMANDS = ("pause", "resume", "stop", "save", "evaluate", "set", "sample", "replay", "history", "hello", "status")
+COMMANDS = (
+    "pause", "resume", "stop", "save", "evaluate", "set", "sample", "replay", "history", "hello", "status", "tag", "note",
+)
 """Commands the engine accepts. ``replay``, ``history`` and ``hello`` are answered by the server thread."""
 
 COMMAND_ARGS: dict[str, tuple[str, ...] | None] = {
     "sample": ("prompt", "max_tokens", "temperature", "raw"),
     "replay": ("since",),
     "set": None,  # any key: each is checked against the live fields (config.coerce_live)
+    "tag": ("add", "remove"),
+    "note": ("text",),
 }
 """The argument names each command takes (none when absent); others are refused, not ignored."""
 

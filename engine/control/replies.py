@@ -64,6 +64,10 @@ def describe_result(cmd: str, result: dict[str, Any]) -> str:
     if cmd == "sample":
         how = prompt_format_text(result)
         return f"from the weights of {_iteration(result)}{', ' + how if how else ''}:\n{result.get('completion', '')}"
+    if cmd == "tag":
+        return "tags: " + (", ".join(str(t) for t in result.get("tags") or []) or "none")
+    if cmd == "note":
+        return f"note: {result.get('text')}" if result.get("text") else "note cleared"
     # A command this module does not know yet: its fields, each one readable.
     return ", ".join(f"{key} {_number(value)}" for key, value in result.items() if key != "note") + (
         f" ({note})" if note else ""

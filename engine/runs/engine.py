@@ -36,6 +36,7 @@ from tunetop.control.journal import JournalWriter
 from tunetop.control.protocol import Command, Reply
 from tunetop.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
 from tunetop.runs.folders import RunDir, RunError, RunLock
+from tunetop.runs.labels import fold_labels, status_labels
 from tunetop.runs.write_trouble import ROOM_BYTES, WriteTrouble, free_bytes, reason
 from tunetop.training import config as config_module
 from tunetop.training.build import ModelError, build_trainer
@@ -54,7 +55,7 @@ if TYPE_CHECKING:  # names for the type checker: these modules import mlx, which
 
 HEAVY_COMMANDS = ("sample", "evaluate")
 """Commands that run the model: one per step boundary while training, so a queue of them cannot hold the loop."""
-QUICK_COMMANDS = ("pause", "resume", "stop", "set")
+QUICK_COMMANDS = ("pause", "resume", "stop", "set", "tag", "note")
 """Commands applied as soon as they are seen, even between the tokens of a sample."""
 MAX_WAITING_HEAVY = 32
 """Samples and evaluations that may wait their turn; more are refused with a 'busy' reply."""
@@ -133,7 +134,8 @@ class Engine:
         self._status: dict[str, Any] = {"name": cfg.name, "iterations": cfg.training.iterations, "pid": os.getpid()}
         if resume:  # until the checkpoint is restored, `ls` keeps showing where the run stood
             previous = run.status()
-            self._status.update({k: previous[k] for k in ("iteration", "loss", "val_loss", "trained") if k in previous})
+            kept = ("iteration", "loss", "val_loss", "best_val_loss", "best_val_iteration", "trained")
+            self._status.update({k: previous[k] for k in kept if k in previous})
         self.on_ready: list[Callable[[Engine], Any]] = []
         self.on_close: list[Callable[[Engine], Any]] = []
         self._sampled_at = -1
@@ -195,6 +197,13 @@ class Engine:
             status.update(iteration=event["iteration"], loss=event["loss"])
         elif kind == "validation":
             status.update(iteration=event["iteration"], val_loss=event["loss"])
+            best = status.get("best_val_loss")
+            if isinstance(event["loss"], (int, float)) and (not isinstance(best, (int, float)) or event["loss"] < best):
+                status.update(best_val_loss=event["loss"], best_val_iteration=event["iteration"])
+        elif kind == "tags":
+            status.update(tags=event["tags"])
+        elif kind == "note":
+            status.update(note=event["text"])
         elif kind == "state":
             status.update(state=event["state"])
         elif kind in ("save", "resumed"):  # a resume goes back to its checkpoint's iteration
@@ -407,6 +416,8 @@ class Engine:
             elif name == "set":
                 changes = self._apply_set(command.args)
                 respond(Reply(command.id, True, result={"changes": changes}))
+            elif name in ("tag", "note"):
+                respond(Reply(command.id, True, result=self._apply_labels(name, command.args)))
             elif name == "sample":
                 prompt, max_tokens, temperature, raw = self._sample_args(command.args)
                 try:
@@ -478,6 +489,29 @@ class Engine:
             self._apply(pending)
         self._stop_if_deaf()
         return bool(self.control.stop_reason)
+
+    def _apply_labels(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A ``tag`` or ``note`` command: journal the change (tunetop.runs.labels); ConfigError says what is wrong."""
+        from tunetop.runs.labels import LabelError, apply_tag_change, note_problem
+
+        if name == "note":
+            text = args.get("text", "")
+            if problem := note_problem(text):
+                raise ConfigError(problem)
+            if text != self._status.get("note", ""):
+                self.emit("note", text=text)
+            return {"text": text}
+        add, remove = args.get("add", []), args.get("remove", [])
+        if not isinstance(add, list) or not isinstance(remove, list):
+            raise ConfigError("tag takes args.add and args.remove, lists of tags")
+        before = list(self._status.get("tags", []))
+        try:
+            tags = apply_tag_change(before, add, remove)
+        except LabelError as error:
+            raise ConfigError(str(error)) from None
+        if tags != before:
+            self.emit("tags", tags=tags)
+        return {"tags": tags}
 
     def _apply_set(self, args: dict[str, Any]) -> dict[str, Any]:
         if not args:
@@ -725,7 +759,8 @@ class Engine:
             from tunetop.control.journal import JournalError
 
             try:
-                journal = JournalWriter(self.run_dir.journal, history=History())
+                history = History()
+                journal = JournalWriter(self.run_dir.journal, history=history)
             except JournalError as error:
                 raise RunError(
                     f"{error} The run's event history cannot be read, so this engine cannot add to it. The "
@@ -733,6 +768,7 @@ class Engine:
                     f"then shows only what happens from now on) and run `tunetop train --resume {self.run_dir.id}` again."
                 ) from None
             self.events = EventLog(self.run_dir.id, journal)
+            self._status.update(status_labels(fold_labels([p for _s, p in history.records()[1]], self.cfg.tags)))
             self.events.on_trouble = self._write_failed
             if self.echo is not None:
                 self.events.subscribers.append(self.echo)

@@ -144,14 +144,17 @@ class RunDir:
         holders = lock_holders(self.lock_file)
         return holders is None or any(h.is_engine(self.engine_pid()) for h in holders)
 
-    def summary(self) -> dict[str, Any]:
-        """What `tunetop ls` and the runs list show: a run whose engine died mid-run reads 'dead'."""
-        status = self.status()
+    def summary(self, status: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What `tunetop ls` and the runs list show: a run whose engine died mid-run reads 'dead'.
+
+        ``status``: the run's ``status()`` when the caller has read it already."""
+        status = self.status() if status is None else status
         alive = self.is_alive()
         state = str(status.get("state", "?"))
         if not alive and state in ("starting", "running", "paused", "stopping"):
             state = "dead"
         loss = status.get("loss")
+        best = status.get("best_val_loss")  # kept by engines since tags and notes came; older runs show none
         try:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
@@ -165,6 +168,8 @@ class RunDir:
             "state": state,
             "iter": "-" if failed_early else f"{status.get('iteration', 0)}/{status.get('iterations', '?')}",
             "loss": f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+            "best_val_loss": float(best) if isinstance(best, (int, float)) else None,
+            "best_val_iteration": status.get("best_val_iteration"),
             "alive": alive,
             "age_seconds": age,
             "trained": trained,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tunetop.faults import point
 from tunetop.private import open_private, private_dir
-from tunetop.runs.folders import RunDir, RunError, new_run_id, runs_root
+from tunetop.runs.folders import RunDir, RunError, new_run_id, runs_root, state_home
 from tunetop.runs.queue import (
     ACTIVE,
     DONE,
@@ -64,8 +64,8 @@ def _lock_path() -> Path:
 
 
 def scheduler_pid() -> int | None:
-    """The live scheduler's pid, or None when none runs."""
-    path = _lock_path()
+    """The live scheduler's pid, or None when none runs (creates nothing)."""
+    path = state_home() / "queue" / "scheduler.lock"
     if not _held(path):
         return None
     try:
@@ -100,7 +100,7 @@ def ensure_scheduler() -> int | None:
     process = subprocess.Popen(
         [sys.executable, "-m", "tunetop.cli", "_scheduler"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        cwd=str(folder), env=child_environment(),
+        cwd=str(folder), env={**child_environment(), "TUNETOP_HOME": str(state_home().absolute())},  # its cwd differs
     )
     log.close()
     return process.pid
@@ -146,12 +146,22 @@ class Scheduler:
         self.log(f"scheduler {os.getpid()} started")
         try:
             while True:
-                starts = self.settle()
+                try:
+                    starts = self.settle()
+                except OSError as error:  # a full disk: the queue file stays as it was; try again
+                    if self._fd is None:  # it was about to exit: the next scheduler does this again
+                        return 0
+                    self.log(f"cannot update the queue: {error}; trying again in 5 s")
+                    time.sleep(5)
+                    continue
                 if starts is None:
                     self.log("nothing left to run; scheduler exits")
                     return 0
                 for start in starts:
-                    self.start(start)
+                    try:
+                        self.start(start)
+                    except OSError as error:  # the entry stays starting: the next settle looks again
+                        self.log(f"entry {start.entry}: {error}")
                 _reap()
                 if not starts:
                     time.sleep(self.poll)
@@ -176,7 +186,7 @@ class Scheduler:
             for entry in queue.pending():
                 if queue.paused or busy >= queue.parallel:
                     break
-                entry.state, entry.run, entry.started = STARTING, new_run_id(), time.time()
+                entry.state, entry.run, entry.started = STARTING, _fresh_run_id(queue), time.time()
                 starts.append(Start(entry.id, entry.run, False, entry.config, entry.name))
                 busy += 1
             if not queue.active() and (queue.paused or not queue.pending()):
@@ -257,7 +267,7 @@ class Scheduler:
             elif outcome == FAILED:
                 entry.error = message
                 self._end(entry, RunDir(runs_root() / start.run), FAILED, "failed to start")
-            else:  # killed while starting: the next settle decides, as for any death
+            else:  # ended while starting: the next settle decides from the run, as for any end
                 self.watched.add(entry.id)
 
     def _launch(self, start: Start, fd: int) -> tuple[str, str]:
@@ -277,15 +287,25 @@ class Scheduler:
             else:
                 cfg = config_module.parse(start.config)  # checked when queued; errors then name the run's copy
                 launch.start_run(cfg, detach=True, run_id=start.run, keep_fds=(fd,))
-        except EngineStartError as error:
-            if error.code < 0:  # a signal, not the run's own failure
-                return STARTING, ""
-            return FAILED, str(error)
+        except EngineStartError:
+            # It ended before the first step was seen: failed (bad data), killed, or done already
+            # (a resume at its last iteration). The run's status says which: the next settle reads it.
+            return STARTING, ""
         except (ConfigError, CheckpointError, RunError, OSError) as error:
             if run.is_alive():  # someone resumed it by hand meanwhile
                 return STARTING, ""
             return FAILED, str(error)
         return RUNNING, ""
+
+
+def _fresh_run_id(queue: Queue) -> str:
+    """A run id no run folder and no entry has: a reserved id's folder is used as found, so two
+    entries reserving the same id in one second (1 in 65,536) must not share it."""
+    taken = {e.run for e in queue.entries}
+    while True:
+        run_id = new_run_id()
+        if run_id not in taken and not (runs_root() / run_id).exists():
+            return run_id
 
 
 def _journaled_end(run: RunDir, since: int) -> tuple[str, str] | None:

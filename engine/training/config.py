@@ -3,7 +3,7 @@
 No mlx import here: the TUI validates configs on machines without MLX.
 
 A config has one table per concern (``model``, ``data``, ``lora``, ``training``,
-``optimizer``, ``schedule``, ``checkpoints``) plus an optional top-level ``name``.
+``optimizer``, ``schedule``, ``checkpoints``) plus an optional top-level ``name`` and ``tags``.
 Keys and defaults follow mlx-swift-lm's ``LoRATrain.Parameters`` and
 ``LoRAConfiguration`` in snake_case. Every error a user can make is reported as a
 :class:`ConfigError` whose message names the file, the line when it can be found, the
@@ -205,6 +205,46 @@ class RunConfig:
         if not out["tags"]:
             out.pop("tags")
         return out
+
+
+# -- tags ---------------------------------------------------------------------------------
+
+MAX_TAG_LENGTH = 40
+MAX_TAGS = 32
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/=@+-]*")
+
+
+def tag_problem(tag: object) -> str:
+    """Why ``tag`` is no valid tag ("" when it is one): one rule for the config, the CLI, the TUI and the engine.
+
+    Short labels (``lr-sweep``, ``sweep:20261129-1010``, ``baseline``): a letter or digit, then
+    letters, digits and ``_ . : / = @ + -``; no spaces, so a list of them reads as words.
+    """
+    if not isinstance(tag, str):
+        return f"a tag must be a string, got {_type_name(tag)} ({tag!r})"
+    if not tag:
+        return "a tag cannot be empty"
+    if len(tag) > MAX_TAG_LENGTH:
+        return f"tag '{tag[:MAX_TAG_LENGTH]}...' is {len(tag)} characters long; at most {MAX_TAG_LENGTH} are allowed"
+    if not _TAG.fullmatch(tag):
+        return (f"tag {tag!r} is not a short label: start with a letter or digit, then use letters, digits "
+                "and _ . : / = @ + - (no spaces)")
+    return ""
+
+
+def check_tags(tags: object, where: str = "tags") -> list[str]:
+    """A valid, duplicate-free list of tags in their order; ConfigError naming ``where`` otherwise."""
+    if not isinstance(tags, list):
+        raise ConfigError(f"{where}: 'tags' must be a list of short strings (tags = [\"baseline\", \"lr-sweep\"]), "
+                          f"got {_type_name(tags)}.")
+    for tag in tags:
+        problem = tag_problem(tag)
+        if problem:
+            raise ConfigError(f"{where}: in 'tags', {problem}.")
+    unique = list(dict.fromkeys(tags))
+    if len(unique) > MAX_TAGS:
+        raise ConfigError(f"{where}: 'tags' has {len(unique)} tags; a run takes at most {MAX_TAGS}.")
+    return unique
 
 
 SECTIONS: dict[str, type] = {
@@ -478,12 +518,7 @@ def from_dict(raw: dict[str, Any], source: str = "", text: str = "") -> RunConfi
     allowed_top = ["name", "tags", *SECTIONS]
     for top, value in raw.items():
         if top == "tags":
-            if not (isinstance(value, list) and all(isinstance(tag, str) for tag in value)):
-                raise ConfigError(
-                    f"{_where(source, _find_line(text, None, 'tags'))}: 'tags' must be a list of strings "
-                    f"(tags = [\"baseline\"]), got {_type_name(value)} ({_shown(value)})."
-                )
-            config.tags = list(value)
+            config.tags = check_tags(value, _where(source, _find_line(text, None, "tags")))
             continue
         if top == "name":
             if not isinstance(value, str):
@@ -704,6 +739,7 @@ def starter_text() -> str:
         "# Reference: README.md, 'Config reference'.",
         "",
         'name = "starter"',
+        "tags = []                            # short labels shown in the runs list (`tunetop tag` changes them)",
         "",
     ]
     starter_overrides: dict[tuple[str, str], Any] = {

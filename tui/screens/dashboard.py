@@ -22,17 +22,18 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
+from textual.widgets import DataTable, RichLog, Sparkline, Static
 
 from tunetop.control.replies import describe
 from tunetop.runs.folders import RunDir
 from tunetop.training.config import LIVE_FIELDS
 from tunetop.tui.notify import fresh, ring
-from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, SetScreen
+from tunetop.tui.screens.modals import ConfirmScreen, HelpScreen, LabelsScreen, SetScreen
 from tunetop.tui.source import EventSource, JournalSource, LiveSource
 from tunetop.tui.state import ACTIVE_STATES, RunState
 from tunetop.tui.themes import theme_color
 from tunetop.tui.widgets.chart import Y_MODES, LossChart
+from tunetop.tui.widgets.footer import KeysFooter
 from tunetop.tui.widgets.panels import RunHeader, SystemPanel, ThroughputPanel
 
 W = TypeVar("W", bound=Widget)
@@ -47,6 +48,9 @@ STEERING = frozenset({"toggle_pause", "save", "evaluate", "stop", "set_form"})
 """Actions that send the engine a command: hidden when no engine can take one."""
 COMPACT_BELOW = 34
 """Terminal rows under which the machine panel is one line (at 80x24 the chart would be gone)."""
+SHORT_BELOW = 30
+"""Terminal rows under which the log is shorter and the validation table gives way (at 80x24 the
+checkpoints had no row left to show)."""
 SMOOTHING_STEPS = (0.0, 0.6, 0.9, 0.99)
 WINDOW_STEPS = (0, 100, 1000, 10000)
 
@@ -68,6 +72,8 @@ class DashboardScreen(Screen[None]):
     DashboardScreen #checkpoints { height: 1fr; }
     DashboardScreen DataTable { height: 1fr; }
     DashboardScreen #log { height: 8; }
+    DashboardScreen.short #log { height: 5; }
+    DashboardScreen.short #validations { display: none; }
     DashboardScreen #reply { height: 1; padding: 0 1; background: $panel; }
     """
 
@@ -82,9 +88,16 @@ class DashboardScreen(Screen[None]):
         Binding("y", "y_range", "Y range"),
         Binding("c", "edit_config", "Config"),
         Binding("g", "playground", "Playground"),
+        Binding("t", "labels", "Tags/note"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q,ctrl+d", "detach", "Detach"),
     ]
+
+    FOOTER_PRIORITY = (
+        "detach", "help", "toggle_pause", "stop", "playground", "save", "evaluate", "set_form",
+        "edit_config", "labels", "smoothing", "window", "y_range",
+    )
+    """The footer's keys, the most needed first: a narrow terminal shows those that fit (KeysFooter)."""
 
     def __init__(self, run: RunDir, live: bool | None = None, remote: Any = None) -> None:
         super().__init__()
@@ -156,7 +169,7 @@ class DashboardScreen(Screen[None]):
         log.border_title = "log"
         yield log
         yield Static("", id="reply")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         # Fixed widths, a space of gap built in (no cell padding): every column fits the right-hand
@@ -178,6 +191,9 @@ class DashboardScreen(Screen[None]):
         panel = self.query_one(SystemPanel)
         panel.set_class(self.size.height < COMPACT_BELOW, "compact")
         panel.refresh_from_state()
+        # ... and the checkpoints keep rows to show: a shorter log, and the validation table (its
+        # best is in the throughput panel, every point on the chart) gives way.
+        self.set_class(self.size.height < SHORT_BELOW, "short")
 
     def on_unmount(self) -> None:
         self.source.close()
@@ -365,6 +381,52 @@ class DashboardScreen(Screen[None]):
                 self.send("set", changes)
 
         self.app.push_screen(SetScreen(current), submitted)
+
+    # -- tags and note (tunetop.runs.labels) ------------------------------------------------
+
+    def action_labels(self) -> None:
+        """Edit the run's tags and note: a live engine journals the change, a run at rest is changed here."""
+        s = self.run_state
+
+        def chosen(result: tuple[list[str], str] | None) -> None:
+            if result is None:
+                return
+            tags, note = result
+            add = [t for t in tags if t not in s.tags]
+            remove = [t for t in s.tags if t not in tags]
+            new_note = note if note != s.note else None
+            if not add and not remove and new_note is None:
+                self.show_reply("tags and note: nothing changed")
+            elif self.can_steer():
+                if add or remove:
+                    self.send("tag", {"add": add, "remove": remove})
+                if new_note is not None:
+                    self.send("note", {"text": new_note})
+            elif self.remote is not None:
+                self.show_reply("this remote run has no live engine: change its tags on its machine (`tunetop tag`)", error=True)
+            else:
+                self._labels_at_rest(add, remove, new_note)
+
+        self.app.push_screen(LabelsScreen(self.run_dir.id, list(s.tags), s.note), chosen)
+
+    @work(thread=True, exclusive=True)
+    def _labels_at_rest(self, add: list[str], remove: list[str], note: str | None) -> None:
+        from tunetop.runs.folders import RunError
+        from tunetop.runs.labels import LabelError, change_labels
+
+        try:
+            labels = change_labels(self.run_dir, add, remove, note)
+        except (LabelError, RunError, OSError) as error:
+            self.app.call_from_thread(self.show_reply, f"tags and note: {error}", True)
+            return
+
+        def show() -> None:
+            # A journal source read the journal once: the new labels are folded in here.
+            self.run_state.tags, self.run_state.note = labels.tags, labels.note
+            self._dirty_header = True
+            self.show_reply(f"tags: {', '.join(labels.tags) or '(none)'}; note: {labels.note_line or '(none)'}")
+
+        self.app.call_from_thread(show)
 
     def action_smoothing(self) -> None:
         chart = self.query_one(LossChart)

@@ -1,4 +1,5 @@
-"""Modal screens: key help, a yes/no confirmation, unsaved edits, the live-settings form, a path prompt."""
+"""Modal screens: key help, a yes/no confirmation, unsaved edits, the live-settings form, a path prompt,
+tags and note."""
 
 from __future__ import annotations
 
@@ -197,6 +198,66 @@ class PromptScreen(Modal[str | None]):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class LabelsScreen(Modal[tuple[list[str], str] | None]):
+    """Edit a run's tags (space-separated words) and note; returns (tags, note), checked, or None."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, run_id: str, tags: list[str], note: str) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.tags = tags
+        self.note = note
+        # One line: a note written with line breaks (`tunetop note`) shows them as spaces, and is
+        # given back unchanged unless the line is edited.
+        self._shown_note = " ".join(note.splitlines()).strip()
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(f"Tags and note of {self.run_id}", classes="title", markup=False)
+            yield Label("tags (separated by spaces)")
+            yield Input(value=" ".join(self.tags), id="labels-tags", compact=True)
+            yield Label("note")
+            yield Input(value=self._shown_note, id="labels-note", compact=True)
+            yield Static("", id="labels-error", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Save", id="save", variant="primary")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#labels-tags", Input).focus()
+
+    def _submit(self) -> None:
+        from tunetop.runs.labels import note_problem
+        from tunetop.training.config import check_tags
+
+        words = self.query_one("#labels-tags", Input).value.replace(",", " ").split()
+        note = self.query_one("#labels-note", Input).value.strip()
+        if note == self._shown_note:
+            note = self.note
+        try:
+            tags = check_tags(words, "tags")
+        except ConfigError as error:
+            self.query_one("#labels-error", Static).update(Text(str(error)))
+            return
+        if problem := note_problem(note):
+            self.query_one("#labels-error", Static).update(Text(problem))
+            return
+        self.dismiss((tags, note))
+
+    def on_input_submitted(self, _event: Input.Submitted) -> None:
+        self._submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self._submit()
+        else:
+            self.dismiss(None)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -29,11 +29,27 @@ def progress_bar(fraction: float, width: int) -> str:
     return bar.ljust(width, "·")
 
 
+def fit_line(left: Text, right: Text, width: int) -> Text:
+    """``left`` then ``right`` in one line of at most ``width`` cells, never wrapped: ``left`` (the
+    names, the model) gives way first, cut with an ellipsis, so ``right`` (the state, the
+    connection) stays whole while it fits at all."""
+    room = width - right.cell_len
+    if room < 8:  # too narrow for both: the line as it comes, cut at the end
+        line = Text.assemble(left, right)
+        line.truncate(max(width, 1), overflow="ellipsis")
+        return line
+    left = left.copy()
+    left.truncate(room, overflow="ellipsis")
+    return Text.assemble(left, right)
+
+
 class RunHeader(Static):
-    """Name, model, state, iteration of total with a bar, training time, ETA, connection."""
+    """Name, model, state, iteration of total with a bar, training time, ETA, connection.
+
+    Each of its two lines is fitted to the width (fit_line) and never wraps, whatever it holds."""
 
     DEFAULT_CSS = """
-    RunHeader { height: 2; background: $panel; padding: 0 1; }
+    RunHeader { height: 2; background: $panel; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
     def __init__(self, state: RunState, **kwargs: object) -> None:
@@ -42,6 +58,11 @@ class RunHeader(Static):
         self.connection = "connecting"
         self.read_only = False
         self._shown: Text | None = None
+        self._painted_width = 0
+
+    def on_resize(self) -> None:
+        if self.content_size.width != self._painted_width:  # refit both lines to the new width
+            self.refresh_from_state()
 
     def _style(self, name: str) -> str:
         return themed(STATE_STYLES.get(name, "bold"), self.app.current_theme)
@@ -49,6 +70,7 @@ class RunHeader(Static):
     def refresh_from_state(self) -> None:
         s = self.run_state
         now = time.time()
+        width = self.content_size.width or max(self.app.size.width - 2, 1)
         top = Text()
         top.append("tunetop ", style="bold")
         top.append(s.name or s.run_id or "…", style="bold")
@@ -57,24 +79,30 @@ class RunHeader(Static):
         top.append(model, style="italic")
         if s.world_size > 1:
             top.append(f" × {s.world_size} ranks", style="italic")
-        top.append("  ")
-        top.append(f" {s.state.upper()} ", style=self._style(s.state) + " reverse")
+        if s.tags:  # tags and the note go before the state: they give way first on a narrow screen
+            top.append("  " + " ".join(f"#{tag}" for tag in s.tags), style="bold")
+        if s.note:
+            line = s.note.strip().split("\n", 1)[0]
+            top.append(f"  “{line if len(line) <= 40 else line[:39] + '…'}”", style="italic dim")
+        status = Text("  ")
+        status.append(f" {s.state.upper()} ", style=self._style(s.state) + " reverse")
         if self.read_only:
-            top.append("  read-only (journal)", style="dim")
+            status.append("  read-only (journal)", style="dim")
         elif self.connection != "live":
-            top.append(f"  ⚠ {self.connection}", style=self._style("failed"))
-        bottom = Text()
-        width = max(self.size.width - 60, 10)
-        bottom.append(f"iter {s.iteration:,}/{s.iterations:,} ", style="bold")
-        bottom.append(progress_bar(s.progress, width), style=self._style("running"))
-        bottom.append(f" {s.progress * 100:5.1f}%", style="bold")
+            status.append(f"  ⚠ {self.connection}", style=self._style("failed"))
         # Training time, not wall time: a paused or dead run's clock stands still.
-        bottom.append(f"   training time {format_duration(s.training_time(None if self.read_only else now))}")
-        bottom.append(f"   ETA {format_duration(s.eta())}")
-        text = Text("\n").join([top, bottom])
+        times = Text(f" {s.progress * 100:5.1f}%", style="bold")
+        times.append(f"   training time {format_duration(s.training_time(None if self.read_only else now))}")
+        times.append(f"   ETA {format_duration(s.eta())}")
+        bottom = Text(f"iter {s.iteration:,}/{s.iterations:,} ", style="bold")
+        bar = width - bottom.cell_len - times.cell_len  # the bar takes what the numbers leave
+        if bar >= 4:
+            bottom.append(progress_bar(s.progress, min(bar, 80)), style=self._style("running"))
+        text = Text("\n").join([fit_line(top, status, width), fit_line(bottom, times, width)])
         if text == self._shown:
             return
         self._shown = text
+        self._painted_width = width
         # Two lines in a two-line box: nothing about the layout changes, so no layout pass (which
         # re-renders every widget on the screen).
         self.update(text, layout=False)
