@@ -4,6 +4,9 @@ Hundreds of runs: a ``/`` filter (name, tag, state, note), a sort by any column,
 that failed before training hidden unless asked for. Each run costs a status.json read and a
 look at its lock (tunetop.runs.folders, tunetop.runs.labels); the table is rebuilt only when
 what it shows changed (bench/runs_list.py: 500 runs, docs/PERFORMANCE.md).
+
+Longer than most modules because it is one screen: the table, its filter, sort and marks, and the
+queue's rows (reorder, cancel) share the list's state.
 """
 
 from __future__ import annotations
