@@ -14,6 +14,7 @@ from textual.widgets import DataTable
 from tests import sshd
 from tests.conftest import ROOT, tunetop, wait_for, write_config
 from tests.recorded import RUN_ID, recorded_events, write_recorded_run
+from tunetop.control.protocol import make_event
 from tunetop.runs.client_sync import send_command
 from tunetop.runs.folders import RunDir, resolve
 from tunetop.training.config import RunConfig
@@ -124,9 +125,49 @@ def test_compare_json_lists_only_the_differing_keys(isolated_state: Path) -> Non
     assert text[1].startswith(OTHER_ID) and text[1].split()[-2:] == ["8", "0.0003"]
     # mistakes: one paragraph, exit 2
     for args, message in ((["compare", first.id], "two runs or more"), (["compare", first.id, "nope"], "no run matches 'nope'"),
-                          (["compare", first.id, first.id], "named more than once")):
+                          (["compare", first.id, first.id], "two runs or more")):
         bad = tunetop(*args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_compare_alone_takes_the_latest_sweep_and_a_tag_names_a_group(isolated_state: Path) -> None:
+    """A sweep tags its runs sweep:ID; `compare` alone compares the newest tagged run's sweep (else its first tag)."""
+    tags = {"20261129-100000-aaaa": ["sweep:s1"], "20261129-110000-bbbb": ["lr", "sweep:s1"],
+            "20261129-120000-cccc": ["baseline", "sweep:s2"], "20261129-130000-dddd": ["sweep:s2"],
+            "20261129-140000-eeee": []}  # the newest has no tag: the newest tagged run decides
+    nothing = tunetop("compare")  # no runs at all
+    assert nothing.returncode == 2 and "nothing to compare" in nothing.stderr and "Traceback" not in nothing.stderr
+    for run_id, run_tags in tags.items():
+        events = recorded_events(run_id=run_id)
+        events[1]["config"]["tags"] = run_tags  # as a sweep writes them into each run's config
+        if run_id.endswith("dddd"):
+            events.append(make_event(run_id, len(events) + 1, "note", ts=events[-1]["ts"] + 1, text="lr too high?\nsee log"))
+        run = write_recorded_run(isolated_state, events, run_id=run_id)
+        run.write_status({**run.status(), "tags": run_tags, "note": ""})
+    latest = tunetop("compare", "--json", check=True)
+    runs = {r["run"]: r for r in json.loads(latest.stdout)["runs"]}
+    assert set(runs) == {"20261129-120000-cccc", "20261129-130000-dddd"}
+    assert runs["20261129-120000-cccc"]["tags"] == ["baseline", "sweep:s2"] and runs["20261129-130000-dddd"]["note"] == "lr too high?\nsee log"
+    assert "comparing the 2 runs tagged sweep:s2" in latest.stderr
+    table = tunetop("compare", check=True).stdout.splitlines()  # tags and the note's first line, as columns
+    assert table[0].split()[-2:] == ["TAGS", "NOTE"] and table[1].endswith("baseline sweep:s2  -")
+    assert table[2].endswith("sweep:s2           lr too high?")
+    by_id = tunetop("compare", "s1", "--json", check=True)  # a sweep's id alone
+    assert {r["run"] for r in json.loads(by_id.stdout)["runs"]} == {"20261129-100000-aaaa", "20261129-110000-bbbb"}
+    mixed = tunetop("compare", "lr", "20261129-140000-eeee", "--json", check=True)  # a tag and a run
+    assert {r["run"] for r in json.loads(mixed.stdout)["runs"]} == {"20261129-110000-bbbb", "20261129-140000-eeee"}
+    alone = tunetop("compare", "baseline")
+    assert alone.returncode == 2 and "two runs or more" in alone.stderr
+    for run_id in tags:  # only the newest tag's one run left tagged
+        run = RunDir(isolated_state / "runs" / run_id)
+        run.write_status({**run.status(), "tags": ["solo"] if run_id.endswith("eeee") else [], "note": ""})
+    solo = tunetop("compare")
+    assert solo.returncode == 2 and "'solo', is on one run only (20261129-140000-eeee)" in solo.stderr
+    for run_id in tags:
+        run = RunDir(isolated_state / "runs" / run_id)
+        run.write_status({**run.status(), "tags": [], "note": ""})
+    none = tunetop("compare")
+    assert none.returncode == 2 and "no run has a tag" in none.stderr
 
 
 @pytest.fixture
@@ -210,6 +251,21 @@ async def test_runs_list_marks_runs_and_opens_their_comparison(isolated_state: P
         await settle(pilot, lambda: app.screen is screen)
         await pilot.press("q")
         await settle(pilot, lambda: not isinstance(app.screen, CompareScreen))
+
+
+async def test_c_with_nothing_marked_compares_the_latest_sweep(isolated_state: Path) -> None:
+    first, second = write_runs(isolated_state)
+    app = TunetopApp(None, theme="dark", remember=False)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await settle(pilot, lambda: app.screen.query_one(DataTable).row_count == 2)
+        await pilot.press("c")  # no marks, no tags: nothing to compare
+        await pilot.pause(0.3)
+        assert not isinstance(app.screen, CompareScreen)
+        for run in (first, second):
+            run.write_status({**run.status(), "tags": ["sweep:ab12cd"], "note": ""})
+        await pilot.press("c")
+        await settle(pilot, lambda: isinstance(app.screen, CompareScreen))
+        assert {r.id for r in app.screen.runs} == {first.id, second.id}  # type: ignore[attr-defined]
 
 
 def test_snapshot_of_two_recorded_runs_compared(snap_compare, isolated_state: Path) -> None:  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ from tests.conftest import tunetop, wait_for, write_config
 from tests.test_tui import SIZE, settle
 from tunetop.control.journal import read_events
 from tunetop.runs.folders import RunDir, list_runs, resolve
-from tunetop.runs.labels import labels_from_history, labels_of
+from tunetop.runs.labels import change_labels, labels_from_history, labels_of
 from tunetop.training.config import ConfigError, parse
 from tunetop.tui.app import TunetopApp
 from tunetop.tui.screens.dashboard import DashboardScreen
@@ -90,6 +90,8 @@ async def test_tags_and_note_on_a_finished_run_through_cli_and_tui(tmp_path: Pat
     bad = tunetop("tag", run.id, "+two words")
     assert bad.returncode == 2 and "not a short label" in bad.stderr and "Traceback" not in bad.stderr
     assert len(label_events(run)) == 2
+    mistaken = tunetop("note", "text without a run")
+    assert mistaken.returncode == 2 and "The run comes first" in mistaken.stderr
     # The status is a cache of the journal: without it (a change cut short by a crash) the digest answers the same.
     assert labels_from_history(run) == labels_of(run)
     status = json.loads(run.status_file.read_text())
@@ -242,6 +244,8 @@ async def test_runs_list_filter_sort_and_hidden_failed_runs(isolated_state: Path
 
         # `t` edits the tags and note of the run under the cursor (a run at rest: journaled here).
         target = str(table.get_row_at(table.cursor_row)[0])
+        change_labels(runs[target], note="line one\nline two")  # a note of two lines (tunetop note)
+        await pilot.press("r")
         before = labels_of(runs[target])
         await pilot.press("t")
         assert isinstance(app.screen, LabelsScreen)
@@ -249,6 +253,7 @@ async def test_runs_list_filter_sort_and_hidden_failed_runs(isolated_state: Path
         await pilot.press("enter")
         await settle(pilot, lambda: "picked" in labels_of(runs[target]).tags)
         assert label_events(runs[target])[-1] == {**label_events(runs[target])[-1], "tags": [*before.tags, "picked"]}
+        assert labels_of(runs[target]).note == "line one\nline two"  # shown on one line, kept as it was
         await pilot.press("slash", *"picked")
         await settle(pilot, lambda: shown() == [target])
         await pilot.press("escape", "q")

@@ -192,6 +192,24 @@ def test_a_running_entry_is_not_removed_and_a_stopped_run_is_done(tmp_path: Path
     wait_idle()
 
 
+def test_a_run_that_fails_at_start_fails_its_entry_and_the_queue_goes_on(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    row = '{"prompt": "Where does Ada live?", "completion": " Lyon."}\n'
+    (data / "train.jsonl").write_text(row + "not json\n")
+    (data / "valid.jsonl").write_text(row)
+    bad = write_config(tmp_path / "bad.toml", name="bad", data={"path": str(data)}, training=TINY)
+    good = tiny(tmp_path / "good.toml", "good")
+    tunetop("queue", "add", str(bad), str(good), check=True)  # the config is fine; its data is not
+    wait_for(all_ended, timeout=180, interval=0.2)
+    wait_idle()
+    failed, done = load_queue().entries
+    assert (failed.state, done.state, done.reason) == ("failed", "done", "completed")
+    assert f"{data / 'train.jsonl'}:2" in failed.error, failed.error
+    shown = tunetop("queue", check=True).stdout
+    assert "failed" in shown and "train.jsonl:2" in shown
+
+
 # -- durability -------------------------------------------------------------------------
 
 

@@ -88,11 +88,20 @@ def test_resume_from_a_chosen_checkpoint_and_retention(tmp_path: Path) -> None:
 
 
 def test_nonfinite_loss_pauses_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
-    # A learning rate of 1e30 blows the weights up within a few steps.
+    # SGD on a loss scaled by 1e30 (its value and gradients still finite) moves the weights by
+    # ~1e30 in one step, so the next step's loss is not finite. (A learning rate of 1e30 did it
+    # before the config bounded the learning rate.)
+    (tmp_path / "scaled_loss.py").write_text(
+        "from tunetop.training.trainer import default_loss\n\n\n"
+        "def loss(model, tokens, lengths, segments=None):\n"
+        "    value, counted = default_loss(model, tokens, lengths, segments=segments)\n"
+        "    return value * 1e30, counted\n",
+        encoding="utf-8",
+    )
     config = write_config(
         tmp_path / "run.toml",
-        training={"iterations": 100_000, "steps_per_report": 1},
-        optimizer={"learning_rate": 1e30, "name": "sgd"},
+        training={"iterations": 100_000, "steps_per_report": 1, "loss": "scaled_loss.py:loss"},
+        optimizer={"learning_rate": 1.0, "name": "sgd"},
         checkpoints={"save_every": 1},
     )
     run = resolve(tunetop("train", str(config), "--detach", check=True).stdout.strip())

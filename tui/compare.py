@@ -40,9 +40,14 @@ class RunSummary:
     trained_tokens: int
     elapsed_seconds: float  # training time: pauses and loading left out, as the dashboard counts it
     config: dict[str, Any] = field(default_factory=dict)  # the differing keys only; None where a run lacks one
+    tags: list[str] = field(default_factory=list)
+    note: str = ""
 
-    def cells(self, keys: list[str]) -> list[str]:
-        """The row as text: the columns of :data:`HEADER`, then one per differing key."""
+    def cells(self, keys: list[str], labels: tuple[str, ...] = ()) -> list[str]:
+        """The row as text: the columns of :data:`HEADER`, the ``labels`` asked for (``tags``,
+        ``note``: its first line), then one per differing key."""
+        note = self.note.strip().split("\n", 1)[0]
+        shown = {"tags": " ".join(self.tags) or "-", "note": (note[:39] + "…" if len(note) > 40 else note) or "-"}
         best = "-" if self.best_validation_loss is None else f"{self.best_validation_loss:.4f} @{self.best_validation_iteration}"
         return [
             self.run,
@@ -54,6 +59,7 @@ class RunSummary:
             format_count(self.tokens_per_second),
             format_count(self.trained_tokens) if self.trained_tokens else "0",
             format_duration(self.elapsed_seconds),
+            *(shown[label] for label in labels),
             *(format_value(self.config.get(key)) for key in keys),
         ]
 
@@ -70,11 +76,17 @@ class Comparison:
     runs: list[RunSummary]
     keys: list[str]
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The label columns some run has something for: ``tags``, ``note``."""
+        return tuple(name for name, some in (("tags", any(r.tags for r in self.runs)),
+                                             ("note", any(r.note.strip() for r in self.runs))) if some)
+
     def header(self) -> list[str]:
-        return [*HEADER, *self.keys]
+        return [*HEADER, *self.labels, *self.keys]
 
     def rows(self) -> list[list[str]]:
-        return [run.cells(self.keys) for run in self.runs]
+        return [run.cells(self.keys, self.labels) for run in self.runs]
 
     def to_json(self) -> dict[str, Any]:
         """For ``tunetop compare --json``: numbers as numbers, ``null`` for unknown."""
@@ -93,6 +105,8 @@ class Comparison:
                     "tokens_per_second": r.tokens_per_second,
                     "trained_tokens": r.trained_tokens,
                     "elapsed_seconds": round(r.elapsed_seconds, 3),
+                    "tags": r.tags,
+                    "note": r.note,
                     "config": r.config,
                 }
                 for r in self.runs
@@ -101,7 +115,7 @@ class Comparison:
 
     def text(self) -> str:
         """The table as aligned columns, header first (as ``tunetop ls`` prints)."""
-        header = [*(h.upper() for h in HEADER), *self.keys]  # the keys as written in a config, to copy
+        header = [*(h.upper() for h in (*HEADER, *self.labels)), *self.keys]  # the keys as written in a config, to copy
         lines = [header, *self.rows()]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
@@ -183,6 +197,8 @@ def summarize(entry: Entry) -> RunSummary:
         tokens_per_second=statistics.median(speeds) if speeds else None,
         trained_tokens=state.trained_tokens,
         elapsed_seconds=state.training_time(entry.now if entry.alive else None),
+        tags=list(state.tags),
+        note=state.note,
     )
 
 

@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("compare", help="runs side by side: state, best validation loss, speed, and the config keys that differ")
-    p.add_argument("runs", nargs="*", metavar="RUN", help="run ids, prefixes or names, or user@host[:port]:RUN over ssh")
+    p.add_argument("runs", nargs="*", metavar="RUN",
+                   help="run ids, prefixes or names, a tag the runs carry (a sweep's id), or user@host[:port]:RUN over ssh; "
+                   "none: the runs of the latest sweep or tag")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     p.set_defaults(func=cmd_compare)
 

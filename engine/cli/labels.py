@@ -7,7 +7,7 @@ import json
 
 from tunetop.cli.common import _fail
 from tunetop.exit_codes import EXIT_BAD_INPUT, EXIT_UNREACHABLE
-from tunetop.runs.folders import resolve
+from tunetop.runs.folders import RunError, resolve
 from tunetop.runs.labels import LabelError, Labels, change_labels, labels_of
 
 
@@ -65,7 +65,12 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_note(args: argparse.Namespace) -> int:
-    run = resolve(args.run or None)
+    try:
+        run = resolve(args.run or None)
+    except RunError as error:
+        if args.text is None and args.run:  # `tunetop note "some text"`: the text taken for a run
+            raise RunError(f"{error} The run comes first: `tunetop note RUN \"text\"` (RUN \"\" is the latest run).") from None
+        raise
     if args.text is None and not args.clear:
         _print(run.id, labels_of(run), args.json, "note")
         return 0

@@ -11,6 +11,9 @@ reply JSON]`` for commands; for ``replay``: ``[b"JRNL", raw journal records]``..
 
 A monitor on each ROUTER says when a connection closes; the clients that sent commands on it
 are then told to the engine, which drops the samples they left waiting (nobody would read them).
+
+Longer than most modules because one thread owns the sockets: everything it does (publish, answer,
+replay, watch connections) runs in its loop.
 """
 
 from __future__ import annotations

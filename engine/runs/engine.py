@@ -697,7 +697,7 @@ class Engine:
 
     def _last_checkpoint(self) -> str:
         """A sentence naming the run's latest complete checkpoint, or saying there is none."""
-        from tunetop.training.checkpoint import latest_checkpoint
+        from tunetop.training.checkpoint import checkpoint_iteration, latest_checkpoint
 
         try:
             latest = latest_checkpoint(self.run_dir.checkpoints)
@@ -705,7 +705,7 @@ class Engine:
             latest = None
         if latest is None:
             return "No checkpoint has been saved yet."
-        return f"The last checkpoint, of iteration {int(latest.name):,}, is intact ({latest})."
+        return f"The last checkpoint, of iteration {checkpoint_iteration(latest):,}, is intact ({latest})."
 
     def _save_failed(self, iteration: int, error: str) -> None:
         self._unsaved = iteration

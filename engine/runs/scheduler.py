@@ -186,7 +186,7 @@ class Scheduler:
             for entry in queue.pending():
                 if queue.paused or busy >= queue.parallel:
                     break
-                entry.state, entry.run, entry.started = STARTING, new_run_id(), time.time()
+                entry.state, entry.run, entry.started = STARTING, _fresh_run_id(queue), time.time()
                 starts.append(Start(entry.id, entry.run, False, entry.config, entry.name))
                 busy += 1
             if not queue.active() and (queue.paused or not queue.pending()):
@@ -267,7 +267,7 @@ class Scheduler:
             elif outcome == FAILED:
                 entry.error = message
                 self._end(entry, RunDir(runs_root() / start.run), FAILED, "failed to start")
-            else:  # killed while starting: the next settle decides, as for any death
+            else:  # ended while starting: the next settle decides from the run, as for any end
                 self.watched.add(entry.id)
 
     def _launch(self, start: Start, fd: int) -> tuple[str, str]:
@@ -287,15 +287,25 @@ class Scheduler:
             else:
                 cfg = config_module.parse(start.config)  # checked when queued; errors then name the run's copy
                 launch.start_run(cfg, detach=True, run_id=start.run, keep_fds=(fd,))
-        except EngineStartError as error:
-            if error.code < 0:  # a signal, not the run's own failure
-                return STARTING, ""
-            return FAILED, str(error)
+        except EngineStartError:
+            # It ended before the first step was seen: failed (bad data), killed, or done already
+            # (a resume at its last iteration). The run's status says which: the next settle reads it.
+            return STARTING, ""
         except (ConfigError, CheckpointError, RunError, OSError) as error:
             if run.is_alive():  # someone resumed it by hand meanwhile
                 return STARTING, ""
             return FAILED, str(error)
         return RUNNING, ""
+
+
+def _fresh_run_id(queue: Queue) -> str:
+    """A run id no run folder and no entry has: a reserved id's folder is used as found, so two
+    entries reserving the same id in one second (1 in 65,536) must not share it."""
+    taken = {e.run for e in queue.entries}
+    while True:
+        run_id = new_run_id()
+        if run_id not in taken and not (runs_root() / run_id).exists():
+            return run_id
 
 
 def _journaled_end(run: RunDir, since: int) -> tuple[str, str] | None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -557,7 +557,13 @@ class Trainer:
             # Undone whatever the policy: the weights never hold NaN or infinity, so a pause can be
             # resumed (with a lower learning rate) and every save stays possible.
             self.model.update(tree_unflatten(before_model))
-            _assign_in_place(self.optimizer.state, tree_unflatten(before_optimizer))
+            # State the step created (MLX makes it at the first update) goes back to its initial
+            # zeros: left as the bad step made it, NaN moments poisoned every later update.
+            restored = list(cast(list[tuple[str, Any]], before_optimizer))
+            existed = {key for key, _ in restored}
+            now = cast(list[tuple[str, Any]], tree_flatten(self.optimizer.state))
+            restored += [(key, mx.zeros_like(value)) for key, value in now if key not in existed]
+            _assign_in_place(self.optimizer.state, tree_unflatten(restored))
             self._accumulated = None
             self.nonfinite_streak += 1
             cause = "loss" if not math.isfinite(loss) else "gradients" if not grad_ok else "update"

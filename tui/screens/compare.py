@@ -19,7 +19,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from tunetop.runs.folders import RunDir
 from tunetop.tui.compare import Comparison, Entry, compare
@@ -30,6 +30,7 @@ from tunetop.tui.state import RunState
 from tunetop.tui.themes import theme_color
 from tunetop.tui.widgets.chart import Y_MODES
 from tunetop.tui.widgets.compare_chart import RUN_COLOURS, X_AXES, CompareChart
+from tunetop.tui.widgets.footer import KeysFooter
 
 TICK_HZ = 4
 """The timer's pace: how soon a repaint follows the events that call for it."""
@@ -61,6 +62,8 @@ class CompareScreen(Screen[None]):
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q,escape", "back", "Back"),
     ]
+    FOOTER_PRIORITY = ("back", "help", "x_axis", "smoothing", "window", "y_range")
+    """The footer's keys, the most needed first: a narrow terminal shows those that fit (KeysFooter)."""
 
     def __init__(self, runs: list[RunDir]) -> None:
         super().__init__()
@@ -99,7 +102,7 @@ class CompareScreen(Screen[None]):
         with table_box:
             yield DataTable(id="table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="reply")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self._tasks = [asyncio.create_task(self._follow(source, run)) for source, run in zip(self.sources, self.runs, strict=True)]

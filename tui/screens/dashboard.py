@@ -5,6 +5,9 @@ timer and only what changed, each part at its own pace: the header (iteration, s
 ``REFRESH_HZ`` times a second, the numbers, tables and log ``PANEL_HZ``, the loss chart and
 sparklines ``CHART_HZ``. A flood of events costs one repaint per tick, not one per event, and no
 layout pass (bench/tui.py follow: a TUI following 10 reports a second uses under 5% of a core).
+
+Longer than most modules because it is one screen: its layout, its keys and the timer that paints
+it share the screen's state; the panels it paints live in tui/widgets.
 """
 
 from __future__ import annotations

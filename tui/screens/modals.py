@@ -213,6 +213,9 @@ class LabelsScreen(Modal[tuple[list[str], str] | None]):
         self.run_id = run_id
         self.tags = tags
         self.note = note
+        # One line: a note written with line breaks (`tunetop note`) shows them as spaces, and is
+        # given back unchanged unless the line is edited.
+        self._shown_note = " ".join(note.splitlines()).strip()
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -220,7 +223,7 @@ class LabelsScreen(Modal[tuple[list[str], str] | None]):
             yield Label("tags (separated by spaces)")
             yield Input(value=" ".join(self.tags), id="labels-tags", compact=True)
             yield Label("note")
-            yield Input(value=self.note, id="labels-note", compact=True)
+            yield Input(value=self._shown_note, id="labels-note", compact=True)
             yield Static("", id="labels-error", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Save", id="save", variant="primary")
@@ -235,6 +238,8 @@ class LabelsScreen(Modal[tuple[list[str], str] | None]):
 
         words = self.query_one("#labels-tags", Input).value.replace(",", " ").split()
         note = self.query_one("#labels-note", Input).value.strip()
+        if note == self._shown_note:
+            note = self.note
         try:
             tags = check_tags(words, "tags")
         except ConfigError as error:

@@ -4,6 +4,9 @@ Hundreds of runs: a ``/`` filter (name, tag, state, note), a sort by any column,
 that failed before training hidden unless asked for. Each run costs a status.json read and a
 look at its lock (tunetop.runs.folders, tunetop.runs.labels); the table is rebuilt only when
 what it shows changed (bench/runs_list.py: 500 runs, docs/PERFORMANCE.md).
+
+Longer than most modules because it is one screen: the table, its filter, sort and marks, and the
+queue's rows (reorder, cancel) share the list's state.
 """
 
 from __future__ import annotations
@@ -167,8 +170,8 @@ class RunsScreen(Screen[None]):
         arrow = " ▼" if self.sort_descending else " ▲"
         for number, name in enumerate(COLUMNS):
             label = name + (arrow if number == self.sort_column else "")
-            # Widths measured here from the strings: DataTable would otherwise measure every cell's
-            # rendering, most of the cost of opening a list of hundreds of runs.
+            # Each column as wide as its longest cell, up to MAX_WIDTH: long tags or notes do not
+            # push the other columns off the screen.
             width = max([len(label), *(len(r.cells[number]) for r in self.shown),
                          *(len(cells[number]) for _key, cells in self.queued)]) + (2 if number == 0 and self.marked else 0)
             table.add_column(label, key=name, width=min(width, MAX_WIDTH))
@@ -312,11 +315,19 @@ class RunsScreen(Screen[None]):
         table.move_cursor(row=min(table.cursor_row + 1, table.row_count - 1))  # as file managers do: on to the next
 
     def action_compare(self) -> None:
-        """Open the comparison of the marked runs."""
+        """Open the comparison of the marked runs; none marked, of the latest sweep or tag's runs."""
         runs = {r.id: r for r in list_runs()}
         chosen = [runs[key] for key in self.marked if key in runs]  # a marked run may have been deleted since
+        if not self.marked:
+            from tunetop.runs.groups import latest_group
+
+            group = latest_group(list(runs.values()))
+            if group is not None and len(group[1]) >= 2:
+                tag, chosen = group
+                self.notify(f"comparing the {len(chosen)} runs tagged {tag}", markup=False)
         if len(chosen) < 2:
-            self.notify("mark two runs or more with space, then press c to compare them", severity="warning")
+            self.notify("mark two runs or more with space, then press c to compare them "
+                        "(with none marked, c compares the latest sweep or tag's runs)", severity="warning")
             return
         from tunetop.tui.screens.compare import CompareScreen
 
