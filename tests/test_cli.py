@@ -215,3 +215,21 @@ def test_a_run_name_or_prefix_that_matches_several_runs_is_refused_with_the_cand
         assert "20261129-100100-bbbb  exp  failed" in result.stderr
     # a run that failed before training (hidden by `ls`) leaves the name meaning the one that trained
     assert resolve("solo") == solo and resolve(early.id) == early
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path: Path) -> None:
+    """`tunetop ls | head`: the pipe closes before ls has written everything; that ends the
+    command quietly (exit 0), not with a BrokenPipeError traceback."""
+    from tests.recorded import recorded_events, write_recorded_run
+
+    home = Path(os.environ["TUNETOP_HOME"])
+    for number in range(300):
+        run_id = f"20260101-{number:06d}-abcd"
+        write_recorded_run(home, recorded_events(iterations=20, run_id=run_id), run_id=run_id)
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the first write
+    result = subprocess.run([sys.executable, "-m", "tunetop.cli", "ls"], stdout=writer, stderr=subprocess.PIPE,
+                            text=True, timeout=120, cwd=str(ROOT))
+    os.close(writer)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode == 0

@@ -158,6 +158,10 @@ def test_compare_alone_takes_the_latest_sweep_and_a_tag_names_a_group(isolated_s
     assert {r["run"] for r in json.loads(mixed.stdout)["runs"]} == {"20261129-110000-bbbb", "20261129-140000-eeee"}
     alone = tunetop("compare", "baseline")
     assert alone.returncode == 2 and "two runs or more" in alone.stderr
+    newest = RunDir(isolated_state / "runs" / "20261129-140000-eeee")
+    newest.write_status({**newest.status(), "tags": ["adhoc"], "note": ""})  # a tag on one newer run alone
+    still = tunetop("compare", "--json", check=True)  # does not hide the sweep before it
+    assert {r["run"] for r in json.loads(still.stdout)["runs"]} == {"20261129-120000-cccc", "20261129-130000-dddd"}
     for run_id in tags:  # only the newest tag's one run left tagged
         run = RunDir(isolated_state / "runs" / run_id)
         run.write_status({**run.status(), "tags": ["solo"] if run_id.endswith("eeee") else [], "note": ""})

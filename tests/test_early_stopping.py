@@ -73,6 +73,7 @@ def test_the_tracker_counts_validations_without_an_improvement() -> None:
     assert not stopping.observe(0, 5.0)
     assert not stopping.observe(4, 4.95)  # less than min_delta better: no improvement
     assert stopping.best_iteration == 0 and stopping.waited == 1
+    assert (stopping.lowest_loss, stopping.lowest_iteration) == (4.95, 4)  # what the run reports as its best
     assert not stopping.observe(8, 4.0)  # an improvement resets the count
     assert stopping.best_iteration == 8 and stopping.waited == 0
     assert not stopping.observe(12, float("nan"))
@@ -80,6 +81,8 @@ def test_the_tracker_counts_validations_without_an_improvement() -> None:
     again = EarlyStopping(patience=2, min_delta=0.1)
     again.restore(stopping.state())
     assert (again.best_loss, again.best_iteration, again.waited) == (4.0, 8, 2)
+    assert (again.lowest_loss, again.lowest_iteration) == (4.0, 8)
+    assert "2 validations in a row" in again.describe() and "4.0000 at iteration 8" in again.describe()
     assert not EarlyStopping(patience=0).observe(0, 1.0) and EarlyStopping(patience=0).exhausted is False
 
 

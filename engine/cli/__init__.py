@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from tunetop.cli.common import CHECKPOINT_HELP, CONTROL_HELP, RUN_HELP, _fail, checkpoint_arg
@@ -256,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         return _attach(None, None, runs_list=True)
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # `tunetop ls | head`: the reader has gone, which is no error of ours. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConfigError as error:
         return _fail(str(error))
     except (RunError, SocketError) as error:

@@ -970,7 +970,7 @@ class Engine:
         stopping = trainer.early_stopping
         if reason == "early_stopped":
             self.emit("log", message=stopping.describe())
-        best = {} if stopping.best_iteration is None else {"best_iteration": stopping.best_iteration, "best_loss": stopping.best_loss}
+        best = {} if stopping.lowest_iteration is None else {"best_iteration": stopping.lowest_iteration, "best_loss": stopping.lowest_loss}
         self.emit("finished", reason=reason, iteration=trainer.iteration, **best)
         self._refuse_waiting("the run has finished")  # commands that came after the last step still get an answer
         return self.control.exit_code

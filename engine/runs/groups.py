@@ -25,14 +25,22 @@ def group_tag(tags: list[str]) -> str | None:
 
 
 def latest_group(runs: list[RunDir] | None = None) -> tuple[str, list[RunDir]] | None:
-    """(the tag, the runs carrying it, oldest first) of the newest run that has a tag; None when
-    no run has one."""
+    """(the tag, the runs carrying it, oldest first) of the newest run whose group has two runs or
+    more (a tag on one run alone compares nothing, so an older sweep is taken); else the newest
+    run's one-run group; None when no run has a tag."""
     runs = list_runs() if runs is None else runs
+    alone: tuple[str, list[RunDir]] | None = None
+    seen: set[str] = set()
     for run in reversed(runs):
         tag = group_tag(labels_of(run).tags)
-        if tag is not None:
-            return tag, tagged(tag, runs)
-    return None
+        if tag is None or tag in seen:
+            continue
+        seen.add(tag)
+        group = tagged(tag, runs)
+        if len(group) > 1:
+            return tag, group
+        alone = alone or (tag, group)
+    return alone
 
 
 def group_of(spec: str, runs: list[RunDir] | None = None) -> tuple[str, list[RunDir]] | None:

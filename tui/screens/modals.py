@@ -221,16 +221,19 @@ class LabelsScreen(Modal[tuple[list[str], str] | None]):
         with Vertical():
             yield Label(f"Tags and note of {self.run_id}", classes="title", markup=False)
             yield Label("tags (separated by spaces)")
-            yield Input(value=" ".join(self.tags), id="labels-tags", compact=True)
+            # Not selected on focus: a word typed would replace every tag (a sweep's tag was lost so).
+            yield Input(value=" ".join(self.tags), id="labels-tags", compact=True, select_on_focus=False)
             yield Label("note")
-            yield Input(value=self._shown_note, id="labels-note", compact=True)
+            yield Input(value=self._shown_note, id="labels-note", compact=True, select_on_focus=False)
             yield Static("", id="labels-error", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Save", id="save", variant="primary")
                 yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
-        self.query_one("#labels-tags", Input).focus()
+        tags = self.query_one("#labels-tags", Input)
+        tags.focus()
+        tags.cursor_position = len(tags.value)  # typing adds to the tags there are
 
     def _submit(self) -> None:
         from tunetop.runs.labels import note_problem
