@@ -10,6 +10,7 @@ starts on them. No mlx import here.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -20,11 +21,23 @@ ENGINE_UMASK = 0o077
 
 def private_dir(path: Path) -> Path:
     """Create ``path`` (and missing parents, with the usual modes) as a 0700 folder; tighten it
-    if it exists and is ours with group or other bits set."""
+    if it exists and is ours with group or other bits set.
+
+    A folder that exists and belongs to another user is refused (PermissionError naming it): its
+    owner could change what is in it at any time (a queue entry, a run's config), whatever its
+    mode says now."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         path.mkdir(mode=DIR_MODE)
     except FileExistsError:
+        owner = path.stat().st_uid
+        if owner != os.getuid():
+            raise PermissionError(
+                errno.EACCES,
+                f"it belongs to another user (uid {owner}), who could change what tunetop reads there; "
+                "use a folder of your own (TUNETOP_HOME)",
+                str(path),
+            ) from None
         tighten(path)
     return path
 

@@ -233,3 +233,15 @@ def test_a_reader_that_goes_away_is_no_error(tmp_path: Path) -> None:
     os.close(writer)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert result.returncode == 0
+
+
+def test_an_unreadable_queue_file_is_named_not_a_traceback() -> None:
+    """`tunetop queue` on a queue.json cut short (a hand edit, a full disk): exit 2 with the
+    sentence that names the file, as `queue add` gives (it was a QueueError traceback, exit 1)."""
+    folder = Path(os.environ["TUNETOP_HOME"]) / "queue"
+    folder.mkdir(parents=True, mode=0o700)
+    os.chmod(folder.parent, 0o700)
+    (folder / "queue.json").write_text('{"version": 1, "entries": [{"id": 1, "na')
+    result = tunetop("queue")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert str(folder / "queue.json") in result.stderr

@@ -257,3 +257,22 @@ async def test_runs_list_filter_sort_and_hidden_failed_runs(isolated_state: Path
         await pilot.press("slash", *"picked")
         await settle(pilot, lambda: shown() == [target])
         await pilot.press("escape", "q")
+
+
+def test_text_that_reaches_terminals_holds_no_control_characters(tmp_path: Path) -> None:
+    """An escape sequence in a note, a run's name or a sweep's --name would be printed raw by
+    `ls`, `compare`, `queue` and the TUI (ESC]0;...BEL retitles the window, ESC[2J clears it)."""
+    from tests.recorded import write_recorded_run
+    from tunetop.runs.labels import note_problem
+
+    assert "control character" in note_problem("evil\x1b]0;PWNED\x07")
+    assert note_problem("line one\nline two\twith a tab") == ""
+    run = write_recorded_run(Path(os.environ["TUNETOP_HOME"]))
+    refused = tunetop("note", run.id, "red \x1b[31m text")
+    assert refused.returncode == 2 and "control character '\\x1b'" in refused.stderr
+    config = write_config(tmp_path / "run.toml")
+    config.write_text('name = "x\\u001b]0;T\\u0007y"\n' + config.read_text().split("\n", 1)[1])
+    bad_name = tunetop("train", str(config))
+    assert bad_name.returncode == 2 and f"{config}:1: 'name' holds the control character '\\x1b'" in bad_name.stderr
+    sweep = tunetop("sweep", str(write_config(tmp_path / "ok.toml")), "--name", "a\nb", "--set", "lora.rank=1,2")
+    assert sweep.returncode == 2 and "--name holds the control character '\\n'" in sweep.stderr

@@ -9,6 +9,7 @@ distributions make it).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pwd
 import shutil
@@ -160,7 +161,8 @@ def test_another_users_lock_on_an_old_readable_run_does_not_block_its_resume(
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         assert not run.is_alive()  # a stranger's lock is no engine
-        assert "no" in [line.split()[5] for line in tunetop("ls", check=True).stdout.splitlines()[1:]]
+        listed = json.loads(tunetop("ls", "--json", check=True).stdout.splitlines()[0])
+        assert listed["alive"] is False
         resumed = tunetop("train", "--resume", run.id)
         assert resumed.returncode == 0, resumed.stderr
         assert "already has a live engine" not in resumed.stderr
@@ -291,3 +293,20 @@ def test_a_socket_folder_inside_another_users_folder_is_refused(tmp_path: Path, 
     monkeypatch.setenv("TUNETOP_SOCKET_DIR", str(theirs / "sockets"))
     with pytest.raises(SocketDirError, match="pose as your runs' engines"):
         socket_dir()
+
+
+def test_a_state_folder_of_another_user_is_refused(tmp_path: Path, intruder: tuple[int, int]) -> None:
+    """A TUNETOP_HOME (or its queue/ or runs/) that another user made is not used: its owner could
+    swap the queue file or a run's config at any moment, whatever mode it has now (an attacker got
+    a queued notify.command run as the victim so)."""
+    uid, gid = intruder
+    home = tmp_path / "shared-home"
+    (home / "queue").mkdir(parents=True)
+    for folder in (home, home / "queue"):
+        os.chown(folder, uid, gid)
+        os.chmod(folder, 0o777)
+    result = tunetop("queue", "pause", env={**os.environ, "TUNETOP_HOME": str(home)})
+    assert result.returncode == 2, result.stderr
+    assert f"cannot use {home}: it belongs to another user (uid {uid})" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (home / "queue" / "queue.json").exists()

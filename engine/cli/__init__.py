@@ -38,6 +38,7 @@ from tunetop.cli.watch import (
 from tunetop.control.endpoints import SocketError
 from tunetop.exit_codes import EXIT_DAMAGED, EXIT_UNREACHABLE
 from tunetop.runs.folders import RunError
+from tunetop.runs.queue import QueueError
 from tunetop.training.config import LIVE_FIELDS, ConfigError
 
 __all__ = ["EXIT_DAMAGED", "EXIT_UNREACHABLE", "build_parser", "demo_config", "main", "public_commands", "_parse_set_pairs"]
@@ -264,12 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ConfigError as error:
         return _fail(str(error))
-    except (RunError, SocketError) as error:
+    except (RunError, SocketError, QueueError) as error:  # QueueError: an unreadable queue file, named
         return _fail(str(error))
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
         where = f" {error.filename}" if error.filename else ""
+        if isinstance(error, PermissionError) and "another user" in str(error.strerror):
+            return _fail(f"cannot use{where}: {error.strerror}.")  # exit 2: where the state lives is the user's choice
         return _fail(f"cannot use{where}: {error.strerror}. Free some space (or fix the folder's permissions) "
                      "and try again.", 1)
     except KeyboardInterrupt:

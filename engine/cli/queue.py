@@ -109,6 +109,8 @@ def _add(args: argparse.Namespace) -> int:
     if args.run_name and len(args.configs) > 1:
         return _fail("--name names one run: give one CONFIG with it (a config's own `name` names the others).")
     configs = [load_run_config(path) for path in args.configs]  # ConfigError: main() prints it, exit 2
+    if problem := _name_problem(args.run_name):
+        return _fail(problem)
     if args.run_name:
         configs[0].name = args.run_name
     entries = add_configs(configs, [str(p) for p in args.configs])
@@ -211,6 +213,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if problem := _parallel_problem(args.parallel):
         return _fail(problem)
     cfg = load_run_config(args.config)  # ConfigError: main() prints it, exit 2
+    if problem := _name_problem(args.run_name):
+        return _fail(problem)
     if args.run_name:
         cfg.name = args.run_name
     if args.seed is not None and not args.random:
@@ -287,3 +291,12 @@ def main_argv(argv: list[str]) -> list[str]:
         host = argv[1][:-1] if argv[1].endswith(":") else argv[1]
         return ["queue", *argv[2:], "--host", host]
     return argv
+
+
+def _name_problem(name: str) -> str:
+    """Why ``--name`` cannot name runs ("" when it can): it is shown in every list, so no control
+    characters (escape sequences, line breaks)."""
+    from tunetop.training.config import control_character
+
+    bad = control_character(name)
+    return f"--name holds the control character {bad}, which would reach terminals as a command; use printable text." if bad else ""

@@ -27,7 +27,7 @@ from typing import Any
 from tunetop.control.history import event_type
 from tunetop.control.protocol import loads
 from tunetop.runs.folders import RunDir, RunError, RunLock
-from tunetop.training.config import MAX_TAGS, ConfigError, check_tags, tag_problem
+from tunetop.training.config import MAX_TAGS, ConfigError, check_tags, control_character, tag_problem
 
 MAX_NOTE_LENGTH = 2000
 
@@ -61,6 +61,8 @@ def note_problem(text: object) -> str:
         return f"a note must be a string, got {type(text).__name__}"
     if len(text) > MAX_NOTE_LENGTH:
         return f"a note of {len(text):,} characters; at most {MAX_NOTE_LENGTH:,} are kept (put longer text in a file)"
+    if bad := control_character(text, allowed="\n\t"):
+        return f"a note holds the control character {bad}, which would reach terminals as a command; use printable text (line breaks and tabs are fine)"
     return ""
 
 

@@ -272,6 +272,16 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 AUTO_OR_NUMBER = {("training", "memory_budget_gb")}
 
 MAX_LEARNING_RATE = 10.0
+
+
+def control_character(text: str, allowed: str = "") -> str:
+    """The first control character of ``text`` (C0, DEL, C1) not in ``allowed``, as repr shows
+    it; "" when there is none. Text that reaches a terminal (names, notes) must not carry escape
+    sequences: a note with ESC]0;...BEL retitles the window of whoever lists the runs."""
+    for char in text:
+        if (ord(char) < 32 or 127 <= ord(char) < 160) and char not in allowed:
+            return repr(char)
+    return ""
 """The largest learning rate a config or a live ``set`` takes."""
 _RATE_NOTE = "fine-tuning rates are about 1e-6 to 1e-2"
 RANGE_NOTES: dict[tuple[str, str], str] = {
@@ -525,6 +535,11 @@ def from_dict(raw: dict[str, Any], source: str = "", text: str = "") -> RunConfi
                 raise ConfigError(
                     f"{_where(source, _find_line(text, None, 'name'))}: 'name' must be a string, "
                     f"got {_type_name(value)}."
+                )
+            if bad := control_character(value):
+                raise ConfigError(
+                    f"{_where(source, _find_line(text, None, 'name'))}: 'name' holds the control character {bad}, "
+                    "which would reach terminals as a command (ls, the TUI); use printable text."
                 )
             config.name = value
             continue
