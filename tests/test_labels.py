@@ -99,8 +99,10 @@ async def test_tags_and_note_on_a_finished_run_through_cli_and_tui(tmp_path: Pat
     assert labels_of(run).tags == ["keep", "x", "sweep:1"] and labels_of(run).note == "first try: lr too high"
 
     # The TUI on the finished run: the header shows them, `t` edits them, the journal takes the change.
+    # Wide: the header fits each line to the width, and a fresh machine's model path (its cache
+    # under pytest's tmp) is long enough to cut the note at 120 columns.
     app = TunetopApp(run, remember=False)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=(220, SIZE[1])) as pilot:
         screen = app.screen
         assert isinstance(screen, DashboardScreen)
         await settle(pilot, lambda: "#sweep:1" in header_text(screen))
