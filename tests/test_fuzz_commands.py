@@ -262,6 +262,8 @@ def test_queued_samples_take_turns_with_training_steps(tmp_path: Path, engines: 
     assert len(iterations) == len(set(iterations)), "two samples ran at one step boundary"
 
 
+@pytest.mark.skip(reason="dropping a gone client's samples is off: connections keyed by descriptor took live "
+                  "clients for gone ones (engine/control/server.py says so); the waiting limits bound it")
 def test_a_disconnected_clients_waiting_samples_are_dropped(tmp_path: Path, engines: list[RunDir]) -> None:
     """Samples a client left waiting when it went away do not run (32 of them held training to a
     step a minute); the journal says how many were dropped."""
